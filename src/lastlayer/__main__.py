@@ -1,0 +1,7 @@
+"""``python -m lastlayer``."""
+
+import sys
+
+from lastlayer.cli import main
+
+sys.exit(main())

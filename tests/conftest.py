@@ -1,0 +1,62 @@
+"""Shared fixtures: generated image folders (the suite needs no external data)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FLOWERS = SHARED / "datasets" / "flower_photos_sample"
+
+
+def shape_image(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """A noisy picture of one of three easily told apart things: 'circle', 'square', 'stripes'."""
+    base = rng.integers(90, 160, 3)
+    arr = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 30, 30))
+    elif kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=(30, 40, 210))
+    else:
+        step = int(rng.integers(6, 12))
+        for x in range(0, size, 2 * step):
+            draw.rectangle([x, 0, x + step - 1, size], fill=(20, 170, 40))
+    return img
+
+
+def make_dataset(root: Path, per_class: int = 30, seed: int = 0, fmt: str = "JPEG") -> Path:
+    """Write ``root/<class>/img_<i>.jpg`` for three classes; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for folder, kind in (("Red Circles", "circle"), ("blue_squares", "square"), ("green-stripes", "stripes")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ext = "jpg" if fmt == "JPEG" else fmt.lower()
+            shape_image(kind, rng).save(root / folder / f"img_{i:03d}.{ext}", fmt)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated three-class image folder (30 JPEGs per class)."""
+    return make_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the whole session, so each network is built once."""
+    return tmp_path_factory.mktemp("models")
+
+
+def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
+    """``img`` encoded as JPEG."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kwargs)
+    return buf.getvalue()
