@@ -17,7 +17,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 StateDict = Mapping[str, np.ndarray]
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, stride: int, pads: tuple[int, int, int, int], depthwise: bool = False):
+def conv2d(
+    x: np.ndarray, w: np.ndarray, stride: int, pads: tuple[int, int, int, int], depthwise: bool = False
+):
     """``x`` ``[N, C, H, W]``, ``w`` ``[O, C, k, k]`` (or ``[C, 1, k, k]`` when depthwise),
     ``pads`` (top, bottom, left, right)."""
     top, bottom, left, right = pads
@@ -33,9 +35,9 @@ def batch_norm(x: np.ndarray, sd: StateDict, prefix: str, eps: float) -> np.ndar
     def channel(name: str) -> np.ndarray:
         return sd[f"{prefix}.{name}"].astype(np.float64)[None, :, None, None]
 
-    return (x - channel("running_mean")) / np.sqrt(channel("running_var") + eps) * channel("weight") + channel(
-        "bias"
-    )
+    return (x - channel("running_mean")) / np.sqrt(channel("running_var") + eps) * channel(
+        "weight"
+    ) + channel("bias")
 
 
 def relu6(x: np.ndarray) -> np.ndarray:
@@ -70,6 +72,7 @@ def mobilenet_v2(sd: StateDict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             dw = mods.pop(0)
             y = cbr(y, f"{dw}.0", f"{dw}.1", stride=s if i == 0 else 1, dw=True)
             y = cbr(y, mods[0], mods[1], act=False)
+            assert y.shape[1] == c, f"{p}: {y.shape[1]} output channels, expected {c}"
             h = h + y if (i > 0 or s == 1) and h.shape == y.shape else y
             block += 1
     h = cbr(h, f"features.{block}.0", f"features.{block}.1")

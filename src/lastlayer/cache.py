@@ -260,7 +260,7 @@ class FeatureStore:
 
     def _write_table(self, table: pa.Table) -> str:
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="none")  # features do not compress; reads stay fast
         data = sink.getvalue()
         name = f"part-{hashlib.sha256(data).hexdigest()}.parquet"
         storage.write_atomic(storage.join(self.url, name), data, self.storage_options)

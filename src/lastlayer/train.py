@@ -82,11 +82,20 @@ def _truncated_normal(rng: np.random.Generator, std: float, shape: tuple[int, in
     return out.astype(np.float32)
 
 
-def _balanced_sample(by_class: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` positions drawn with replacement: a class uniformly, then an image of it."""
-    nonempty = [c for c in by_class if len(c)]
-    classes = rng.integers(0, len(nonempty), n)
-    return np.array([nonempty[c][rng.integers(0, len(nonempty[c]))] for c in classes], np.int64)
+class _BalancedSampler:
+    """Draws positions with replacement: a class uniformly, then an image of that class."""
+
+    def __init__(self, labels: np.ndarray, n_classes: int) -> None:
+        present = [c for c in range(n_classes) if np.any(labels == c)]
+        self.order = np.concatenate([np.flatnonzero(labels == c) for c in present]) if present else labels
+        self.counts = np.array([np.count_nonzero(labels == c) for c in present], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def __call__(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``int64 [n]`` positions."""
+        classes = rng.integers(0, len(self.counts), n)
+        within = (rng.random(n) * self.counts[classes]).astype(np.int64)
+        return self.order[self.starts[classes] + within]
 
 
 def train(
@@ -109,34 +118,36 @@ def train(
         train_y: ``int64 [N_train]`` labels of the training set.
         val_x: ``float32 [N_val, D]`` validation features; ``val_y`` their labels.
         dim: feature size D; n_classes: C.
-        on_step: called after every step with ``(step, train accuracy, cross-entropy)`` of its batch.
+        on_step: called at every step with ``(step, train accuracy, cross-entropy)`` of its batch
+            before the update.
         on_eval: called at every evaluation point.
         on_checkpoint: called with ``(step, classifier)`` after every step (for intermediate graphs).
     """
     rng = np.random.default_rng(config.seed)
     clf = Classifier(_truncated_normal(rng, 0.001, (dim, n_classes)), np.zeros(n_classes, np.float32))
-    by_class = [np.flatnonzero(train_y == c) for c in range(n_classes)]
-    val_by_class = [np.flatnonzero(val_y == c) for c in range(n_classes)]
+    sample_train = _BalancedSampler(train_y, n_classes)
+    sample_val = _BalancedSampler(val_y, n_classes)
     lr = np.float32(config.learning_rate)
     for step in range(config.steps):
         if config.train_batch_size == -1:
             positions = np.arange(len(train_y))
         else:
-            positions = _balanced_sample(by_class, config.train_batch_size, rng)
+            positions = sample_train(config.train_batch_size, rng)
         x = train_x(positions, rng)
         y = train_y[positions]
-        probs, _ = softmax_cross_entropy(clf.logits(x), y)
+        logits = clf.logits(x)
+        probs, cross_entropy = softmax_cross_entropy(logits, y)
+        if on_step is not None:  # the batch as the step saw it, as retrain.py's merged summaries
+            on_step(step, float(np.mean(np.argmax(logits, axis=1) == y)), cross_entropy)
         grad = probs
         grad[np.arange(len(y)), y] -= 1.0
         grad /= len(y)
         clf.weights -= lr * (x.T @ grad)
         clf.biases -= lr * grad.sum(axis=0)
-        logits = clf.logits(x)
-        _, cross_entropy = softmax_cross_entropy(logits, y)
-        accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
-        if on_step is not None:
-            on_step(step, accuracy, cross_entropy)
         if step % config.eval_step_interval == 0 or step + 1 == config.steps:
+            logits = clf.logits(x)  # retrain.py evaluates the batch again after the step
+            _, cross_entropy = softmax_cross_entropy(logits, y)
+            accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
             now = datetime.now()
             log.info("%s: Step %d: Train accuracy = %.1f%%", now, step, accuracy * 100)
             log.info("%s: Step %d: Cross entropy = %f", now, step, cross_entropy)
@@ -146,7 +157,7 @@ def train(
                 if config.validation_batch_size == -1:
                     vpos = np.arange(len(val_y))
                 else:
-                    vpos = _balanced_sample(val_by_class, config.validation_batch_size, rng)
+                    vpos = sample_val(config.validation_batch_size, rng)
                 vlogits = clf.logits(val_x[vpos])
                 _, val_ce = softmax_cross_entropy(vlogits, val_y[vpos])
                 val_acc = float(np.mean(np.argmax(vlogits, axis=1) == val_y[vpos]))

@@ -1,14 +1,16 @@
-"""The local engine: threads read and decode images while onnxruntime runs batches.
+"""The local engine: worker threads that each read, decode and run the network on a batch.
 
-Both PIL's decoder and onnxruntime release the GIL, so on a small machine the decoding of the next
-images overlaps the network's work on the current batch. A bounded window of submitted tasks keeps
-memory flat whatever the number of images.
+PIL's decoder and onnxruntime both release the GIL, so while one worker decodes, another runs its
+network pass: decoding overlaps inference. A bounded window of submitted batches keeps memory flat
+whatever the number of images.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from lastlayer import storage
 from lastlayer.engines.base import Need, NeedFn, Result, Task, content_key, variant_rng
@@ -68,8 +71,36 @@ def _prepare(
 
 
 def default_threads() -> int:
-    """Worker threads for decoding: one per core."""
+    """Worker threads: one per core."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class _Worker:
+    """Per-thread state: one single-threaded onnxruntime session."""
+
+    def __init__(self, model: FeatureModel) -> None:
+        self.model = model
+        self.local = threading.local()
+
+    def session(self) -> ort.InferenceSession:
+        session = getattr(self.local, "session", None)
+        if session is None:
+            session = self.local.session = self.model.session(1)
+        return session
+
+    def run(self, prepared: list[_Prepared], batch_size: int) -> list[Result]:
+        """Run the network on every input of ``prepared``, ``batch_size`` at a time; fill the results."""
+        slots = [(p.result, slot) for p in prepared for slot in p.slots]
+        inputs = [x for p in prepared for x in p.inputs]
+        for start in range(0, len(inputs), batch_size):
+            batch = np.stack(inputs[start : start + batch_size])
+            (features,) = self.session().run(["features"], {"image": batch})
+            for (result, slot), vec in zip(slots[start : start + batch_size], features, strict=True):
+                if slot is None:
+                    result.plain = np.array(vec, np.float32)
+                else:
+                    result.variants[slot] = np.array(vec, np.float32)
+        return [p.result for p in prepared]
 
 
 def extract(
@@ -78,65 +109,49 @@ def extract(
     need: NeedFn,
     *,
     distortions: Distortions = NO_DISTORTIONS,
-    batch_size: int = 64,
+    batch_size: int = 16,
     threads: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[Result]:
-    """Compute what ``need`` asks for, for each task; yield one :class:`Result` per task.
+    """Compute what ``need`` asks for, for each task; yield one :class:`Result` per task, in order.
+
+    Each of ``threads`` workers (0 = one per core) takes ``batch_size`` tasks at a time, reads and
+    decodes them and runs its own single-threaded onnxruntime session on them. With as many workers
+    as cores, one worker's decoding overlaps another's network pass without oversubscribing the
+    cores, and no thread ever waits at a parallel-for barrier.
 
     Args:
-        batch_size: images per onnxruntime call (a file's variants stay in one call).
-        threads: decoding threads and onnxruntime intra-op threads; 0 = one per core.
         progress: called with the number of tasks finished so far.
     """
     threads = threads or default_threads()
-    session = model.session(threads)
-    window = max(2 * batch_size, 4 * threads)
+    worker = _Worker(model)
+
+    def job(chunk: list[Task]) -> list[Result]:
+        prepared = [_prepare(task, need, model, distortions, storage_options) for task in chunk]
+        return worker.run(prepared, batch_size)
+
     done = 0
-    batch: list[_Prepared] = []
-
-    def run_batch() -> Iterator[Result]:
-        nonlocal done
-        inputs = [x for p in batch for x in p.inputs]
-        if inputs:
-            (features,) = session.run(["features"], {"image": np.stack(inputs)})
-            row = 0
-            for p in batch:
-                for slot in p.slots:
-                    vec = np.array(features[row], np.float32)
-                    if slot is None:
-                        p.result.plain = vec
-                    else:
-                        p.result.variants[slot] = vec
-                    row += 1
-        for p in batch:
-            done += 1
-            yield p.result
-        batch.clear()
-        if progress is not None:
-            progress(done)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="lastlayer-decode") as pool:
-        pending: deque[Future[_Prepared]] = deque()
-        it = iter(tasks)
-
-        def submit(n: int) -> None:
-            for task in it:
-                pending.append(pool.submit(_prepare, task, need, model, distortions, storage_options))
-                n -= 1
-                if n <= 0:
-                    return
-
+    with ThreadPoolExecutor(threads, thread_name_prefix="lastlayer-extract") as pool:
+        pending: deque[Future[list[Result]]] = deque()
+        chunks = _chunks(tasks, batch_size)
         try:
-            submit(window)
+            for chunk in itertools.islice(chunks, 2 * threads):
+                pending.append(pool.submit(job, chunk))
             while pending:
-                prepared = pending.popleft().result()
-                submit(1)
-                batch.append(prepared)
-                if sum(len(p.inputs) for p in batch) >= batch_size or len(batch) >= window:
-                    yield from run_batch()
-            yield from run_batch()
+                results = pending.popleft().result()
+                for chunk in itertools.islice(chunks, 1):
+                    pending.append(pool.submit(job, chunk))
+                done += len(results)
+                yield from results
+                if progress is not None:
+                    progress(done)
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
+    it = iter(tasks)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

@@ -134,7 +134,8 @@ def adapt_user_model(data: bytes) -> tuple[onnx.ModelProto, Preprocessing, int]:
     used = tensor_names(graph)
     if FEATURES in used:
         rename_tensor(graph, FEATURES, fresh_name(f"{FEATURES}.core", used))
-    raw = helper.make_tensor_value_info(first.name, TensorProto.FLOAT, None)
+    raw = onnx.ValueInfoProto()
+    raw.CopyFrom(first)
     graph.node.append(helper.make_node("Flatten", [first.name], [FEATURES], name=FEATURES, axis=1))
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", None]), raw])

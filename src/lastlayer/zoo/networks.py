@@ -44,25 +44,24 @@ MOBILENET_V2_BN_EPS = 1e-5
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """One EfficientNet block group before depth/width scaling."""
+    """One EfficientNet block group before depth scaling; channel counts are read from the weights
+    (Lite0 maps 32->16->24->40->80->112->192->320)."""
 
     expand: int
     kernel: int
     stride: int
-    channels_in: int
-    channels_out: int
     repeats: int
 
 
 #: EfficientNet-B0 / Lite0 block groups.
 EFFICIENTNET_GROUPS: tuple[BlockGroup, ...] = (
-    BlockGroup(1, 3, 1, 32, 16, 1),
-    BlockGroup(6, 3, 2, 16, 24, 2),
-    BlockGroup(6, 5, 2, 24, 40, 2),
-    BlockGroup(6, 3, 2, 40, 80, 3),
-    BlockGroup(6, 5, 1, 80, 112, 3),
-    BlockGroup(6, 5, 2, 112, 192, 4),
-    BlockGroup(6, 3, 1, 192, 320, 1),
+    BlockGroup(1, 3, 1, 1),
+    BlockGroup(6, 3, 2, 2),
+    BlockGroup(6, 5, 2, 2),
+    BlockGroup(6, 3, 2, 3),
+    BlockGroup(6, 5, 1, 3),
+    BlockGroup(6, 5, 2, 4),
+    BlockGroup(6, 3, 1, 1),
 )
 EFFICIENTNET_BN_EPS = 1e-3
 
@@ -110,6 +109,7 @@ def _get(sd: StateDict, key: str, shape: tuple[int, ...] | None = None) -> np.nd
 
 
 def conv_weight(sd: StateDict, key: str) -> np.ndarray:
+    """The square conv kernel ``[O, I, k, k]`` at ``key``."""
     weight = _get(sd, key)
     if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
         raise ModelError(f"weight {key!r} has shape {weight.shape}, expected a square 4-D conv kernel")
@@ -228,9 +228,12 @@ def _classifier(sd: StateDict, prefix: str, feature_size: int) -> tuple[np.ndarr
     return weight, _get(sd, f"{prefix}.bias", (weight.shape[0],))
 
 
-def _check_no_more(sd: StateDict, prefix: str, expected: int) -> None:
+def _check_no_more(sd: StateDict, prefix: str) -> None:
+    """Refuse weights with tensors under ``prefix``: blocks beyond the ones this network has."""
     if any(key.startswith(prefix) for key in sd):
-        raise ModelError(f"the weights have more blocks than the {expected} this network has ({prefix}...)")
+        raise ModelError(
+            f"the weights have more blocks than this network ({prefix}*): not the expected depth"
+        )
 
 
 def mobilenet_v2(sd: StateDict, size: int) -> onnx.ModelProto:
@@ -263,7 +266,7 @@ def mobilenet_v2(sd: StateDict, size: int) -> onnx.ModelProto:
             channels = c
             index += 1
     x = g.conv_bn(x, f"features.{index}.0", f"features.{index}.1")
-    _check_no_more(sd, f"features.{index + 1}.", index)
+    _check_no_more(sd, f"features.{index + 1}.")
     feature_size = conv_weight(sd, f"features.{index}.0.weight").shape[0]
     classes = g.head(x, *_classifier(sd, "classifier.1", feature_size))
     return g.model("mobilenet_v2", size, feature_size, classes)
@@ -279,7 +282,7 @@ def efficientnet_lite(sd: StateDict, size: int, depth: float) -> onnx.ModelProto
     pads, spatial = same_pads(size, conv_weight(sd, "_conv_stem.weight").shape[2], 2)
     x = g.conv_bn(INPUT, "_conv_stem", "_bn0", stride=2, pads=pads)
     layout = efficientnet_lite_layout(depth)
-    _check_no_more(sd, f"_blocks.{len(layout)}.", len(layout))
+    _check_no_more(sd, f"_blocks.{len(layout)}.")
     for i, (expand, kernel, stride) in enumerate(layout):
         p = f"_blocks.{i}"
         block_in = x

@@ -272,4 +272,4 @@ def _materialize(spec: _TensorSpec) -> np.ndarray:
     view = np.lib.stride_tricks.as_strided(
         flat, shape=spec.size, strides=[s * item for s in spec.stride], writeable=False
     )
-    return np.ascontiguousarray(view, dtype=root.dtype.newbyteorder("="))
+    return np.array(view, dtype=root.dtype.newbyteorder("="), order="C")
