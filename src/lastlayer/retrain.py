@@ -157,12 +157,10 @@ def retrain(
     validation_writer = SummaryWriter(storage.join(opts.summaries_dir, "validation"), storage_options)
     last: list[Evaluation] = []
 
-    def on_step(step: int, accuracy: float, cross_entropy: float) -> None:
-        train_writer.scalar("accuracy", accuracy, step)
-        train_writer.scalar("cross_entropy", cross_entropy, step)
-
     def on_eval(ev: Evaluation) -> None:
         last[:] = [ev]
+        train_writer.scalar("accuracy", ev.train_accuracy, ev.step)
+        train_writer.scalar("cross_entropy", ev.cross_entropy, ev.step)
         if ev.validation_accuracy is not None and ev.validation_cross_entropy is not None:
             validation_writer.scalar("accuracy", ev.validation_accuracy, ev.step)
             validation_writer.scalar("cross_entropy", ev.validation_cross_entropy, ev.step)
@@ -195,7 +193,6 @@ def retrain(
             model.feature_size,
             n_classes,
             config,
-            on_step,
             on_eval,
             on_checkpoint,
         )

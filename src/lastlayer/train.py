@@ -106,7 +106,6 @@ def train(
     dim: int,
     n_classes: int,
     config: TrainConfig,
-    on_step: Callable[[int, float, float], None] | None = None,
     on_eval: Callable[[Evaluation], None] | None = None,
     on_checkpoint: Callable[[int, Classifier], None] | None = None,
 ) -> Classifier:
@@ -118,8 +117,6 @@ def train(
         train_y: ``int64 [N_train]`` labels of the training set.
         val_x: ``float32 [N_val, D]`` validation features; ``val_y`` their labels.
         dim: feature size D; n_classes: C.
-        on_step: called at every step with ``(step, train accuracy, cross-entropy)`` of its batch
-            before the update.
         on_eval: called at every evaluation point.
         on_checkpoint: called with ``(step, classifier)`` after every step (for intermediate graphs).
     """
@@ -135,10 +132,7 @@ def train(
             positions = sample_train(config.train_batch_size, rng)
         x = train_x(positions, rng)
         y = train_y[positions]
-        logits = clf.logits(x)
-        probs, cross_entropy = softmax_cross_entropy(logits, y)
-        if on_step is not None:  # the batch as the step saw it, as retrain.py's merged summaries
-            on_step(step, float(np.mean(np.argmax(logits, axis=1) == y)), cross_entropy)
+        probs, _ = softmax_cross_entropy(clf.logits(x), y)
         grad = probs
         grad[np.arange(len(y)), y] -= 1.0
         grad /= len(y)
