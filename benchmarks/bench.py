@@ -65,7 +65,7 @@ def best_network_rate(model, inputs: np.ndarray) -> tuple[float, str]:
     with a thread per core versus one single-threaded session per core."""
     cores = os.cpu_count() or 2
     best = (0.0, "")
-    for batch in (8, 16, 32):
+    for batch in (1, 2, 4, 8, 16, 32):
         for layout in ("one session", "session per core"):
             sessions = (
                 [model.session(cores)]

@@ -65,7 +65,7 @@ def compute_bottlenecks(
     *,
     distortions: Distortions = NO_DISTORTIONS,
     variants: int = 1,
-    batch_size: int = 16,
+    batch_size: int = 4,
     threads: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,

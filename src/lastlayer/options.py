@@ -75,7 +75,7 @@ class RetrainOptions:
     random_seed: int | None = _opt(
         None, "Seed for the split-independent randomness; a run with a seed is reproducible."
     )
-    batch_size: int = _opt(16, "Images per network call when computing bottlenecks.")
+    batch_size: int = _opt(4, "Images per network call when computing bottlenecks.")
     num_threads: int = _opt(0, "Threads for decoding and for the network; 0 = one per core.")
     logging_verbosity: str = _opt("INFO", "Log level: DEBUG, INFO, WARN, ERROR or FATAL.")
     tfhub_module: str = _opt(

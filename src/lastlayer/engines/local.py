@@ -109,7 +109,7 @@ def extract(
     need: NeedFn,
     *,
     distortions: Distortions = NO_DISTORTIONS,
-    batch_size: int = 16,
+    batch_size: int = 4,
     threads: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
