@@ -1,0 +1,39 @@
+"""Atomic writes: a failed write leaves the old file and no temporary behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lastlayer import storage
+from lastlayer.errors import StorageError
+
+
+def test_write_atomic_replaces_and_creates_parents(tmp_path: Path):
+    target = tmp_path / "a" / "b" / "out.txt"
+    storage.write_atomic(str(target), b"one")
+    storage.write_atomic(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path):
+    target = tmp_path / "out.txt"
+    target.write_bytes(b"old")
+    with pytest.raises(StorageError, match="cannot write"), storage.atomic_path(str(target)) as (fs, tmp):
+        fs.pipe_file(tmp, b"half")
+        raise OSError("disk full")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_urls_and_missing_files(tmp_path: Path):
+    url = f"file://{tmp_path}/x.bin"
+    storage.write_atomic(url, b"data")
+    assert storage.read_bytes(url) == b"data" and storage.exists(url)
+    assert storage.join("hdfs://nn:8020/base/", "a", "b.jpg") == "hdfs://nn:8020/base/a/b.jpg"
+    with pytest.raises(StorageError, match="check that the path exists"):
+        storage.read_bytes(str(tmp_path / "missing"))
+    with pytest.raises(StorageError, match="cannot open"):
+        storage.read_bytes("nosuchscheme://x/y")
