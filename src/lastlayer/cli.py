@@ -10,16 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
 from lastlayer import __version__
 from lastlayer.errors import LastlayerError, UsageError
 from lastlayer.options import (
+    AuthToLocalOptions,
+    ClusterOptions,
     LabelOptions,
     RetrainOptions,
+    UploadOptions,
     add_flags,
     from_namespace,
     new_parser,
@@ -33,10 +38,14 @@ LOG_FORMAT = "%(levelname)s:%(name)s:%(message)s"
 
 
 class ProgressBar:
-    """Images done, images/s and ETA: a redrawn bar on a terminal, a log line every ``every`` s otherwise."""
+    """Items done, items/s and ETA: a redrawn bar on a terminal, a log line every ``every`` s otherwise."""
 
-    def __init__(self, stream: TextIO, every: float = 10.0) -> None:
+    def __init__(
+        self, stream: TextIO, what: str = "Bottlenecks", unit: str = "images", every: float = 10.0
+    ) -> None:
         self.stream = stream
+        self.what = what
+        self.unit = unit
         self.tty = stream.isatty()
         self.every = every
         self.start = self.last = time.monotonic()
@@ -45,7 +54,9 @@ class ProgressBar:
         now = time.monotonic()
         rate = done / max(now - self.start, 1e-9)
         eta = (total - done) / rate if rate > 0 else 0.0
-        text = f"{done}/{total} images, {rate:.1f} images/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        text = (
+            f"{done}/{total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
         if self.tty:
             width = 30
             filled = width * done // max(total, 1)
@@ -55,7 +66,7 @@ class ProgressBar:
             self.stream.flush()
         elif now - self.last >= self.every or done >= total:
             self.last = now
-            log.info("Bottlenecks: %s", text)
+            log.info("%s: %s", self.what, text)
 
 
 def _configure_logging(level: str) -> None:
@@ -100,7 +111,7 @@ def _label(ns: argparse.Namespace) -> int:
     opts = from_namespace(ns, LabelOptions)
     _configure_logging("INFO")
     opts.validate()
-    images = list(opts.image) + list(ns.images)
+    images = list(opts.image) + list(ns.images or [])
     if not images:
         raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
     predictions = label_images(
@@ -131,13 +142,111 @@ def _label(ns: argparse.Namespace) -> int:
     return 1 if any(p.error for p in predictions) else 0
 
 
-COMMANDS: dict[str, tuple[type, str, Callable[[argparse.Namespace], int]]] = {
-    "retrain": (
-        RetrainOptions,
+def _connect(ns: argparse.Namespace) -> None:
+    """Hadoop configuration and Kerberos login, before anything touches ``hdfs://``."""
+    from lastlayer import hadoop, kerberos
+
+    opts = from_namespace(ns, ClusterOptions)
+    opts.validate()
+    hadoop.configure(opts.hadoop_conf_dir, opts.hdfs_config_uri)
+    if opts.principal:
+        kerberos.login(opts.principal, opts.keytab, opts.krb5_conf or None)
+    elif opts.krb5_conf:
+        os.environ["KRB5_CONFIG"] = opts.krb5_conf
+
+
+def _upload(ns: argparse.Namespace) -> int:
+    from lastlayer.upload import upload
+
+    opts = from_namespace(ns, UploadOptions)
+    opts.validate()
+    _configure_logging("INFO")
+    report = upload(ns.src, ns.dst, threads=opts.threads, progress=ProgressBar(sys.stderr, "Upload", "files"))
+    print(
+        json.dumps(
+            {
+                "files": report.files,
+                "copied": report.copied,
+                "skipped": report.skipped,
+                "bytes_copied": report.bytes_copied,
+                "seconds": round(report.seconds, 3),
+            }
+        )
+    )
+    return 0
+
+
+def _auth_to_local(ns: argparse.Namespace) -> int:
+    from lastlayer import auth_to_local, storage
+
+    opts = from_namespace(ns, AuthToLocalOptions)
+    opts.validate()
+    if opts.rules_base64:
+        rules = auth_to_local.rules_from_base64(opts.rules_base64)
+    elif opts.core_site:
+        rules = auth_to_local.rules_from_core_site(storage.read_bytes(opts.core_site))
+    else:
+        rules = opts.rules
+    realm = opts.default_realm or _krb5_default_realm() or ns.principal.rpartition("@")[2]
+    print(auth_to_local.short_name(ns.principal, rules, realm, opts.mechanism))
+    return 0
+
+
+def _krb5_default_realm() -> str | None:
+    """``default_realm`` from ``KRB5_CONFIG`` (or /etc/krb5.conf), if set there."""
+    path = os.environ.get("KRB5_CONFIG", "/etc/krb5.conf").split(":")[0]
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "default_realm":
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its option classes, positional arguments, help and runner."""
+
+    options: tuple[type, ...]
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    positionals: tuple[tuple[str, str, str], ...] = ()  # (name, nargs, help)
+    cluster: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    "retrain": Command(
+        (RetrainOptions, ClusterOptions),
         "Retrain the last layer of a pretrained network on a folder of class folders.",
         _retrain,
+        cluster=True,
     ),
-    "label": (LabelOptions, "Print the top labels of images with a retrained model.", _label),
+    "label": Command(
+        (LabelOptions, ClusterOptions),
+        "Print the top labels of images with a retrained model.",
+        _label,
+        (("images", "*", "Images to label (paths or URLs)."),),
+        cluster=True,
+    ),
+    "upload": Command(
+        (UploadOptions, ClusterOptions),
+        "Copy a local image folder to hdfs:// (or any fsspec URL) in parallel; a re-run resumes.",
+        _upload,
+        (
+            ("src", "?", "Folder to copy."),
+            ("dst", "?", "Destination URL, e.g. hdfs:///tensorflow_input_data."),
+        ),
+        cluster=True,
+    ),
+    "auth-to-local": Command(
+        (AuthToLocalOptions,),
+        "Print the short (local) name Hadoop's auth_to_local rules give a Kerberos principal.",
+        _auth_to_local,
+        (("principal", "?", "e.g. tensorflow@LOCAL or hdfs/localhost@LOCAL."),),
+    ),
 }
 
 
@@ -150,11 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lastlayer {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, help_text, _) in COMMANDS.items():
-        sub = subs.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        add_flags(sub, cls)
-        if cls is LabelOptions:
-            sub.add_argument("images", nargs="*", metavar="IMAGE", help="Images to label (paths or URLs).")
+    for name, command in COMMANDS.items():
+        sub = subs.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+        for cls in command.options:
+            add_flags(sub, cls)
+        for arg, nargs, help_text in command.positionals:
+            sub.add_argument(arg, nargs=nargs, metavar=arg.upper(), help=help_text)
     return parser
 
 
@@ -162,16 +272,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lastlayer`` command line; return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
-        args = [args[0], *normalize_bools(args[1:], COMMANDS[args[0]][0])]
+        args = [args[0], *normalize_bools(args[1:], *COMMANDS[args[0]].options)]
     parser = build_parser()
     try:
         ns, unknown = parser.parse_known_args(args)
         if ns.command is None:
             parser.print_help(sys.stderr)
             return 2
-        cls, _, run = COMMANDS[ns.command]
-        reject_unknown(unknown, cls)
-        return run(ns)
+        command = COMMANDS[ns.command]
+        reject_unknown(unknown, *command.options)
+        missing = [arg for arg, nargs, _ in command.positionals if nargs == "?" and getattr(ns, arg) is None]
+        if missing:
+            raise UsageError(f"{ns.command} needs {' and '.join(m.upper() for m in missing)} (see --help)")
+        if command.cluster:
+            _connect(ns)
+        return command.run(ns)
     except LastlayerError as exc:
         print(f"lastlayer: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -27,3 +27,7 @@ class ModelError(LastlayerError):
 
 class StorageError(LastlayerError):
     """Reading or writing a URL failed (missing path, permission, unreachable service)."""
+
+
+class KerberosError(LastlayerError):
+    """Logging in failed: no KDC, a wrong principal or keytab, missing Kerberos tools."""

@@ -1,4 +1,4 @@
-"""Options of ``lastlayer retrain`` and ``lastlayer label``, each declared once.
+"""Options of the ``lastlayer`` commands, each declared once.
 
 A dataclass field is the single source of a flag's name, type, default and help. The flags are
 retrain.py's (the codelab and TF-Hub versions) plus lastlayer's own; :func:`parse_flags` turns an
@@ -181,7 +181,65 @@ class LabelOptions:
                 log.warning("--%s is ignored: the model carries its own preprocessing and input", name)
 
 
-T = TypeVar("T", RetrainOptions, LabelOptions)
+@dataclass
+class ClusterOptions:
+    """How to reach a Kerberized Hadoop cluster (any command that reads or writes ``hdfs://``)."""
+
+    principal: str = _opt(
+        "",
+        "Kerberos principal to log in as from --keytab (e.g. tensorflow@LOCAL); "
+        "default: the existing ticket cache (KRB5CCNAME).",
+    )
+    keytab: str = _opt("", "Keytab of --principal; the ticket goes to a private cache and is renewed.")
+    krb5_conf: str = _opt("", "krb5.conf to use (default: KRB5_CONFIG or /etc/krb5.conf).")
+    hadoop_conf_dir: str = _opt("", "Folder with core-site.xml and hdfs-site.xml (default: HADOOP_CONF_DIR).")
+    hdfs_config_uri: str = _opt(
+        "", "Base URL to download core-site.xml and hdfs-site.xml from (the walkthrough's hdfs.config_uri)."
+    )
+
+    def validate(self) -> None:
+        """--principal and --keytab go together."""
+        if bool(self.principal) != bool(self.keytab):
+            given, missing = ("principal", "keytab") if self.principal else ("keytab", "principal")
+            raise UsageError(f"--{given} needs --{missing}: pass both, or neither to use the ticket cache")
+
+
+@dataclass
+class UploadOptions:
+    """What ``lastlayer upload`` takes besides its source and destination."""
+
+    threads: int = _opt(8, "Files copied at once.")
+
+    def validate(self) -> None:
+        """Check values. Raises UsageError naming the flag."""
+        if self.threads < 1:
+            raise UsageError(f"--threads={self.threads}: must be at least 1")
+
+
+@dataclass
+class AuthToLocalOptions:
+    """Where ``lastlayer auth-to-local`` takes its rules from (one of the three) and how it applies them."""
+
+    rules: str = _opt("", "The rules, as in hadoop.security.auth_to_local (newline or space separated).")
+    rules_base64: str = _opt(
+        "", "The rules, base64-encoded (as the walkthrough's hdfs.security_auth_to_local)."
+    )
+    core_site: str = _opt("", "A core-site.xml (path or URL) to read hadoop.security.auth_to_local from.")
+    default_realm: str = _opt(
+        "", "The default realm (default: krb5.conf's default_realm, else the principal's)."
+    )
+    mechanism: str = _opt("hadoop", "hadoop (strict: simple names only) or mit.")
+
+    def validate(self) -> None:
+        """Exactly one source of rules; a known mechanism."""
+        given = [name for name in ("rules", "rules_base64", "core_site") if getattr(self, name)]
+        if len(given) != 1:
+            raise UsageError("pass exactly one of --rules, --rules_base64 or --core_site")
+        if self.mechanism not in ("hadoop", "mit"):
+            raise UsageError(f"--mechanism={self.mechanism!r}: must be hadoop or mit")
+
+
+T = TypeVar("T", RetrainOptions, LabelOptions, ClusterOptions, UploadOptions, AuthToLocalOptions)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,11 +301,10 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
 _BOOL_WORDS = frozenset({"1", "0", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n"})
 
 
-def normalize_bools(argv: Sequence[str], cls: type[T]) -> list[str]:
+def normalize_bools(argv: Sequence[str], *classes: type) -> list[str]:
     """Rewrite boolean flags to ``--flag=value``: a bare ``--flag`` means true, and ``--flag True``
     (the walkthrough's key/value pairs) is read as one flag, so a bare flag never swallows an argument."""
-    hints = get_type_hints(cls)
-    flags = {f"--{f.name}" for f in fields(cls) if hints[f.name] is bool}
+    flags = {f"--{f.name}" for cls in classes for f in fields(cls) if get_type_hints(cls)[f.name] is bool}
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -265,12 +322,12 @@ def normalize_bools(argv: Sequence[str], cls: type[T]) -> list[str]:
     return out
 
 
-def reject_unknown(unknown: Sequence[str], cls: type[T]) -> None:
+def reject_unknown(unknown: Sequence[str], *classes: type) -> None:
     """Raise :class:`UsageError` for the first unknown flag, naming the closest valid one."""
     for token in unknown:
         if token.startswith("-"):
             name = token.lstrip("-").split("=", 1)[0]
-            valid = [f.name for f in fields(cls)]
+            valid = [f.name for cls in classes for f in fields(cls)]
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"; did you mean --{close[0]}?" if close else "; see --help for the flags"
             raise UsageError(f"unknown flag --{name}{hint}")

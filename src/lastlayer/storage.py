@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
+from lastlayer import kerberos
 from lastlayer.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,18 @@ log = logging.getLogger(__name__)
 StorageOptions = Mapping[str, Any]
 
 TEMP_PREFIX = "._lastlayer_tmp_"
+KERBEROS_SCHEMES = ("hdfs://", "viewfs://", "webhdfs://", "swebhdfs://")
+#: Filesystems whose ``mv(..., overwrite=True)`` is one atomic rename that replaces the target.
+ATOMIC_OVERWRITE_PROTOCOLS = frozenset({"hdfs", "viewfs"})
 
 
 def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
-    """Return the filesystem serving ``url`` and the path inside it."""
+    """Return the filesystem serving ``url`` and the path inside it.
+
+    For Kerberized schemes the keytab login is renewed first when its ticket is close to expiry.
+    """
+    if url.startswith(KERBEROS_SCHEMES):
+        kerberos.ensure_fresh()
     try:
         return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except (ImportError, ValueError) as exc:
@@ -84,14 +93,13 @@ def makedirs(url: str, storage_options: StorageOptions | None = None) -> None:
 
 def _publish(fs: AbstractFileSystem, tmp: str, path: str) -> None:
     """Rename ``tmp`` onto ``path``, replacing an existing file."""
-    if fs.exists(path) and not _is_local(fs):
-        fs.rm_file(path)
-    fs.mv(tmp, path)
-
-
-def _is_local(fs: AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    if protocol in ATOMIC_OVERWRITE_PROTOCOLS:
+        fs.mv(tmp, path, overwrite=True)
+        return
+    if protocol not in ("file", "local") and fs.exists(path):
+        fs.rm_file(path)  # rename does not replace here: a reader may briefly find no file, never half a file
+    fs.mv(tmp, path)
 
 
 @contextmanager
