@@ -269,3 +269,26 @@ def test_flower_photos_accuracy_gate(tmp_path, model_dir):
     metrics = summary["metrics"]
     assert metrics["validation_and_test_n"] >= 100
     assert metrics["validation_and_test_accuracy"] >= 0.85, metrics
+
+
+def test_a_failed_run_keeps_its_bottlenecks_and_a_rerun_resumes(tmp_path, model_dir, monkeypatch, capsys):
+    import lastlayer.engines.local as local_engine
+    from lastlayer import storage
+    from lastlayer.errors import StorageError
+
+    data = make_dataset(tmp_path / "data", per_class=10)
+    calls = {"n": 0}
+    real = storage.read_bytes
+
+    def flaky(url, storage_options=None):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise StorageError(f"cannot read {url}: the service went away")
+        return real(url, storage_options)
+
+    monkeypatch.setattr(local_engine.storage, "read_bytes", flaky)
+    code, _ = retrain(tmp_path, data, model_dir, steps=10)
+    assert code == 1 and "the service went away" in capsys.readouterr().err
+    monkeypatch.setattr(local_engine.storage, "read_bytes", real)
+    summary = retrain(tmp_path, data, model_dir, steps=10)[1]
+    assert summary["cache"]["reused"] >= 4 and summary["cache"]["computed"] == 30 - summary["cache"]["reused"]

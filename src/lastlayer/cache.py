@@ -10,7 +10,8 @@ features); ``path`` and ``stamp`` (size and mtime as listed) let a warm run find
 key without reading it. An image that cannot be decoded is cached too, with its ``error``, so it
 is reported on every run but decoded once. Each file is named by the hash of its own bytes: a file
 whose bytes do not match its name, or that does not parse, is reported, removed and its images are
-computed again. Files are written atomically, one per ``flush_rows`` new rows, never one per image
+computed again. Files are written atomically, one per ``flush_rows`` new rows or ``flush_seconds``
+of work (whichever comes first, so a killed run keeps most of its work), never one per image
 (the small-files problem on HDFS), and compacted when they grow numerous.
 """
 
@@ -21,6 +22,7 @@ import io
 import logging
 import posixpath
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +92,7 @@ class FeatureStore:
     dim: int
     storage_options: Mapping[str, Any] | None = None
     flush_rows: int = 4096
+    flush_seconds: float = 60.0
     features: np.ndarray = field(init=False)
     damaged: int = field(init=False, default=0)
     _index: dict[tuple[str, int], int] = field(init=False, default_factory=dict)
@@ -99,6 +102,7 @@ class FeatureStore:
     _parts: list[str] = field(init=False, default_factory=list)
     _chunks: list[np.ndarray] = field(init=False, default_factory=list)
     _rows: int = field(init=False, default=0)
+    _last_flush: float = field(init=False, default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.features = np.zeros((0, self.dim), np.float32)
@@ -203,7 +207,8 @@ class FeatureStore:
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, rows: Iterable[Row]) -> None:
-        """Add new rows; a part file is written whenever ``flush_rows`` rows are pending."""
+        """Add new rows; a part file is written when ``flush_rows`` rows are pending or
+        ``flush_seconds`` have passed since the last one."""
         for row in rows:
             alias = row.feature is None and row.error is None
             if alias or (row.content, row.variant) in self._index:
@@ -223,12 +228,15 @@ class FeatureStore:
                 self._errors[row.content] = row.error
             if row.stamp is not None:
                 self._by_stamp[(row.path, row.stamp)] = row.content
-        if len(self._pending) >= self.flush_rows:
+        if len(self._pending) >= self.flush_rows or (
+            self._pending and time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
 
     def flush(self) -> None:
         """Write pending rows as one part file and make :attr:`features` cover every row."""
         self._consolidate()
+        self._last_flush = time.monotonic()
         if not self._pending:
             return
         name = self._write(self._pending)

@@ -53,6 +53,17 @@ class Bottlenecks:
     seconds: float
 
 
+def _save_what_was_computed(*stores: FeatureStore | None) -> None:
+    """On a failed run, write what was computed so that a re-run resumes (best effort)."""
+    for store in stores:
+        if store is None:
+            continue
+        try:
+            store.flush()
+        except Exception as exc:  # the run's own error is the one to report
+            log.warning("could not save the bottlenecks computed so far in %s: %s", store.url, exc)
+
+
 def distortion_key(distortions: Distortions) -> str:
     """Name of the cache folder of one distortion setting."""
     return "distorted-" + hashlib.sha256(distortions.to_json().encode()).hexdigest()[:16]
@@ -112,31 +123,35 @@ def compute_bottlenecks(
             model.architecture,
         )
         total = len(tasks)
-        for result in local.extract(
-            tasks,
-            model,
-            need,
-            distortions=distortions,
-            batch_size=batch_size,
-            threads=threads,
-            storage_options=storage_options,
-            progress=None if progress is None else (lambda done: progress(done, total)),
-        ):
-            task = result.task
-            contents[task.index] = result.content or None
-            if not result.content:
-                continue
-            if result.plain is not None or result.error is not None:
-                plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
-            elif task.stamp is not None:
-                plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
-            if result.variants and distorted is not None:
-                distorted.add(
-                    Row(result.content, v, task.relpath, None, vec, None)
-                    for v, vec in result.variants.items()
-                )
-            if result.plain is not None or result.variants:
-                computed += 1
+        try:
+            for result in local.extract(
+                tasks,
+                model,
+                need,
+                distortions=distortions,
+                batch_size=batch_size,
+                threads=threads,
+                storage_options=storage_options,
+                progress=None if progress is None else (lambda done: progress(done, total)),
+            ):
+                task = result.task
+                contents[task.index] = result.content or None
+                if not result.content:
+                    continue
+                if result.plain is not None or result.error is not None:
+                    plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
+                elif task.stamp is not None:
+                    plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
+                if result.variants and distorted is not None:
+                    distorted.add(
+                        Row(result.content, v, task.relpath, None, vec, None)
+                        for v, vec in result.variants.items()
+                    )
+                if result.plain is not None or result.variants:
+                    computed += 1
+        except BaseException:
+            _save_what_was_computed(plain, distorted)
+            raise
         plain.flush()
         plain.compact()
         if distorted is not None:
