@@ -1,0 +1,919 @@
+"""Hadoop's ``hadoop.security.auth_to_local``: Kerberos principal -> short (local) user name.
+
+Evaluates the rule language exactly as Hadoop's ``KerberosName`` (hadoop-auth) and
+``HadoopKerberosName`` do:
+
+* A principal is ``primary[/instance][@REALM]``; a name with a third component, an empty part or a
+  stray ``/``/``@`` is malformed when it has an ``@``. A name without ``@`` that is not of that form,
+  and any name with neither instance nor realm, is already short and is returned unchanged.
+* Rules are ``DEFAULT`` or ``RULE:[n:fmt](regex)s/from/to/g`` (the regex, the substitution and ``g``
+  optional), each optionally followed by ``/L`` (lower-case the result), separated by whitespace (or
+  nothing). The first rule that applies gives the answer.
+* ``DEFAULT`` applies, whatever the number of components, when the realm is the default realm, and
+  gives the first component. ``RULE:[n:...]`` applies to principals of exactly ``n`` components: ``fmt``
+  is expanded (``$0`` the realm, ``$1``/``$2`` the components), the regex must match the whole of it,
+  and ``s/from/to/`` is Java's ``replaceFirst`` (``replaceAll`` with ``g``).
+* Mechanism ``hadoop`` (the default): a result containing ``/`` or ``@`` is an error, and so is a
+  principal no rule applies to. Mechanism ``mit``: any result is allowed, and a principal no rule
+  applies to is returned as it is.
+
+The regexes are Java's (``java.util.regex``) and are translated to Python's ``re`` with Java's meaning:
+``.``, ``^`` and ``$`` honour Java's line terminators, ``\\d``, ``\\w``, ``\\s`` and ``(?i)`` are ASCII, a
+replacement's ``$n``/``${name}``/``\\x`` are Java's. Constructs ``re`` cannot express (nested or
+intersected classes, Unicode properties, ``\\G``, flags ``x``, ``u``, ``U``, ``c``, ...) are refused with
+an error rather than given another meaning.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import xml.parsers.expat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from lastlayer.errors import UsageError
+
+MECHANISM_HADOOP = "hadoop"
+MECHANISM_MIT = "mit"
+AUTH_TO_LOCAL_KEY = "hadoop.security.auth_to_local"
+
+_INT_MAX = 2**31 - 1
+_MAX_CODE_POINT = 0x10FFFF
+
+# --- the rule language (KerberosName's nameParser and ruleParser) ---------------------------------
+
+_JAVA_WS = "[ \\t\\n\\x0b\\f\\r]"  # Java's \s
+_NAME_RE = re.compile(r"([^/@]+)(/([^/@]+))?(@([^/@]+))?", re.DOTALL)
+_RULE_RE = re.compile(
+    _JAVA_WS + r"*((DEFAULT)|(RULE:\[([0-9]*):([^\]]*)\](\(([^)]*)\))?(s/([^/]*)/([^/]*)/(g)?)?))/?(L)?",
+    re.DOTALL,
+)
+_JAVA_TRIM = "".join(chr(c) for c in range(0x21))  # String.trim() strips every char <= U+0020
+
+
+class AuthToLocalError(UsageError):
+    """An auth_to_local rule, principal or mechanism cannot be used, or no rule applies."""
+
+
+class _RegexError(Exception):
+    """A Java regex that is malformed, or that Python's ``re`` cannot express with Java's meaning."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed rule: ``DEFAULT`` (``is_default``) or ``RULE:[components:fmt](match)s/from/to/g/L``.
+
+    ``match``, ``from_pattern`` and ``to_pattern`` are Java regex / replacement text; ``None`` when
+    absent. Constructing a rule compiles them; a bad one raises :class:`AuthToLocalError`.
+    """
+
+    is_default: bool = False
+    components: int = 0
+    fmt: str = ""
+    match: str | None = None
+    from_pattern: str | None = None
+    to_pattern: str | None = None
+    repeat: bool = False
+    lower: bool = False
+    _match_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _from_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _to: _Replacement | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.is_default:
+            return
+        if (self.from_pattern is None) != (self.to_pattern is None):
+            raise AuthToLocalError(f"Invalid rule: {self}: from_pattern and to_pattern go together")
+        set_ = object.__setattr__
+        if self.match is not None:
+            set_(self, "_match_re", _compile_java(self.match, self, "regex"))
+        if self.from_pattern is not None and self.to_pattern is not None:
+            from_re = _compile_java(self.from_pattern, self, "substitution pattern")
+            set_(self, "_from_re", from_re)
+            set_(self, "_to", _Replacement(self.to_pattern, from_re))
+
+    def __str__(self) -> str:
+        """The rule as Hadoop prints it (``KerberosName.Rule.toString``)."""
+        if self.is_default:
+            return "DEFAULT"
+        text = f"RULE:[{self.components}:{self.fmt}]"
+        if self.match is not None:
+            text += f"({self.match})"
+        if self.from_pattern is not None:
+            text += f"s/{self.from_pattern}/{self.to_pattern}/" + ("g" if self.repeat else "")
+        if self.lower:
+            text += "/L"
+        return text
+
+    def apply(
+        self,
+        realm: str | None,
+        components: Sequence[str],
+        default_realm: str,
+        mechanism: str = MECHANISM_HADOOP,
+    ) -> str | None:
+        """The short name this rule gives a principal, or ``None`` when the rule does not apply.
+
+        ``components`` are the principal's one or two components, ``realm`` its realm (``None`` when
+        it has none: ``$0`` is then ``null``, as Java's string concatenation writes it).
+        """
+        result: str | None = None
+        if self.is_default:
+            if realm is not None and realm == default_realm:
+                result = components[0]
+        elif len(components) == self.components:
+            base = _expand_format(self.fmt, ["null" if realm is None else realm, *components])
+            if self._match_re is None or self._match_re.fullmatch(base):
+                if self._from_re is None or self._to is None:
+                    result = base
+                else:
+                    result = self._to.substitute(base, self._from_re, self.repeat, str(self))
+        if result is not None and ("/" in result or "@" in result) and mechanism.lower() == MECHANISM_HADOOP:
+            raise AuthToLocalError(
+                f"Non-simple name {result} after auth_to_local rule {self}: a short name may contain "
+                "neither '/' nor '@' under the hadoop mechanism; fix the rule (or use mechanism mit)"
+            )
+        if result is not None and self.lower:
+            result = result.lower()
+        return result
+
+
+DEFAULT_RULE = Rule(is_default=True)
+
+
+def parse_rules(text: str) -> list[Rule]:
+    """Parse ``hadoop.security.auth_to_local`` text (rules separated by whitespace or newlines).
+
+    Raises:
+        AuthToLocalError: naming the first rule that cannot be parsed or whose regex is bad.
+    """
+    rules: list[Rule] = []
+    remaining = text.strip(_JAVA_TRIM)
+    while remaining:
+        m = _RULE_RE.match(remaining)
+        if m is None:
+            after = f" (after {rules[-1]})" if rules else ""
+            raise AuthToLocalError(
+                f"Invalid rule: {_first_line(remaining)}{after}: each rule is DEFAULT or "
+                "RULE:[n:fmt](regex)s/from/to/g, each part after ] optional, /L optional at the end"
+            )
+        rule_text = m.group(0).strip(_JAVA_TRIM)
+        if m.group(2) is not None:
+            rules.append(DEFAULT_RULE)
+        else:
+            count = _to_int(m.group(4))
+            if count is None:
+                raise AuthToLocalError(
+                    f"Invalid rule: {rule_text}: the number of components {m.group(4)!r} is not a number"
+                )
+            rules.append(
+                Rule(
+                    components=count,
+                    fmt=m.group(5),
+                    match=m.group(7),
+                    from_pattern=m.group(9),
+                    to_pattern=m.group(10),
+                    repeat=m.group(11) == "g",
+                    lower=m.group(12) == "L",
+                )
+            )
+        remaining = remaining[m.end() :]
+    return rules
+
+
+def short_name(
+    principal: str, rules: str | Sequence[Rule], default_realm: str, mechanism: str = MECHANISM_HADOOP
+) -> str:
+    """The local user name Hadoop gives ``principal`` under ``rules`` (text or parsed).
+
+    Raises:
+        AuthToLocalError: malformed principal or rules, an unknown mechanism, a rule error, or (under
+            the ``hadoop`` mechanism) no rule applies or the result is not a simple name.
+    """
+    mech = mechanism.lower()
+    if mech not in (MECHANISM_HADOOP, MECHANISM_MIT):
+        raise AuthToLocalError(f"Invalid rule mechanism: {mechanism}: use hadoop or mit")
+    parsed = parse_rules(rules) if isinstance(rules, str) else list(rules)
+    m = _NAME_RE.fullmatch(principal)
+    if m is None:
+        if "@" in principal:
+            raise AuthToLocalError(
+                f"Malformed Kerberos name: {principal}: expected primary[/instance][@REALM]"
+            )
+        return principal  # Hadoop keeps such a name whole, as an already short one
+    service, host, realm = m.group(1), m.group(3), m.group(5)
+    if host is None and realm is None:
+        return service
+    components = [service] if host is None else [service, host]
+    for rule in parsed:
+        result = rule.apply(realm, components, default_realm, mech)
+        if result is not None:
+            return result
+    if mech == MECHANISM_HADOOP:
+        raise AuthToLocalError(
+            f"No rules applied to {principal}: add a RULE for it to {AUTH_TO_LOCAL_KEY} (DEFAULT covers "
+            f"only the default realm, here {default_realm or '(none)'})"
+        )
+    return principal
+
+
+def rules_from_base64(text: str) -> str:
+    """Decode base64-encoded rules (the walkthrough's ``hdfs.security_auth_to_local`` option)."""
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AuthToLocalError(f"the auth_to_local rules are not valid base64: {exc}") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuthToLocalError(f"the base64-decoded auth_to_local rules are not UTF-8 text: {exc}") from exc
+
+
+def rules_from_core_site(xml_bytes: bytes) -> str:
+    """The value of ``hadoop.security.auth_to_local`` in a ``core-site.xml``; ``"DEFAULT"`` when absent.
+
+    Read as Hadoop's ``Configuration`` reads a resource: ``<property>`` with ``<name>`` (trimmed),
+    ``<value>`` (as written; an empty one sets nothing) and ``<final>``, or the same as attributes; a
+    later definition wins unless an earlier one was final. ``${...}`` variables are not expanded.
+    """
+    reader = _ConfReader()
+    parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.characters
+    parser.EntityDeclHandler = _refuse_entities
+    try:
+        parser.Parse(xml_bytes, True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise AuthToLocalError(f"core-site.xml is not well-formed XML: {exc}") from exc
+    return reader.props.get(AUTH_TO_LOCAL_KEY, "DEFAULT")
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _first_line(text: str) -> str:
+    """The first line of ``text`` that is not blank (the start of a bad rule, for messages)."""
+    return next((line for line in text.splitlines() if line.strip()), text)
+
+
+def _to_int(digits: str) -> int | None:
+    """ASCII ``digits`` as Java's ``Integer.parseInt`` reads them; ``None`` where it would throw."""
+    if not digits or len(digits) > 10 or int(digits) > _INT_MAX:
+        return None
+    return int(digits)
+
+
+def _expand_format(fmt: str, params: Sequence[str]) -> str:
+    """``KerberosName.Rule.replaceParameters``: ``$n`` -> ``params[n]``, other text as it is."""
+    out: list[str] = []
+    i = 0
+    while i < len(fmt):
+        j = fmt.find("$", i)
+        if j < 0:
+            out.append(fmt[i:])
+            break
+        out.append(fmt[i:j])
+        k = j + 1
+        while k < len(fmt) and "0" <= fmt[k] <= "9":
+            k += 1
+        digits = fmt[j + 1 : k]
+        num = _to_int(digits)
+        if num is None:
+            raise AuthToLocalError(
+                f"bad format in username mapping in {digits}: in {fmt!r} every '$' must be followed by "
+                "a component number ($0 realm, $1, $2)"
+            )
+        if num >= len(params):
+            raise AuthToLocalError(
+                f"index {num} from {fmt} is outside of the valid range 0 to {len(params) - 1}: "
+                "fix the rule's format"
+            )
+        out.append(params[num])
+        i = k
+    return "".join(out)
+
+
+def _compile_java(pattern: str, rule: Rule, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(_JavaRegex(pattern).translate())
+    except (_RegexError, re.error, OverflowError, RecursionError) as exc:
+        raise AuthToLocalError(f"Invalid rule: {rule}: its {what} {pattern!r}: {exc}") from exc
+
+
+class _Replacement:
+    """A Java ``Matcher.replaceFirst``/``replaceAll`` replacement string, parsed as Java does.
+
+    Java reports a bad replacement only when the pattern matches; so does :meth:`substitute`.
+    """
+
+    def __init__(self, text: str, pattern: re.Pattern[str]) -> None:
+        self.parts: list[str | int] = []
+        self.error: str | None = None
+        try:
+            self._parse(text, pattern)
+        except _RegexError as exc:
+            self.error = f"replacement {text!r}: {exc}"
+
+    def _parse(self, text: str, pattern: re.Pattern[str]) -> None:
+        i, n = 0, len(text)
+        literal: list[str] = []
+        while i < n:
+            c = text[i]
+            if c == "\\":
+                if i + 1 == n:
+                    raise _RegexError("character to be escaped is missing")
+                literal.append(text[i + 1])
+                i += 2
+            elif c == "$":
+                i += 1
+                if i == n:
+                    raise _RegexError("Illegal group reference: group index is missing")
+                if text[i] == "{":
+                    i += 1
+                    start = i
+                    while i < n and text[i].isascii() and text[i].isalnum():
+                        i += 1
+                    name = text[start:i]
+                    if not name:
+                        raise _RegexError("named capturing group has 0 length name")
+                    if i == n or text[i] != "}":
+                        raise _RegexError("named capturing group is missing trailing '}'")
+                    if name[0].isdigit():
+                        raise _RegexError(f"capturing group name {{{name}}} starts with digit character")
+                    if name not in pattern.groupindex:
+                        raise _RegexError(f"No group with name {{{name}}}")
+                    ref = pattern.groupindex[name]
+                    i += 1
+                else:
+                    if not "0" <= text[i] <= "9":
+                        raise _RegexError("Illegal group reference")
+                    ref = ord(text[i]) - 48
+                    i += 1
+                    while i < n and "0" <= text[i] <= "9" and ref * 10 + ord(text[i]) - 48 <= pattern.groups:
+                        ref = ref * 10 + ord(text[i]) - 48
+                        i += 1
+                    if ref > pattern.groups:
+                        raise _RegexError(f"No group {ref}")
+                if literal:
+                    self.parts.append("".join(literal))
+                    literal = []
+                self.parts.append(ref)
+            else:
+                literal.append(c)
+                i += 1
+        if literal:
+            self.parts.append("".join(literal))
+
+    def _expand(self, m: re.Match[str]) -> str:
+        return "".join(p if isinstance(p, str) else (m.group(p) or "") for p in self.parts)
+
+    def substitute(self, base: str, pattern: re.Pattern[str], repeat: bool, rule: str) -> str:
+        """``replaceFirst`` (``replaceAll`` when ``repeat``) of ``pattern`` in ``base``, as Java steps."""
+        m = pattern.search(base)
+        if m is None:
+            return base
+        if self.error is not None:
+            raise AuthToLocalError(f"Invalid rule: {rule}: {self.error}")
+        out: list[str] = []
+        last = 0
+        while m is not None:
+            out.append(base[last : m.start()])
+            out.append(self._expand(m))
+            last = m.end()
+            if not repeat:
+                break
+            nxt = m.end() + (1 if m.end() == m.start() else 0)  # Java steps past an empty match
+            m = pattern.search(base, nxt) if nxt <= len(base) else None
+        out.append(base[last:])
+        return "".join(out)
+
+
+class _ConfReader:
+    """The event handling of Hadoop's ``Configuration.Parser`` (names are matched by local name)."""
+
+    def __init__(self) -> None:
+        self.props: dict[str, str] = {}
+        self.finals: set[str] = set()
+        self.token: list[str] = []
+        self.parse_token = False
+        self.name: str | None = None
+        self.value: str | None = None
+        self.final = False
+
+    @staticmethod
+    def _local(tag: str) -> str:
+        return tag.rsplit(" ", 1)[-1]
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        local = self._local(tag)
+        if local == "property":
+            self.name, self.value, self.final = None, None, False
+            for key, val in attrs.items():
+                attr = self._local(key)
+                if attr == "name":
+                    self.name = val
+                elif attr == "value":
+                    self.value = val
+                elif attr == "final":
+                    self.final = val == "true"
+        elif local in ("name", "value", "final", "source", "tag"):
+            self.parse_token = True
+            self.token = []
+        elif local == "include" and any(self._local(k) == "href" for k in attrs):
+            raise AuthToLocalError(
+                "core-site.xml includes another file (xi:include), which cannot be followed here: "
+                "give the merged configuration"
+            )
+
+    def characters(self, data: str) -> None:
+        if self.parse_token:
+            self.token.append(data)
+
+    def end(self, tag: str) -> None:
+        local = self._local(tag)
+        token = "".join(self.token)
+        if local == "name" and token:
+            self.name = token.strip(_JAVA_TRIM)
+        elif local == "value" and token:
+            self.value = token
+        elif local == "final":
+            self.final = token == "true"
+        elif local == "property" and self.name is not None:
+            if self.value is not None and self.name not in self.finals:
+                self.props[self.name] = self.value
+            if self.final:
+                self.finals.add(self.name)
+
+
+def _refuse_entities(*_: object) -> NoReturn:
+    raise AuthToLocalError("core-site.xml declares XML entities, which are not accepted")
+
+
+# --- Java regex -> Python re ---------------------------------------------------------------------
+
+_I, _M, _S, _D = 1, 2, 4, 8  # CASE_INSENSITIVE, MULTILINE, DOTALL, UNIX_LINES
+_FLAG_BITS = {"i": _I, "m": _M, "s": _S, "d": _D}
+_UNSUPPORTED_FLAGS = {"u": "UNICODE_CASE", "U": "UNICODE_CHARACTER_CLASS", "x": "COMMENTS", "c": "CANON_EQ"}
+_TERMINATORS = "\n\r\x85\u2028\u2029"  # Java's line terminators (without UNIX_LINES)
+
+Ranges = list[tuple[int, int]]
+
+
+def _set(chars: str) -> Ranges:
+    return [(ord(c), ord(c)) for c in chars]
+
+
+_DIGIT: Ranges = [(0x30, 0x39)]
+_WORD: Ranges = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
+_SPACE: Ranges = _set(" \t\n\x0b\f\r")
+_HSPACE: Ranges = [*_set(" \t\xa0\u1680\u180e\u202f\u205f\u3000"), (0x2000, 0x200A)]
+_VSPACE: Ranges = _set("\n\x0b\f\r\x85\u2028\u2029")
+_PUNCT: Ranges = [(0x21, 0x2F), (0x3A, 0x40), (0x5B, 0x60), (0x7B, 0x7E)]
+_POSIX: dict[str, Ranges] = {
+    "Lower": [(0x61, 0x7A)],
+    "Upper": [(0x41, 0x5A)],
+    "ASCII": [(0x00, 0x7F)],
+    "Alpha": [(0x41, 0x5A), (0x61, 0x7A)],
+    "Digit": _DIGIT,
+    "Alnum": [(0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A)],
+    "Punct": _PUNCT,
+    "Graph": [(0x21, 0x7E)],
+    "Print": [(0x20, 0x7E)],
+    "Blank": _set(" \t"),
+    "Cntrl": [(0x00, 0x1F), (0x7F, 0x7F)],
+    "XDigit": [(0x30, 0x39), (0x41, 0x46), (0x61, 0x66)],
+    "Space": _SPACE,
+}
+_CLASS_ESCAPES: dict[str, Ranges] = {"d": _DIGIT, "w": _WORD, "s": _SPACE, "h": _HSPACE, "v": _VSPACE}
+_HEX = "0123456789abcdefABCDEF"
+_SIMPLE_ESCAPES = {"t": 0x09, "n": 0x0A, "r": 0x0D, "f": 0x0C, "a": 0x07, "e": 0x1B}
+
+
+def _normalize(ranges: Ranges) -> Ranges:
+    out: Ranges = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _complement(ranges: Ranges) -> Ranges:
+    out: Ranges = []
+    nxt = 0
+    for lo, hi in _normalize(ranges):
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= _MAX_CODE_POINT:
+        out.append((nxt, _MAX_CODE_POINT))
+    return out
+
+
+def _ascii_case_closure(ranges: Ranges) -> Ranges:
+    """Java's ASCII-only case-insensitive class: add the other case of every ASCII letter in it."""
+    extra: Ranges = []
+    for lo, hi in ranges:
+        for a, z, shift in ((0x61, 0x7A, -32), (0x41, 0x5A, 32)):
+            s, e = max(lo, a), min(hi, z)
+            if s <= e:
+                extra.append((s + shift, e + shift))
+    return _normalize([*ranges, *extra])
+
+
+def _char(cp: int) -> str:
+    c = chr(cp)
+    if c.isascii() and c.isalnum():
+        return c
+    return f"\\x{cp:02x}" if cp <= 0xFF else f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
+
+
+def _class_text(ranges: Ranges, negate: bool = False) -> str:
+    body = "".join(_char(lo) if lo == hi else f"{_char(lo)}-{_char(hi)}" for lo, hi in _normalize(ranges))
+    return f"[{'^' if negate else ''}{body}]"
+
+
+def _remove_qe_quoting(src: str) -> str:
+    """Java's first step: ``\\Q...\\E`` becomes its characters, each escaped as a literal."""
+    out: list[str] = []
+    i, n = 0, len(src)
+    while i < n:
+        if src[i] == "\\" and i + 1 < n and src[i + 1] == "Q":
+            i += 2
+            end = src.find("\\E", i)
+            quoted = src[i:] if end < 0 else src[i:end]
+            out.extend(c if c.isascii() and c.isalpha() else f"\\x{{{ord(c):x}}}" for c in quoted)
+            i = n if end < 0 else end + 2
+        elif src[i] == "\\" and i + 1 < n:
+            out.append(src[i : i + 2])
+            i += 2
+        else:
+            out.append(src[i])
+            i += 1
+    return "".join(out)
+
+
+class _JavaRegex:
+    """A recursive-descent reading of a ``java.util.regex.Pattern`` that writes the Python equivalent."""
+
+    def __init__(self, src: str) -> None:
+        self.src = _remove_qe_quoting(src)
+        self.pos = 0
+        self.flags = 0
+        self.groups = 0  # capturing groups opened so far (Java numbers backreferences by these)
+        self.closed: set[int] = set()
+
+    def fail(self, message: str) -> NoReturn:
+        raise _RegexError(f"{message} near index {self.pos}")
+
+    def unsupported(self, what: str) -> NoReturn:
+        raise _RegexError(f"{what} is not supported here")
+
+    def peek(self, offset: int = 0) -> str:
+        i = self.pos + offset
+        return self.src[i] if i < len(self.src) else ""
+
+    def translate(self) -> str:
+        out = self.expr()
+        if self.pos < len(self.src):
+            self.fail("Unmatched closing ')'")
+        return out
+
+    def expr(self) -> str:
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.pos += 1
+            branches.append(self.sequence())
+        return "|".join(branches)
+
+    def sequence(self) -> str:
+        parts: list[str] = []
+        while self.pos < len(self.src) and self.peek() not in "|)":
+            atom = self.atom()
+            if atom is None:  # an inline flag group: nothing to repeat
+                continue
+            quant = self.quantifier()
+            parts.append(f"(?:{atom}){quant}" if quant else atom)
+        return "".join(parts)
+
+    def quantifier(self) -> str:
+        c = self.peek()
+        if c in ("?", "*", "+"):
+            self.pos += 1
+            q = c
+        elif c == "{":
+            if not self.peek(1).isascii() or not self.peek(1).isdigit():
+                self.fail("Illegal repetition")
+            self.pos += 1
+            lo = self.number()
+            hi: int | None = lo
+            if self.peek() == ",":
+                self.pos += 1
+                hi = None if self.peek() == "}" else self.number(optional=True)
+            if self.peek() != "}":
+                self.fail("Unclosed counted closure")
+            self.pos += 1
+            if hi is not None and hi < lo:
+                self.fail("Illegal repetition range")
+            q = f"{{{lo}}}" if hi == lo else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
+        else:
+            return ""
+        if self.peek() in ("?", "+"):
+            q += self.peek()
+            self.pos += 1
+        return q
+
+    def number(self, optional: bool = False) -> int:
+        start = self.pos
+        while self.peek().isascii() and self.peek().isdigit() and self.peek():
+            self.pos += 1
+        if start == self.pos:
+            if optional:
+                return 0
+            self.fail("Illegal repetition")
+        value = _to_int(self.src[start : self.pos])
+        if value is None:
+            self.fail("Illegal repetition range")
+        return value
+
+    def atom(self) -> str | None:
+        c = self.peek()
+        if c == "(":
+            return self.group()
+        if c == "[":
+            return _class_text(self.char_class())
+        if c in ("*", "+", "?"):
+            self.fail(f"Dangling meta character '{c}'")
+        if c == "{":
+            return ""  # Java: an empty atom, which the counted closure that follows repeats
+        self.pos += 1
+        if c == ".":
+            if self.flags & _S:
+                return "(?s:.)"
+            return "[^\\n]" if self.flags & _D else _class_text(_set(_TERMINATORS), negate=True)
+        if c == "^":
+            return self.caret()
+        if c == "$":
+            return self.dollar(self.flags & _M != 0)
+        if c == "\\":
+            return self.escape_atom()
+        return self.literal(ord(c))
+
+    def literal(self, cp: int) -> str:
+        c = chr(cp)
+        if self.flags & _I and c.isascii() and c.isalpha():
+            return _class_text(_set(c.lower() + c.upper()))
+        return re.escape(c)
+
+    def caret(self) -> str:
+        if not self.flags & _M:
+            return "\\A"
+        if self.flags & _D:
+            return "(?:\\A|(?<=\\n))(?=[\\s\\S])"
+        return f"(?:\\A|(?<={_class_text(_set(_TERMINATORS))}))(?!(?<=\\r)\\n)(?=[\\s\\S])"
+
+    def dollar(self, multiline: bool) -> str:
+        if self.flags & _D:
+            return "(?=\\n|\\Z)" if multiline else "(?=\\n?\\Z)"
+        terms = _class_text(_set(_TERMINATORS))
+        if multiline:
+            return f"(?:\\Z|(?={terms}))(?!(?<=\\r)\\n)"
+        return f"(?=(?:\\r\\n|{terms})?\\Z)(?!(?<=\\r)\\n)"
+
+    def group(self) -> str | None:
+        self.pos += 1
+        saved = self.flags
+        number = 0
+        if self.peek() == "?":
+            self.pos += 1
+            c = self.peek()
+            self.pos += 1
+            if c in (":", "=", "!", ">"):
+                head = "(?" + c
+            elif c == "<" and self.peek() in ("=", "!"):
+                head = "(?<" + self.peek()
+                self.pos += 1
+            elif c == "<":
+                start = self.pos
+                while self.peek().isascii() and self.peek().isalnum():
+                    self.pos += 1
+                name = self.src[start : self.pos]
+                if not name or not name[0].isalpha():
+                    self.fail("capturing group name does not start with a Latin letter")
+                if self.peek() != ">":
+                    self.fail("named capturing group is missing trailing '>'")
+                self.pos += 1
+                self.groups += 1
+                number = self.groups
+                head = f"(?P<{name}>"
+            else:
+                self.pos -= 1
+                if not self.inline_flags():
+                    return None
+                head = "(?:"
+        else:
+            self.groups += 1
+            number = self.groups
+            head = "("
+        body = self.expr()
+        if self.peek() != ")":
+            self.fail("Unclosed group")
+        self.pos += 1
+        self.flags = saved
+        if number:
+            self.closed.add(number)
+        return f"{head}{body})"
+
+    def inline_flags(self) -> bool:
+        """``(?idms-idms)`` (returns False: flags only) or ``(?idms-idms:`` (returns True)."""
+        add = True
+        while True:
+            c = self.peek()
+            self.pos += 1
+            if c == ")":
+                return False
+            if c == ":":
+                return True
+            if c == "-" and add:
+                add = False
+            elif c in _FLAG_BITS:
+                self.flags = self.flags | _FLAG_BITS[c] if add else self.flags & ~_FLAG_BITS[c]
+            elif c in _UNSUPPORTED_FLAGS:
+                if add:
+                    self.unsupported(f"the Java regex flag {c} ({_UNSUPPORTED_FLAGS[c]})")
+            else:
+                self.pos -= 1
+                self.fail("Unknown inline modifier")
+
+    # -- escapes --
+
+    def escape_atom(self) -> str:
+        """After a backslash outside a class."""
+        c = self.peek()
+        if not c:
+            self.fail("Unexpected internal error")
+        if "1" <= c <= "9":
+            return self.backreference()
+        simple = {"A": "\\A", "z": "\\Z", "b": "\\b", "B": "\\B"}
+        if c in simple:
+            self.pos += 1
+            return simple[c]
+        if c == "Z":
+            self.pos += 1
+            return self.dollar(False)
+        if c == "R":
+            self.pos += 1
+            return "(?>\\r\\n|" + _class_text(_VSPACE) + ")"
+        if c == "k":
+            self.pos += 1
+            if self.peek() != "<":
+                self.fail("\\k is not followed by '<' for named capturing group")
+            end = self.src.find(">", self.pos)
+            if end < 0:
+                self.fail("named capturing group is missing trailing '>'")
+            name = self.src[self.pos + 1 : end]
+            self.pos = end + 1
+            return self.case_ref(f"(?P={name})")
+        ranges, single = self.class_escape()
+        if single is not None:
+            return self.literal(single)
+        return _class_text(ranges)
+
+    def backreference(self) -> str:
+        ref = ord(self.peek()) - 48
+        self.pos += 1
+        while "0" <= self.peek() <= "9" and self.peek() and ref * 10 + ord(self.peek()) - 48 <= self.groups:
+            ref = ref * 10 + ord(self.peek()) - 48
+            self.pos += 1
+        if ref not in self.closed:
+            self.unsupported(f"backreference \\{ref} to a group not yet closed")
+        return self.case_ref(f"(?:\\{ref})")
+
+    def case_ref(self, text: str) -> str:
+        return f"(?ai:{text})" if self.flags & _I else text
+
+    def class_escape(self) -> tuple[Ranges, int | None]:
+        """After a backslash: a set (ranges, None) or one character ([], code point)."""
+        c = self.peek()
+        if not c:
+            self.fail("Unexpected internal error")
+        self.pos += 1
+        if c in _SIMPLE_ESCAPES:
+            return [], _SIMPLE_ESCAPES[c]
+        if c.lower() in _CLASS_ESCAPES:
+            ranges = _CLASS_ESCAPES[c.lower()]
+            return (ranges if c.islower() else _complement(ranges)), None
+        if c in ("p", "P"):
+            return self.property(negate=c == "P"), None
+        if c == "0":
+            return [], self.octal()
+        if c == "x":
+            return [], self.hex_escape()
+        if c == "u":
+            digits = self.src[self.pos : self.pos + 4]
+            if len(digits) != 4 or not all(d in _HEX for d in digits):
+                self.fail("Illegal Unicode escape sequence")
+            self.pos += 4
+            return [], int(digits, 16)
+        if c == "c":
+            if not self.peek():
+                self.fail("Illegal control escape sequence")
+            self.pos += 1
+            return [], ord(self.src[self.pos - 1]) ^ 64
+        if c in "GXN":
+            self.unsupported(f"the Java regex escape \\{c}")
+        if (c.isascii() and c.isalpha()) or "1" <= c <= "9":  # 1-9 here: inside a class
+            self.fail("Illegal/unsupported escape sequence")
+        return [], ord(c)
+
+    def octal(self) -> int:
+        digits = ""
+        while len(digits) < 3 and "0" <= self.peek() <= "7" and self.peek():
+            digits += self.peek()
+            self.pos += 1
+        if not digits:
+            self.fail("Illegal octal escape sequence")
+        if len(digits) == 3 and digits[0] > "3":
+            self.pos -= 1
+            digits = digits[:2]
+        return int(digits, 8)
+
+    def hex_escape(self) -> int:
+        hexdigits = _HEX
+        if self.peek() == "{":
+            end = self.src.find("}", self.pos)
+            digits = self.src[self.pos + 1 : end] if end > 0 else ""
+            if not digits or not all(d in hexdigits for d in digits) or int(digits, 16) > _MAX_CODE_POINT:
+                self.fail("Illegal hexadecimal escape sequence")
+            self.pos = end + 1
+            return int(digits, 16)
+        digits = self.src[self.pos : self.pos + 2]
+        if len(digits) != 2 or not all(d in hexdigits for d in digits):
+            self.fail("Illegal hexadecimal escape sequence")
+        self.pos += 2
+        return int(digits, 16)
+
+    def property(self, negate: bool) -> Ranges:
+        if self.peek() == "{":
+            end = self.src.find("}", self.pos)
+            if end < 0:
+                self.fail("Unclosed character family")
+            name = self.src[self.pos + 1 : end]
+            self.pos = end + 1
+        else:
+            name = self.peek()
+            self.pos += 1
+        if name not in _POSIX:
+            self.unsupported(f"the character property \\p{{{name}}}")
+        return _complement(_POSIX[name]) if negate else _POSIX[name]
+
+    # -- character classes --
+
+    def char_class(self) -> Ranges:
+        self.pos += 1
+        negate = self.peek() == "^"
+        if negate:
+            self.pos += 1
+        ranges: Ranges = []
+        first = True
+        while True:
+            c = self.peek()
+            if not c:
+                self.fail("Unclosed character class")
+            if c == "]" and not first:
+                self.pos += 1
+                break
+            if c == "[":
+                self.unsupported("a character class nested in another")
+            if c == "&" and self.peek(1) == "&":
+                self.unsupported("a character class intersection (&&)")
+            first = False
+            items, single = self.class_atom()
+            if single is None:
+                ranges.extend(items)
+                continue
+            if self.peek() == "-" and self.peek(1) not in ("]", "["):
+                self.pos += 1
+                _, end = self.class_atom()
+                if end is None or end < single:
+                    self.fail("Illegal character range")
+                ranges.append((single, end))
+            else:
+                ranges.append((single, single))
+        if self.flags & _I:
+            ranges = _ascii_case_closure(ranges)
+        return _complement(ranges) if negate else ranges
+
+    def class_atom(self) -> tuple[Ranges, int | None]:
+        c = self.peek()
+        if not c:
+            self.fail("Unclosed character class")
+        self.pos += 1
+        if c == "\\":
+            return self.class_escape()
+        return [], ord(c)
