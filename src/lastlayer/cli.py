@@ -86,7 +86,6 @@ def _retrain(ns: argparse.Namespace) -> int:
     from lastlayer.retrain import retrain
 
     opts = from_namespace(ns, RetrainOptions)
-    _configure_logging(opts.logging_verbosity)
     summary = retrain(opts, progress=ProgressBar(sys.stderr))
     metrics = summary["metrics"]
     print(
@@ -109,7 +108,6 @@ def _label(ns: argparse.Namespace) -> int:
     from lastlayer.label import label_images
 
     opts = from_namespace(ns, LabelOptions)
-    _configure_logging("INFO")
     opts.validate()
     images = list(opts.image) + list(ns.images or [])
     if not images:
@@ -160,7 +158,6 @@ def _upload(ns: argparse.Namespace) -> int:
 
     opts = from_namespace(ns, UploadOptions)
     opts.validate()
-    _configure_logging("INFO")
     report = upload(ns.src, ns.dst, threads=opts.threads, progress=ProgressBar(sys.stderr, "Upload", "files"))
     print(
         json.dumps(
@@ -284,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [arg for arg, nargs, _ in command.positionals if nargs == "?" and getattr(ns, arg) is None]
         if missing:
             raise UsageError(f"{ns.command} needs {' and '.join(m.upper() for m in missing)} (see --help)")
+        _configure_logging(getattr(ns, "logging_verbosity", "INFO"))
         if command.cluster:
             _connect(ns)
         return command.run(ns)

@@ -9,7 +9,9 @@ guarantee on HDFS).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ StorageOptions = Mapping[str, Any]
 
 TEMP_PREFIX = "._lastlayer_tmp_"
 KERBEROS_SCHEMES = ("hdfs://", "viewfs://", "webhdfs://", "swebhdfs://")
+SPNEGO_SCHEMES = ("webhdfs://", "swebhdfs://")
 #: Filesystems whose ``mv(..., overwrite=True)`` is one atomic rename that replaces the target.
 ATOMIC_OVERWRITE_PROTOCOLS = frozenset({"hdfs", "viewfs"})
 
@@ -34,12 +37,16 @@ ATOMIC_OVERWRITE_PROTOCOLS = frozenset({"hdfs", "viewfs"})
 def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """Return the filesystem serving ``url`` and the path inside it.
 
-    For Kerberized schemes the keytab login is renewed first when its ticket is close to expiry.
+    For Kerberized schemes the keytab login is renewed first when its ticket is close to expiry, and
+    ``webhdfs://`` uses SPNEGO (``kerberos=True``) when a ticket cache is set, unless told otherwise.
     """
+    options = dict(storage_options or {})
     if url.startswith(KERBEROS_SCHEMES):
         kerberos.ensure_fresh()
+        if url.startswith(SPNEGO_SCHEMES) and "KRB5CCNAME" in os.environ:
+            options.setdefault("kerberos", True)
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(
             f"cannot open {url!r}: {exc}. Check the URL scheme and that its fsspec backend is installed."
@@ -51,17 +58,45 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/") if url not in ("/", "") else url, *parts)
 
 
+_PERMISSION_RE = re.compile(
+    r"Permission denied: user=[^,]+, access=\w+, inode=\"[^\"]*\"(:[\w.-]+){0,2}(:[-dwrxstST]+)?"
+)
+_KERBEROS_MARKERS = (
+    "GSS_S_NO_CRED",
+    "No Kerberos credentials",
+    "GSSAPI",
+    "SASL",
+    "Client cannot authenticate",
+)
+
+
 def describe(exc: BaseException, url: str, action: str) -> StorageError:
-    """Turn an I/O exception from any backend into a one-line :class:`StorageError`."""
+    """Turn an I/O exception from any backend into a one-line :class:`StorageError`.
+
+    HDFS refusals become Hadoop's own ``Permission denied: user=..., access=..., inode=...`` text, and
+    missing Kerberos credentials say how to get them.
+    """
     if isinstance(exc, StorageError):
         return exc
+    text = " ".join(str(exc).split())
+    denied = _PERMISSION_RE.search(text)
+    if denied:
+        return StorageError(
+            f"cannot {action} {url}: {denied.group(0)} (ask the owner for access, or use a "
+            "path your user may write)"
+        )
+    if any(marker in text for marker in _KERBEROS_MARKERS):
+        return StorageError(
+            f"cannot {action} {url}: no valid Kerberos ticket ({text[:200]}); run kinit, or "
+            "pass --principal and --keytab"
+        )
     if isinstance(exc, FileNotFoundError):
         hint = "check that the path exists"
     elif isinstance(exc, PermissionError):
         hint = "check the permissions of the path and of the user you run as"
     else:
         hint = "check the URL, the service and your credentials"
-    return StorageError(f"cannot {action} {url}: {exc.__class__.__name__}: {exc} ({hint})")
+    return StorageError(f"cannot {action} {url}: {exc.__class__.__name__}: {text[:500]} ({hint})")
 
 
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:

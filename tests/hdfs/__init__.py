@@ -1,0 +1,1 @@
+"""Tests against a real Kerberized HDFS (see tests/hdfs/conftest.py and harness/README.md)."""
