@@ -38,7 +38,7 @@ def retrain(
         ]
     )
     summary = out / "graph.summary.json"
-    return code, (json.loads(summary.read_text()) if code == 0 else {})
+    return code, (json.loads(summary.read_text()) if code == 0 and summary.exists() else {})
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +292,32 @@ def test_a_failed_run_keeps_its_bottlenecks_and_a_rerun_resumes(tmp_path, model_
     monkeypatch.setattr(local_engine.storage, "read_bytes", real)
     summary = retrain(tmp_path, data, model_dir, steps=10)[1]
     assert summary["cache"]["reused"] >= 4 and summary["cache"]["computed"] == 30 - summary["cache"]["reused"]
+
+
+def test_workers_share_the_bottlenecks_and_the_model_equals_one_worker_s(tmp_path, model_dir):
+    import threading
+
+    data = make_dataset(tmp_path / "data", per_class=10)
+    single_code, _ = retrain(tmp_path / "single", data, model_dir, steps=40)
+    results: dict[str, int] = {}
+    shared = tmp_path / "shared"
+
+    def worker(index: int) -> None:
+        results[f"w{index}"] = retrain(
+            shared / f"w{index}",
+            data,
+            model_dir,
+            f"--worker_index={index}",
+            "--worker_count=2",
+            f"--bottleneck_dir={shared / 'bottlenecks'}",
+            steps=40,
+        )[0]
+
+    other = threading.Thread(target=worker, args=(1,))
+    other.start()
+    worker(0)
+    other.join(timeout=120)
+    assert single_code == 0 and results == {"w0": 0, "w1": 0}
+    assert not (shared / "w1" / "out" / "graph.onnx").exists()  # only worker 0 trains
+    single = (tmp_path / "single" / "out" / "graph.onnx").read_bytes()
+    assert (shared / "w0" / "out" / "graph.onnx").read_bytes() == single

@@ -87,6 +87,9 @@ def _retrain(ns: argparse.Namespace) -> int:
 
     opts = from_namespace(ns, RetrainOptions)
     summary = retrain(opts, progress=ProgressBar(sys.stderr))
+    if "metrics" not in summary:  # a worker that only computed its shard of the bottlenecks
+        print(json.dumps(summary))
+        return 0
     metrics = summary["metrics"]
     print(
         json.dumps(

@@ -39,6 +39,7 @@ class Bottlenecks:
         computed: images decoded and run through the network in this call.
         reused: usable images whose features all came from the cache.
         damaged_files: cache files found damaged (and recomputed).
+        pending: images of other shards that are not in the cache yet (their rows are -1).
         seconds: wall time of the call.
     """
 
@@ -51,6 +52,7 @@ class Bottlenecks:
     reused: int
     damaged_files: int
     seconds: float
+    pending: int = 0
 
 
 def _save_what_was_computed(*stores: FeatureStore | None) -> None:
@@ -62,6 +64,12 @@ def _save_what_was_computed(*stores: FeatureStore | None) -> None:
             store.flush()
         except Exception as exc:  # the run's own error is the one to report
             log.warning("could not save the bottlenecks computed so far in %s: %s", store.url, exc)
+
+
+def in_shard(relpath: str, shard: tuple[int, int]) -> bool:
+    """Whether the image at ``relpath`` belongs to shard ``(index, count)`` (by a hash of the path)."""
+    index, count = shard
+    return count <= 1 or int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % count == index
 
 
 def distortion_key(distortions: Distortions) -> str:
@@ -80,12 +88,15 @@ def compute_bottlenecks(
     threads: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Bottlenecks:
     """Load cached features for ``images`` and compute the missing ones with the local engine.
 
     Args:
         variants: distorted variants cached per training image (used when distortions are on).
         progress: called with ``(done, total)`` images while computing.
+        shard: ``(index, count)``: compute only the images of this shard (see :func:`in_shard`);
+            missing images of other shards are counted in :attr:`Bottlenecks.pending`.
     """
     start = time.perf_counter()
     root = storage.join(bottleneck_dir, model.key[:16])
@@ -107,12 +118,16 @@ def compute_bottlenecks(
 
     contents: list[str | None] = []
     tasks: list[Task] = []
+    pending: set[int] = set()
     for i, f in enumerate(images.files):
         task = Task(i, f.url, f.relpath, f.stamp, f.split == TRAINING)
         content = plain.content_for(f.relpath, f.stamp)
         contents.append(content)
         if content is None or not need(task, content).nothing:
-            tasks.append(task)
+            if in_shard(f.relpath, shard):
+                tasks.append(task)
+            else:
+                pending.add(i)
 
     computed = 0
     if tasks:
@@ -162,6 +177,8 @@ def compute_bottlenecks(
     variant_rows = np.full((len(images.files), n_variants), -1, np.int64) if distorted is not None else None
     skipped: list[tuple[str, str]] = []
     for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
+        if i in pending:
+            continue
         reason = "file vanished while the run was reading it" if content is None else plain.error(content)
         if reason is not None or content is None:
             skipped.append((f.relpath, reason or "unknown"))
@@ -177,7 +194,8 @@ def compute_bottlenecks(
         variant_rows=variant_rows,
         skipped=skipped,
         computed=computed,
-        reused=len(images.files) - len(skipped) - computed,
+        reused=len(images.files) - len(skipped) - len(pending) - computed,
         damaged_files=plain.damaged + (distorted.damaged if distorted is not None else 0),
         seconds=time.perf_counter() - start,
+        pending=len(pending),
     )

@@ -78,6 +78,11 @@ class RetrainOptions:
     batch_size: int = _opt(4, "Images per network call when computing bottlenecks.")
     num_threads: int = _opt(0, "Threads for decoding and for the network; 0 = one per core.")
     logging_verbosity: str = _opt("INFO", "Log level: DEBUG, INFO, WARN, ERROR or FATAL.")
+    worker_index: int = _opt(0, "This worker's index when --worker_count workers share the bottleneck work.")
+    worker_count: int = _opt(
+        1, "Workers sharing the bottleneck work: each computes its shard; worker 0 then trains on all."
+    )
+    shard_wait_seconds: float = _opt(3600.0, "How long worker 0 waits for the other workers' shards.")
     tfhub_module: str = _opt(
         "",
         "Not supported (TensorFlow Hub modules need TensorFlow).",
@@ -134,6 +139,9 @@ class RetrainOptions:
         need(0 <= self.random_brightness < 100, "random_brightness", "must be a percentage in [0, 100)")
         need(self.distorted_variants >= 1, "distorted_variants", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
+        need(self.worker_count >= 1, "worker_count", "must be at least 1")
+        need(0 <= self.worker_index < self.worker_count, "worker_index", "must be in [0, --worker_count)")
+        need(self.shard_wait_seconds > 0, "shard_wait_seconds", "must be positive")
         need(self.num_threads >= 0, "num_threads", "must be 0 (one per core) or more")
         need(
             self.logging_verbosity.upper() in LOG_LEVELS, "logging_verbosity", f"must be one of {LOG_LEVELS}"

@@ -32,6 +32,8 @@ from lastlayer.zoo import FeatureModel, load_feature_model
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+#: Seconds between looks at the cache while worker 0 waits for the other workers' shards.
+SHARD_POLL_SECONDS = 2.0
 
 
 def _summary_url(opts: RetrainOptions) -> str:
@@ -118,23 +120,55 @@ def retrain(
     )
     lap("scan_s")
 
-    bottlenecks = compute_bottlenecks(
-        images,
-        model,
-        opts.bottleneck_dir,
-        distortions=opts.distortions,
-        variants=opts.distorted_variants,
-        batch_size=opts.batch_size,
-        threads=opts.num_threads,
-        storage_options=storage_options,
-        progress=progress,
-    )
+    shard = (opts.worker_index, opts.worker_count)
+
+    def bottlenecks_now(report: Progress | None) -> Bottlenecks:
+        return compute_bottlenecks(
+            images,
+            model,
+            opts.bottleneck_dir,
+            distortions=opts.distortions,
+            variants=opts.distorted_variants,
+            batch_size=opts.batch_size,
+            threads=opts.num_threads,
+            storage_options=storage_options,
+            progress=report,
+            shard=shard,
+        )
+
+    bottlenecks = bottlenecks_now(progress)
+    computed = bottlenecks.computed
     log.info(
         "Bottlenecks: %d computed, %d from the cache, %d skipped",
         bottlenecks.computed,
         bottlenecks.reused,
         len(bottlenecks.skipped),
     )
+    if opts.worker_index > 0:
+        log.info(
+            "Worker %d of %d: its shard of the bottlenecks is cached; worker 0 trains",
+            opts.worker_index,
+            opts.worker_count,
+        )
+        return {
+            "worker_index": opts.worker_index,
+            "worker_count": opts.worker_count,
+            "architecture": model.architecture,
+            "cache": {"computed": computed, "reused": bottlenecks.reused},
+        }
+    deadline = time.monotonic() + opts.shard_wait_seconds
+    while bottlenecks.pending:
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"{bottlenecks.pending} images of other workers' shards are still not in "
+                f"{opts.bottleneck_dir} after {opts.shard_wait_seconds:.0f} s: "
+                "check the other workers' logs, then run again"
+            )
+        log.info(
+            "Waiting for the other workers: %d images of their shards not cached yet", bottlenecks.pending
+        )
+        time.sleep(SHARD_POLL_SECONDS)
+        bottlenecks = bottlenecks_now(None)
     lap("bottlenecks_s")
 
     splits = _Splits(images, bottlenecks)
@@ -277,7 +311,7 @@ def retrain(
             for i, label in enumerate(images.labels)
         },
         "cache": {
-            "computed": bottlenecks.computed,
+            "computed": computed,
             "reused": bottlenecks.reused,
             "damaged_files": bottlenecks.damaged_files,
         },
