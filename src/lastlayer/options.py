@@ -247,7 +247,26 @@ class AuthToLocalOptions:
             raise UsageError(f"--mechanism={self.mechanism!r}: must be hadoop or mit")
 
 
-T = TypeVar("T", RetrainOptions, LabelOptions, ClusterOptions, UploadOptions, AuthToLocalOptions)
+@dataclass
+class JobOptions:
+    """Flags of ``lastlayer job ACTION``."""
+
+    name: str = _opt("tensorflow", "The job's service.name (deploy takes it from the options file).")
+    state_dir: str = _opt("", "Where jobs keep state (default: LASTLAYER_STATE_DIR, ~/.lastlayer/jobs).")
+    detach: bool = _opt(False, "deploy / plan restart: return once the job runs; follow it with `plan show`.")
+    timeout: float = _opt(0.0, "deploy / plan restart: stop the tasks after this many seconds (0: no limit).")
+    completed: bool = _opt(False, "log: read the log of a finished task.")
+    root: str = _opt("", "package: folder to put the job under inside the zip (e.g. the walkthrough's "
+                     "dcos-tensorflow-demos-master/poets minus the last part).")
+    secrets_dir: str = _opt("", "The secret store (default: LASTLAYER_SECRETS_DIR or ~/.lastlayer/secrets).")
+
+    def validate(self) -> None:
+        """Check values. Raises UsageError naming the flag."""
+        if self.timeout < 0:
+            raise UsageError(f"--timeout={self.timeout}: must be 0 (no limit) or positive")
+
+
+T = TypeVar("T", RetrainOptions, LabelOptions, ClusterOptions, UploadOptions, AuthToLocalOptions, JobOptions)
 
 
 class _Parser(argparse.ArgumentParser):
