@@ -1,0 +1,196 @@
+"""Acceptance: the walkthrough's poets.json, deployed against the secure HDFS harness.
+
+The options file is the walkthrough's own (examples/poets/poets.json) with only job_url (the local
+poets.zip) and the KDC and HDFS endpoints changed. The HDFS endpoint serves a configuration in which
+the nameservice ``default`` (the walkthrough's ``hdfs://default/...``) is the harness's NameNode.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from conftest import make_dataset
+from lastlayer import secrets
+from lastlayer.cli import main
+from lastlayer.jobs.plan import ERROR, Plan
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV_KEYS = ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR")
+
+
+def as_superuser(secure_hdfs, code: str) -> None:
+    """Run Python ``code`` with an hdfs-native ``fs`` as the `hdfs` superuser, in a fresh process."""
+    env = {**os.environ, **secure_hdfs.env("hdfs")}
+    prologue = (
+        f"import fsspec\nfs = fsspec.filesystem('hdfs', host='127.0.0.1', port={secure_hdfs.namenode_port})\n"
+    )
+    subprocess.run([sys.executable, "-c", prologue + code], env=env, check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def endpoint(secure_hdfs, tmp_path_factory):
+    """hdfs.config_uri: core-site.xml and hdfs-site.xml over HTTP on 127.0.0.1, with nameservice `default`."""
+    www = tmp_path_factory.mktemp("www")
+    served = www / "v1" / "endpoints"
+    served.mkdir(parents=True)
+    shutil.copy(secure_hdfs.conf_dir / "core-site.xml", served)
+    port = re.search(r"hdfs://127\.0\.0\.1:(\d+)", (served / "core-site.xml").read_text()).group(1)
+    nameservice = (
+        "<property><name>dfs.nameservices</name><value>default</value></property>"
+        "<property><name>dfs.ha.namenodes.default</name><value>nn1</value></property>"
+        f"<property><name>dfs.namenode.rpc-address.default.nn1</name><value>127.0.0.1:{port}</value></property>"
+        "</configuration>"
+    )
+    site = (secure_hdfs.conf_dir / "hdfs-site.xml").read_text().replace("</configuration>", nameservice)
+    (served / "hdfs-site.xml").write_text(site)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/endpoints"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def deployment(secure_hdfs, endpoint, tmp_path_factory):
+    """poets.zip, the keytab secrets, the photos on HDFS, and a function making the options file."""
+    tmp = tmp_path_factory.mktemp("job")
+    photos = make_dataset(tmp / "flower_photos", per_class=10)
+    as_superuser(
+        secure_hdfs,
+        "fs.makedirs('/tensorflow', exist_ok=True)\n"
+        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n"
+        "fs.rm('/tensorflow/test_run', recursive=True) if fs.exists('/tensorflow/test_run') "
+        "else None\n"
+        "fs.rm('/tensorflow_input_data/flower_photos', recursive=True) "
+        "if fs.exists('/tensorflow_input_data/flower_photos') else None\n",
+    )
+    env = {**{k: v for k, v in os.environ.items() if k not in ENV_KEYS}}
+    upload = [
+        sys.executable,
+        "-m",
+        "lastlayer",
+        "upload",
+        str(photos),
+        "hdfs:///tensorflow_input_data/flower_photos",
+        f"--principal={secure_hdfs.principal('hdfs')}",
+        f"--keytab={secure_hdfs.keytab('hdfs')}",
+        f"--krb5_conf={secure_hdfs.krb5_conf}",
+        f"--hadoop_conf_dir={secure_hdfs.conf_dir}",
+    ]
+    done = subprocess.run(upload, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    zip_path = tmp / "poets.zip"
+    assert (
+        main(
+            [
+                "job",
+                "package",
+                str(ROOT / "examples" / "poets"),
+                str(zip_path),
+                "--root=dcos-tensorflow-demos-master/poets",
+            ]
+        )
+        == 0
+    )
+    store = tmp / "secrets"
+    for user in ("tensorflow", "alice"):
+        secrets.write_secret(
+            f"__dcos_base64__{user}_keytab",
+            secure_hdfs.keytab(user).read_bytes(),
+            str(store),
+            base64_encode=True,
+        )
+
+    def options(**kerberos) -> Path:
+        spec = json.loads((ROOT / "examples" / "poets" / "poets.json").read_text())
+        service = spec["service"]
+        service["job_url"] = str(zip_path)
+        service["hdfs"]["config_uri"] = endpoint
+        service["security"]["kerberos"]["kdc"] = {"hostname": "127.0.0.1", "port": secure_hdfs.kdc_port}
+        service["security"]["kerberos"].update(kerberos)
+        path = tmp / f"poets-{len(list(tmp.glob('poets-*.json')))}.json"
+        path.write_text(json.dumps(spec, indent=4))
+        return path
+
+    yield options, store, tmp
+    as_superuser(
+        secure_hdfs,
+        "fs.rm('/tensorflow/test_run', recursive=True) if fs.exists('/tensorflow/test_run') else None\n",
+    )
+
+
+def deploy(options: Path, store: Path, state: Path, *extra: str) -> int:
+    return main(
+        [
+            "job",
+            "deploy",
+            str(options),
+            f"--state_dir={state}",
+            f"--secrets_dir={store}",
+            "--timeout=600",
+            *extra,
+        ]
+    )
+
+
+def test_the_walkthrough_options_file_runs_to_complete(secure_hdfs, deployment, capsys, monkeypatch):
+    options, store, tmp = deployment
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    state = tmp / "state"
+    assert deploy(options(), store, state) == 0
+    out = capsys.readouterr()
+    assert "worker.cpu is read as worker.cpus" in out.err
+    assert out.out.startswith("deploy (parallel strategy) (COMPLETE)\n")
+    assert "│  └─ worker-0:[node] (COMPLETE)" in out.out
+    assert main(["job", "plan", "show", "deploy", f"--state_dir={state}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "deploy (parallel strategy) (COMPLETE)"
+    assert main(["job", "log", "worker-0", "stderr", "--completed", f"--state_dir={state}"]) == 0
+    log = capsys.readouterr().out
+    assert "Final test accuracy = " in log and ": Step 499: Validation accuracy = " in log
+    assert "mobilenet_0.50_224" in log  # the codelab name, substituted with a warning
+    for key, value in secure_hdfs.env("tensorflow").items():
+        if key in ENV_KEYS:
+            monkeypatch.setenv(key, value)
+    fsspec.get_filesystem_class("hdfs").clear_instance_cache()
+    fs = fsspec.filesystem("hdfs", host="127.0.0.1", port=secure_hdfs.namenode_port)
+    listing = {e["name"].rsplit("/", 1)[-1]: e for e in fs.ls("/tensorflow/test_run", detail=True)}
+    assert {"retrained_graph.pb", "retrained_labels.txt", "training_summaries"} <= set(listing)
+    assert {
+        listing[n]["owner"] for n in ("retrained_graph.pb", "retrained_labels.txt", "training_summaries")
+    } == {"tensorflow"}
+    fsspec.get_filesystem_class("hdfs").clear_instance_cache()
+
+
+def test_a_wrong_principal_is_an_error_step(deployment, capsys):
+    options, store, tmp = deployment
+    assert deploy(options(primary="carol"), store, tmp / "state-carol") == 1
+    plan = Plan.load(tmp / "state-carol" / "tensorflow" / "plan.json")
+    assert plan.status == ERROR and "cannot log in as carol@LOCAL" in (plan.step("worker-0").message or "")
+
+
+def test_alice_cannot_write_where_only_tensorflow_may(deployment, capsys):
+    options, store, tmp = deployment
+    assert (
+        deploy(
+            options(primary="alice", keytab_secret="__dcos_base64__alice_keytab"), store, tmp / "state-alice"
+        )
+        == 1
+    )
+    plan = Plan.load(tmp / "state-alice" / "tensorflow" / "plan.json")
+    message = plan.step("worker-0").message or ""
+    assert plan.status == ERROR and "Permission denied: user=alice, access=WRITE" in message, message
