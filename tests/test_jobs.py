@@ -210,3 +210,39 @@ def test_a_failed_step_is_restarted(tmp_path, poets_zip, images, model_dir, caps
     assert job("plan", "restart", "deploy", "worker-0", "--name=poets-test", state=state) == 0
     plan = Plan.load(state / "poets-test" / "plan.json")
     assert plan.status == COMPLETE and plan.step("worker-0").restarts == 1
+
+
+def test_mem_is_enforced(tmp_path, poets_zip, images, model_dir):
+    opts = options(tmp_path, str(poets_zip), images, model_dir)
+    spec = json.loads(opts.read_text())
+    spec["worker"]["mem"] = 64
+    opts.write_text(json.dumps(spec))
+    assert job("deploy", str(opts), state=tmp_path / "state") == 1
+    step = Plan.load(tmp_path / "state" / "poets-test" / "plan.json").step("worker-0")
+    assert step.status == ERROR and "over its mem of 64 MiB" in (step.message or "")
+
+
+def test_stop_ends_a_running_job(tmp_path, poets_zip, images, model_dir, capsys):
+    opts = options(tmp_path, str(poets_zip), images, model_dir)
+    spec = json.loads(opts.read_text())
+    context = json.loads(spec["service"]["job_context"])
+    context["args"]["--how_many_training_steps"] = 10_000_000
+    spec["service"]["job_context"] = json.dumps(context)
+    opts.write_text(json.dumps(spec))
+    state = tmp_path / "state"
+    assert job("deploy", str(opts), "--detach", state=state) == 0
+    deadline = time.monotonic() + 120
+    plan = Plan.load(state / "poets-test" / "plan.json")
+    while plan.step("worker-0").status != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        plan = Plan.load(state / "poets-test" / "plan.json")
+    pid = plan.step("worker-0").pid
+    assert job("stop", "--name=poets-test", state=state) == 0
+    plan = Plan.load(state / "poets-test" / "plan.json")
+    assert plan.step("worker-0").status == ERROR and plan.step("worker-0").message in (
+        "stopped",
+        "exit code -15",
+    )
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert job("uninstall", "--name=poets-test", state=state) == 0
+    assert not (state / "poets-test").exists()

@@ -275,7 +275,7 @@ class _Supervisor:
             )
         self.procs[step.name] = proc
         step.status, step.pid, step.message, step.exit_code = RUNNING, proc.pid, None, None
-        log.info("Started %s (pid %d, %d cores, mem %d MiB)", step.name, proc.pid, len(cores), group.mem)
+        log.info("Started %s (pid %d, %d cores, mem %g MiB)", step.name, proc.pid, len(cores), group.mem)
 
     def run(self) -> Plan:
         todo = [s for s in self.plan.steps if s.status != COMPLETE]
@@ -288,9 +288,18 @@ class _Supervisor:
             self.fail_pending(str(exc))
             return self.plan
         cluster = _cluster(self.plan)
-        for step in todo:
-            self.start(step, prepared, cluster)
-        self.save()
+        try:
+            for step in todo:
+                self.start(step, prepared, cluster)
+            self.save()
+            self.watch(prepared)
+        except BaseException:  # stopped (SIGTERM) or broken: no task outlives its supervisor
+            self.kill_all("stopped")
+            self.save()
+            raise
+        return self.plan
+
+    def watch(self, prepared: _Prepared) -> None:
         deadline = None if not self.timeout else time.monotonic() + self.timeout
         while self.procs:
             time.sleep(POLL_S)
@@ -308,7 +317,6 @@ class _Supervisor:
                 changed = True
             if changed:
                 self.save()
-        return self.plan
 
     def poll(self) -> bool:
         changed = False
@@ -321,7 +329,7 @@ class _Supervisor:
                 if rss > group.mem:
                     proc.kill()
                     proc.wait(timeout=STOP_GRACE_S)
-                    self.finish(step, ERROR, -9, f"used {rss:.0f} MiB, over its mem of {group.mem} MiB")
+                    self.finish(step, ERROR, -9, f"used {rss:.0f} MiB, over its mem of {group.mem:g} MiB")
                     changed = True
                 continue
             if code == 0:
@@ -502,6 +510,9 @@ def stop(name: str, state_dir: str | os.PathLike[str] | None = None) -> Plan:
     for step in plan.steps:
         if _alive(step.pid):
             os.kill(step.pid, signal.SIGKILL)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while _alive(step.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if step.status not in (COMPLETE, ERROR):
             step.status, step.message, step.pid = ERROR, "stopped", None
     plan.save(job.plan_path)
