@@ -64,6 +64,28 @@ class Row:
     error: str | None
 
 
+@dataclass(frozen=True)
+class CachedKeys:
+    """What a :class:`FeatureStore` holds, without the features: a picklable copy of its lookups, for
+    engines that decide on other machines what to compute.
+
+    Attributes:
+        index: every cached ``(content, variant)``.
+        errors: content key to decode error, for images that could not be decoded.
+    """
+
+    index: frozenset[tuple[str, int]]
+    errors: Mapping[str, str]
+
+    def has(self, content: str, variant: int = 0) -> bool:
+        """Whether ``(content, variant)`` is cached (as features or as a decode error)."""
+        return (content, variant) in self.index or content in self.errors
+
+    def error(self, content: str) -> str | None:
+        """Why this image could not be decoded, if that is what is cached."""
+        return self.errors.get(content)
+
+
 def _schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
@@ -204,6 +226,10 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return self._rows
+
+    def keys(self) -> CachedKeys:
+        """A picklable copy of what is cached now (see :class:`CachedKeys`)."""
+        return CachedKeys(frozenset(self._index), dict(self._errors))
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, rows: Iterable[Row]) -> None:

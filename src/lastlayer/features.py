@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from lastlayer import storage
 from lastlayer.cache import FeatureStore, Row
 from lastlayer.dataset import TRAINING, ImageSet
 from lastlayer.engines import local
-from lastlayer.engines.base import Need, Task
+from lastlayer.engines.base import Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
@@ -53,6 +53,44 @@ class Bottlenecks:
     damaged_files: int
     seconds: float
     pending: int = 0
+
+
+#: The engines :func:`compute_bottlenecks` can run.
+ENGINES = ("local", "spark")
+
+
+class KeyLookup(Protocol):
+    """What the need test asks of a cache folder: a :class:`FeatureStore` or its :class:`CachedKeys`."""
+
+    def has(self, content: str, variant: int = 0) -> bool: ...
+
+    def error(self, content: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class CacheNeed:
+    """The need test of the cache: what an image with these bytes still lacks.
+
+    Over live stores for the local engine; over :meth:`FeatureStore.keys` copies (picklable) for
+    engines that run it on other machines.
+
+    Attributes:
+        plain: the plain features' folder.
+        distorted: the distorted variants' folder, or ``None`` without distortions.
+        variants: distorted variants wanted per training image.
+    """
+
+    plain: KeyLookup
+    distorted: KeyLookup | None
+    variants: int
+
+    def __call__(self, task: Task, content: str) -> Need:
+        if self.plain.error(content) is not None:
+            return Need(False)
+        missing: tuple[int, ...] = ()
+        if self.distorted is not None and task.training:
+            missing = tuple(v for v in range(self.variants) if not self.distorted.has(content, v))
+        return Need(not self.plain.has(content), missing)
 
 
 def _save_what_was_computed(*stores: FeatureStore | None) -> None:
@@ -89,14 +127,19 @@ def compute_bottlenecks(
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
+    engine: str = "local",
+    spark_master: str = "",
 ) -> Bottlenecks:
-    """Load cached features for ``images`` and compute the missing ones with the local engine.
+    """Load cached features for ``images`` and compute the missing ones with ``engine``.
 
     Args:
         variants: distorted variants cached per training image (used when distortions are on).
         progress: called with ``(done, total)`` images while computing.
         shard: ``(index, count)``: compute only the images of this shard (see :func:`in_shard`);
             missing images of other shards are counted in :attr:`Bottlenecks.pending`.
+        engine: ``local`` (threads in this process) or ``spark`` (Spark executors; see
+            :mod:`lastlayer.engines.spark`). Both fill the same cache.
+        spark_master: the Spark master for ``engine="spark"`` ("": Spark's own configuration).
     """
     start = time.perf_counter()
     root = storage.join(bottleneck_dir, model.key[:16])
@@ -107,14 +150,7 @@ def compute_bottlenecks(
         else None
     )
     n_variants = variants if distorted is not None else 0
-
-    def need(task: Task, content: str) -> Need:
-        if plain.error(content) is not None:
-            return Need(False)
-        missing: tuple[int, ...] = ()
-        if distorted is not None and task.training:
-            missing = tuple(v for v in range(n_variants) if not distorted.has(content, v))
-        return Need(not plain.has(content), missing)
+    need = CacheNeed(plain, distorted, n_variants)
 
     contents: list[str | None] = []
     tasks: list[Task] = []
@@ -138,8 +174,24 @@ def compute_bottlenecks(
             model.architecture,
         )
         total = len(tasks)
-        try:
-            for result in local.extract(
+        report = None if progress is None else (lambda done: progress(done, total))
+        results: Iterator[Result]
+        if engine == "spark":
+            from lastlayer.engines import spark
+
+            frozen = CacheNeed(plain.keys(), None if distorted is None else distorted.keys(), n_variants)
+            results = spark.extract(
+                tasks,
+                model,
+                frozen,
+                distortions=distortions,
+                batch_size=batch_size,
+                master=spark_master,
+                storage_options=storage_options,
+                progress=report,
+            )
+        else:
+            results = local.extract(
                 tasks,
                 model,
                 need,
@@ -147,8 +199,10 @@ def compute_bottlenecks(
                 batch_size=batch_size,
                 threads=threads,
                 storage_options=storage_options,
-                progress=None if progress is None else (lambda done: progress(done, total)),
-            ):
+                progress=report,
+            )
+        try:
+            for result in results:
                 task = result.task
                 contents[task.index] = result.content or None
                 if not result.content:
@@ -179,7 +233,7 @@ def compute_bottlenecks(
     for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
         if i in pending:
             continue
-        reason = "file vanished while the run was reading it" if content is None else plain.error(content)
+        reason = local.VANISHED if content is None else plain.error(content)
         if reason is not None or content is None:
             skipped.append((f.relpath, reason or "unknown"))
             log.warning("Skipped %s: %s", f.url, reason)

@@ -23,51 +23,80 @@ import onnxruntime as ort
 from lastlayer import storage
 from lastlayer.engines.base import Need, NeedFn, Result, Task, content_key, variant_rng
 from lastlayer.errors import DataError, StorageError
-from lastlayer.preprocess import NO_DISTORTIONS, Distortions, distort, open_image, to_input
+from lastlayer.preprocess import NO_DISTORTIONS, Distortions, Preprocessing, distort, open_image, to_input
 from lastlayer.zoo import FeatureModel
 
 log = logging.getLogger(__name__)
 
 
+#: Why an image listed by the scan gave no bytes.
+VANISHED = "file vanished while the run was reading it"
+
+
 @dataclass
-class _Prepared:
+class Prepared:
+    """One task made ready for the network: its result so far and its network inputs.
+
+    Attributes:
+        slots: one per input: ``None`` for plain features, else the distorted variant number.
+    """
+
     result: Result
     inputs: list[np.ndarray]
-    slots: list[int | None]  # None: plain features; int: distorted variant number
+    slots: list[int | None]
 
 
-def _prepare(
-    task: Task,
-    need: NeedFn,
-    model: FeatureModel,
-    distortions: Distortions,
-    storage_options: Mapping[str, Any] | None,
-) -> _Prepared:
+def read_task(task: Task, storage_options: Mapping[str, Any] | None) -> bytes | None:
+    """The bytes of the task's image, or ``None`` when the file vanished since it was listed."""
     try:
-        data = storage.read_bytes(task.url, storage_options)
+        return storage.read_bytes(task.url, storage_options)
     except StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
-            return _Prepared(Result(task, "", error="file vanished while the run was reading it"), [], [])
+            return None
         raise
+
+
+def prepare(
+    task: Task, data: bytes | None, need: NeedFn, preprocessing: Preprocessing, distortions: Distortions
+) -> Prepared:
+    """Hash, decode and preprocess one image's bytes into the inputs ``need`` asks for (every engine's
+    per-image work); an image that cannot be decoded gets its error in the result."""
+    if data is None:
+        return Prepared(Result(task, "", error=VANISHED), [], [])
     content = content_key(data)
     wanted: Need = need(task, content)
     result = Result(task, content)
     if wanted.nothing:
-        return _Prepared(result, [], [])
+        return Prepared(result, [], [])
     try:
-        img = open_image(data, model.preprocessing)
+        img = open_image(data, preprocessing)
     except DataError as exc:
         result.error = str(exc)
-        return _Prepared(result, [], [])
+        return Prepared(result, [], [])
     inputs: list[np.ndarray] = []
     slots: list[int | None] = []
     if wanted.plain:
-        inputs.append(to_input(img, model.preprocessing))
+        inputs.append(to_input(img, preprocessing))
         slots.append(None)
     for v in wanted.variants:
-        inputs.append(distort(img, model.preprocessing, distortions, variant_rng(content, distortions, v)))
+        inputs.append(distort(img, preprocessing, distortions, variant_rng(content, distortions, v)))
         slots.append(v)
-    return _Prepared(result, inputs, slots)
+    return Prepared(result, inputs, slots)
+
+
+def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_size: int) -> list[Result]:
+    """Run the network on every input of ``prepared``, ``batch_size`` at a time; fill the results."""
+    slots = [(p.result, slot) for p in prepared for slot in p.slots]
+    inputs = [x for p in prepared for x in p.inputs]
+    for start in range(0, len(inputs), batch_size):
+        batch = np.stack(inputs[start : start + batch_size])
+        (features,) = session.run(["features"], {"image": batch})
+        for (result, slot), vec in zip(slots[start : start + batch_size], features, strict=True):
+            if slot is None:
+                result.plain = np.array(vec, np.float32)
+            else:
+                result.variants[slot] = np.array(vec, np.float32)
+    return [p.result for p in prepared]
 
 
 def default_threads() -> int:
@@ -88,19 +117,9 @@ class _Worker:
             session = self.local.session = self.model.session(1)
         return session
 
-    def run(self, prepared: list[_Prepared], batch_size: int) -> list[Result]:
-        """Run the network on every input of ``prepared``, ``batch_size`` at a time; fill the results."""
-        slots = [(p.result, slot) for p in prepared for slot in p.slots]
-        inputs = [x for p in prepared for x in p.inputs]
-        for start in range(0, len(inputs), batch_size):
-            batch = np.stack(inputs[start : start + batch_size])
-            (features,) = self.session().run(["features"], {"image": batch})
-            for (result, slot), vec in zip(slots[start : start + batch_size], features, strict=True):
-                if slot is None:
-                    result.plain = np.array(vec, np.float32)
-                else:
-                    result.variants[slot] = np.array(vec, np.float32)
-        return [p.result for p in prepared]
+    def run(self, prepared: list[Prepared], batch_size: int) -> list[Result]:
+        """Run this thread's session on ``prepared``."""
+        return run_network(self.session(), prepared, batch_size)
 
 
 def extract(
@@ -128,7 +147,10 @@ def extract(
     worker = _Worker(model)
 
     def job(chunk: list[Task]) -> list[Result]:
-        prepared = [_prepare(task, need, model, distortions, storage_options) for task in chunk]
+        prepared = [
+            prepare(task, read_task(task, storage_options), need, model.preprocessing, distortions)
+            for task in chunk
+        ]
         return worker.run(prepared, batch_size)
 
     done = 0
