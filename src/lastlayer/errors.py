@@ -31,3 +31,7 @@ class StorageError(LastlayerError):
 
 class KerberosError(LastlayerError):
     """Logging in failed: no KDC, a wrong principal or keytab, missing Kerberos tools."""
+
+
+class EngineError(LastlayerError):
+    """A compute engine could not start or finish (e.g. Spark: no Java, a failed stage)."""

@@ -55,10 +55,6 @@ class Bottlenecks:
     pending: int = 0
 
 
-#: The engines :func:`compute_bottlenecks` can run.
-ENGINES = ("local", "spark")
-
-
 class KeyLookup(Protocol):
     """What the need test asks of a cache folder: a :class:`FeatureStore` or its :class:`CachedKeys`."""
 

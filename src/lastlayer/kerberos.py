@@ -153,6 +153,11 @@ def login(principal: str, keytab: str, krb5_conf: str | None = None) -> Login:
     return result
 
 
+def active() -> Login | None:
+    """The keytab login made by :func:`login` in this process, if any."""
+    return _active
+
+
 def ensure_fresh() -> None:
     """Renew the active keytab login when it is near expiry; nothing without one."""
     if _active is not None:

@@ -21,6 +21,8 @@ from lastlayer.zoo import DEFAULT_ARCHITECTURE
 
 log = logging.getLogger(__name__)
 
+#: The engines of ``--engine`` (:mod:`lastlayer.features` runs them).
+ENGINES = ("local", "spark")
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")
 
 
@@ -77,6 +79,16 @@ class RetrainOptions:
     )
     batch_size: int = _opt(4, "Images per network call when computing bottlenecks.")
     num_threads: int = _opt(0, "Threads for decoding and for the network; 0 = one per core.")
+    engine: str = _opt(
+        "local",
+        "Where bottlenecks are computed: local (threads in this process) or spark (Spark executors; "
+        "needs pip install 'lastlayer[spark]'). Both share the same cache.",
+    )
+    spark_master: str = _opt(
+        "",
+        "With --engine=spark: the Spark master (local[N], yarn, k8s://..., spark://...); default: Spark's "
+        "own configuration (spark-defaults.conf, MASTER), else local[N] with N = cores.",
+    )
     logging_verbosity: str = _opt("INFO", "Log level: DEBUG, INFO, WARN, ERROR or FATAL.")
     worker_index: int = _opt(0, "This worker's index when --worker_count workers share the bottleneck work.")
     worker_count: int = _opt(
@@ -143,6 +155,16 @@ class RetrainOptions:
         need(0 <= self.worker_index < self.worker_count, "worker_index", "must be in [0, --worker_count)")
         need(self.shard_wait_seconds > 0, "shard_wait_seconds", "must be positive")
         need(self.num_threads >= 0, "num_threads", "must be 0 (one per core) or more")
+        need(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
+        if self.engine == "spark":
+            need(
+                self.worker_count == 1,
+                "worker_count",
+                "must be 1 with --engine=spark: Spark spreads the work over its executors",
+            )
+            from lastlayer.engines import spark
+
+            spark.require()
         need(
             self.logging_verbosity.upper() in LOG_LEVELS, "logging_verbosity", f"must be one of {LOG_LEVELS}"
         )

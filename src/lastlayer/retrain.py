@@ -134,6 +134,8 @@ def retrain(
             storage_options=storage_options,
             progress=report,
             shard=shard,
+            engine=opts.engine,
+            spark_master=opts.spark_master,
         )
 
     bottlenecks = bottlenecks_now(progress)
