@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,20 @@ def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", **kwargs)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def spark_session():
+    """One Spark session (``local[2,2]``: 2 cores, a failed task tried twice) for the whole test run.
+
+    The Spark tests fail when pyspark or Java is missing (CI must prove the engine works); set
+    LASTLAYER_SKIP_SPARK=1 to skip them instead.
+    """
+    if os.environ.get("LASTLAYER_SKIP_SPARK") == "1":
+        pytest.skip("LASTLAYER_SKIP_SPARK=1: Spark engine tests skipped")
+    from lastlayer.engines import spark
+
+    session = spark.start("local[2,2]")
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

@@ -278,8 +278,11 @@ class JobOptions:
     detach: bool = _opt(False, "deploy / plan restart: return once the job runs; follow it with `plan show`.")
     timeout: float = _opt(0.0, "deploy / plan restart: stop the tasks after this many seconds (0: no limit).")
     completed: bool = _opt(False, "log: read the log of a finished task.")
-    root: str = _opt("", "package: folder to put the job under inside the zip (e.g. the walkthrough's "
-                     "dcos-tensorflow-demos-master/poets minus the last part).")
+    root: str = _opt(
+        "",
+        "package: folder to put the job under inside the zip (e.g. the walkthrough's "
+        "dcos-tensorflow-demos-master/poets minus the last part).",
+    )
     secrets_dir: str = _opt("", "The secret store (default: LASTLAYER_SECRETS_DIR or ~/.lastlayer/secrets).")
 
     def validate(self) -> None:

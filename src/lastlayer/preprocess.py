@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -82,6 +83,9 @@ class Distortions:
 NO_DISTORTIONS = Distortions()
 
 
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")
+
+
 def open_image(data: bytes, prep: Preprocessing) -> Image.Image:
     """Decode ``data`` into an RGB image at least ``prep.size / central_fraction`` on its short side.
 
@@ -110,7 +114,8 @@ def open_image(data: bytes, prep: Preprocessing) -> Image.Image:
     except DataError:
         raise
     except Exception as exc:  # PIL raises many types for untrusted bytes
-        raise DataError(f"cannot decode: {exc.__class__.__name__}: {exc}") from exc
+        text = _OBJECT_REPR.sub("", str(exc))  # the same reason on every run and engine
+        raise DataError(f"cannot decode: {exc.__class__.__name__}: {text}") from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

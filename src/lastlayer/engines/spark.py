@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 from lastlayer import kerberos, storage
 from lastlayer.engines.base import NeedFn, Result, Task
-from lastlayer.engines.local import VANISHED, Prepared, default_threads, prepare, read_task, run_network
+from lastlayer.engines.local import Prepared, default_threads, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
@@ -110,7 +110,7 @@ def settings(master: str) -> dict[str, str]:
     (``spark.kerberos.principal`` / ``keytab``) and the JVMs use the same ``krb5.conf``; Hadoop's
     client configuration comes from ``HADOOP_CONF_DIR``.
     """
-    conf = {"spark.master": master, "spark.app.name": "lastlayer"}
+    conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
     if master.startswith("local"):
         conf.update(
             {
@@ -141,9 +141,11 @@ def start(master: str = "") -> SparkSession:
     require()
     from pyspark.sql import SparkSession
 
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # py4j logs every connection at INFO
     chosen = resolve_master(master)
     if chosen.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors' Python is this one
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder
     for key, value in settings(chosen).items():
         builder = builder.config(key, value)
@@ -262,66 +264,64 @@ def _extract_rows(
 def _extract_tasks(
     tasks: Iterable[Task], storage_options: Mapping[str, Any] | None, **kwargs: Any
 ) -> Iterator[Result]:
-    """A partition of tasks whose bytes the partition reads itself (names Spark's listing skips)."""
+    """A partition of tasks that read their own bytes (what Spark's listing does not return)."""
     return _extract(((t, read_task(t, storage_options)) for t in tasks), **kwargs)
 
 
 # -- the driver -------------------------------------------------------------------------------
-def _wave_rdd(
-    spark: SparkSession, wave: list[Task], storage_options: Mapping[str, Any] | None, **kwargs: Any
-) -> tuple[RDD[Result], Broadcast[dict[str, Task]]]:
-    sc = spark.sparkContext
-    uris = {t.index: hadoop_uri(t.url) for t in wave}
-    listed = [t for t in wave if not hidden_from_spark(uris[t.index])]
-    hidden = [t for t in wave if hidden_from_spark(uris[t.index])]
-    tasks_bc = sc.broadcast({path_key(uris[t.index]): t for t in listed})
-    parts: list[RDD[Result]] = []
-    if listed:
-        frame = (
-            spark.read.format("binaryFile")
-            .option("ignoreMissingFiles", "true")
-            .load([_GLOB_CHARS.sub(r"\\\1", uris[t.index]) for t in listed])
-            .select("path", "content")
-        )
-        # few, large partitions: a Python task costs tens of ms before it does anything
-        frame = frame.coalesce(
-            max(1, min(len(listed) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * sc.defaultParallelism))
-        )
-        parts.append(frame.rdd.mapPartitions(functools.partial(_extract_rows, tasks_bc=tasks_bc, **kwargs)))
-    if hidden:
-        slices = min(len(hidden), sc.defaultParallelism)
-        parts.append(
-            sc.parallelize(hidden, slices).mapPartitions(
-                functools.partial(_extract_tasks, storage_options=storage_options, **kwargs)
-            )
-        )
-    return (parts[0] if len(parts) == 1 else sc.union(parts)), tasks_bc
+def _listed_by_spark(
+    spark: SparkSession, wave: list[Task], tasks_bc: Broadcast[dict[str, Task]], **kwargs: Any
+) -> RDD[Result]:
+    frame = (
+        spark.read.format("binaryFile")
+        .option("ignoreMissingFiles", "true")
+        .load([_GLOB_CHARS.sub(r"\\\1", hadoop_uri(t.url)) for t in wave])
+        .select("path", "content")
+    )
+    # few, large partitions: a Python task costs tens of ms before it does anything
+    slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * spark.sparkContext.defaultParallelism)
+    return frame.coalesce(max(1, slices)).rdd.mapPartitions(
+        functools.partial(_extract_rows, tasks_bc=tasks_bc, **kwargs)
+    )
+
+
+def _collect(rdd: RDD[Result]) -> list[Result]:
+    try:
+        return rdd.collect()
+    except Exception as exc:  # py4j / pyspark errors: a stage failed after Spark's retries
+        raise EngineError(f"the Spark job failed: {_reason(exc)}") from exc
 
 
 def _run_wave(
     spark: SparkSession, wave: list[Task], storage_options: Mapping[str, Any] | None, **kwargs: Any
 ) -> list[Result]:
-    """One Spark job over ``wave``; a file that vanished since the scan gets a :data:`VANISHED` result."""
+    """One Spark job over the ``binaryFile`` rows of ``wave``, then one over the tasks it did not
+    return (names Spark hides, empty files, files gone since the scan), which read their own bytes."""
     from pyspark.errors import AnalysisException
 
-    try:
-        rdd, tasks_bc = _wave_rdd(spark, wave, storage_options, **kwargs)
-    except AnalysisException as exc:  # a file vanished between the scan and Spark's listing
-        gone = [t for t in wave if not storage.exists(t.url, storage_options)]
-        if not gone:
-            raise EngineError(f"Spark cannot read the images: {str(exc).splitlines()[0]}") from exc
-        rest = [t for t in wave if t not in gone]
-        return [Result(t, "", error=VANISHED) for t in gone] + (
-            _run_wave(spark, rest, storage_options, **kwargs) if rest else []
-        )
-    try:
-        results = rdd.collect()
-    except Exception as exc:  # py4j / pyspark errors: a stage failed after Spark's retries
-        raise EngineError(f"the Spark job failed: {_reason(exc)}") from exc
-    finally:
-        tasks_bc.destroy()
+    sc = spark.sparkContext
+    listed = [t for t in wave if not hidden_from_spark(hadoop_uri(t.url))]
+    results: list[Result] = []
+    while listed:
+        tasks_bc = sc.broadcast({path_key(hadoop_uri(t.url)): t for t in listed})
+        try:
+            results = _collect(_listed_by_spark(spark, listed, tasks_bc, **kwargs))
+            break
+        except AnalysisException as exc:  # a file vanished between the scan and Spark's listing
+            gone = [t for t in listed if not storage.exists(t.url, storage_options)]
+            if not gone:
+                raise EngineError(f"Spark cannot read the images: {str(exc).splitlines()[0]}") from exc
+            listed = [t for t in listed if t not in gone]
+        finally:
+            tasks_bc.destroy()
     seen = {r.task.index for r in results}
-    return results + [Result(t, "", error=VANISHED) for t in wave if t.index not in seen]
+    rest = [t for t in wave if t.index not in seen]
+    if rest:
+        own = sc.parallelize(rest, min(len(rest), sc.defaultParallelism)).mapPartitions(
+            functools.partial(_extract_tasks, storage_options=storage_options, **kwargs)
+        )
+        results += _collect(own)
+    return results
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,0 +1,240 @@
+"""The Spark engine on ``local[2,2]``: same features and model as the local engine, one shared cache,
+retries without duplicate rows, resuming after a failed job, and clear refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import make_dataset
+from lastlayer.cache import CachedKeys
+from lastlayer.cli import main
+from lastlayer.dataset import scan
+from lastlayer.engines import spark
+from lastlayer.engines.base import Task
+from lastlayer.errors import EngineError, UsageError
+from lastlayer.features import CacheNeed, compute_bottlenecks
+from lastlayer.preprocess import Distortions
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
+
+DISTORT = Distortions(flip_left_right=True, random_crop=10, random_scale=10, random_brightness=10)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory) -> Path:
+    """Three classes, plus files that cannot be decoded and names Spark treats specially."""
+    data = make_dataset(tmp_path_factory.mktemp("odd") / "data", per_class=8)
+    good = (data / "blue_squares" / "img_000.jpg").read_bytes()
+    (data / "Red Circles" / "zero.jpg").write_bytes(b"")
+    (data / "blue_squares" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (data / "blue_squares" / "garbage.png").write_bytes(b"\x89PNG not really")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(buf, "PNG")
+    (data / "Red Circles" / "_hidden to spark.png").write_bytes(buf.getvalue())
+    (data / "green-stripes" / "glob [1] {a,b} * ? %20 #.jpg").write_bytes(good)
+    (data / "green-stripes" / "sub").mkdir()
+    (data / "green-stripes" / "sub" / "copy.jpg").write_bytes(good)  # same bytes: one content key
+    return data
+
+
+def parquet_rows(folder: Path) -> list[tuple[str, int]]:
+    keys: list[tuple[str, int]] = []
+    for part in folder.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        keys += zip(table.column("content").to_pylist(), table.column("variant").to_pylist(), strict=True)
+    return keys
+
+
+def test_features_and_skipped_images_equal_the_local_engine_s(spark_session, odd_dir, model, tmp_path):
+    images = scan(str(odd_dir), 10, 10)
+    both = {
+        engine: compute_bottlenecks(
+            images, model, str(tmp_path / engine), distortions=DISTORT, variants=2, engine=engine
+        )
+        for engine in ("local", "spark")
+    }
+    local, remote = both["local"], both["spark"]
+    assert remote.skipped == local.skipped and len(local.skipped) == 3
+    # the executors see the cache as it was, so the two copies of one image are both computed there
+    assert remote.computed == local.computed + 2 and remote.computed + remote.reused == 27
+    assert np.array_equal(remote.rows >= 0, local.rows >= 0)
+    used = local.rows >= 0
+    assert np.abs(remote.plain[remote.rows[used]] - local.plain[local.rows[used]]).max() <= 1e-5
+    training = local.variant_rows[:, 0] >= 0
+    assert training.sum() > 10
+    a = remote.distorted[remote.variant_rows[training]]
+    b = local.distorted[local.variant_rows[training]]
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def retrain_argv(tmp: Path, image_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    out = tmp / "out"
+    return [
+        "retrain",
+        f"--image_dir={image_dir}",
+        "--how_many_training_steps=40",
+        f"--model_dir={model_dir}",
+        f"--bottleneck_dir={tmp / 'bottlenecks'}",
+        f"--output_graph={out / 'graph.onnx'}",
+        f"--output_labels={out / 'labels.txt'}",
+        f"--summaries_dir={out / 'summaries'}",
+        "--random_seed=11",
+        *extra,
+    ]
+
+
+def test_the_model_is_identical_given_the_seed(spark_session, shapes_dir, model_dir, tmp_path):
+    assert main(retrain_argv(tmp_path / "local", shapes_dir, model_dir)) == 0
+    assert main(retrain_argv(tmp_path / "spark", shapes_dir, model_dir, "--engine=spark")) == 0
+    local = (tmp_path / "local" / "out" / "graph.onnx").read_bytes()
+    assert (tmp_path / "spark" / "out" / "graph.onnx").read_bytes() == local
+    summary = json.loads((tmp_path / "spark" / "out" / "graph.summary.json").read_text())
+    assert summary["options"]["engine"] == "spark" and summary["cache"]["computed"] == 90
+
+
+def test_one_engine_resumes_from_the_other_s_cache(spark_session, model, tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    images = scan(str(data), 10, 10)
+    cache = str(tmp_path / "cache")
+    half = compute_bottlenecks(images, model, cache, shard=(0, 2))  # local: about half
+    assert 0 < half.computed < 18
+    rest = compute_bottlenecks(images, model, cache, engine="spark")
+    assert rest.computed == 18 - half.computed and rest.reused == half.computed
+    again = compute_bottlenecks(images, model, cache)
+    assert again.computed == 0 and again.reused == 18
+    assert np.array_equal(again.plain[again.rows], rest.plain[rest.rows])
+
+
+def failing_first_attempt(real, marker: Path):
+    """``_extract_rows`` that dies after its first result on each partition's first attempt."""
+
+    def flaky(rows, **kwargs):
+        from pyspark import TaskContext
+
+        for n, result in enumerate(real(rows, **kwargs)):
+            if n == 1 and TaskContext.get().attemptNumber() == 0:
+                marker.joinpath(f"failed-{TaskContext.get().partitionId()}").write_text("")
+                raise RuntimeError("executor lost (test)")
+            yield result
+
+    return flaky
+
+
+def test_a_retried_task_adds_no_duplicate_rows(spark_session, model, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", per_class=12)
+    marker = tmp_path / "markers"
+    marker.mkdir()
+    monkeypatch.setattr(spark, "_extract_rows", failing_first_attempt(spark._extract_rows, marker))
+    images = scan(str(data), 10, 10)
+    b = compute_bottlenecks(
+        images, model, str(tmp_path / "cache"), distortions=DISTORT, variants=2, engine="spark"
+    )
+    assert list(marker.iterdir())  # first attempts did fail, and were retried
+    assert b.computed == 36 and not b.skipped
+    (root,) = (tmp_path / "cache").iterdir()
+    plain = parquet_rows(root)
+    (dist,) = root.glob("distorted-*")
+    variants = parquet_rows(dist)
+    assert len(plain) == len(set(plain)) == 36
+    assert len(variants) == len(set(variants)) == 2 * int((b.variant_rows[:, 0] >= 0).sum())
+
+
+def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(
+    spark_session, model, tmp_path, monkeypatch
+):
+    data = make_dataset(tmp_path / "data", per_class=12)
+    images = scan(str(data), 10, 10)
+    monkeypatch.setattr(spark, "WAVE_MIN", 12)
+    monkeypatch.setattr(spark, "WAVE_PER_CORE", 1)
+    real = spark._extract_rows
+
+    def broken_after_the_first_wave(rows, **kwargs):
+        for result in real(rows, **kwargs):
+            if result.task.index >= 12:
+                raise OSError("disk full (test)")
+            yield result
+
+    monkeypatch.setattr(spark, "_extract_rows", broken_after_the_first_wave)
+    with pytest.raises(EngineError, match="disk full"):
+        compute_bottlenecks(images, model, str(tmp_path / "cache"), engine="spark")
+    monkeypatch.setattr(spark, "_extract_rows", real)
+    rerun = compute_bottlenecks(images, model, str(tmp_path / "cache"), engine="spark")
+    assert rerun.reused == 12 and rerun.computed == 24
+
+
+def test_a_file_that_vanished_after_the_scan_is_skipped(spark_session, model, tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    tasks = [Task(0, str(data / "gone.jpg"), "x/gone.jpg", None, False)]
+    tasks += [Task(1, str(data / "blue_squares" / "img_000.jpg"), "blue_squares/img_000.jpg", None, False)]
+    results = list(spark.extract(tasks, model, CacheNeed(CachedKeys(frozenset(), {}), None, 0)))
+    by_index = {r.task.index: r for r in results}
+    assert by_index[0].error == "file vanished while the run was reading it"
+    assert by_index[1].plain is not None and by_index[1].plain.shape == (model.feature_size,)
+
+
+def test_without_pyspark_the_engine_is_a_one_line_usage_error(monkeypatch, capsys, tmp_path, shapes_dir):
+    monkeypatch.setattr(spark, "available", lambda: False)
+    code = main(
+        ["retrain", f"--image_dir={shapes_dir}", "--engine=spark", f"--output_graph={tmp_path}/g.onnx"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == (
+        "lastlayer: error: --engine=spark needs pyspark, which is not installed: "
+        "pip install 'lastlayer[spark]' (and Java 17+)"
+    )
+
+
+def test_spark_refuses_what_hadoop_cannot_read_and_shards():
+    with pytest.raises(UsageError, match="memory://"):
+        spark.hadoop_uri("memory://photos/a.jpg")
+    code = main(["retrain", "--engine=spark", "--worker_count=2"])
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("hdfs:///in/a b.jpg", "/in/a b.jpg"),
+        ("hdfs://127.0.0.1:9000/in/a b.jpg", "/in/a b.jpg"),
+        ("file:///tmp//x/a.jpg", "/tmp/x/a.jpg"),
+        ("/tmp/x/%20#.jpg", "/tmp/x/%20#.jpg"),
+    ],
+)
+def test_binaryfile_rows_find_their_task(url, key):
+    assert spark.path_key(spark.hadoop_uri(url)) == key
+
+
+def test_the_master_comes_from_the_flag_then_spark_s_configuration_then_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER", raising=False)
+    monkeypatch.delenv("SPARK_HOME", raising=False)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
+    assert spark.resolve_master() == f"local[{spark.default_threads()}]"
+    (tmp_path / "spark-defaults.conf").write_text("# cluster\nspark.master   yarn\nspark.executor.cores 4\n")
+    assert spark.resolve_master() == "yarn"
+    assert spark.resolve_master("local[3]") == "local[3]"
+
+
+def test_settings_carry_the_keytab_login_to_spark(monkeypatch, tmp_path):
+    from lastlayer import kerberos
+
+    login = kerberos.Login("tensorflow@LOCAL", "/k/tensorflow.keytab", "FILE:/x", str(tmp_path / "krb5.conf"))
+    monkeypatch.setattr(kerberos, "_active", login)
+    conf = spark.settings("local[2]")
+    assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
+    assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
+    assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
+    assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
+    assert conf["spark.ui.enabled"] == "false"
+    assert "spark.driver.host" not in spark.settings("yarn")
