@@ -63,6 +63,28 @@ def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
+_SPARK: dict[str, object] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the tests' Spark session before any test runs, when some test needs it: pyspark launches
+    its JVM from a forked child, which must not inherit the threads earlier tests leave (hdfs-native's)."""
+    wanted = any("spark_session" in getattr(item, "fixturenames", ()) for item in session.items)
+    if not wanted or os.environ.get("LASTLAYER_SKIP_SPARK") == "1":
+        return
+    from lastlayer.engines import spark
+
+    try:
+        _SPARK["session"] = spark.start("local[2,2]")
+    except Exception as exc:  # reported by the fixture, in the tests that need Spark
+        _SPARK["error"] = exc
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "session" in _SPARK:
+        _SPARK.pop("session").stop()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def spark_session():
     """One Spark session (``local[2,2]``: 2 cores, a failed task tried twice) for the whole test run.
@@ -72,9 +94,8 @@ def spark_session():
     """
     if os.environ.get("LASTLAYER_SKIP_SPARK") == "1":
         pytest.skip("LASTLAYER_SKIP_SPARK=1: Spark engine tests skipped")
-    from lastlayer.engines import spark
-
-    session = spark.start("local[2,2]")
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
+    if "error" in _SPARK:
+        pytest.fail(f"Spark could not start (set LASTLAYER_SKIP_SPARK=1 to skip): {_SPARK['error']}")
+    session = _SPARK["session"]
+    session.sparkContext.setLogLevel("ERROR")  # type: ignore[attr-defined]
+    return session

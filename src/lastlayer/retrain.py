@@ -83,10 +83,24 @@ def retrain(
 ) -> dict[str, Any]:
     """Run the whole retraining job described by ``opts``; return the run summary.
 
+    With ``--engine=spark`` the Spark session starts first: pyspark launches its JVM from a forked
+    child, which must not inherit the threads (and their locks) that storage clients start later.
+
     Raises:
         LastlayerError: for anything the user can fix (bad data, flags, storage, model).
     """
     opts.validate()
+    if opts.engine != "spark":
+        return _run(opts, storage_options, progress)
+    from lastlayer.engines import spark
+
+    with spark.session(opts.spark_master):
+        return _run(opts, storage_options, progress)
+
+
+def _run(
+    opts: RetrainOptions, storage_options: Mapping[str, Any] | None, progress: Progress | None
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = tick = time.perf_counter()
 

@@ -267,3 +267,31 @@ def test_label_over_webhdfs_with_spnego(secure_hdfs, walkthrough_input, cluster_
     image = walkthrough_input / "Red Circles" / "img_004.jpg"
     assert main(["label", f"--graph={graph}", str(image), *cluster_flags("tensorflow")]) == 0
     assert capsys.readouterr().out.startswith("red circles (score = ")
+
+
+def test_spark_engine_reads_hdfs_and_writes_the_cache_as_tensorflow(
+    secure_hdfs, walkthrough_input, cluster_flags, model_dir, monkeypatch
+):
+    """Spark logs in from the keytab itself (spark.kerberos.*), its executors read the photos from the
+    secure HDFS, and the cache it fills is the local engine's: a local run then computes nothing."""
+    base = "/tensorflow/spark_run"
+    argv = [
+        sys.executable,
+        "-m",
+        "lastlayer",
+        "retrain",
+        *retrain_flags(model_dir, base),
+        *cluster_flags("tensorflow"),
+        "--spark_master=local[2]",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}  # no ticket cache prepared
+    done = subprocess.run([*argv, "--engine=spark"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Spark reads the images as tensorflow@LOCAL (KERBEROS, keytab)" in done.stderr
+    assert "Bottlenecks: 36 computed, 0 from the cache, 0 skipped" in done.stderr
+    fs = hdfs_fs(secure_hdfs, "tensorflow", monkeypatch)
+    parts = [p for p in fs.find(f"{base}/bottlenecks") if p.endswith(".parquet")]
+    assert len(parts) == 1 and fs.info(parts[0])["owner"] == "tensorflow"
+    local = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-4000:]
+    assert "Bottlenecks: 0 computed, 36 from the cache, 0 skipped" in local.stderr
