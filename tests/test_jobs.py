@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 POETS = ROOT / "examples" / "poets"
 
 
-def options(tmp: Path, job_url: str, images: Path, model_dir: Path, workers: int = 1, **service) -> Path:
+def options(
+    tmp: Path, job_url: str, images: Path, model_dir: Path, workers: int = 1, args=None, **service
+) -> Path:
     """An options file in the walkthrough's shape, on local paths and without Kerberos."""
     context = {
         "args": {
@@ -29,6 +31,7 @@ def options(tmp: Path, job_url: str, images: Path, model_dir: Path, workers: int
             "--output_labels": "{{shared_filesystem}}/retrained_labels.txt",
             "--image_dir": str(images),
             "--random_seed": 5,
+            **(args or {}),
         }
     }
     spec = {
@@ -246,3 +249,24 @@ def test_stop_ends_a_running_job(tmp_path, poets_zip, images, model_dir, capsys)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
     assert job("uninstall", "--name=poets-test", state=state) == 0
     assert not (state / "poets-test").exists()
+
+
+def test_with_the_spark_engine_the_workers_become_executors(
+    tmp_path, poets_zip, images, model_dir, monkeypatch
+):
+    for name in ("SPARK_CONF_DIR", "SPARK_HOME", "MASTER"):
+        monkeypatch.delenv(name, raising=False)
+    opts = options(tmp_path, str(poets_zip), images, model_dir, workers=2, args={"--engine": "spark"})
+    assert job("deploy", str(opts), state=tmp_path / "s") == 0
+    folder = tmp_path / "s" / "poets-test"
+    conf = (folder / "private" / "spark-conf" / "spark-defaults.conf").read_text().splitlines()
+    assert conf == [
+        "spark.master local[2]",
+        "spark.executor.instances 2",
+        "spark.executor.cores 1",
+        "spark.executor.memory 2048m",
+    ]
+    driver = (folder / "tasks" / "worker-0" / "stderr").read_text()
+    assert "master local[2], 2 cores" in driver and "Bottlenecks: 24 computed" in driver
+    assert "worker 0 drives them" in (folder / "tasks" / "worker-1" / "stderr").read_text()
+    assert (tmp_path / "shared" / "retrained_graph.pb").exists()

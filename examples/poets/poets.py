@@ -4,7 +4,9 @@ The DC/OS TensorFlow service (and ``lastlayer job deploy``) import this module a
 ``main(server, log_dir, context)``. ``context["args"]`` holds retrain flags; every
 ``{{shared_filesystem}}`` in a value becomes ``log_dir``, and a path under ``/mnt/mesos/sandbox``
 (the task's persistent volume on DC/OS) is placed in the task's sandbox (``MESOS_SANDBOX``).
-With several workers, each computes its shard of the bottlenecks and worker 0 trains.
+With several workers, each computes its shard of the bottlenecks and worker 0 trains; with
+``--engine spark`` in the context, worker 0 drives Spark, whose executors stand for the workers (the
+job service maps worker count, cpus and mem onto them), and the other workers have nothing to do.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def main(server: object, log_dir: str, context: dict) -> None:
         log.warning("Ignoring arguments retrain does not take: %s", " ".join(unparsed))
     opts = from_namespace(flags, RetrainOptions)
     workers = getattr(server, "cluster", {}).get("worker", [])
-    if getattr(server, "job_name", "worker") == "worker" and len(workers) > 1:
+    if opts.engine == "spark" and getattr(server, "task_index", 0) > 0:
+        log.info(
+            "Worker %d: Spark's executors do the workers' share; worker 0 drives them", server.task_index
+        )  # type: ignore[attr-defined]
+        return
+    if opts.engine != "spark" and getattr(server, "job_name", "worker") == "worker" and len(workers) > 1:
         opts.worker_index, opts.worker_count = server.task_index, len(workers)  # type: ignore[attr-defined]
     retrain(opts)

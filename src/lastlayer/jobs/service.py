@@ -14,6 +14,14 @@ The supervisor prepares once (GPU check, Kerberos login from the keytab secret, 
 configuration, the job archive), starts one process per pending step, enforces ``mem`` by watching
 each task's resident memory, bounds threads to ``cpus`` cores, renews the Kerberos ticket, and
 records every status change in ``plan.json``.
+
+When the job context asks for ``--engine spark``, the workers become Spark executors: the supervisor
+writes ``private/spark-conf/spark-defaults.conf`` (``SPARK_CONF_DIR`` of every task) with
+``spark.executor.instances`` = ``worker.count``, ``spark.executor.cores`` = ``worker.cpus``,
+``spark.executor.memory`` = ``worker.mem`` and, for this one machine, ``spark.master`` =
+``local[count x cpus]``; worker-0 is the Spark driver and gets all those cores and ``count x mem``,
+and the other workers have nothing left to do. A ``--spark_master`` in the context (``yarn``,
+``k8s://...``) wins over that master and keeps the executor settings.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lastlayer import archive, hadoop, kerberos, secrets
+from lastlayer.engines.spark import configured_master
 from lastlayer.errors import LastlayerError, UsageError
 from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, RUNNING, STARTING, Plan, Step, new_plan
 from lastlayer.jobs.task import TASK_ENV
@@ -143,6 +152,31 @@ class _Prepared:
     login: kerberos.Login | None
 
 
+def spark_engine(spec: JobSpec) -> bool:
+    """Whether the job context asks ``lastlayer retrain`` for ``--engine spark``."""
+    args = spec.context().get("args", {})
+    return isinstance(args, dict) and str(args.get("--engine", "")).strip().lower() == "spark"
+
+
+def spark_defaults(spec: JobSpec) -> str:
+    """``spark-defaults.conf`` mapping the workers onto Spark executors (see the module doc), after the
+    lines of an existing ``$SPARK_CONF_DIR/spark-defaults.conf``; a master already configured stays."""
+    worker = spec.worker
+    cores = max(1, math.ceil(worker.cpus))
+    lines = []
+    existing = os.environ.get("SPARK_CONF_DIR")
+    if existing and os.path.isfile(os.path.join(existing, "spark-defaults.conf")):
+        lines.append(Path(existing, "spark-defaults.conf").read_text(encoding="utf-8").rstrip("\n"))
+    if configured_master() is None:
+        lines.append(f"spark.master local[{worker.count * cores}]")
+    lines += [
+        f"spark.executor.instances {worker.count}",
+        f"spark.executor.cores {cores}",
+        f"spark.executor.memory {int(worker.mem)}m",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _prepare(job: Job, spec: JobSpec) -> _Prepared:
     """Everything before the tasks start. Raises LastlayerError with a one-line reason."""
     if spec.gpu_worker.count > 0 and not gpu_available():
@@ -180,6 +214,10 @@ def _prepare(job: Job, spec: JobSpec) -> _Prepared:
             f"service.job_path {spec.service.job_path!r} is not a folder of the archive "
             f"{spec.service.job_url}; it holds: {', '.join(top[:20]) or 'no folders'}"
         )
+    if spark_engine(spec):
+        conf = _private(private / "spark-conf")
+        (conf / "spark-defaults.conf").write_text(spark_defaults(spec))
+        env["SPARK_CONF_DIR"] = str(conf)
     log_dir = spec.service.shared_filesystem or str(job.folder / "persist")
     if not spec.service.shared_filesystem:
         (job.folder / "persist").mkdir(exist_ok=True)
@@ -245,7 +283,7 @@ class _Supervisor:
         group = getattr(self.spec, ROLE_OF_PREFIX[role])
         folder = self.job.task_dir(step.name)
         (folder / "sandbox").mkdir(parents=True, exist_ok=True)
-        cores = sorted(os.sched_getaffinity(0))[: max(1, math.ceil(group.cpus))]
+        cores = sorted(os.sched_getaffinity(0))[: max(1, math.ceil(group.cpus)) * self.share(step.name)]
         task = {
             "cluster": cluster,
             "role": role,
@@ -275,7 +313,12 @@ class _Supervisor:
             )
         self.procs[step.name] = proc
         step.status, step.pid, step.message, step.exit_code = RUNNING, proc.pid, None, None
-        log.info("Started %s (pid %d, %d cores, mem %g MiB)", step.name, proc.pid, len(cores), group.mem)
+        mem = group.mem * self.share(step.name)
+        log.info("Started %s (pid %d, %d cores, mem %g MiB)", step.name, proc.pid, len(cores), mem)
+
+    def share(self, name: str) -> int:
+        """How many workers' cores and memory a task gets: all of them for the Spark driver."""
+        return self.spec.worker.count if name == "worker-0" and spark_engine(self.spec) else 1
 
     def run(self) -> Plan:
         todo = [s for s in self.plan.steps if s.status != COMPLETE]
@@ -325,11 +368,11 @@ class _Supervisor:
             group = getattr(self.spec, ROLE_OF_PREFIX[name.rsplit("-", 1)[0]])
             code = proc.poll()
             if code is None:
-                rss = _rss_mib(proc.pid)
-                if rss > group.mem:
+                rss, mem = _rss_mib(proc.pid), group.mem * self.share(name)
+                if rss > mem:
                     proc.kill()
                     proc.wait(timeout=STOP_GRACE_S)
-                    self.finish(step, ERROR, -9, f"used {rss:.0f} MiB, over its mem of {group.mem:g} MiB")
+                    self.finish(step, ERROR, -9, f"used {rss:.0f} MiB, over its mem of {mem:g} MiB")
                     changed = True
                 continue
             if code == 0:

@@ -1,0 +1,131 @@
+"""The Spark engine against the local engine, side by side in one run, on the same images.
+
+    python benchmarks/bench_spark.py [--images DIR] [--master local[2]] [--rounds 3]
+
+Each round runs, each in a fresh process and on an empty cache: the local engine (files on disk to
+the Parquet cache), then the Spark engine with Spark's start-up included (JVM, session, Python
+workers, the model broadcast), then, in that same Spark session, a second extraction on another
+empty cache (the steady state a long job sees). Prints images/s and the ratio
+
+    Spark images/s (start-up included) / local images/s       [target >= 0.75]
+
+as the median over rounds (the machine's speed drifts), plus the steady-state ratio and the Spark
+images/s per core that docs/spark.md projects from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
+CHILD_TIMEOUT_S = 900
+
+
+def child(engine: str, images: str, model_dir: str, master: str, work: str) -> dict:
+    """One measurement in this (fresh) process; returns its timings."""
+    start = time.perf_counter()
+    from lastlayer.dataset import scan
+    from lastlayer.features import compute_bottlenecks
+    from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
+
+    model = load_feature_model(DEFAULT_ARCHITECTURE, model_dir)
+    image_set = scan(images, 10, 10)
+    out: dict = {"images": len(image_set.files)}
+    if engine == "local":
+        tick = time.perf_counter()
+        done = compute_bottlenecks(image_set, model, os.path.join(work, "local"))
+        out["computed"], out["extract_s"] = done.computed, time.perf_counter() - tick
+        return out
+    tick = time.perf_counter()
+    from lastlayer.engines import spark
+
+    session = spark.start(master)
+    session.sparkContext.setLogLevel("ERROR")
+    out["start_s"] = time.perf_counter() - tick
+    for name in ("first", "steady"):
+        tick = time.perf_counter()
+        done = compute_bottlenecks(image_set, model, os.path.join(work, name), engine="spark")
+        out[f"{name}_s"], out["computed"] = time.perf_counter() - tick, done.computed
+    out["cores"] = session.sparkContext.defaultParallelism
+    out["process_s"] = time.perf_counter() - start
+    session.stop()
+    return out
+
+
+def run_child(engine: str, args: argparse.Namespace, work: Path) -> dict:
+    argv = [sys.executable, __file__, "--child", engine, "--images", str(args.images)]
+    argv += ["--model-dir", str(args.model_dir), "--master", args.master, "--work", str(work)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lastlayer-bench-models"
+    )
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", choices=("local", "spark"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, str(args.images), str(args.model_dir), args.master, args.work)))
+        return 0
+    if not args.images.is_dir():
+        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+        return 2
+    from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
+
+    load_feature_model(DEFAULT_ARCHITECTURE, str(args.model_dir))  # built once, outside the timings
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}; images: {args.images}; Spark master {args.master}"
+    )
+    ratios, steady_ratios, per_core = [], [], []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = run_child("local", args, Path(tmp))
+            remote = run_child("spark", args, Path(tmp))
+        n = local["computed"]
+        local_rate = n / local["extract_s"]
+        with_start = n / (remote["start_s"] + remote["first_s"])
+        steady = n / remote["steady_s"]
+        ratios.append(with_start / local_rate)
+        steady_ratios.append(steady / local_rate)
+        per_core.append(steady / remote["cores"])
+        print(
+            f"round {r + 1}: {n} images; local engine {local['extract_s']:.2f} s = {local_rate:.0f} img/s; "
+            f"Spark start-up {remote['start_s']:.2f} s + first extraction {remote['first_s']:.2f} s = "
+            f"{with_start:.0f} img/s; steady (same session, new cache) {remote['steady_s']:.2f} s = "
+            f"{steady:.0f} img/s ({steady / remote['cores']:.0f} img/s per core)"
+        )
+    ratio = float(np.median(ratios))
+    print()
+    print(
+        f"Spark (start-up included) / local, median of rounds: {ratio:.3f}  [target >= 0.75] "
+        f"{'ok' if ratio >= 0.75 else 'MISSED'}"
+    )
+    print(f"Spark steady state / local, median of rounds: {float(np.median(steady_ratios)):.3f}")
+    print(f"Spark steady state per core: {float(np.median(per_core)):.0f} img/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
