@@ -5,8 +5,9 @@ The driver (this process) keeps the cache bookkeeping; Spark runs one job per *w
 * **Reading.** Each wave's files go to Spark's ``binaryFile`` source, so the executors read the bytes
   through Hadoop's own FileSystem: ``hdfs://`` with the Kerberos credentials and delegation tokens Spark
   manages (``spark.kerberos.principal`` / ``keytab``), with HDFS data locality; local paths; object
-  stores. Spark's file sources never read names that start with ``_`` or ``.``: those few images are
-  read in the partition function through :mod:`lastlayer.storage` instead.
+  stores. Spark's file sources never return empty files or names that start with ``_`` or ``.``:
+  those, and files gone since the scan, go to a second job whose tasks read their own bytes through
+  :mod:`lastlayer.storage`, so they are reported exactly as by the local engine.
 * **The model** is broadcast once: Spark ships a broadcast to each executor once, and each Python
   worker builds its onnxruntime session on first use and keeps it for its next tasks.
 * **Per image**, a partition runs the local engine's :func:`~lastlayer.engines.local.prepare` and
@@ -15,8 +16,9 @@ The driver (this process) keeps the cache bookkeeping; Spark runs one job per *w
 * **Results** are collected by the driver and written through the same
   :class:`~lastlayer.cache.FeatureStore` as the local engine's. Spark returns the output of exactly one
   successful attempt of each partition, so a retried (or speculative) task never adds rows twice, and
-  rows are keyed by content anyway. A wave is cached before the next one starts: a killed job loses
-  at most the wave in flight.
+  rows are keyed by content anyway. Each finished wave goes to the store, which writes a part file per
+  4,096 rows or minute of work (and all it holds when the run fails): a killed job loses little more
+  than the wave in flight.
 """
 
 from __future__ import annotations
