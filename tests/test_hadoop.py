@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import serve_folder
 from lastlayer import hadoop
 from lastlayer.errors import StorageError
 
@@ -23,13 +21,8 @@ def endpoint(tmp_path: Path):
     served.mkdir(parents=True)
     (served / "core-site.xml").write_bytes(CORE)
     (served / "hdfs-site.xml").write_bytes(b"<configuration/>")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1/endpoints"
-    server.shutdown()
-    thread.join(timeout=10)
+    with serve_folder(tmp_path / "www") as base:
+        yield f"{base}/v1/endpoints"
 
 
 def test_config_uri_is_downloaded_into_a_private_folder(endpoint, monkeypatch):

@@ -7,36 +7,22 @@ the nameservice ``default`` (the walkthrough's ``hdfs://default/...``) is the ha
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from conftest import make_dataset
+from conftest import make_dataset, serve_folder
 from lastlayer import secrets
 from lastlayer.cli import main
 from lastlayer.jobs.plan import ERROR, Plan
 
+from .conftest import ENV_KEYS, as_superuser, lastlayer_as
+
 ROOT = Path(__file__).resolve().parents[2]
-ENV_KEYS = ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR")
-
-
-def as_superuser(secure_hdfs, code: str) -> None:
-    """Run Python ``code`` with an hdfs-native ``fs`` as the `hdfs` superuser, in a fresh process."""
-    env = {**os.environ, **secure_hdfs.env("hdfs")}
-    prologue = (
-        f"import fsspec\nfs = fsspec.filesystem('hdfs', host='127.0.0.1', port={secure_hdfs.namenode_port})\n"
-    )
-    subprocess.run([sys.executable, "-c", prologue + code], env=env, check=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +41,8 @@ def endpoint(secure_hdfs, tmp_path_factory):
     )
     site = (secure_hdfs.conf_dir / "hdfs-site.xml").read_text().replace("</configuration>", nameservice)
     (served / "hdfs-site.xml").write_text(site)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1/endpoints"
-    server.shutdown()
-    thread.join(timeout=10)
+    with serve_folder(www) as base:
+        yield f"{base}/v1/endpoints"
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +59,9 @@ def deployment(secure_hdfs, endpoint, tmp_path_factory):
         "fs.rm('/tensorflow_input_data/flower_photos', recursive=True) "
         "if fs.exists('/tensorflow_input_data/flower_photos') else None\n",
     )
-    env = {**{k: v for k, v in os.environ.items() if k not in ENV_KEYS}}
-    upload = [
-        sys.executable,
-        "-m",
-        "lastlayer",
-        "upload",
-        str(photos),
-        "hdfs:///tensorflow_input_data/flower_photos",
-        f"--principal={secure_hdfs.principal('hdfs')}",
-        f"--keytab={secure_hdfs.keytab('hdfs')}",
-        f"--krb5_conf={secure_hdfs.krb5_conf}",
-        f"--hadoop_conf_dir={secure_hdfs.conf_dir}",
-    ]
-    done = subprocess.run(upload, env=env, capture_output=True, text=True, timeout=300)
+    done = lastlayer_as(
+        secure_hdfs, "hdfs", "upload", str(photos), "hdfs:///tensorflow_input_data/flower_photos"
+    )
     assert done.returncode == 0, done.stderr
     zip_path = tmp / "poets.zip"
     assert (

@@ -18,9 +18,10 @@ import pytest
 from conftest import make_dataset
 from lastlayer.cli import main
 
+from .conftest import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
+
 INPUT = "/tensorflow_input_data/shapes"
 RUN = "/tensorflow/test_run"
-ENV_KEYS = ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR")
 
 
 @pytest.fixture
@@ -31,12 +32,7 @@ def cluster_flags(secure_hdfs, monkeypatch):
     fsspec.get_filesystem_class("hdfs").clear_instance_cache()
 
     def flags(user: str) -> list[str]:
-        return [
-            f"--principal={secure_hdfs.principal(user)}",
-            f"--keytab={secure_hdfs.keytab(user)}",
-            f"--krb5_conf={secure_hdfs.krb5_conf}",
-            f"--hadoop_conf_dir={secure_hdfs.conf_dir}",
-        ]
+        return principal_flags(secure_hdfs, user)
 
     yield flags
     fsspec.get_filesystem_class("hdfs").clear_instance_cache()
@@ -55,35 +51,12 @@ def hdfs_fs(secure_hdfs, user: str | None, monkeypatch):
 def walkthrough_input(secure_hdfs, tmp_path_factory):
     """As the `hdfs` superuser: the photos in /tensorflow_input_data, /tensorflow owned by tensorflow."""
     photos = make_dataset(tmp_path_factory.mktemp("photos") / "shapes", per_class=12)
-    env = {**os.environ, **secure_hdfs.env("hdfs")}
-    code = (
-        "import sys, fsspec\n"
-        "fs = fsspec.filesystem('hdfs', host='127.0.0.1', port=int(sys.argv[1]))\n"
+    as_superuser(
+        secure_hdfs,
         "fs.makedirs('/tensorflow', exist_ok=True)\n"
-        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n"
+        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n",
     )
-    subprocess.run(
-        [sys.executable, "-c", code, str(secure_hdfs.namenode_port)], env=env, check=True, timeout=120
-    )
-    upload = [
-        sys.executable,
-        "-m",
-        "lastlayer",
-        "upload",
-        str(photos),
-        f"hdfs://{INPUT}",
-        f"--principal={secure_hdfs.principal('hdfs')}",
-        f"--keytab={secure_hdfs.keytab('hdfs')}",
-        f"--krb5_conf={secure_hdfs.krb5_conf}",
-        f"--hadoop_conf_dir={secure_hdfs.conf_dir}",
-    ]
-    done = subprocess.run(
-        upload,
-        env={k: v for k, v in os.environ.items() if k not in ENV_KEYS},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = lastlayer_as(secure_hdfs, "hdfs", "upload", str(photos), f"hdfs://{INPUT}")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["copied"] == 36
     return photos
