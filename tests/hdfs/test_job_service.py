@@ -1,14 +1,13 @@
 """Acceptance: the walkthrough's poets.json, deployed against the secure HDFS harness.
 
 The options file is the walkthrough's own (examples/poets/poets.json) with only job_url (the local
-poets.zip) and the KDC and HDFS endpoints changed. The HDFS endpoint serves a configuration in which
-the nameservice ``default`` (the walkthrough's ``hdfs://default/...``) is the harness's NameNode.
+poets.zip) and the KDC and HDFS endpoints changed. The harness's client configuration names its
+NameNode as the nameservice ``default`` (the walkthrough's ``hdfs://default/...``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -27,20 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def endpoint(secure_hdfs, tmp_path_factory):
-    """hdfs.config_uri: core-site.xml and hdfs-site.xml over HTTP on 127.0.0.1, with nameservice `default`."""
+    """hdfs.config_uri: the harness's core-site.xml and hdfs-site.xml (nameservice `default` included)
+    served over HTTP on 127.0.0.1, as DC/OS serves its HDFS endpoints."""
     www = tmp_path_factory.mktemp("www")
     served = www / "v1" / "endpoints"
     served.mkdir(parents=True)
-    shutil.copy(secure_hdfs.conf_dir / "core-site.xml", served)
-    port = re.search(r"hdfs://127\.0\.0\.1:(\d+)", (served / "core-site.xml").read_text()).group(1)
-    nameservice = (
-        "<property><name>dfs.nameservices</name><value>default</value></property>"
-        "<property><name>dfs.ha.namenodes.default</name><value>nn1</value></property>"
-        f"<property><name>dfs.namenode.rpc-address.default.nn1</name><value>127.0.0.1:{port}</value></property>"
-        "</configuration>"
-    )
-    site = (secure_hdfs.conf_dir / "hdfs-site.xml").read_text().replace("</configuration>", nameservice)
-    (served / "hdfs-site.xml").write_text(site)
+    for name in ("core-site.xml", "hdfs-site.xml"):
+        shutil.copy(secure_hdfs.conf_dir / name, served)
     with serve_folder(www) as base:
         yield f"{base}/v1/endpoints"
 

@@ -198,6 +198,13 @@ public final class SecureHdfs {
     hdfs.set("dfs.webhdfs.enabled", "true");
     hdfs.set("dfs.client.use.datanode.hostname", "false");
     hdfs.set("dfs.replication", "1");
+    // The nameservice `default`, so the walkthrough's hdfs://default/... URLs reach this NameNode.
+    hdfs.set("dfs.nameservices", "default");
+    hdfs.set("dfs.ha.namenodes.default", "nn1");
+    hdfs.set("dfs.namenode.rpc-address.default.nn1", "127.0.0.1:" + nnPort());
+    hdfs.set("dfs.namenode.http-address.default.nn1", "127.0.0.1:" + httpPort());
+    hdfs.set("dfs.client.failover.proxy.provider.default",
+        "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider");
     writeXml(hdfs, confDir.resolve("hdfs-site.xml"));
   }
 
