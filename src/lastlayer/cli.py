@@ -178,7 +178,7 @@ def _upload(ns: argparse.Namespace) -> int:
 
 
 def _auth_to_local(ns: argparse.Namespace) -> int:
-    from lastlayer import auth_to_local, storage
+    from lastlayer import auth_to_local, kerberos, storage
 
     opts = from_namespace(ns, AuthToLocalOptions)
     opts.validate()
@@ -188,23 +188,9 @@ def _auth_to_local(ns: argparse.Namespace) -> int:
         rules = auth_to_local.rules_from_core_site(storage.read_bytes(opts.core_site))
     else:
         rules = opts.rules
-    realm = opts.default_realm or _krb5_default_realm() or ns.principal.rpartition("@")[2]
+    realm = opts.default_realm or kerberos.default_realm() or ns.principal.rpartition("@")[2]
     print(auth_to_local.short_name(ns.principal, rules, realm, opts.mechanism))
     return 0
-
-
-def _krb5_default_realm() -> str | None:
-    """``default_realm`` from ``KRB5_CONFIG`` (or /etc/krb5.conf), if set there."""
-    path = os.environ.get("KRB5_CONFIG", "/etc/krb5.conf").split(":")[0]
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition("=")
-                if key.strip() == "default_realm":
-                    return value.strip()
-    except OSError:
-        return None
-    return None
 
 
 JOB_USAGE = (

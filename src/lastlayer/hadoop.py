@@ -38,8 +38,7 @@ def download_config(config_uri: str) -> str:
     Returns:
         The folder, to use as ``HADOOP_CONF_DIR``.
     """
-    folder = tempfile.mkdtemp(prefix="lastlayer-hadoop-conf-")
-    os.chmod(folder, 0o700)
+    folder = tempfile.mkdtemp(prefix="lastlayer-hadoop-conf-")  # created 0700
     for name in CONFIG_FILES:
         data = _fetch(storage.join(config_uri, name))
         with open(os.path.join(folder, name), "wb") as f:

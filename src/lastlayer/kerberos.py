@@ -131,6 +131,20 @@ class Login:
                 self.kinit()
 
 
+def default_realm() -> str | None:
+    """``default_realm`` from ``KRB5_CONFIG`` (or /etc/krb5.conf), if set there."""
+    path = os.environ.get("KRB5_CONFIG", "/etc/krb5.conf").split(":")[0]
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "default_realm":
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
 _active: Login | None = None
 
 
@@ -141,8 +155,7 @@ def login(principal: str, keytab: str, krb5_conf: str | None = None) -> Login:
         KerberosError: in one line, with what to check.
     """
     global _active
-    folder = tempfile.mkdtemp(prefix="lastlayer-krb5-")
-    os.chmod(folder, 0o700)
+    folder = tempfile.mkdtemp(prefix="lastlayer-krb5-")  # created 0700
     result = Login(principal, os.path.abspath(keytab), f"FILE:{folder}/ccache", krb5_conf)
     result.kinit()
     os.chmod(os.path.join(folder, "ccache"), 0o600)

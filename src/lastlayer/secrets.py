@@ -111,6 +111,13 @@ def write_secret(
             ) from None
     path = secret_path(name, store)
     _make_private_dirs(path.parent)
+    write_private(path, data)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable and writable by its owner only (0600), through a temporary
+    name and a rename, so no reader sees a partial file or a moment of wider permissions."""
     fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)  # mkstemp creates it 0600
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -122,7 +129,6 @@ def write_secret(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def list_secrets(store: str | os.PathLike[str] | None = None) -> list[str]:

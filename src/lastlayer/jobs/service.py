@@ -129,12 +129,6 @@ def _private(folder: Path) -> Path:
     return folder
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _krb5_conf(spec: JobSpec) -> str:
     k = spec.service.security.kerberos
     return (
@@ -190,9 +184,9 @@ def _prepare(job: Job, spec: JobSpec) -> _Prepared:
     k = spec.service.security.kerberos
     if k.enabled:
         keytab = private / "keytab"
-        _write_private(keytab, secrets.read_secret(k.keytab_secret))
+        secrets.write_private(keytab, secrets.read_secret(k.keytab_secret))
         krb5_conf = private / "krb5.conf"
-        _write_private(krb5_conf, _krb5_conf(spec).encode())
+        secrets.write_private(krb5_conf, _krb5_conf(spec).encode())
         login = kerberos.Login(
             f"{k.primary}@{k.realm}", str(keytab), f"FILE:{private / 'ccache'}", str(krb5_conf)
         )
@@ -205,8 +199,7 @@ def _prepare(job: Job, spec: JobSpec) -> _Prepared:
         shutil.move(str(conf), target)
         env["HADOOP_CONF_DIR"] = str(target)
     extracted = job.folder / "job"
-    shutil.rmtree(extracted, ignore_errors=True)
-    archive.fetch_and_extract(spec.service.job_url, str(extracted))
+    archive.fetch_and_extract(spec.service.job_url, str(extracted), replace=True)
     module_dir = extracted / spec.service.job_path
     if not module_dir.is_dir():
         top = sorted(p.relative_to(extracted).as_posix() for p in extracted.glob("*/*") if p.is_dir())
