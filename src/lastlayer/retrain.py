@@ -234,11 +234,12 @@ def _run(
         opts.validation_batch_size,
         seed,
     )
+    val_x = splits.x(VALIDATION)
     with train_writer, validation_writer:
         clf = train(
             train_x,
             splits.labels[TRAINING],
-            splits.x(VALIDATION),
+            val_x,
             splits.labels[VALIDATION],
             model.feature_size,
             n_classes,
@@ -248,7 +249,8 @@ def _run(
         )
     lap("training_s")
 
-    test_x, test_y = splits.x(TESTING), splits.labels[TESTING]
+    full_test_x, full_test_y = splits.x(TESTING), splits.labels[TESTING]
+    test_x, test_y = full_test_x, full_test_y
     test_files = [images.files[i] for i in splits.index[TESTING]]
     if opts.test_batch_size != -1 and len(test_y):
         pick = np.random.default_rng(seed + 1).integers(0, len(test_y), opts.test_batch_size)
@@ -265,10 +267,9 @@ def _run(
             if pred != truth:
                 log.info("%70s  %s", f.url, images.labels[pred])
 
-    full_test_x, full_test_y = splits.x(TESTING), splits.labels[TESTING]
     confusion = confusion_matrix(full_test_y, clf.predict(full_test_x), n_classes)
     precision, recall = per_class_scores(confusion)
-    held_out_x = np.concatenate([splits.x(VALIDATION), full_test_x])
+    held_out_x = np.concatenate([val_x, full_test_x])
     held_out_y = np.concatenate([splits.labels[VALIDATION], full_test_y])
 
     extra = {"model_key": model.key, "seed": str(seed)}
@@ -307,7 +308,7 @@ def _run(
             "test_accuracy": test_accuracy,
             "test_n": len(test_y),
             "train_accuracy_all": _accuracy(clf, splits.x(TRAINING), splits.labels[TRAINING]),
-            "validation_accuracy_all": _accuracy(clf, splits.x(VALIDATION), splits.labels[VALIDATION]),
+            "validation_accuracy_all": _accuracy(clf, val_x, splits.labels[VALIDATION]),
             "test_accuracy_all": _accuracy(clf, full_test_x, full_test_y),
             "validation_and_test_accuracy": _accuracy(clf, held_out_x, held_out_y),
             "validation_and_test_n": len(held_out_y),
