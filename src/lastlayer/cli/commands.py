@@ -1,0 +1,92 @@
+"""``retrain``, ``label`` and ``upload`` on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lastlayer.cli.progress import ProgressBar
+from lastlayer.errors import UsageError
+from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_namespace
+
+
+def retrain(ns: argparse.Namespace) -> int:
+    from lastlayer.retrain import retrain
+
+    opts = from_namespace(ns, RetrainOptions)
+    summary = retrain(opts, progress=ProgressBar(sys.stderr))
+    if "metrics" not in summary:  # a worker that only computed its shard of the bottlenecks
+        print(json.dumps(summary))
+        return 0
+    metrics = summary["metrics"]
+    print(
+        json.dumps(
+            {
+                "architecture": summary["architecture"],
+                "output_graph": opts.output_graph,
+                "output_labels": opts.output_labels,
+                "summary_json": summary["outputs"]["summary_json"],
+                "test_accuracy": metrics["test_accuracy"],
+                "test_n": metrics["test_n"],
+                "validation_and_test_accuracy": metrics["validation_and_test_accuracy"],
+            }
+        )
+    )
+    return 0
+
+
+def label(ns: argparse.Namespace) -> int:
+    from lastlayer.label import label_images
+
+    opts = from_namespace(ns, LabelOptions)
+    opts.validate()
+    images = list(opts.image) + list(ns.images or [])
+    if not images:
+        raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
+    predictions = label_images(
+        opts.graph,
+        images,
+        labels=opts.labels,
+        top_k=opts.top_k,
+        threads=opts.num_threads,
+        output_layer=opts.output_layer,
+    )
+    for p in predictions:
+        if opts.json:
+            print(
+                json.dumps(
+                    {
+                        "image": p.image,
+                        "labels": [{"label": lb, "score": s} for lb, s in p.top],
+                        "error": p.error,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        elif p.error is None:
+            if len(images) > 1:
+                print(f"{p.image}:")
+            for label, score in p.top:
+                print(f"{label} (score = {score:.5f})")
+    return 1 if any(p.error for p in predictions) else 0
+
+
+def upload(ns: argparse.Namespace) -> int:
+    from lastlayer.upload import upload
+
+    opts = from_namespace(ns, UploadOptions)
+    opts.validate()
+    report = upload(ns.src, ns.dst, threads=opts.threads, progress=ProgressBar(sys.stderr, "Upload", "files"))
+    print(
+        json.dumps(
+            {
+                "files": report.files,
+                "copied": report.copied,
+                "skipped": report.skipped,
+                "bytes_copied": report.bytes_copied,
+                "seconds": round(report.seconds, 3),
+            }
+        )
+    )
+    return 0

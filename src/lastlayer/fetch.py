@@ -1,0 +1,179 @@
+"""One bounded download: the bytes at a URL, at most so many, within so many seconds in all.
+
+``http(s)://`` is read with urllib (``user:token@host`` becomes HTTP basic auth and is masked in
+every message); every other URL or plain path through :mod:`lastlayer.storage`. Both limits are
+settings the user can change, and every message that names a limit names its setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from lastlayer import storage
+from lastlayer.errors import DataError, StorageError, UsageError
+from lastlayer.storage import StorageOptions
+
+_CHUNK = 1 << 20
+#: Longest wait for any one network read; the whole download is bounded by ``Limits.seconds``.
+READ_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much a download may bring and how long it may take.
+
+    Attributes:
+        max_bytes: most bytes accepted.
+        seconds: most wall time for the whole download (connecting, redirects and reading).
+        bytes_setting, seconds_setting: the settings that change them, named in messages
+            (e.g. ``--max_archive_bytes``, ``service.job_timeout``).
+    """
+
+    max_bytes: int
+    seconds: float
+    bytes_setting: str = "max_bytes"
+    seconds_setting: str = "timeout"
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0:
+            raise UsageError(f"{self.bytes_setting} must be positive, got {self.max_bytes}")
+        if not self.seconds > 0 or self.seconds == float("inf"):
+            raise UsageError(
+                f"{self.seconds_setting} must be a positive number of seconds, got {self.seconds}"
+            )
+
+
+def shown(url: str) -> str:
+    """``url`` without a password or token in its user part."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def one_line(value: object) -> str:
+    """``value`` as text on one line, at most 300 characters."""
+    return " ".join(str(value).split())[:300]
+
+
+def fetch(
+    url: str, limits: Limits, *, storage_options: StorageOptions | None = None, what: str = "the file"
+) -> bytes:
+    """The bytes at ``url``, within ``limits``.
+
+    Args:
+        what: how messages call the content (``the archive``, ``core-site.xml``).
+
+    Raises:
+        StorageError: unreachable, refused, missing or too slow (one line, naming the time setting).
+        DataError: larger than ``limits.max_bytes`` (naming the size setting).
+    """
+    if url.lower().startswith(("http://", "https://")):
+        return _http_get(url, limits, what)
+    data = storage.read_bytes(url, storage_options)
+    if len(data) > limits.max_bytes:
+        raise too_big(url, len(data), limits, what)
+    return data
+
+
+def too_big(url: str, size: int, limits: Limits, what: str) -> DataError:
+    """The error for content over ``limits.max_bytes``."""
+    return DataError(
+        f"{shown(url)}: {what} is over {size:,} bytes, more than the {limits.max_bytes:,} allowed; "
+        f"raise {limits.bytes_setting} if you trust it"
+    )
+
+
+def _timed_out(url: str, limits: Limits) -> StorageError:
+    return StorageError(
+        f"cannot download {shown(url)}: no answer within {limits.seconds:g} s (check that the server "
+        f"is up and reachable from this machine, or allow a longer {limits.seconds_setting})"
+    )
+
+
+def _request(url: str) -> urllib.request.Request:
+    headers = {"User-Agent": "lastlayer"}
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None or parts.password is not None:  # user:token@host as HTTP basic auth
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return urllib.request.Request(url, headers=headers)
+
+
+def _http_get(url: str, limits: Limits, what: str) -> bytes:
+    """Download in a daemon thread and wait at most ``limits.seconds`` for it: urllib's own timeout
+    bounds each read, not the whole transfer, so a server trickling bytes could hold it for ever."""
+    deadline = time.monotonic() + limits.seconds
+    outcome: dict[str, object] = {}
+    finished = threading.Event()
+    response: list[http.client.HTTPResponse] = []
+
+    def download() -> None:
+        try:
+            outcome["data"] = _read_all(url, limits, what, deadline, response)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=download, name="lastlayer-fetch", daemon=True).start()
+    if not finished.wait(limits.seconds):
+        for r in response:
+            r.close()  # the reader gives up at its next read
+        raise _timed_out(url, limits)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["data"]  # type: ignore[return-value]
+
+
+def _read_all(
+    url: str, limits: Limits, what: str, deadline: float, opened: list[http.client.HTTPResponse]
+) -> bytes:
+    try:
+        timeout = max(0.1, min(READ_TIMEOUT_S, deadline - time.monotonic()))
+        with urllib.request.urlopen(_request(url), timeout=timeout) as response:
+            opened.append(response)
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise too_big(url, int(declared), limits, what)
+            chunks: list[bytes] = []
+            total = 0
+            while chunk := response.read1(_CHUNK):
+                total += len(chunk)
+                if total > limits.max_bytes:
+                    raise too_big(url, total, limits, what)
+                if time.monotonic() > deadline:
+                    raise _timed_out(url, limits)
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except urllib.error.HTTPError as exc:
+        raise StorageError(
+            f"cannot download {shown(url)}: HTTP {exc.code} {one_line(exc.reason)} (check the URL and "
+            "that the server lets this machine read it)"
+        ) from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise _timed_out(url, limits) from None
+        raise StorageError(
+            f"cannot download {shown(url)}: {one_line(exc.reason)} (check the URL and that the server "
+            "is reachable from this machine)"
+        ) from None
+    except TimeoutError:
+        raise _timed_out(url, limits) from None
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        raise StorageError(
+            f"cannot download {shown(url)}: {exc.__class__.__name__}: {one_line(exc)} (try again; check "
+            "the server and the network)"
+        ) from None
