@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lastlayer import __version__
 from lastlayer.cli import cluster, commands, job
@@ -53,7 +54,7 @@ class Command:
 
     options: tuple[type, ...]
     help: str
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace, Any], int]  # (flags, the cluster login or None)
     positionals: tuple[tuple[str, str, str], ...] = ()  # (name, nargs, help)
     cluster: bool = False
 
@@ -135,9 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             raise UsageError(f"{ns.command} needs {' and '.join(m.upper() for m in missing)} (see --help)")
         _configure_logging(getattr(ns, "logging_verbosity", "INFO"))
-        if command.cluster:
-            cluster.connect(ns)
-        return command.run(ns)
+        if not command.cluster:
+            return command.run(ns, None)
+        with cluster.connect(ns) as hadoop:
+            return command.run(ns, hadoop)
     except LastlayerError as exc:
         print(f"lastlayer: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from lastlayer.options import AuthToLocalOptions, ClusterOptions, from_namespace
 
 
-def connect(ns: argparse.Namespace) -> None:
-    """Hadoop configuration and Kerberos login, before anything touches ``hdfs://``."""
+@contextmanager
+def connect(ns: argparse.Namespace) -> Iterator[Any]:
+    """Hadoop configuration and Kerberos login, before anything touches ``hdfs://``; yields the login."""
     from lastlayer import hadoop, kerberos
 
     opts = from_namespace(ns, ClusterOptions)
     opts.validate()
     hadoop.configure(opts.hadoop_conf_dir, opts.hdfs_config_uri)
+    login = None
     if opts.principal:
-        kerberos.login(opts.principal, opts.keytab, opts.krb5_conf or None)
+        login = kerberos.login(opts.principal, opts.keytab, opts.krb5_conf or None)
     elif opts.krb5_conf:
         os.environ["KRB5_CONFIG"] = opts.krb5_conf
+    yield login
 
 
-def auth_to_local(ns: argparse.Namespace) -> int:
+def auth_to_local(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer import auth_to_local, kerberos, storage
 
     opts = from_namespace(ns, AuthToLocalOptions)

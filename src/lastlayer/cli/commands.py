@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from lastlayer.cli.progress import ProgressBar
 from lastlayer.errors import UsageError
 from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_namespace
 
 
-def retrain(ns: argparse.Namespace) -> int:
+def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.retrain import retrain
 
     opts = from_namespace(ns, RetrainOptions)
@@ -36,7 +37,7 @@ def retrain(ns: argparse.Namespace) -> int:
     return 0
 
 
-def label(ns: argparse.Namespace) -> int:
+def label(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.label import label_images
 
     opts = from_namespace(ns, LabelOptions)
@@ -72,7 +73,7 @@ def label(ns: argparse.Namespace) -> int:
     return 1 if any(p.error for p in predictions) else 0
 
 
-def upload(ns: argparse.Namespace) -> int:
+def upload(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.upload import upload
 
     opts = from_namespace(ns, UploadOptions)

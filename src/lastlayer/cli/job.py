@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from lastlayer.errors import UsageError
 from lastlayer.options import JobOptions, from_namespace
@@ -15,7 +16,7 @@ JOB_USAGE = (
 )
 
 
-def job(ns: argparse.Namespace) -> int:
+def job(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer import archive, secrets
     from lastlayer.jobs import service
     from lastlayer.jobs.plan import COMPLETE
