@@ -46,8 +46,8 @@ def test_every_retrain_py_flag_is_accepted():
     for name, value in RETRAIN_PY_FLAGS.items():
         argv += [f"--{name}"] if value is None else [f"--{name}={value}"]
     opts = parse_flags(argv)
-    assert opts.how_many_training_steps == 500 and opts.flip_left_right is True
-    assert opts.print_misclassified_test_images is True and opts.learning_rate == 0.05
+    assert opts.training.how_many_training_steps == 500 and opts.training.flip_left_right is True
+    assert opts.outputs.print_misclassified_test_images is True and opts.training.learning_rate == 0.05
 
 
 def test_walkthrough_style_key_value_pairs():
@@ -55,8 +55,9 @@ def test_walkthrough_style_key_value_pairs():
     opts = parse_flags(
         ["--how_many_training_steps", "500", "--flip_left_right", "True", "--random_seed", "3"]
     )
-    assert opts.how_many_training_steps == 500 and opts.flip_left_right and opts.random_seed == 3
-    assert parse_flags(["--flip_left_right", "false"]).flip_left_right is False
+    t = opts.training
+    assert t.how_many_training_steps == 500 and t.flip_left_right and t.random_seed == 3
+    assert parse_flags(["--flip_left_right", "false"]).training.flip_left_right is False
 
 
 def test_unknown_flag_names_the_closest():
@@ -90,7 +91,7 @@ def test_inapplicable_flags_say_what_to_use_instead(caplog):
 
 
 def test_defaults_are_retrain_py_defaults():
-    o = RetrainOptions()
+    o = RetrainOptions().training
     assert (
         o.how_many_training_steps,
         o.learning_rate,

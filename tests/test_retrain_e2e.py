@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import FLOWERS, make_dataset, shape_image
 from lastlayer.cli import main
-from lastlayer.export import read_info
+from lastlayer.contract import read_info
 from lastlayer.preprocess import decode
 
 

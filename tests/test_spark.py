@@ -17,7 +17,8 @@ from lastlayer.cache import CachedKeys
 from lastlayer.cli import main
 from lastlayer.dataset import scan
 from lastlayer.engines import spark
-from lastlayer.engines.base import Task
+from lastlayer.engines.base import Task, available_cores
+from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.features import CacheNeed, compute_bottlenecks
 from lastlayer.preprocess import Distortions
@@ -29,6 +30,13 @@ DISTORT = Distortions(flip_left_right=True, random_crop=10, random_scale=10, ran
 @pytest.fixture(scope="module")
 def model(model_dir):
     return load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))
+
+
+@pytest.fixture
+def engines(spark_session):
+    """Both engines, by name; the Spark one runs on the tests' session."""
+    with spark.SparkEngine() as remote:
+        yield {"local": LocalEngine(), "spark": remote}
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +64,13 @@ def parquet_rows(folder: Path) -> list[tuple[str, int]]:
     return keys
 
 
-def test_features_and_skipped_images_equal_the_local_engine_s(spark_session, odd_dir, model, tmp_path):
+def test_features_and_skipped_images_equal_the_local_engine_s(engines, odd_dir, model, tmp_path):
     images = scan(str(odd_dir), 10, 10)
     both = {
-        engine: compute_bottlenecks(
-            images, model, str(tmp_path / engine), distortions=DISTORT, variants=2, engine=engine
+        name: compute_bottlenecks(
+            images, model, str(tmp_path / name), engine, distortions=DISTORT, variants=2
         )
-        for engine in ("local", "spark")
+        for name, engine in engines.items()
     }
     local, remote = both["local"], both["spark"]
     assert remote.skipped == local.skipped and len(local.skipped) == 3
@@ -103,15 +111,15 @@ def test_the_model_is_identical_given_the_seed(spark_session, shapes_dir, model_
     assert summary["options"]["engine"] == "spark" and summary["cache"]["computed"] == 90
 
 
-def test_one_engine_resumes_from_the_other_s_cache(spark_session, model, tmp_path):
+def test_one_engine_resumes_from_the_other_s_cache(engines, model, tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     images = scan(str(data), 10, 10)
     cache = str(tmp_path / "cache")
-    half = compute_bottlenecks(images, model, cache, shard=(0, 2))  # local: about half
+    half = compute_bottlenecks(images, model, cache, engines["local"], shard=(0, 2))  # about half
     assert 0 < half.computed < 18
-    rest = compute_bottlenecks(images, model, cache, engine="spark")
+    rest = compute_bottlenecks(images, model, cache, engines["spark"])
     assert rest.computed == 18 - half.computed and rest.reused == half.computed
-    again = compute_bottlenecks(images, model, cache)
+    again = compute_bottlenecks(images, model, cache, engines["local"])
     assert again.computed == 0 and again.reused == 18
     assert np.array_equal(again.plain[again.rows], rest.plain[rest.rows])
 
@@ -131,14 +139,14 @@ def failing_first_attempt(real, marker: Path):
     return flaky
 
 
-def test_a_retried_task_adds_no_duplicate_rows(spark_session, model, tmp_path, monkeypatch):
+def test_a_retried_task_adds_no_duplicate_rows(engines, model, tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data", per_class=12)
     marker = tmp_path / "markers"
     marker.mkdir()
     monkeypatch.setattr(spark, "_extract_rows", failing_first_attempt(spark._extract_rows, marker))
     images = scan(str(data), 10, 10)
     b = compute_bottlenecks(
-        images, model, str(tmp_path / "cache"), distortions=DISTORT, variants=2, engine="spark"
+        images, model, str(tmp_path / "cache"), engines["spark"], distortions=DISTORT, variants=2
     )
     assert list(marker.iterdir())  # first attempts did fail, and were retried
     assert b.computed == 36 and not b.skipped
@@ -150,9 +158,7 @@ def test_a_retried_task_adds_no_duplicate_rows(spark_session, model, tmp_path, m
     assert len(variants) == len(set(variants)) == 2 * int((b.variant_rows[:, 0] >= 0).sum())
 
 
-def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(
-    spark_session, model, tmp_path, monkeypatch
-):
+def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(engines, model, tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data", per_class=12)
     images = scan(str(data), 10, 10)
     monkeypatch.setattr(spark, "WAVE_MIN", 12)
@@ -167,17 +173,18 @@ def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(
 
     monkeypatch.setattr(spark, "_extract_rows", broken_after_the_first_wave)
     with pytest.raises(EngineError, match="disk full"):
-        compute_bottlenecks(images, model, str(tmp_path / "cache"), engine="spark")
+        compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
     monkeypatch.setattr(spark, "_extract_rows", real)
-    rerun = compute_bottlenecks(images, model, str(tmp_path / "cache"), engine="spark")
+    rerun = compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
     assert rerun.reused == 12 and rerun.computed == 24
 
 
-def test_a_file_that_vanished_after_the_scan_is_skipped(spark_session, model, tmp_path):
+def test_a_file_that_vanished_after_the_scan_is_skipped(engines, model, tmp_path):
     data = make_dataset(tmp_path / "data", per_class=3)
     tasks = [Task(0, str(data / "gone.jpg"), "x/gone.jpg", None, False)]
     tasks += [Task(1, str(data / "blue_squares" / "img_000.jpg"), "blue_squares/img_000.jpg", None, False)]
-    results = list(spark.extract(tasks, model, CacheNeed(CachedKeys(frozenset(), {}), None, 0)))
+    need = CacheNeed(CachedKeys(frozenset(), {}), None, 0)
+    results = list(engines["spark"].extract(tasks, model, need, Distortions()))
     by_index = {r.task.index: r for r in results}
     assert by_index[0].error == "file vanished while the run was reading it"
     assert by_index[1].plain is not None and by_index[1].plain.shape == (model.feature_size,)
@@ -220,21 +227,17 @@ def test_the_master_comes_from_the_flag_then_spark_s_configuration_then_the_core
     monkeypatch.delenv("MASTER", raising=False)
     monkeypatch.delenv("SPARK_HOME", raising=False)
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
-    assert spark.resolve_master() == f"local[{spark.default_threads()}]"
+    assert spark.resolve_master() == f"local[{available_cores()}]"
     (tmp_path / "spark-defaults.conf").write_text("# cluster\nspark.master   yarn\nspark.executor.cores 4\n")
     assert spark.resolve_master() == "yarn"
     assert spark.resolve_master("local[3]") == "local[3]"
 
 
-def test_settings_carry_the_keytab_login_to_spark(monkeypatch, tmp_path):
-    from lastlayer import kerberos
-
-    login = kerberos.Login("tensorflow@LOCAL", "/k/tensorflow.keytab", "FILE:/x", str(tmp_path / "krb5.conf"))
-    monkeypatch.setattr(kerberos, "_active", login)
-    conf = spark.settings("local[2]")
+def test_settings_carry_the_cluster_login_to_spark(tmp_path):
+    login = {"spark.kerberos.principal": "tensorflow@LOCAL", "spark.kerberos.keytab": "/k/tensorflow.keytab"}
+    conf = spark.settings("local[2]", login)
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
-    assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")

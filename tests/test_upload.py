@@ -11,7 +11,7 @@ import pytest
 from conftest import make_dataset
 from lastlayer.cli import main
 from lastlayer.errors import StorageError
-from lastlayer.upload import upload
+from lastlayer.transfer import upload
 
 
 def test_upload_copies_then_resumes_only_what_is_missing(tmp_path: Path):

@@ -7,16 +7,18 @@ The DC/OS TensorFlow service (and ``lastlayer job deploy``) import this module a
 With several workers, each computes its shard of the bottlenecks and worker 0 trains; with
 ``--engine spark`` in the context, worker 0 drives Spark, whose executors stand for the workers (the
 job service maps worker count, cpus and mem onto them), and the other workers have nothing to do.
+It uses only lastlayer's public API.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+from typing import Any
 
-from lastlayer.options import RetrainOptions, add_flags, from_namespace, new_parser, normalize_bools
-from lastlayer.retrain import retrain
+import lastlayer
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,10 @@ MESOS_SANDBOX = "/mnt/mesos/sandbox"
 
 def get_parser() -> argparse.ArgumentParser:
     """retrain's argument parser, from lastlayer's single declaration of its flags."""
-    parser = new_parser("poets", "The walkthrough's retrain job.")
-    add_flags(parser, RetrainOptions)
-    return parser
+    return lastlayer.RetrainOptions.parser("poets", "The walkthrough's retrain job.")
 
 
-def get_args(context: dict, log_dir: str) -> tuple[argparse.Namespace, list[str]]:
+def get_args(context: dict[str, Any], log_dir: str) -> tuple[argparse.Namespace, list[str]]:
     """Flags from ``context["args"]``, with ``{{shared_filesystem}}`` replaced by ``log_dir``."""
     args: list[str] = []
     sandbox = os.environ.get("MESOS_SANDBOX")
@@ -39,21 +39,22 @@ def get_args(context: dict, log_dir: str) -> tuple[argparse.Namespace, list[str]
         if sandbox and text.startswith(MESOS_SANDBOX):
             text = sandbox + text[len(MESOS_SANDBOX) :]
         args += [key, text]
-    return get_parser().parse_known_args(normalize_bools(args, RetrainOptions))
+    return get_parser().parse_known_args(lastlayer.RetrainOptions.normalize(args))
 
 
-def main(server: object, log_dir: str, context: dict) -> None:
+def main(server: Any, log_dir: str, context: dict[str, Any]) -> None:
     """The job: retrain with the context's flags; workers share the bottleneck work."""
     flags, unparsed = get_args(context, log_dir)
     if unparsed:
         log.warning("Ignoring arguments retrain does not take: %s", " ".join(unparsed))
-    opts = from_namespace(flags, RetrainOptions)
+    opts = lastlayer.RetrainOptions.from_namespace(flags)
+    opts.validate()
+    engine = opts.engine
     workers = getattr(server, "cluster", {}).get("worker", [])
-    if opts.engine == "spark" and getattr(server, "task_index", 0) > 0:
-        log.info(
-            "Worker %d: Spark's executors do the workers' share; worker 0 drives them", server.task_index
-        )  # type: ignore[attr-defined]
+    index = getattr(server, "task_index", 0)
+    if engine.engine == "spark" and index > 0:
+        log.info("Worker %d: Spark's executors do the workers' share; worker 0 drives them", index)
         return
-    if opts.engine != "spark" and getattr(server, "job_name", "worker") == "worker" and len(workers) > 1:
-        opts.worker_index, opts.worker_count = server.task_index, len(workers)  # type: ignore[attr-defined]
-    retrain(opts)
+    if engine.engine != "spark" and getattr(server, "job_name", "worker") == "worker" and len(workers) > 1:
+        engine = dataclasses.replace(engine, worker_index=index, worker_count=len(workers))
+    lastlayer.retrain(**{**opts.api_kwargs(), "engine": engine})

@@ -85,6 +85,10 @@ class CachedKeys:
         """Why this image could not be decoded, if that is what is cached."""
         return self.errors.get(content)
 
+    def keys(self) -> CachedKeys:
+        """Itself: it is already a copy."""
+        return self
+
 
 def _schema(dim: int) -> pa.Schema:
     return pa.schema(
@@ -322,8 +326,3 @@ class FeatureStore:
                 fs.rm_file(posixpath.join(root, name))
         log.info("compacted %d bottleneck cache files into one", len(self._parts))
         self._parts = [merged]
-
-    @property
-    def part_count(self) -> int:
-        """Number of part files in the folder (after :meth:`flush`)."""
-        return len(self._parts)

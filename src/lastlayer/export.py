@@ -1,30 +1,25 @@
 """The retrained model: one self-contained ONNX file.
 
-Input ``image``: ``uint8 [N, S, S, 3]`` RGB, prepared as :mod:`lastlayer.preprocess` describes
-(the spec is in the metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class
-probabilities. Metadata (``metadata_props``): ``lastlayer.labels`` (JSON list),
-``lastlayer.preprocessing`` (JSON), ``lastlayer.architecture``, ``lastlayer.final_tensor_name``,
-``lastlayer.version``.
+The feature network, then ``softmax(features @ W + b)``: input :data:`~lastlayer.contract.IMAGE`
+``uint8 [N, S, S, 3]`` RGB, prepared as :mod:`lastlayer.preprocess` describes (the spec is in the
+metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilities. Metadata
+(:mod:`lastlayer.contract`): labels (JSON list), preprocessing (JSON), architecture,
+final_tensor_name, version and any extra entries (model_key, seed).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import onnx
 from onnx import helper, numpy_helper
 
-from lastlayer import __version__
+from lastlayer import __version__, contract
+from lastlayer.contract import FEATURES
 from lastlayer.errors import ModelError
-from lastlayer.preprocess import Preprocessing
 from lastlayer.train import Classifier
 from lastlayer.zoo import FeatureModel
-
-INPUT_NAME = "image"
-FEATURES = "features"
-META_PREFIX = "lastlayer."
 
 
 def _prune(graph: onnx.GraphProto, keep: str) -> None:
@@ -75,54 +70,19 @@ def build_classifier(
         helper.make_tensor_value_info(final_tensor_name, onnx.TensorProto.FLOAT, [None, len(labels)])
     )
     meta = {
-        "labels": json.dumps(list(labels), ensure_ascii=False),
-        "preprocessing": model.preprocessing.to_json(),
-        "architecture": model.architecture,
-        "final_tensor_name": final_tensor_name,
-        "version": __version__,
+        contract.LABELS: json.dumps(list(labels), ensure_ascii=False),
+        contract.PREPROCESSING: model.preprocessing.to_json(),
+        contract.ARCHITECTURE: model.architecture,
+        contract.FINAL_TENSOR_NAME: final_tensor_name,
+        contract.VERSION: __version__,
         **(extra_metadata or {}),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key = META_PREFIX + key
+        entry.key = contract.meta_key(key)
         entry.value = value
     proto.producer_name = "lastlayer"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What :mod:`lastlayer.label` needs from a retrained model's metadata."""
-
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    architecture: str
-    output_name: str
-
-
-def read_info(proto: onnx.ModelProto, source: str) -> ModelInfo:
-    """Read the metadata written by :func:`build_classifier`."""
-    meta = {
-        p.key.removeprefix(META_PREFIX): p.value
-        for p in proto.metadata_props
-        if p.key.startswith(META_PREFIX)
-    }
-    missing = [k for k in ("labels", "preprocessing") if k not in meta]
-    if missing:
-        raise ModelError(
-            f"{source} has no {', '.join(META_PREFIX + k for k in missing)} metadata: "
-            "it was not written by lastlayer retrain; retrain to get a model that carries its preprocessing"
-        )
-    try:
-        labels = tuple(json.loads(meta["labels"]))
-    except ValueError as exc:
-        raise ModelError(f"{source}: invalid {META_PREFIX}labels metadata: {exc}") from exc
-    return ModelInfo(
-        labels=labels,
-        preprocessing=Preprocessing.from_json(meta["preprocessing"]),
-        architecture=meta.get("architecture", "unknown"),
-        output_name=meta.get("final_tensor_name", proto.graph.output[0].name),
-    )

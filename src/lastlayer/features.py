@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from lastlayer import storage
-from lastlayer.cache import FeatureStore, Row
+from lastlayer.cache import CachedKeys, FeatureStore, Row
 from lastlayer.dataset import TRAINING, ImageSet
 from lastlayer.engines import local
-from lastlayer.engines.base import Need, Result, Task
+from lastlayer.engines.base import Engine, Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
@@ -40,7 +39,6 @@ class Bottlenecks:
         reused: usable images whose features all came from the cache.
         damaged_files: cache files found damaged (and recomputed).
         pending: images of other shards that are not in the cache yet (their rows are -1).
-        seconds: wall time of the call.
     """
 
     plain: np.ndarray
@@ -51,7 +49,6 @@ class Bottlenecks:
     computed: int
     reused: int
     damaged_files: int
-    seconds: float
     pending: int = 0
 
 
@@ -61,6 +58,8 @@ class KeyLookup(Protocol):
     def has(self, content: str, variant: int = 0) -> bool: ...
 
     def error(self, content: str) -> str | None: ...
+
+    def keys(self) -> CachedKeys: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,12 @@ class CacheNeed:
         if self.distorted is not None and task.training:
             missing = tuple(v for v in range(self.variants) if not self.distorted.has(content, v))
         return Need(not self.plain.has(content), missing)
+
+    def portable(self) -> CacheNeed:
+        """The same test over picklable copies of the stores' keys (for Spark executors)."""
+        return CacheNeed(
+            self.plain.keys(), None if self.distorted is None else self.distorted.keys(), self.variants
+        )
 
 
 def _save_what_was_computed(*stores: FeatureStore | None) -> None:
@@ -115,16 +120,13 @@ def compute_bottlenecks(
     images: ImageSet,
     model: FeatureModel,
     bottleneck_dir: str,
+    engine: Engine,
     *,
     distortions: Distortions = NO_DISTORTIONS,
     variants: int = 1,
-    batch_size: int = 4,
-    threads: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
-    engine: str = "local",
-    spark_master: str = "",
 ) -> Bottlenecks:
     """Load cached features for ``images`` and compute the missing ones with ``engine``.
 
@@ -133,11 +135,7 @@ def compute_bottlenecks(
         progress: called with ``(done, total)`` images while computing.
         shard: ``(index, count)``: compute only the images of this shard (see :func:`in_shard`);
             missing images of other shards are counted in :attr:`Bottlenecks.pending`.
-        engine: ``local`` (threads in this process) or ``spark`` (Spark executors; see
-            :mod:`lastlayer.engines.spark`). Both fill the same cache.
-        spark_master: the Spark master for ``engine="spark"`` ("": Spark's own configuration).
     """
-    start = time.perf_counter()
     root = storage.join(bottleneck_dir, model.key[:16])
     plain = FeatureStore(root, model.feature_size, storage_options)
     distorted = (
@@ -145,9 +143,35 @@ def compute_bottlenecks(
         if distortions.enabled
         else None
     )
-    n_variants = variants if distorted is not None else 0
-    need = CacheNeed(plain, distorted, n_variants)
+    need = CacheNeed(plain, distorted, variants if distorted is not None else 0)
+    tasks, contents, pending = _plan(images, plain, need, shard)
+    computed = 0
+    if tasks:
+        log.info(
+            "Computing bottlenecks for %d of %d images (%s)",
+            len(tasks),
+            len(images.files),
+            model.architecture,
+        )
+        report = None if progress is None else (lambda done: progress(done, len(tasks)))
+        results = engine.extract(tasks, model, need, distortions, report)
+        try:
+            computed = _store(results, plain, distorted, contents)
+        except BaseException:
+            _save_what_was_computed(plain, distorted)
+            raise
+        for store in (plain, distorted):
+            if store is not None:
+                store.flush()
+                store.compact()
+    return _assemble(images, plain, distorted, need.variants, contents, pending, computed)
 
+
+def _plan(
+    images: ImageSet, plain: FeatureStore, need: CacheNeed, shard: tuple[int, int]
+) -> tuple[list[Task], list[str | None], set[int]]:
+    """The tasks of this shard that lack something, each image's content key as far as the cache
+    knows it, and the positions of other shards' images that lack something."""
     contents: list[str | None] = []
     tasks: list[Task] = []
     pending: set[int] = set()
@@ -160,69 +184,42 @@ def compute_bottlenecks(
                 tasks.append(task)
             else:
                 pending.add(i)
+    return tasks, contents, pending
 
+
+def _store(
+    results: Iterable[Result], plain: FeatureStore, distorted: FeatureStore | None, contents: list[str | None]
+) -> int:
+    """Add the engine's results to the stores; fill ``contents``; return the images computed."""
     computed = 0
-    if tasks:
-        log.info(
-            "Computing bottlenecks for %d of %d images (%s)",
-            len(tasks),
-            len(images.files),
-            model.architecture,
-        )
-        total = len(tasks)
-        report = None if progress is None else (lambda done: progress(done, total))
-        results: Iterator[Result]
-        if engine == "spark":
-            from lastlayer.engines import spark
-
-            frozen = CacheNeed(plain.keys(), None if distorted is None else distorted.keys(), n_variants)
-            results = spark.extract(
-                tasks,
-                model,
-                frozen,
-                distortions=distortions,
-                batch_size=batch_size,
-                master=spark_master,
-                storage_options=storage_options,
-                progress=report,
+    for result in results:
+        task = result.task
+        contents[task.index] = result.content or None
+        if not result.content:
+            continue
+        if result.plain is not None or result.error is not None:
+            plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
+        elif task.stamp is not None:
+            plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
+        if result.variants and distorted is not None:
+            distorted.add(
+                Row(result.content, v, task.relpath, None, vec, None) for v, vec in result.variants.items()
             )
-        else:
-            results = local.extract(
-                tasks,
-                model,
-                need,
-                distortions=distortions,
-                batch_size=batch_size,
-                threads=threads,
-                storage_options=storage_options,
-                progress=report,
-            )
-        try:
-            for result in results:
-                task = result.task
-                contents[task.index] = result.content or None
-                if not result.content:
-                    continue
-                if result.plain is not None or result.error is not None:
-                    plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
-                elif task.stamp is not None:
-                    plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
-                if result.variants and distorted is not None:
-                    distorted.add(
-                        Row(result.content, v, task.relpath, None, vec, None)
-                        for v, vec in result.variants.items()
-                    )
-                if result.plain is not None or result.variants:
-                    computed += 1
-        except BaseException:
-            _save_what_was_computed(plain, distorted)
-            raise
-        plain.flush()
-        plain.compact()
-        if distorted is not None:
-            distorted.flush()
-            distorted.compact()
+        if result.plain is not None or result.variants:
+            computed += 1
+    return computed
 
+
+def _assemble(
+    images: ImageSet,
+    plain: FeatureStore,
+    distorted: FeatureStore | None,
+    n_variants: int,
+    contents: list[str | None],
+    pending: set[int],
+    computed: int,
+) -> Bottlenecks:
+    """Row indices of every image into the stores' matrices, and what was skipped."""
     rows = np.full(len(images.files), -1, np.int64)
     variant_rows = np.full((len(images.files), n_variants), -1, np.int64) if distorted is not None else None
     skipped: list[tuple[str, str]] = []
@@ -246,6 +243,5 @@ def compute_bottlenecks(
         computed=computed,
         reused=len(images.files) - len(skipped) - len(pending) - computed,
         damaged_files=plain.damaged + (distorted.damaged if distorted is not None else 0),
-        seconds=time.perf_counter() - start,
         pending=len(pending),
     )

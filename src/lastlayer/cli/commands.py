@@ -13,24 +13,27 @@ from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_
 
 
 def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
-    from lastlayer.retrain import retrain
+    """``lastlayer retrain``: run the job; print the outcome as one JSON line."""
+    from lastlayer import pipeline
+    from lastlayer.summary import ShardResult
 
     opts = from_namespace(ns, RetrainOptions)
-    summary = retrain(opts, progress=ProgressBar(sys.stderr))
-    if "metrics" not in summary:  # a worker that only computed its shard of the bottlenecks
-        print(json.dumps(summary))
+    opts.validate()
+    result = pipeline.retrain(**opts.api_kwargs(), hadoop=hadoop, progress=ProgressBar(sys.stderr))
+    if isinstance(result, ShardResult):  # a worker that only computed its shard of the bottlenecks
+        print(result.to_json())
         return 0
-    metrics = summary["metrics"]
+    metrics = result.metrics
     print(
         json.dumps(
             {
-                "architecture": summary["architecture"],
-                "output_graph": opts.output_graph,
-                "output_labels": opts.output_labels,
-                "summary_json": summary["outputs"]["summary_json"],
-                "test_accuracy": metrics["test_accuracy"],
-                "test_n": metrics["test_n"],
-                "validation_and_test_accuracy": metrics["validation_and_test_accuracy"],
+                "architecture": result.architecture,
+                "output_graph": result.outputs.output_graph,
+                "output_labels": result.outputs.output_labels,
+                "summary_json": result.outputs.summary_json,
+                "test_accuracy": metrics.test_accuracy,
+                "test_n": metrics.test_n,
+                "validation_and_test_accuracy": metrics.validation_and_test_accuracy,
             }
         )
     )
@@ -38,20 +41,21 @@ def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
 
 
 def label(ns: argparse.Namespace, hadoop: Any) -> int:
-    from lastlayer.label import label_images
+    from lastlayer import inference
 
     opts = from_namespace(ns, LabelOptions)
     opts.validate()
     images = list(opts.image) + list(ns.images or [])
     if not images:
         raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
-    predictions = label_images(
+    predictions = inference.label(
         opts.graph,
         images,
         labels=opts.labels,
         top_k=opts.top_k,
         threads=opts.num_threads,
         output_layer=opts.output_layer,
+        storage_options=hadoop.storage_options() if hadoop else None,
     )
     for p in predictions:
         if opts.json:
@@ -74,7 +78,7 @@ def label(ns: argparse.Namespace, hadoop: Any) -> int:
 
 
 def upload(ns: argparse.Namespace, hadoop: Any) -> int:
-    from lastlayer.upload import upload
+    from lastlayer.transfer import upload
 
     opts = from_namespace(ns, UploadOptions)
     opts.validate()

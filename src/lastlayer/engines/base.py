@@ -1,14 +1,25 @@
-"""What every engine takes and gives back."""
+"""What every engine is, takes and gives back: the :class:`Engine` interface, :class:`Task`,
+:class:`Need` and :class:`Result`."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from lastlayer.preprocess import Distortions
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from lastlayer.config import EngineConfig
+    from lastlayer.zoo import FeatureModel
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,16 @@ class Need:
 NeedFn = Callable[[Task, str], Need]
 
 
+class NeedTest(Protocol):
+    """The cache's need test (:class:`lastlayer.features.CacheNeed`) as engines see it."""
+
+    def __call__(self, task: Task, content: str) -> Need: ...
+
+    def portable(self) -> NeedFn:
+        """A picklable copy of the test, for engines that run it on other machines."""
+        ...
+
+
 @dataclass
 class Result:
     """What an engine found for one task.
@@ -76,3 +97,55 @@ def variant_rng(content: str, distortions: Distortions, variant: int) -> np.rand
     so the cache holds the same variants whichever engine or run computed them."""
     digest = hashlib.sha256(f"{content}|{distortions.to_json()}|{variant}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class Engine(ABC):
+    """Computes what the cache lacks for a list of tasks.
+
+    An engine is a context manager: what it needs for a whole run (a Spark session) is started on
+    enter, or at the latest on the first :meth:`extract`, and released on exit.
+
+    Attributes:
+        name: the ``--engine`` value that selects it.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def from_config(
+        cls, config: EngineConfig, storage_options: Mapping[str, Any] | None, spark_conf: Mapping[str, str]
+    ) -> Engine:
+        """The engine for ``config``; ``spark_conf`` holds cluster settings (Kerberos, Hadoop) for
+        engines that start a JVM."""
+
+    @abstractmethod
+    def extract(
+        self,
+        tasks: Sequence[Task],
+        model: FeatureModel,
+        need: NeedTest,
+        distortions: Distortions,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Result]:
+        """Compute what ``need`` asks for, for each task; yield one :class:`Result` per task.
+
+        Args:
+            progress: called with the number of tasks finished so far.
+        """
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Release what the engine holds (nothing by default)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -9,22 +9,35 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from lastlayer import storage
-from lastlayer.engines.base import Need, NeedFn, Result, Task, content_key, variant_rng
+from lastlayer.contract import FEATURES, IMAGE
+from lastlayer.engines.base import (
+    Engine,
+    Need,
+    NeedFn,
+    NeedTest,
+    Result,
+    Task,
+    available_cores,
+    content_key,
+    variant_rng,
+)
 from lastlayer.errors import DataError, StorageError
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions, Preprocessing, distort, open_image, to_input
 from lastlayer.zoo import FeatureModel
+
+if TYPE_CHECKING:
+    from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +103,13 @@ def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_s
     inputs = [x for p in prepared for x in p.inputs]
     for start in range(0, len(inputs), batch_size):
         batch = np.stack(inputs[start : start + batch_size])
-        (features,) = session.run(["features"], {"image": batch})
+        (features,) = session.run([FEATURES], {IMAGE: batch})
         for (result, slot), vec in zip(slots[start : start + batch_size], features, strict=True):
             if slot is None:
                 result.plain = np.array(vec, np.float32)
             else:
                 result.variants[slot] = np.array(vec, np.float32)
     return [p.result for p in prepared]
-
-
-def default_threads() -> int:
-    """Worker threads: one per core."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class _Worker:
@@ -122,55 +130,68 @@ class _Worker:
         return run_network(self.session(), prepared, batch_size)
 
 
-def extract(
-    tasks: Iterable[Task],
-    model: FeatureModel,
-    need: NeedFn,
-    *,
-    distortions: Distortions = NO_DISTORTIONS,
-    batch_size: int = 4,
-    threads: int = 0,
-    storage_options: Mapping[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[Result]:
-    """Compute what ``need`` asks for, for each task; yield one :class:`Result` per task, in order.
+class LocalEngine(Engine):
+    """Worker threads in this process (see the module doc).
 
-    Each of ``threads`` workers (0 = one per core) takes ``batch_size`` tasks at a time, reads and
-    decodes them and runs its own single-threaded onnxruntime session on them. With as many workers
-    as cores, one worker's decoding overlaps another's network pass without oversubscribing the
-    cores, and no thread ever waits at a parallel-for barrier.
-
-    Args:
-        progress: called with the number of tasks finished so far.
+    Attributes:
+        threads: worker threads (0: one per core).
+        batch_size: images per network call.
     """
-    threads = threads or default_threads()
-    worker = _Worker(model)
 
-    def job(chunk: list[Task]) -> list[Result]:
-        prepared = [
-            prepare(task, read_task(task, storage_options), need, model.preprocessing, distortions)
-            for task in chunk
-        ]
-        return worker.run(prepared, batch_size)
+    name = "local"
 
-    done = 0
-    with ThreadPoolExecutor(threads, thread_name_prefix="lastlayer-extract") as pool:
-        pending: deque[Future[list[Result]]] = deque()
-        chunks = _chunks(tasks, batch_size)
-        try:
-            for chunk in itertools.islice(chunks, 2 * threads):
-                pending.append(pool.submit(job, chunk))
-            while pending:
-                results = pending.popleft().result()
-                for chunk in itertools.islice(chunks, 1):
+    def __init__(
+        self, threads: int = 0, batch_size: int = 4, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.threads = threads or available_cores()
+        self.batch_size = batch_size
+        self.storage_options = storage_options
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, storage_options: Mapping[str, Any] | None, spark_conf: Mapping[str, str]
+    ) -> LocalEngine:
+        return cls(config.num_threads, config.batch_size, storage_options)
+
+    def extract(
+        self,
+        tasks: Sequence[Task],
+        model: FeatureModel,
+        need: NeedTest,
+        distortions: Distortions = NO_DISTORTIONS,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Result]:
+        """Each of :attr:`threads` workers takes :attr:`batch_size` tasks at a time, reads and decodes
+        them and runs its own single-threaded onnxruntime session on them. With as many workers as
+        cores, one worker's decoding overlaps another's network pass without oversubscribing the
+        cores, and no thread ever waits at a parallel-for barrier."""
+        worker = _Worker(model)
+
+        def job(chunk: list[Task]) -> list[Result]:
+            prepared = [
+                prepare(task, read_task(task, self.storage_options), need, model.preprocessing, distortions)
+                for task in chunk
+            ]
+            return worker.run(prepared, self.batch_size)
+
+        done = 0
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="lastlayer-extract") as pool:
+            pending: deque[Future[list[Result]]] = deque()
+            chunks = _chunks(tasks, self.batch_size)
+            try:
+                for chunk in itertools.islice(chunks, 2 * self.threads):
                     pending.append(pool.submit(job, chunk))
-                done += len(results)
-                yield from results
-                if progress is not None:
-                    progress(done)
-        finally:
-            for fut in pending:
-                fut.cancel()
+                while pending:
+                    results = pending.popleft().result()
+                    for chunk in itertools.islice(chunks, 1):
+                        pending.append(pool.submit(job, chunk))
+                    done += len(results)
+                    yield from results
+                    if progress is not None:
+                        progress(done)
+            finally:
+                for fut in pending:
+                    fut.cancel()
 
 
 def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:

@@ -30,16 +30,16 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
-from lastlayer import kerberos, storage
-from lastlayer.engines.base import NeedFn, Result, Task
-from lastlayer.engines.local import Prepared, default_threads, prepare, read_task, run_network
+from lastlayer import storage
+from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
+from lastlayer.engines.local import Prepared, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from pyspark import Broadcast
     from pyspark.rdd import RDD
     from pyspark.sql import Row, SparkSession
+
+    from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +103,15 @@ def configured_master() -> str | None:
 
 def resolve_master(master: str = "") -> str:
     """The master to use: ``master``, else Spark's configuration, else ``local[N]`` with N = cores."""
-    return master or configured_master() or f"local[{default_threads()}]"
+    return master or configured_master() or f"local[{available_cores()}]"
 
 
-def settings(master: str) -> dict[str, str]:
+def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings lastlayer gives a Spark session it starts for ``master``.
 
-    Local masters listen on 127.0.0.1 only, without the web UI. With a keytab
-    login (``--principal`` / ``--keytab``), Spark logs in from the same keytab
-    (``spark.kerberos.principal`` / ``keytab``) and the JVMs use the same ``krb5.conf``; Hadoop's
-    client configuration comes from ``HADOOP_CONF_DIR``.
+    Local masters listen on 127.0.0.1 only, without the web UI. ``cluster`` adds the login's
+    settings (:meth:`lastlayer.hadoop.HadoopLogin.spark_conf`: Spark logs in from the same keytab,
+    the JVMs use the same krb5.conf and Hadoop configuration).
     """
     conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
     if master.startswith("local"):
@@ -123,18 +124,11 @@ def settings(master: str) -> dict[str, str]:
                 "spark.sql.sources.parallelPartitionDiscovery.threshold": str(2**31 - 1),
             }
         )
-    login = kerberos.active()
-    if login is not None:
-        conf["spark.kerberos.principal"] = login.principal
-        conf["spark.kerberos.keytab"] = login.keytab
-        if login.krb5_conf:
-            option = f"-Djava.security.krb5.conf={os.path.abspath(login.krb5_conf)}"
-            conf["spark.driver.extraJavaOptions"] = option
-            conf["spark.executor.extraJavaOptions"] = option
+    conf.update(cluster or {})
     return conf
 
 
-def start(master: str = "") -> SparkSession:
+def start(master: str = "", cluster: Mapping[str, str] | None = None) -> SparkSession:
     """Start a Spark session with :func:`settings` for :func:`resolve_master`'s master.
 
     Raises:
@@ -145,11 +139,8 @@ def start(master: str = "") -> SparkSession:
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # py4j logs every connection at INFO
     chosen = resolve_master(master)
-    if chosen.startswith("local"):
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors' Python is this one
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder
-    for key, value in settings(chosen).items():
+    for key, value in settings(chosen, cluster).items():
         builder = builder.config(key, value)
     try:
         spark = builder.getOrCreate()
@@ -159,6 +150,8 @@ def start(master: str = "") -> SparkSession:
             f"Spark could not start with master {chosen}: {first} (check that Java 17+ is installed: "
             "java on PATH or JAVA_HOME)"
         ) from exc
+    if chosen.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
+        spark.sparkContext.pythonExec = sys.executable  # local executors run this Python, which has lastlayer
     log.info(
         "Spark %s started: master %s, %d cores", spark.version, chosen, spark.sparkContext.defaultParallelism
     )
@@ -166,7 +159,7 @@ def start(master: str = "") -> SparkSession:
 
 
 @contextmanager
-def session(master: str = "") -> Iterator[SparkSession]:
+def session(master: str = "", cluster: Mapping[str, str] | None = None) -> Iterator[SparkSession]:
     """The active Spark session (left running), or a new one from :func:`start`, stopped on exit."""
     require()
     from pyspark.sql import SparkSession
@@ -181,7 +174,7 @@ def session(master: str = "") -> Iterator[SparkSession]:
             )
         yield active
         return
-    spark = start(master)
+    spark = start(master, cluster)
     try:
         yield spark
     finally:
@@ -333,50 +326,86 @@ def _reason(exc: BaseException) -> str:
     return (python[-1] if python else lines[0] if lines else exc.__class__.__name__)[:500]
 
 
-def extract(
-    tasks: Iterable[Task],
-    model: FeatureModel,
-    need: NeedFn,
-    *,
-    distortions: Distortions = NO_DISTORTIONS,
-    batch_size: int = 4,
-    master: str = "",
-    storage_options: Mapping[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[Result]:
-    """Compute what ``need`` asks for, for each task, on Spark; yield one :class:`Result` per task.
+class SparkEngine(Engine):
+    """Spark executors (see the module doc).
 
-    ``need`` must be picklable (it runs on the executors). Uses the active Spark session, or starts
-    one for ``master`` (see :func:`resolve_master`) and stops it at the end.
-
-    Args:
-        progress: called with the number of tasks finished so far (after each wave).
-
-    Raises:
-        UsageError: an image URL no Hadoop FileSystem reads, or pyspark is missing.
-        EngineError: Spark could not start, or a stage failed after Spark's retries.
+    Attributes:
+        master: the Spark master ("": :func:`resolve_master`'s choice).
+        batch_size: images per network call.
+        cluster: the login's Spark settings (Kerberos, Hadoop configuration).
     """
-    todo = list(tasks)
-    if todo:
-        hadoop_uri(todo[0].url)  # a scheme Spark cannot read is refused before Spark starts
-    with session(master) as spark:
+
+    name = "spark"
+
+    def __init__(
+        self,
+        master: str = "",
+        batch_size: int = 4,
+        storage_options: Mapping[str, Any] | None = None,
+        cluster: Mapping[str, str] | None = None,
+    ) -> None:
+        require()
+        self.master = master
+        self.batch_size = batch_size
+        self.storage_options = storage_options
+        self.cluster = dict(cluster or {})
+        self._stack = ExitStack()
+        self._spark: SparkSession | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, storage_options: Mapping[str, Any] | None, spark_conf: Mapping[str, str]
+    ) -> SparkEngine:
+        return cls(config.spark_master, config.batch_size, storage_options, spark_conf)
+
+    def spark(self) -> SparkSession:
+        """The session: the active one, or one started for :attr:`master` (stopped by :meth:`close`)."""
+        if self._spark is None:
+            self._spark = self._stack.enter_context(session(self.master, self.cluster))
+        return self._spark
+
+    def __enter__(self) -> SparkEngine:
+        self.spark()  # before other threads exist: pyspark forks its JVM from this process
+        return self
+
+    def close(self) -> None:
+        self._stack.close()
+        self._spark = None
+
+    def extract(
+        self,
+        tasks: Sequence[Task],
+        model: FeatureModel,
+        need: NeedTest,
+        distortions: Distortions = NO_DISTORTIONS,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Result]:
+        """One Spark job per wave of images (see the module doc); ``progress`` after each wave.
+
+        Raises:
+            UsageError: an image URL no Hadoop FileSystem reads.
+            EngineError: a stage failed after Spark's retries.
+        """
+        if tasks:
+            hadoop_uri(tasks[0].url)  # a scheme Spark cannot read is refused before any job
+        spark = self.spark()
         sc = spark.sparkContext
-        if kerberos.active() is not None:
+        if "spark.kerberos.principal" in self.cluster:
             log.info("Spark reads the images as %s", hadoop_user(spark))
-        model_bc, need_bc = sc.broadcast(model), sc.broadcast(need)
+        model_bc, need_bc = sc.broadcast(model), sc.broadcast(need.portable())
         wave_size = max(WAVE_MIN, WAVE_PER_CORE * sc.defaultParallelism)
         done = 0
         try:
-            it = iter(todo)
+            it = iter(tasks)
             while wave := list(itertools.islice(it, wave_size)):
                 yield from _run_wave(
                     spark,
                     wave,
-                    storage_options,
+                    self.storage_options,
                     model_bc=model_bc,
                     need_bc=need_bc,
                     distortions=distortions,
-                    batch_size=batch_size,
+                    batch_size=self.batch_size,
                 )
                 done += len(wave)
                 if progress is not None:

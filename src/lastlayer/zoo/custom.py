@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from lastlayer import contract
+from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.errors import DataError, ModelError
 from lastlayer.preprocess import Preprocessing
 from lastlayer.zoo.catalog import IMAGENET_MEAN, IMAGENET_STD
 from lastlayer.zoo.graph import (
-    IMAGE,
     attach_preprocessing,
     describe,
     dims,
@@ -26,9 +26,7 @@ from lastlayer.zoo.graph import (
     rename_tensor,
     tensor_names,
 )
-from lastlayer.zoo.networks import FEATURES
 
-PREPROCESSING_KEY = "lastlayer.preprocessing"
 DEFAULT_CENTRAL_FRACTION = 0.875
 
 _EXPECTED_INPUT = "expected float32 [N, 3, S, S] (NCHW) or [N, S, S, 3] (NHWC) with a fixed size S"
@@ -72,29 +70,28 @@ def _check_output(value: onnx.ValueInfoProto) -> None:
 
 
 def _preprocessing(model: onnx.ModelProto, size: int) -> Preprocessing:
-    meta = {p.key: p.value for p in model.metadata_props}
-    if PREPROCESSING_KEY not in meta:
+    meta = contract.metadata(model)
+    if contract.PREPROCESSING not in meta:
         return Preprocessing(size, DEFAULT_CENTRAL_FRACTION, IMAGENET_MEAN, IMAGENET_STD)
     try:
-        prep = Preprocessing.from_json(meta[PREPROCESSING_KEY])
+        prep = Preprocessing.from_json(meta[contract.PREPROCESSING])
     except DataError as exc:
-        raise ModelError(f"metadata {PREPROCESSING_KEY}: {exc}") from exc
+        raise ModelError(f"metadata {contract.meta_key(contract.PREPROCESSING)}: {exc}") from exc
     if prep.size != size:
         raise ModelError(
-            f"metadata {PREPROCESSING_KEY} says size {prep.size} but the model input is {size} px"
+            f"metadata {contract.meta_key(contract.PREPROCESSING)} says size {prep.size} but the model "
+            f"input is {size} px"
         )
     return prep
 
 
 def _probe(model: onnx.ModelProto, size: int, raw: str) -> int:
     """Run ``model`` on two black images; return the feature length D."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = contract.session(model.SerializeToString(), "the model", threads=1)
         features, out = session.run([FEATURES, raw], {IMAGE: np.zeros((2, size, size, 3), np.uint8)})
-    except Exception as exc:  # onnxruntime raises its own exception types
+    except Exception as error:  # onnxruntime raises its own exception types
+        exc = error.__cause__ if isinstance(error, ModelError) and error.__cause__ else error
         raise ModelError(
             f"onnxruntime cannot run the model on a batch of 2 {size}x{size} images: "
             f"{exc.__class__.__name__}: {exc}"

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lastlayer.contract import IMAGE
 from lastlayer.errors import ModelError
 from lastlayer.preprocess import Preprocessing
 
-IMAGE = "image"
 LAYOUTS = ("NCHW", "NHWC")
 
 #: Oldest default-domain opset whose Sub/Div broadcast numpy-style.

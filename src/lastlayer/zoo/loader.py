@@ -12,24 +12,20 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from lastlayer import storage
-from lastlayer.errors import ModelError, UsageError
+from lastlayer import contract, storage
+from lastlayer.contract import FEATURES, IMAGE, LOGITS, meta_key
+from lastlayer.errors import ModelError
 from lastlayer.preprocess import Preprocessing
 from lastlayer.zoo import networks
 from lastlayer.zoo.catalog import ZooEntry, read_weights, resolve
-from lastlayer.zoo.custom import PREPROCESSING_KEY, adapt_user_model
-from lastlayer.zoo.graph import IMAGE, attach_preprocessing
+from lastlayer.zoo.custom import adapt_user_model
+from lastlayer.zoo.graph import attach_preprocessing
 from lastlayer.zoo.pth import read_state_dict
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the graphs built from the same weights change; part of every key.
 BUILDER_VERSION = "1"
-
-ARCHITECTURE_KEY = "lastlayer.architecture"
-KEY_KEY = "lastlayer.key"
-BUILDER_KEY = "lastlayer.builder_version"
-GRAPH_SHA_KEY = "lastlayer.graph_sha256"
 
 
 @dataclass(frozen=True)
@@ -55,19 +51,8 @@ class FeatureModel:
     warning: str | None = None
 
     def session(self, threads: int = 0) -> ort.InferenceSession:
-        """A CPU onnxruntime session: ``threads`` intra-op threads (0: onnxruntime's default), one
-        inter-op thread, sequential execution."""
-        if threads < 0:
-            raise UsageError(f"threads must be 0 (default) or positive, not {threads}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(self.onnx_bytes, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime cannot load {self.architecture}: {exc}") from exc
+        """A CPU onnxruntime session of this network (see :func:`lastlayer.contract.session`)."""
+        return contract.session(self.onnx_bytes, self.architecture, threads)
 
 
 def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str:
@@ -100,11 +85,11 @@ def _finish(
     props = {p.key: p.value for p in model.metadata_props}
     props.update(
         {
-            ARCHITECTURE_KEY: architecture,
-            PREPROCESSING_KEY: prep.to_json(),
-            KEY_KEY: key,
-            BUILDER_KEY: BUILDER_VERSION,
-            GRAPH_SHA_KEY: _graph_sha256(model),
+            meta_key(contract.ARCHITECTURE): architecture,
+            meta_key(contract.PREPROCESSING): prep.to_json(),
+            meta_key(contract.KEY): key,
+            meta_key(contract.BUILDER_VERSION): BUILDER_VERSION,
+            meta_key(contract.GRAPH_SHA256): _graph_sha256(model),
         }
     )
     onnx.helper.set_model_props(model, props)
@@ -121,16 +106,20 @@ def _cache_problem(data: bytes, architecture: str, prep: Preprocessing, key: str
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and others
         return f"cannot parse it ({exc.__class__.__name__})"
-    props = {p.key: p.value for p in model.metadata_props}
-    expected = {ARCHITECTURE_KEY: architecture, PREPROCESSING_KEY: prep.to_json(), KEY_KEY: key}
+    props = contract.metadata(model)
+    expected = {
+        contract.ARCHITECTURE: architecture,
+        contract.PREPROCESSING: prep.to_json(),
+        contract.KEY: key,
+    }
     for name, value in expected.items():
         if props.get(name) != value:
-            return f"its metadata {name} is {props.get(name)!r}, expected {value!r}"
-    if props.get(GRAPH_SHA_KEY) != _graph_sha256(model):
+            return f"its metadata {meta_key(name)} is {props.get(name)!r}, expected {value!r}"
+    if props.get(contract.GRAPH_SHA256) != _graph_sha256(model):
         return "its graph does not match the hash in its metadata"
     if [v.name for v in model.graph.input] != [IMAGE] or [v.name for v in model.graph.output] != [
-        networks.FEATURES,
-        networks.LOGITS,
+        FEATURES,
+        LOGITS,
     ]:
         return "its inputs or outputs are not image -> features, logits"
     try:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lastlayer.contract import FEATURES, LOGITS
 from lastlayer.errors import ModelError
 
 OPSET = 17
@@ -24,8 +25,6 @@ OPSET = 17
 IR_VERSION = 8
 
 INPUT = "input"
-FEATURES = "features"
-LOGITS = "logits"
 
 StateDict = Mapping[str, np.ndarray]
 

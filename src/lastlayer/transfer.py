@@ -1,4 +1,4 @@
-"""``upload``: copy a local image folder to ``hdfs://`` (or any fsspec URL) in parallel, resumably.
+"""Uploads: copy a local image folder to ``hdfs://`` (or any fsspec URL) in parallel, resumably.
 
 A file is copied to a temporary name and renamed, so a destination file is either complete or
 absent; a re-run skips every destination file whose size already matches and copies the rest.

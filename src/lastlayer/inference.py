@@ -1,4 +1,4 @@
-"""``label``: top-k labels of images with a retrained model, as label_image.py prints them.
+"""Labelling images with a retrained model: the top-k labels, as label_image.py prints them.
 
 The model's metadata carries its labels and preprocessing, so images are prepared exactly as in
 training.
@@ -13,12 +13,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from lastlayer import storage
-from lastlayer.engines.local import default_threads
+from lastlayer import contract, storage
+from lastlayer.engines.base import available_cores
 from lastlayer.errors import DataError, ModelError, StorageError
-from lastlayer.export import INPUT_NAME, read_info
 from lastlayer.preprocess import decode
 
 log = logging.getLogger(__name__)
@@ -46,7 +44,7 @@ def read_labels(url: str, storage_options: Mapping[str, Any] | None = None) -> t
     return tuple(storage.read_bytes(url, storage_options).decode("utf-8").rstrip("\n").split("\n"))
 
 
-def label_images(
+def label(
     graph: str,
     images: Sequence[str],
     *,
@@ -74,16 +72,14 @@ def label_images(
             f"{graph} is not an ONNX model ({exc.__class__.__name__}): pass the --output_graph "
             "of lastlayer retrain"
         ) from exc
-    info = read_info(proto, graph)
+    info = contract.read_info(proto, graph)
     names = read_labels(labels, storage_options) if labels else info.labels
     if len(names) != len(info.labels):
         raise ModelError(
             f"{labels} has {len(names)} labels but {graph} has {len(info.labels)} classes: "
             "pass the labels file written with this model"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = contract.session(data, graph, threads or available_cores())
     output = output_layer or info.output_name
     if output not in {o.name for o in session.get_outputs()}:
         raise ModelError(
@@ -96,7 +92,7 @@ def label_images(
     def run() -> None:
         if not ready:
             return
-        (probs,) = session.run([output], {INPUT_NAME: np.stack([x for _, x in ready])})
+        (probs,) = session.run([output], {contract.IMAGE: np.stack([x for _, x in ready])})
         for (i, _), p in zip(ready, probs, strict=True):
             best = np.argsort(-p, kind="stable")[:top_k]
             results[i] = Prediction(images[i], tuple((names[j], float(p[j])) for j in best))

@@ -1,0 +1,224 @@
+"""The settings of a retraining run, as small typed config objects: training, cache, outputs, engine.
+
+Each field is declared once (:func:`lastlayer.fields.option`): its name is retrain.py's flag name,
+its default is retrain.py's default, its help is the flag's ``--help`` and its limits are checked
+by :func:`check`. The command line builds its flags from these classes; the Python API takes them
+as they are::
+
+    lastlayer.retrain("flower_photos", training=TrainingConfig(how_many_training_steps=500))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lastlayer import fields
+from lastlayer.engines import ENGINE_NAMES
+from lastlayer.errors import UsageError
+from lastlayer.fields import option
+from lastlayer.preprocess import Distortions
+
+_BATCH = "must be -1 (all) or at least 1"
+_AT_LEAST_1 = "must be at least 1"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the last layer is trained and evaluated (retrain.py's training flags)."""
+
+    how_many_training_steps: int = option(
+        4000, "How many training steps to run before ending.", minimum=1, rule=_AT_LEAST_1
+    )
+    learning_rate: float = option(
+        0.01, "How large a learning rate to use when training.", above=0, rule="must be positive"
+    )
+    testing_percentage: float = option(
+        10,
+        "What percentage of images to use as a test set.",
+        minimum=0,
+        below=100,
+        rule="must be in [0, 100)",
+    )
+    validation_percentage: float = option(
+        10,
+        "What percentage of images to use as a validation set.",
+        minimum=0,
+        below=100,
+        rule="must be in [0, 100)",
+    )
+    eval_step_interval: int = option(
+        10, "How often (in steps) to evaluate the training results.", minimum=1, rule=_AT_LEAST_1
+    )
+    train_batch_size: int = option(
+        100, "How many images to train on at a time (-1: all).", minimum=1, special=(-1,), rule=_BATCH
+    )
+    test_batch_size: int = option(
+        -1,
+        "How many test images to use for the final accuracy (-1: all).",
+        minimum=1,
+        special=(-1,),
+        rule=_BATCH,
+    )
+    validation_batch_size: int = option(
+        100, "How many images in a validation batch (-1: all).", minimum=1, special=(-1,), rule=_BATCH
+    )
+    flip_left_right: bool = option(False, "Randomly flip half of the training images horizontally.")
+    random_crop: float = option(
+        0,
+        "Percentage margin to randomly crop off the training images.",
+        minimum=0,
+        rule="must be a percentage >= 0",
+    )
+    random_scale: float = option(
+        0,
+        "Percentage to randomly scale up the training images by.",
+        minimum=0,
+        rule="must be a percentage >= 0",
+    )
+    random_brightness: float = option(
+        0,
+        "Percentage to randomly multiply the training pixels up or down by.",
+        minimum=0,
+        below=100,
+        rule="must be a percentage in [0, 100)",
+    )
+    random_seed: int | None = option(
+        None, "Seed for the split-independent randomness; a run with a seed is reproducible."
+    )
+
+    @property
+    def distortions(self) -> Distortions:
+        """The distortion flags as one spec."""
+        return Distortions(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where built networks and bottlenecks are kept."""
+
+    model_dir: str = option("/tmp/imagenet", "Where the built ONNX networks are cached.")
+    bottleneck_dir: str = option("/tmp/bottleneck", "Where the bottleneck cache (Parquet files) is kept.")
+    distorted_variants: int = option(
+        5,
+        "With distortions on: distorted variants cached per training image, sampled while training.",
+        minimum=1,
+        rule=_AT_LEAST_1,
+    )
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What a run writes and where."""
+
+    output_graph: str = option("/tmp/output_graph.onnx", "Where to save the retrained model (one ONNX file).")
+    output_labels: str = option("/tmp/output_labels.txt", "Where to save the labels, one a line.")
+    summaries_dir: str = option(
+        "/tmp/retrain_logs", "Where to write TensorBoard summaries (train/ and validation/)."
+    )
+    summary_json: str = option(
+        "", "Where to write the JSON run summary (default: next to --output_graph, as <name>.summary.json)."
+    )
+    intermediate_output_graphs_dir: str = option(
+        "/tmp/intermediate_graph/", "Where to save the intermediate models."
+    )
+    intermediate_store_frequency: int = option(
+        0,
+        "Save an intermediate model every this many steps; 0 saves none.",
+        minimum=0,
+        rule="must be 0 (off) or more",
+    )
+    final_tensor_name: str = option("final_result", "Name of the output of the retrained model.")
+    print_misclassified_test_images: bool = option(False, "Log every misclassified test image.")
+
+    @property
+    def summary_url(self) -> str:
+        """Where the run summary goes: ``summary_json``, else ``<output_graph stem>.summary.json``."""
+        return self.summary_json or posixpath.splitext(self.output_graph)[0] + ".summary.json"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and how bottlenecks are computed."""
+
+    engine: str = option(
+        "local",
+        "Where bottlenecks are computed: local (threads in this process) or spark (Spark executors; "
+        "needs pip install 'lastlayer[spark]'). Both share the same cache.",
+        choices=ENGINE_NAMES,
+        upper_choices=False,
+        rule=f"must be one of {', '.join(ENGINE_NAMES)}",
+    )
+    spark_master: str = option(
+        "",
+        "With --engine=spark: the Spark master (local[N], yarn, k8s://..., spark://...); default: Spark's "
+        "own configuration (spark-defaults.conf, MASTER), else local[N] with N = cores.",
+    )
+    batch_size: int = option(
+        4, "Images per network call when computing bottlenecks.", minimum=1, rule=_AT_LEAST_1
+    )
+    num_threads: int = option(
+        0,
+        "Threads for decoding and for the network; 0 = one per core.",
+        minimum=0,
+        rule="must be 0 (one per core) or more",
+    )
+    worker_index: int = option(
+        0, "This worker's index when --worker_count workers share the bottleneck work."
+    )
+    worker_count: int = option(
+        1,
+        "Workers sharing the bottleneck work: each computes its shard; worker 0 then trains on all.",
+        minimum=1,
+        rule=_AT_LEAST_1,
+    )
+    shard_wait_seconds: float = option(
+        3600.0, "How long worker 0 waits for the other workers' shards.", above=0, rule="must be positive"
+    )
+
+
+def flag_problem(name: str, value: Any, why: str) -> UsageError:
+    """The error for flag ``--name`` with ``value``: ``--name=value: why``."""
+    return UsageError(f"--{name}={value!r}: {why}")
+
+
+def check(*configs: Any) -> None:
+    """Check the declared limits of every field of ``configs``, then the rules between fields.
+
+    Raises:
+        UsageError: naming the first offending flag and what to do.
+    """
+    for config in configs:
+        for path, value, why in fields.problems(config):
+            raise flag_problem(path.rsplit(".", 1)[-1], value, why)
+    for config in configs:
+        for name, value, why in _cross_problems(config):
+            raise flag_problem(name, value, why)
+
+
+def _cross_problems(config: Any) -> Iterable[tuple[str, Any, str]]:
+    if isinstance(config, TrainingConfig) and config.testing_percentage + config.validation_percentage >= 100:
+        yield (
+            "testing_percentage",
+            config.testing_percentage,
+            f"with --validation_percentage={config.validation_percentage} leaves no training images",
+        )
+    if isinstance(config, OutputConfig) and not config.final_tensor_name:
+        yield "final_tensor_name", config.final_tensor_name, "must not be empty"
+    if isinstance(config, EngineConfig):
+        if not 0 <= config.worker_index < config.worker_count:
+            yield "worker_index", config.worker_index, "must be in [0, --worker_count)"
+        if config.engine == "spark" and config.worker_count != 1:
+            yield (
+                "worker_count",
+                config.worker_count,
+                "must be 1 with --engine=spark: Spark spreads the work over its executors",
+            )
+
+
+def flat(config: Any) -> dict[str, Any]:
+    """A config object's fields as ``{flag name: value}``."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

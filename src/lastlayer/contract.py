@@ -1,0 +1,117 @@
+"""The model contract: the tensor names and metadata every lastlayer ONNX model carries, and the one
+onnxruntime session factory.
+
+A feature model (zoo network or user model, see :mod:`lastlayer.zoo`) takes :data:`IMAGE`: uint8 RGB
+``[N, S, S, 3]`` and returns :data:`FEATURES`: float32 ``[N, D]`` (zoo networks also
+:data:`LOGITS`: float32 ``[N, 1000]``). A retrained model (:mod:`lastlayer.export`) takes the same
+:data:`IMAGE` and returns ``<final_tensor_name>``: float32 ``[N, C]`` class probabilities. Both carry
+``lastlayer.*`` metadata (``metadata_props``): :func:`meta_key` names them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+
+from lastlayer.errors import ModelError, UsageError
+from lastlayer.preprocess import Preprocessing
+
+IMAGE = "image"
+FEATURES = "features"
+LOGITS = "logits"
+META_PREFIX = "lastlayer."
+
+# metadata keys, without META_PREFIX
+LABELS = "labels"
+PREPROCESSING = "preprocessing"
+ARCHITECTURE = "architecture"
+FINAL_TENSOR_NAME = "final_tensor_name"
+VERSION = "version"
+MODEL_KEY = "model_key"
+SEED = "seed"
+KEY = "key"
+BUILDER_VERSION = "builder_version"
+GRAPH_SHA256 = "graph_sha256"
+
+
+def meta_key(name: str) -> str:
+    """The ``metadata_props`` key of ``name`` (``lastlayer.<name>``)."""
+    return META_PREFIX + name
+
+
+def metadata(proto: onnx.ModelProto) -> dict[str, str]:
+    """The model's ``lastlayer.*`` metadata, keys without the prefix."""
+    return {
+        p.key.removeprefix(META_PREFIX): p.value
+        for p in proto.metadata_props
+        if p.key.startswith(META_PREFIX)
+    }
+
+
+def session(onnx_bytes: bytes, what: str, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session on ``onnx_bytes``: ``threads`` intra-op threads (0: onnxruntime's
+    default), one inter-op thread, sequential execution.
+
+    Args:
+        what: how messages name the model (an architecture or a URL).
+
+    Raises:
+        UsageError: negative ``threads``.
+        ModelError: onnxruntime cannot load the model.
+    """
+    if threads < 0:
+        raise UsageError(f"threads must be 0 (default) or positive, not {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load {what}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a retrained model's metadata says about it.
+
+    Attributes:
+        labels: class names in output order.
+        preprocessing: how images become the :data:`IMAGE` input.
+        architecture: the feature network it was trained on.
+        output_name: the name of its probabilities output.
+    """
+
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    architecture: str
+    output_name: str
+
+
+def read_info(proto: onnx.ModelProto, source: str) -> ModelInfo:
+    """Read the metadata :func:`lastlayer.export.build_classifier` writes.
+
+    Raises:
+        ModelError: the model was not written by lastlayer, or its metadata is broken.
+    """
+    meta = metadata(proto)
+    missing = [k for k in (LABELS, PREPROCESSING) if k not in meta]
+    if missing:
+        raise ModelError(
+            f"{source} has no {', '.join(meta_key(k) for k in missing)} metadata: "
+            "it was not written by lastlayer retrain; retrain to get a model that carries its preprocessing"
+        )
+    try:
+        labels = tuple(json.loads(meta[LABELS]))
+    except ValueError as exc:
+        raise ModelError(f"{source}: invalid {meta_key(LABELS)} metadata: {exc}") from exc
+    return ModelInfo(
+        labels=labels,
+        preprocessing=Preprocessing.from_json(meta[PREPROCESSING]),
+        architecture=meta.get(ARCHITECTURE, "unknown"),
+        output_name=meta.get(FINAL_TENSOR_NAME, proto.graph.output[0].name),
+    )

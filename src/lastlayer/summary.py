@@ -1,0 +1,142 @@
+"""What a run returns: :class:`RunSummary` for a full run, :class:`ShardResult` for a worker that only
+computed its shard of the bottlenecks. Both turn into the JSON the run summary file holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def finite(x: float) -> float | None:
+    """``x`` rounded to 6 places, ``None`` for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Accuracies of the run (shares in [0, 1]; ``None`` where a split is empty).
+
+    Attributes:
+        steps: training steps run.
+        final_train_accuracy, final_cross_entropy, final_validation_accuracy: at the last
+            evaluation step, on that step's batches (cross entropy in nats).
+        test_accuracy: on the test images drawn by ``--test_batch_size`` (all by default), N =
+            ``test_n``; retrain.py's "Final test accuracy".
+        train_accuracy_all, validation_accuracy_all, test_accuracy_all: on each whole split.
+        validation_and_test_accuracy: on validation and test together, N = ``validation_and_test_n``.
+    """
+
+    steps: int
+    final_train_accuracy: float | None
+    final_cross_entropy: float | None
+    final_validation_accuracy: float | None
+    test_accuracy: float | None
+    test_n: int
+    train_accuracy_all: float | None
+    validation_accuracy_all: float | None
+    test_accuracy_all: float | None
+    validation_and_test_accuracy: float | None
+    validation_and_test_n: int
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """One class's scores on the test split (``None`` where undefined)."""
+
+    precision: float | None
+    recall: float | None
+    support: int
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """A confusion matrix on one split: ``matrix[true][predicted]`` image counts."""
+
+    split: str
+    rows: str
+    columns: str
+    matrix: list[list[int]]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the bottleneck cache did: images computed, reused, damaged cache files found."""
+
+    computed: int
+    reused: int
+    damaged_files: int
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the run wrote its results."""
+
+    output_graph: str
+    output_labels: str
+    summaries_dir: str
+    summary_json: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Everything a full run found and wrote; :meth:`to_json` is the run summary file.
+
+    Attributes:
+        image_counts: ``{label: {split: images}}``.
+        images: ``found``, ``used``, ``skipped`` and per-split counts of usable images.
+        skipped: ``{"path", "reason"}`` of each image that could not be used.
+        timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``,
+            ``export_s``, ``total_s``).
+        options: every setting of the run, by flag name.
+    """
+
+    lastlayer_version: str
+    architecture: str
+    architecture_requested: str
+    model_key: str
+    seed: int
+    image_dir: str
+    labels: list[str]
+    image_counts: dict[str, dict[str, int]]
+    images: dict[str, int]
+    skipped: list[dict[str, str]]
+    metrics: Metrics
+    confusion_matrix: Confusion
+    per_class: dict[str, ClassScores]
+    cache: CacheStats
+    timings: dict[str, float]
+    outputs: Outputs
+    options: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data, keys in the summary file's order."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The run summary file's text."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker with ``worker_index > 0`` did: its shard of the bottlenecks is cached.
+
+    Attributes:
+        cache: ``computed`` and ``reused`` images of its shard.
+    """
+
+    worker_index: int
+    worker_count: int
+    architecture: str
+    cache: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """One line of JSON."""
+        return json.dumps(self.to_dict())
