@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+import lastlayer
+from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import TRAINING, scan
-from lastlayer.options import RetrainOptions
+from lastlayer.options import parse_flags
 from lastlayer.preprocess import Distortions, decode, distort, open_image
-from lastlayer.retrain import retrain
 from lastlayer.train import softmax_cross_entropy
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
@@ -73,12 +74,12 @@ def best_network_rate(model, inputs: np.ndarray) -> tuple[float, str]:
                 else [model.session(1) for _ in range(cores)]
             )
             for session in sessions:
-                session.run(["features"], {"image": inputs[:batch]})
+                session.run([FEATURES], {IMAGE: inputs[:batch]})
             starts = range(0, len(inputs), batch)
 
             def work(k: int, sessions=sessions, starts=starts, batch=batch) -> None:
                 for i in starts[k :: len(sessions)]:
-                    sessions[k].run(["features"], {"image": inputs[i : i + batch]})
+                    sessions[k].run([FEATURES], {IMAGE: inputs[i : i + batch]})
 
             start = time.perf_counter()
             with ThreadPoolExecutor(len(sessions)) as pool:
@@ -87,25 +88,26 @@ def best_network_rate(model, inputs: np.ndarray) -> tuple[float, str]:
     return best
 
 
-def options(images: Path, work: Path, model_dir: Path, **kw) -> RetrainOptions:
+def options(images: Path, work: Path, model_dir: Path, *extra: str) -> list[str]:
+    """retrain flags for a 500-step run on ``images`` with everything under ``work``."""
     out = work / "out"
-    return RetrainOptions(
-        image_dir=str(images),
-        model_dir=str(model_dir),
-        bottleneck_dir=str(work / "bottlenecks"),
-        output_graph=str(out / "g.onnx"),
-        output_labels=str(out / "l.txt"),
-        summaries_dir=str(out / "s"),
-        how_many_training_steps=500,
-        random_seed=1,
-        **kw,
-    )
+    return [
+        f"--image_dir={images}",
+        f"--model_dir={model_dir}",
+        f"--bottleneck_dir={work / 'bottlenecks'}",
+        f"--output_graph={out / 'g.onnx'}",
+        f"--output_labels={out / 'l.txt'}",
+        f"--summaries_dir={out / 's'}",
+        "--how_many_training_steps=500",
+        "--random_seed=1",
+        *extra,
+    ]
 
 
-def timed_retrain(opts: RetrainOptions) -> tuple[float, dict]:
+def timed_retrain(flags: list[str]) -> tuple[float, dict]:
     start = time.perf_counter()
-    summary = retrain(opts)
-    return time.perf_counter() - start, summary
+    summary = lastlayer.retrain(**parse_flags(flags).api_kwargs())
+    return time.perf_counter() - start, summary.to_dict()
 
 
 def retrain_py_way(images: Path, model, steps: int, batch: int = 100) -> float:
@@ -131,7 +133,7 @@ def retrain_py_way(images: Path, model, steps: int, batch: int = 100) -> float:
                 for f in picks
             ]
         )
-        (feats,) = session.run(["features"], {"image": x})
+        (feats,) = session.run([FEATURES], {IMAGE: x})
         y = np.array([f.label_index for f in picks])
         probs, _ = softmax_cross_entropy(feats @ weights, y)
         probs[np.arange(batch), y] -= 1
@@ -154,19 +156,18 @@ def repeated_copy(images: Path, dest: Path, times: int) -> Path:
 # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from its parent's RSS at fork.
 PEAK_RSS = """
 import json, sys
-from lastlayer.options import RetrainOptions
-from lastlayer.retrain import retrain
-summary = retrain(RetrainOptions(**json.loads(sys.argv[1])))
+import lastlayer
+from lastlayer.options import parse_flags
+summary = lastlayer.retrain(**parse_flags(json.loads(sys.argv[1])).api_kwargs())
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_bytes": int(hwm.split()[1]) * 1024, "used": summary["images"]["used"]}))
+print(json.dumps({"peak_rss_bytes": int(hwm.split()[1]) * 1024, "used": summary.images["used"]}))
 """
 
 
-def peak_rss(opts: RetrainOptions) -> tuple[int, int]:
+def peak_rss(flags: list[str]) -> tuple[int, int]:
     """Peak RSS (bytes) of a cold run in a fresh process, and the number of images it used."""
-    args = {k: v for k, v in vars(opts).items()}
     done = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, json.dumps(args)],
+        [sys.executable, "-c", PEAK_RSS, json.dumps(flags)],
         check=True,
         capture_output=True,
         text=True,
@@ -227,10 +228,10 @@ def main() -> int:
                 args.images,
                 work / "distorted",
                 args.model_dir,
-                flip_left_right=True,
-                random_crop=10,
-                random_scale=10,
-                random_brightness=10,
+                "--flip_left_right",
+                "--random_crop=10",
+                "--random_scale=10",
+                "--random_brightness=10",
             )
         )
         variants = ours["options"]["distorted_variants"]

@@ -36,6 +36,7 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
     """One measurement in this (fresh) process; returns its timings."""
     start = time.perf_counter()
     from lastlayer.dataset import scan
+    from lastlayer.engines.local import LocalEngine
     from lastlayer.features import compute_bottlenecks
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
@@ -44,22 +45,22 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
     out: dict = {"images": len(image_set.files)}
     if engine == "local":
         tick = time.perf_counter()
-        done = compute_bottlenecks(image_set, model, os.path.join(work, "local"))
+        done = compute_bottlenecks(image_set, model, os.path.join(work, "local"), LocalEngine())
         out["computed"], out["extract_s"] = done.computed, time.perf_counter() - tick
         return out
     tick = time.perf_counter()
     from lastlayer.engines import spark
 
-    session = spark.start(master)
-    session.sparkContext.setLogLevel("ERROR")
-    out["start_s"] = time.perf_counter() - tick
-    for name in ("first", "steady"):
-        tick = time.perf_counter()
-        done = compute_bottlenecks(image_set, model, os.path.join(work, name), engine="spark")
-        out[f"{name}_s"], out["computed"] = time.perf_counter() - tick, done.computed
-    out["cores"] = session.sparkContext.defaultParallelism
-    out["process_s"] = time.perf_counter() - start
-    session.stop()
+    with spark.SparkEngine(master) as engine:
+        session = engine.spark()
+        session.sparkContext.setLogLevel("ERROR")
+        out["start_s"] = time.perf_counter() - tick
+        for name in ("first", "steady"):
+            tick = time.perf_counter()
+            done = compute_bottlenecks(image_set, model, os.path.join(work, name), engine)
+            out[f"{name}_s"], out["computed"] = time.perf_counter() - tick, done.computed
+        out["cores"] = session.sparkContext.defaultParallelism
+        out["process_s"] = time.perf_counter() - start
     return out
 
 
