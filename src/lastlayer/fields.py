@@ -100,7 +100,7 @@ def problem(f: dataclasses.Field[Any], value: Any) -> str | None:
     if value is None or any(value == s and type(value) is type(s) for s in meta.special):
         return None
     if isinstance(value, float) and meta.finite and not math.isfinite(value):
-        return meta.rule or "must be a finite number"
+        return "must be a finite number"
     if isinstance(value, int | float) and not isinstance(value, bool):
         checks = (
             (meta.minimum, lambda lim: value >= lim, ">="),
