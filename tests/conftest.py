@@ -83,6 +83,18 @@ def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
 
 
 _SPARK: dict[str, object] = {}
+HDFS_TESTS = Path(__file__).resolve().parent / "hdfs"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark what needs Java: the tests under tests/hdfs (``hdfs``) and those using Spark (``spark``),
+    so that ``pytest -m "not hdfs and not spark"`` runs on a machine without Java or a KDC."""
+    for item in items:
+        if HDFS_TESTS in Path(item.path).parents:
+            item.add_marker(pytest.mark.hdfs)
+        if "spark_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
