@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         StorageError,
         UsageError,
     )
-    from lastlayer.inference import Prediction, label
+    from lastlayer.inference import Prediction, RetrainedModel, label
     from lastlayer.options import RetrainOptions
     from lastlayer.pipeline import retrain
     from lastlayer.summary import Metrics, RunSummary, ShardResult
@@ -56,6 +56,7 @@ __all__ = [
     "OutputConfig",
     "Prediction",
     "RetrainOptions",
+    "RetrainedModel",
     "RunSummary",
     "ShardResult",
     "StorageError",
@@ -73,7 +74,7 @@ _HOME = {
     name: module
     for module, names in {
         "lastlayer.pipeline": ("retrain",),
-        "lastlayer.inference": ("label", "Prediction"),
+        "lastlayer.inference": ("label", "Prediction", "RetrainedModel"),
         "lastlayer.transfer": ("upload", "UploadReport"),
         "lastlayer.config": ("TrainingConfig", "CacheConfig", "OutputConfig", "EngineConfig"),
         "lastlayer.options": ("RetrainOptions",),

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from lastlayer import contract, storage
 from lastlayer.engines.base import available_cores
@@ -44,6 +45,86 @@ def read_labels(url: str, storage_options: Mapping[str, Any] | None = None) -> t
     return tuple(storage.read_bytes(url, storage_options).decode("utf-8").rstrip("\n").split("\n"))
 
 
+@dataclass(frozen=True)
+class RetrainedModel:
+    """A retrained model loaded for inference: its metadata, labels and one onnxruntime session.
+
+    Attributes:
+        source: where it was read from.
+        info: what its metadata says (preprocessing, architecture, output name).
+        labels: class names in output order (the model's, or a labels file's).
+        output: the output read by :meth:`probabilities`.
+    """
+
+    source: str
+    info: contract.ModelInfo
+    labels: tuple[str, ...]
+    output: str
+    session: ort.InferenceSession = field(repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        graph: str,
+        *,
+        labels: str = "",
+        threads: int = 0,
+        output_layer: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> RetrainedModel:
+        """Read the model at ``graph`` (any URL).
+
+        Args:
+            labels: a labels file to use instead of the labels stored in the model.
+            threads: onnxruntime threads (0: one per core).
+            output_layer: the output to read (default: the model's final tensor).
+
+        Raises:
+            ModelError: the model cannot be read or was not made by lastlayer; the labels file
+                does not match it.
+        """
+        data = storage.read_bytes(graph, storage_options)
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
+            raise ModelError(
+                f"{graph} is not an ONNX model ({exc.__class__.__name__}): pass the --output_graph "
+                "of lastlayer retrain"
+            ) from exc
+        info = contract.read_info(proto, graph)
+        names = read_labels(labels, storage_options) if labels else info.labels
+        if len(names) != len(info.labels):
+            raise ModelError(
+                f"{labels} has {len(names)} labels but {graph} has {len(info.labels)} classes: "
+                "pass the labels file written with this model"
+            )
+        session = contract.session(data, graph, threads or available_cores())
+        output = output_layer or info.output_name
+        if output not in {o.name for o in session.get_outputs()}:
+            raise ModelError(
+                f"{graph} has no output {output!r}; it has {[o.name for o in session.get_outputs()]}"
+            )
+        return cls(graph, info, names, output, session)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """An image's bytes as the model's input: ``uint8 [S, S, 3]``.
+
+        Raises:
+            DataError: the bytes are not an image this package can decode.
+        """
+        return decode(data, self.info.preprocessing)
+
+    def probabilities(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """``float32 [N, C]`` class probabilities of prepared inputs (see :meth:`prepare`)."""
+        (probs,) = self.session.run([self.output], {contract.IMAGE: np.stack(inputs)})
+        return probs
+
+    def top(self, probs: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+        """The ``k`` most probable ``(label, probability)`` of one row of :meth:`probabilities`."""
+        best = np.argsort(-probs, kind="stable")[:k]
+        return tuple((self.labels[j], float(probs[j])) for j in best)
+
+
 def label(
     graph: str,
     images: Sequence[str],
@@ -54,7 +135,7 @@ def label(
     output_layer: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[Prediction]:
-    """Label each image with the model at ``graph``.
+    """Label each image with the model at ``graph``, :data:`BATCH` images per network call.
 
     Args:
         labels: a labels file to use instead of the labels stored in the model.
@@ -64,43 +145,22 @@ def label(
         ModelError: the model cannot be read or was not made by lastlayer; the labels file
             does not match it.
     """
-    data = storage.read_bytes(graph, storage_options)
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
-        raise ModelError(
-            f"{graph} is not an ONNX model ({exc.__class__.__name__}): pass the --output_graph "
-            "of lastlayer retrain"
-        ) from exc
-    info = contract.read_info(proto, graph)
-    names = read_labels(labels, storage_options) if labels else info.labels
-    if len(names) != len(info.labels):
-        raise ModelError(
-            f"{labels} has {len(names)} labels but {graph} has {len(info.labels)} classes: "
-            "pass the labels file written with this model"
-        )
-    session = contract.session(data, graph, threads or available_cores())
-    output = output_layer or info.output_name
-    if output not in {o.name for o in session.get_outputs()}:
-        raise ModelError(
-            f"{graph} has no output {output!r}; it has {[o.name for o in session.get_outputs()]}"
-        )
-
+    model = RetrainedModel.load(
+        graph, labels=labels, threads=threads, output_layer=output_layer, storage_options=storage_options
+    )
     results: dict[int, Prediction] = {}
     ready: list[tuple[int, np.ndarray]] = []
 
     def run() -> None:
-        if not ready:
-            return
-        (probs,) = session.run([output], {contract.IMAGE: np.stack([x for _, x in ready])})
-        for (i, _), p in zip(ready, probs, strict=True):
-            best = np.argsort(-p, kind="stable")[:top_k]
-            results[i] = Prediction(images[i], tuple((names[j], float(p[j])) for j in best))
-        ready.clear()
+        if ready:
+            probs = model.probabilities([x for _, x in ready])
+            for (i, _), p in zip(ready, probs, strict=True):
+                results[i] = Prediction(images[i], model.top(p, top_k))
+            ready.clear()
 
     for i, url in enumerate(images):
         try:
-            ready.append((i, decode(storage.read_bytes(url, storage_options), info.preprocessing)))
+            ready.append((i, model.prepare(storage.read_bytes(url, storage_options))))
         except (DataError, StorageError) as exc:
             log.warning("Skipped %s: %s", url, exc)
             results[i] = Prediction(url, (), str(exc))
