@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: ``(done, total)`` images while bottlenecks are computed.
 Progress = Callable[[int, int], None]
+#: Called at each evaluation point of training (every ``--eval_step_interval`` steps and the last).
+OnEvaluation = Callable[[Evaluation], None]
 #: Seconds between looks at the cache while worker 0 waits for the other workers' shards.
 SHARD_POLL_SECONDS = 2.0
 
@@ -63,6 +65,7 @@ def retrain(
     storage_options: Mapping[str, Any] | None = None,
     hadoop: HadoopLogin | None = None,
     progress: Progress | None = None,
+    on_evaluation: OnEvaluation | None = None,
 ) -> RunSummary | ShardResult:
     """Retrain the last layer of ``architecture`` on the class folders of ``image_dir``.
 
@@ -75,6 +78,7 @@ def retrain(
         hadoop: a :class:`~lastlayer.hadoop.HadoopLogin` for ``hdfs://`` URLs and Spark on a
             Kerberized cluster; its storage options come before ``storage_options``.
         progress: called with ``(done, total)`` while bottlenecks are computed.
+        on_evaluation: called at each evaluation point of training.
 
     Returns:
         The run summary (also written to ``outputs.summary_url``), or, for a worker with
@@ -86,7 +90,7 @@ def retrain(
     run = Run(
         image_dir, architecture, training or TrainingConfig(), cache or CacheConfig(),
         outputs or OutputConfig(), engine or EngineConfig(),
-        {**(hadoop.storage_options() if hadoop else {}), **(storage_options or {})},
+        {**(hadoop.storage_options() if hadoop else {}), **(storage_options or {})}, on_evaluation,
     )  # fmt: skip
     check(run.training, run.cache, run.outputs, run.engine)
     # the engine starts first: pyspark forks its JVM, which must not inherit other threads' locks
@@ -105,6 +109,7 @@ class Run:
     outputs: OutputConfig
     engine: EngineConfig
     storage_options: dict[str, Any]
+    on_evaluation: OnEvaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _started: float = field(init=False, default_factory=time.perf_counter)
     _tick: float = field(init=False, default_factory=time.perf_counter)
@@ -317,6 +322,8 @@ def fit(
 
     def on_eval(ev: Evaluation) -> None:
         last[:] = [ev]
+        if run.on_evaluation is not None:
+            run.on_evaluation(ev)
         train_writer.scalar("accuracy", ev.train_accuracy, ev.step)
         train_writer.scalar("cross_entropy", ev.cross_entropy, ev.step)
         if ev.validation_accuracy is not None and ev.validation_cross_entropy is not None:
