@@ -539,3 +539,30 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path, zoo_dir):
     path.write_bytes(b"\xff\xd8\xff\xe0 not a model")
     with pytest.raises(ModelError, match="not a valid ONNX model"):
         load_feature_model(str(path), zoo_dir)
+
+
+@pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
+def test_reader_refuses_views_that_ask_for_more_memory_than_the_file_holds(
+    fake_torch, zip_format, monkeypatch
+):
+    # issue 9: a 4-byte storage viewed as (10^6, 10^6) with stride (0, 0) asked for 3.6 TiB
+    one = _FakeStorage("0", np.ones(1, dtype=np.float32))
+    state = {"weight": _FakeTensor(one, 0, (10**6, 10**6), (0, 0))}
+    with pytest.raises(ModelError, match=r"has 1000000000000 elements but its storage '0' holds 1"):
+        read_state_dict(torch_file(state, [one], zip_format))
+    from lastlayer.zoo import pth
+
+    monkeypatch.setattr(pth, "MAX_STATE_DICT_BYTES", 10_000)
+    many = _FakeStorage("0", np.ones(1000, dtype=np.float32))  # 4,000 bytes, viewed 5 times: 20,000
+    views = {f"w{i}": _FakeTensor(many, 0, (1000,), (1,)) for i in range(5)}
+    with pytest.raises(ModelError, match="past 10,000 bytes of tensor data"):
+        read_state_dict(torch_file(views, [many], zip_format))
+
+
+def test_reader_refuses_a_storage_that_inflates_past_the_budget(fake_torch, monkeypatch):
+    from lastlayer.zoo import pth
+
+    monkeypatch.setattr(pth, "MAX_STATE_DICT_BYTES", 1000)
+    big = _FakeStorage("0", np.zeros(1000, dtype=np.float32))  # 4,000 bytes, compresses to nothing
+    with pytest.raises(ModelError, match=r"storage '0' would take the weights past 1,000 bytes"):
+        read_state_dict(torch_file({"w": _FakeTensor(big, 0, (1000,), (1,))}, [big], zip_format=True))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -32,6 +33,8 @@ from lastlayer.errors import ModelError
 #: The first pickle of a legacy ``.pth`` file.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+#: Most bytes of tensor data a weights file may hold (the shipped ones hold under 40 MB).
+MAX_STATE_DICT_BYTES = 1 << 30
 
 #: Storage class name -> little-endian numpy dtype of its elements.
 STORAGE_DTYPES: Mapping[str, str] = {
@@ -157,18 +160,19 @@ def read_state_dict(data: bytes) -> dict[str, np.ndarray]:
     Raises:
         ModelError: the bytes are not a torch state dict, are truncated, or reference a refused global.
     """
-    obj = _read_zip(data) if data[:4] == b"PK\x03\x04" else _read_legacy(data)
+    budget = _Budget()
+    obj = _read_zip(data, budget) if data[:4] == b"PK\x03\x04" else _read_legacy(data, budget)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ModelError(f"the weights file holds a {type(obj).__name__}, not a state dict")
-    out = {str(k): _materialize(v) for k, v in obj.items() if isinstance(v, _TensorSpec)}
+    out = {str(k): _materialize(v, budget) for k, v in obj.items() if isinstance(v, _TensorSpec)}
     if not out:
         raise ModelError("the weights file holds no tensors")
     return out
 
 
-def _read_legacy(data: bytes) -> Any:
+def _read_legacy(data: bytes, budget: _Budget) -> Any:
     file = io.BytesIO(data)
     if _unpickle(file) != LEGACY_MAGIC:
         raise ModelError("not a PyTorch weights file (neither the zip format nor the legacy magic number)")
@@ -204,13 +208,14 @@ def _read_legacy(data: bytes) -> Any:
         if len(header) != 8:
             raise ModelError(f"truncated PyTorch file: storage {key!r} is missing")
         (count,) = struct.unpack("<q", header)
+        budget.spend(storage.numel * storage.dtype.itemsize, f"storage {key!r}")
         if count != storage.numel:
             raise ModelError(f"storage {key!r} holds {count} elements, the pickle says {storage.numel}")
         storage.array = _frombuffer(file.read(count * storage.dtype.itemsize), storage, key)
     return obj
 
 
-def _read_zip(data: bytes) -> Any:
+def _read_zip(data: bytes, budget: _Budget) -> Any:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
@@ -231,7 +236,9 @@ def _read_zip(data: bytes) -> Any:
             if key not in storages:
                 dtype = _storage_type(kind).dtype
                 storage = _Storage(key, dtype, int(numel))
-                raw = archive.read(f"{prefix}data/{key}")
+                member = archive.getinfo(f"{prefix}data/{key}")
+                budget.spend(member.file_size, f"storage {key!r}")  # before inflating it
+                raw = archive.read(member)
                 storage.array = _frombuffer(raw, storage, key)
                 storages[key] = storage
             return storages[key]
@@ -241,13 +248,30 @@ def _read_zip(data: bytes) -> Any:
         raise ModelError(f"cannot read the PyTorch zip file: {exc}") from exc
 
 
+class _Budget:
+    """Bytes of tensor data read and made so far, at most :data:`MAX_STATE_DICT_BYTES` in all."""
+
+    def __init__(self) -> None:
+        self.spent = 0
+
+    def spend(self, nbytes: int, what: str) -> int:
+        """Count ``nbytes`` for ``what``; return them. Raises ModelError past the budget."""
+        self.spent += max(nbytes, 0)
+        if nbytes < 0 or self.spent > MAX_STATE_DICT_BYTES:
+            raise ModelError(
+                f"{what} would take the weights past {MAX_STATE_DICT_BYTES:,} bytes of tensor data "
+                "(the shipped weights hold under 40 MB): not a plain state dict"
+            )
+        return nbytes
+
+
 def _frombuffer(raw: bytes, storage: _Storage, key: str) -> np.ndarray:
     if len(raw) != storage.numel * storage.dtype.itemsize:
         raise ModelError(f"truncated PyTorch file: storage {key!r} is short of data")
     return np.frombuffer(raw, dtype=storage.dtype, count=storage.numel)
 
 
-def _materialize(spec: _TensorSpec) -> np.ndarray:
+def _materialize(spec: _TensorSpec, budget: _Budget) -> np.ndarray:
     """The C-contiguous native-endian array a tensor spec describes, bounds-checked."""
     if isinstance(spec.storage, _View):
         root, base, numel = spec.storage.root, spec.storage.offset, spec.storage.numel
@@ -262,6 +286,13 @@ def _materialize(spec: _TensorSpec) -> np.ndarray:
         raise ModelError(f"malformed tensor: size {spec.size}, stride {spec.stride}, offset {spec.offset}")
     if base + numel > root.numel:
         raise ModelError(f"storage view of {root.key!r} runs past its end")
+    count = math.prod(spec.size)
+    if count > numel:
+        raise ModelError(
+            f"tensor of size {spec.size} (stride {spec.stride}) has {count} elements but its storage "
+            f"{root.key!r} holds {numel}: overlapping views are not a plain state dict"
+        )
+    budget.spend(count * root.dtype.itemsize, f"tensor of size {spec.size}")
     if 0 in spec.size:
         return np.zeros(spec.size, dtype=root.dtype.newbyteorder("="))
     last = spec.offset + sum((n - 1) * s for n, s in zip(spec.size, spec.stride, strict=True))
