@@ -17,6 +17,7 @@ of work (whichever comes first, so a killed run keeps most of its work), never o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 PART_RE = re.compile(r"^part-([0-9a-f]{64})\.parquet$")
 #: More part files than this in one folder are merged into one at the end of a run.
 COMPACT_ABOVE = 8
+#: A part file is written per this many new rows, or per this many seconds of work.
+FLUSH_ROWS = 4096
+FLUSH_SECONDS = 60.0
+#: Listings of a folder whose files another process removed while this one read them.
+LOAD_ATTEMPTS = 3
+
+
+#: What :meth:`FeatureStore._read_part` returns for a part another process removed meanwhile.
+_VANISHED = pa.table({})
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,8 @@ class FeatureStore:
     url: str
     dim: int
     storage_options: Mapping[str, Any] | None = None
-    flush_rows: int = 4096
-    flush_seconds: float = 60.0
+    flush_rows: int = field(default_factory=lambda: FLUSH_ROWS)
+    flush_seconds: float = field(default_factory=lambda: FLUSH_SECONDS)
     features: np.ndarray = field(init=False)
     damaged: int = field(init=False, default=0)
     _index: dict[tuple[str, int], int] = field(init=False, default_factory=dict)
@@ -136,35 +146,58 @@ class FeatureStore:
 
     # -- reading ---------------------------------------------------------------------------
     def _load(self) -> None:
+        """Read every part file. Another process may compact the folder meanwhile (its merged file is
+        written before the parts it replaces are removed): a part that vanished is skipped and the
+        folder listed again, up to :data:`LOAD_ATTEMPTS` times, to read the merged file."""
         fs, root = storage.url_to_fs(self.url, self.storage_options)
-        try:
-            names = sorted(posixpath.basename(p) for p in fs.ls(root, detail=False)) if fs.isdir(root) else []
-        except Exception as exc:
-            raise storage.describe(exc, self.url, "list the bottleneck cache") from exc
-        for name in names:
-            match = PART_RE.match(name)
-            if not match:
-                continue
-            path = posixpath.join(root, name)
-            table = self._read_part(fs, path, match.group(1))
-            if table is None:
-                self.damaged += 1
-                log.warning(
-                    "damaged bottleneck cache file %s: ignored and removed; its images are computed again",
-                    storage.join(self.url, name),
-                )
-                try:
-                    fs.rm_file(path)
-                except Exception as exc:
-                    log.warning("could not remove %s: %s", path, exc)
-                continue
-            self._parts.append(name)
-            self._add_table(table)
+        seen: set[str] = set()
+        for _ in range(LOAD_ATTEMPTS):
+            vanished = False
+            for name in self._list(fs, root):
+                if name in seen:
+                    continue
+                seen.add(name)
+                digest = PART_RE.match(name).group(1)  # type: ignore[union-attr]
+                table = self._read_part(fs, posixpath.join(root, name), digest)
+                if table is _VANISHED:
+                    vanished = True
+                elif table is None:
+                    self._remove_damaged(fs, root, name)
+                else:
+                    self._parts.append(name)
+                    self._add_table(table)
+            if not vanished:
+                break
         self._consolidate()
 
+    def _list(self, fs: Any, root: str) -> list[str]:
+        """The part files of the folder, sorted."""
+        try:
+            names = fs.ls(root, detail=False) if fs.isdir(root) else []
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise storage.describe(exc, self.url, "list the bottleneck cache") from exc
+        return sorted(n for n in (posixpath.basename(p) for p in names) if PART_RE.match(n))
+
+    def _remove_damaged(self, fs: Any, root: str, name: str) -> None:
+        self.damaged += 1
+        log.warning(
+            "damaged bottleneck cache file %s: ignored and removed; its images are computed again",
+            storage.join(self.url, name),
+        )
+        try:
+            fs.rm_file(posixpath.join(root, name))
+        except Exception as exc:
+            log.warning("could not remove %s: %s", posixpath.join(root, name), exc)
+
     def _read_part(self, fs: Any, path: str, digest: str) -> pa.Table | None:
+        """The part's table; ``None`` when it is damaged; :data:`_VANISHED` when another process
+        removed it since it was listed."""
         try:
             data = fs.cat_file(path)
+        except FileNotFoundError:
+            return _VANISHED
         except Exception as exc:
             raise storage.describe(exc, path, "read the bottleneck cache file") from exc
         if hashlib.sha256(data).hexdigest() != digest:
@@ -315,14 +348,19 @@ class FeatureStore:
         if len(self._parts) <= COMPACT_ABOVE:
             return
         fs, root = storage.url_to_fs(self.url, self.storage_options)
-        tables = []
+        merged_parts, tables = [], []
         for name in self._parts:
             table = self._read_part(fs, posixpath.join(root, name), PART_RE.match(name).group(1))  # type: ignore[union-attr]
-            if table is not None:
+            if table is not None and table is not _VANISHED:  # a vanished part was merged elsewhere
+                merged_parts.append(name)
                 tables.append(table)
+        if len(tables) <= 1:
+            self._parts = merged_parts
+            return
         merged = self._write_table(pa.concat_tables(tables))
-        for name in self._parts:
+        for name in merged_parts:
             if name != merged:
-                fs.rm_file(posixpath.join(root, name))
-        log.info("compacted %d bottleneck cache files into one", len(self._parts))
+                with contextlib.suppress(FileNotFoundError):  # another process merged and removed it
+                    fs.rm_file(posixpath.join(root, name))
+        log.info("compacted %d bottleneck cache files into one", len(merged_parts))
         self._parts = [merged]
