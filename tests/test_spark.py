@@ -226,12 +226,15 @@ def test_the_master_comes_from_the_flag_then_spark_s_configuration_then_the_core
     assert spark.resolve_master("local[3]") == "local[3]"
 
 
-def test_settings_carry_the_keytab_login_to_spark(monkeypatch, tmp_path):
-    from lastlayer import kerberos
+def test_settings_carry_the_keytab_login_to_spark(tmp_path):
+    from lastlayer.hadoop import ClusterConfig, HadoopLogin
 
-    login = kerberos.Login("tensorflow@LOCAL", "/k/tensorflow.keytab", "FILE:/x", str(tmp_path / "krb5.conf"))
-    monkeypatch.setattr(kerberos, "_active", login)
-    conf = spark.settings("local[2]")
+    login = HadoopLogin(
+        ClusterConfig(
+            principal="tensorflow@LOCAL", keytab="/k/tensorflow.keytab", krb5_conf=str(tmp_path / "krb5.conf")
+        )
+    )  # not entered: spark_conf() only reads the flags
+    conf = spark.settings("local[2]", login)
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
     assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"

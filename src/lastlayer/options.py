@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
 
 from lastlayer.errors import UsageError
+from lastlayer.fields import info
 from lastlayer.preprocess import Distortions
 from lastlayer.zoo import DEFAULT_ARCHITECTURE
 
@@ -212,29 +213,6 @@ class LabelOptions:
 
 
 @dataclass
-class ClusterOptions:
-    """How to reach a Kerberized Hadoop cluster (any command that reads or writes ``hdfs://``)."""
-
-    principal: str = _opt(
-        "",
-        "Kerberos principal to log in as from --keytab (e.g. tensorflow@LOCAL); "
-        "default: the existing ticket cache (KRB5CCNAME).",
-    )
-    keytab: str = _opt("", "Keytab of --principal; the ticket goes to a private cache and is renewed.")
-    krb5_conf: str = _opt("", "krb5.conf to use (default: KRB5_CONFIG or /etc/krb5.conf).")
-    hadoop_conf_dir: str = _opt("", "Folder with core-site.xml and hdfs-site.xml (default: HADOOP_CONF_DIR).")
-    hdfs_config_uri: str = _opt(
-        "", "Base URL to download core-site.xml and hdfs-site.xml from (the walkthrough's hdfs.config_uri)."
-    )
-
-    def validate(self) -> None:
-        """--principal and --keytab go together."""
-        if bool(self.principal) != bool(self.keytab):
-            given, missing = ("principal", "keytab") if self.principal else ("keytab", "principal")
-            raise UsageError(f"--{given} needs --{missing}: pass both, or neither to use the ticket cache")
-
-
-@dataclass
 class UploadOptions:
     """What ``lastlayer upload`` takes besides its source and destination."""
 
@@ -291,7 +269,7 @@ class JobOptions:
             raise UsageError(f"--timeout={self.timeout}: must be 0 (no limit) or positive")
 
 
-T = TypeVar("T", RetrainOptions, LabelOptions, ClusterOptions, UploadOptions, AuthToLocalOptions, JobOptions)
+T = TypeVar("T", RetrainOptions, LabelOptions, UploadOptions, AuthToLocalOptions, JobOptions)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -319,22 +297,24 @@ def _optional(kind: type) -> Any:
     return convert
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type[T]) -> None:
-    """Add one ``--flag`` per field of ``cls`` to ``parser``."""
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of ``cls`` to ``parser`` (fields of :func:`_opt` or
+    :func:`lastlayer.fields.option`)."""
     hints = get_type_hints(cls)
     for f in fields(cls):
         hint = hints[f.name]
         default = f.default if f.default is not MISSING else None
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
-        if f.metadata.get("multiple"):
+        declared = info(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", declared.doc)}
+        if f.metadata.get("multiple", declared.multiple):
             kwargs.update(action="append", metavar="URL")
         elif hint is bool:
             kwargs.update(type=parse_bool, metavar="BOOL")
         else:
             base = next(t for t in (int, float, str) if t in getattr(hint, "__args__", (hint,)))
             kwargs["type"] = _optional(base) if default is None else base
-            kwargs["metavar"] = f.metadata.get("metavar") or base.__name__.upper()
-        if default not in (None, "", False) and not f.metadata.get("multiple"):
+            kwargs["metavar"] = f.metadata.get("metavar") or declared.metavar or base.__name__.upper()
+        if default not in (None, "", False) and not f.metadata.get("multiple", declared.multiple):
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(f"--{f.name}", **kwargs)
     parser.set_defaults(

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from lastlayer.options import RetrainOptions
 from lastlayer.summaries import SummaryWriter
 from lastlayer.train import Classifier, Evaluation, TrainConfig, confusion_matrix, per_class_scores, train
 from lastlayer.zoo import FeatureModel, load_feature_model
+
+if TYPE_CHECKING:
+    from lastlayer.hadoop import HadoopLogin
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,12 @@ def retrain(
     opts: RetrainOptions,
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    hadoop: HadoopLogin | None = None,
 ) -> dict[str, Any]:
     """Run the whole retraining job described by ``opts``; return the run summary.
+
+    ``hadoop`` is the cluster login a Spark session started here uses (see
+    :func:`lastlayer.engines.spark.settings`); storage goes through ``storage_options``.
 
     With ``--engine=spark`` the Spark session starts first: pyspark launches its JVM from a forked
     child, which must not inherit the threads (and their locks) that storage clients start later.
@@ -94,7 +101,7 @@ def retrain(
         return _run(opts, storage_options, progress)
     from lastlayer.engines import spark
 
-    with spark.session(opts.spark_master):
+    with spark.session(opts.spark_master, hadoop):
         return _run(opts, storage_options, progress)
 
 

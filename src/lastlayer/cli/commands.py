@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from lastlayer.cli.cluster import storage_options
 from lastlayer.cli.progress import ProgressBar
 from lastlayer.errors import UsageError
 from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_namespace
@@ -16,7 +17,7 @@ def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.retrain import retrain
 
     opts = from_namespace(ns, RetrainOptions)
-    summary = retrain(opts, progress=ProgressBar(sys.stderr))
+    summary = retrain(opts, storage_options(hadoop), ProgressBar(sys.stderr), hadoop=hadoop)
     if "metrics" not in summary:  # a worker that only computed its shard of the bottlenecks
         print(json.dumps(summary))
         return 0
@@ -52,6 +53,7 @@ def label(ns: argparse.Namespace, hadoop: Any) -> int:
         top_k=opts.top_k,
         threads=opts.num_threads,
         output_layer=opts.output_layer,
+        storage_options=storage_options(hadoop),
     )
     for p in predictions:
         if opts.json:
@@ -78,7 +80,13 @@ def upload(ns: argparse.Namespace, hadoop: Any) -> int:
 
     opts = from_namespace(ns, UploadOptions)
     opts.validate()
-    report = upload(ns.src, ns.dst, threads=opts.threads, progress=ProgressBar(sys.stderr, "Upload", "files"))
+    report = upload(
+        ns.src,
+        ns.dst,
+        threads=opts.threads,
+        progress=ProgressBar(sys.stderr, "Upload", "files"),
+        storage_options=storage_options(hadoop),
+    )
     print(
         json.dumps(
             {

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
-from lastlayer import kerberos, storage
+from lastlayer import storage
 from lastlayer.engines.base import NeedFn, Result, Task
 from lastlayer.engines.local import Prepared, default_threads, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from pyspark import Broadcast
     from pyspark.rdd import RDD
     from pyspark.sql import Row, SparkSession
+
+    from lastlayer.hadoop import HadoopLogin
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +106,13 @@ def resolve_master(master: str = "") -> str:
     return master or configured_master() or f"local[{default_threads()}]"
 
 
-def settings(master: str) -> dict[str, str]:
+def settings(master: str, hadoop: HadoopLogin | None = None) -> dict[str, str]:
     """The settings lastlayer gives a Spark session it starts for ``master``.
 
-    Local masters listen on 127.0.0.1 only, without the web UI. With a keytab
-    login (``--principal`` / ``--keytab``), Spark logs in from the same keytab
-    (``spark.kerberos.principal`` / ``keytab``) and the JVMs use the same ``krb5.conf``; Hadoop's
-    client configuration comes from ``HADOOP_CONF_DIR``.
+    Local masters listen on 127.0.0.1 only, without the web UI. With a login, its
+    :meth:`~lastlayer.hadoop.HadoopLogin.spark_conf`: with a keytab (``--principal`` / ``--keytab``)
+    Spark logs in from the same keytab (``spark.kerberos.principal`` / ``keytab``), the JVMs use the
+    same ``krb5.conf``, and Hadoop's client configuration goes in as ``spark.hadoop.*``.
     """
     conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
     if master.startswith("local"):
@@ -123,19 +125,13 @@ def settings(master: str) -> dict[str, str]:
                 "spark.sql.sources.parallelPartitionDiscovery.threshold": str(2**31 - 1),
             }
         )
-    login = kerberos.active()
-    if login is not None:
-        conf["spark.kerberos.principal"] = login.principal
-        conf["spark.kerberos.keytab"] = login.keytab
-        if login.krb5_conf:
-            option = f"-Djava.security.krb5.conf={os.path.abspath(login.krb5_conf)}"
-            conf["spark.driver.extraJavaOptions"] = option
-            conf["spark.executor.extraJavaOptions"] = option
+    if hadoop is not None:
+        conf.update(hadoop.spark_conf())
     return conf
 
 
-def start(master: str = "") -> SparkSession:
-    """Start a Spark session with :func:`settings` for :func:`resolve_master`'s master.
+def start(master: str = "", hadoop: HadoopLogin | None = None) -> SparkSession:
+    """Start a Spark session with :func:`settings` for :func:`resolve_master`'s master and ``hadoop``.
 
     Raises:
         EngineError: Spark could not start (no Java, a bad master, ...), in one line.
@@ -149,7 +145,7 @@ def start(master: str = "") -> SparkSession:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors' Python is this one
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder
-    for key, value in settings(chosen).items():
+    for key, value in settings(chosen, hadoop).items():
         builder = builder.config(key, value)
     try:
         spark = builder.getOrCreate()
@@ -162,11 +158,13 @@ def start(master: str = "") -> SparkSession:
     log.info(
         "Spark %s started: master %s, %d cores", spark.version, chosen, spark.sparkContext.defaultParallelism
     )
+    if hadoop is not None and hadoop.principal:
+        log.info("Spark reads the images as %s", hadoop_user(spark))
     return spark
 
 
 @contextmanager
-def session(master: str = "") -> Iterator[SparkSession]:
+def session(master: str = "", hadoop: HadoopLogin | None = None) -> Iterator[SparkSession]:
     """The active Spark session (left running), or a new one from :func:`start`, stopped on exit."""
     require()
     from pyspark.sql import SparkSession
@@ -181,7 +179,7 @@ def session(master: str = "") -> Iterator[SparkSession]:
             )
         yield active
         return
-    spark = start(master)
+    spark = start(master, hadoop)
     try:
         yield spark
     finally:
@@ -361,8 +359,6 @@ def extract(
         hadoop_uri(todo[0].url)  # a scheme Spark cannot read is refused before Spark starts
     with session(master) as spark:
         sc = spark.sparkContext
-        if kerberos.active() is not None:
-            log.info("Spark reads the images as %s", hadoop_user(spark))
         model_bc, need_bc = sc.broadcast(model), sc.broadcast(need)
         wave_size = max(WAVE_MIN, WAVE_PER_CORE * sc.defaultParallelism)
         done = 0
