@@ -75,6 +75,7 @@ def test_a_keytab_login_yields_explicit_options_conf_and_env(conf_dir):
     login.properties = {"fs.defaultFS": "hdfs://nn:8020"}
     assert login.spark_conf() == {
         "spark.hadoop.fs.defaultFS": "hdfs://nn:8020",
+        "spark.driver.extraClassPath": str(conf_dir),
         "spark.kerberos.principal": "tensorflow@LOCAL",
         "spark.kerberos.keytab": os.path.abspath("k/tensorflow.keytab"),
         "spark.driver.extraJavaOptions": "-Djava.security.krb5.conf=/etc/lastlayer-krb5.conf",
@@ -119,7 +120,10 @@ def test_without_a_principal_the_ticket_cache_is_used_as_it_is(conf_dir, monkeyp
             "webhdfs": {"kerberos": True},
         }
         assert login.env() == {"HADOOP_CONF_DIR": str(conf_dir)}
-        assert login.spark_conf() == {"spark.hadoop.fs.defaultFS": "hdfs://127.0.0.1:1"}
+        assert login.spark_conf() == {
+            "spark.hadoop.fs.defaultFS": "hdfs://127.0.0.1:1",
+            "spark.driver.extraClassPath": str(conf_dir),
+        }
     monkeypatch.delenv("KRB5CCNAME")
     with HadoopLogin(ClusterConfig()) as login:
         assert login.storage_options() == {} and login.env() == {} and login.spark_conf() == {}

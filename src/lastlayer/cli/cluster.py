@@ -12,20 +12,26 @@ from typing import Any
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.options import AuthToLocalOptions, from_namespace
 
+#: What in-process clients can only read from the environment: MIT Kerberos' configuration file
+#: (see :mod:`lastlayer.hadoop.login`). Everything else goes to them, and to Spark, explicitly.
+IN_PROCESS_ENV = ("KRB5_CONFIG",)
+
 
 @contextmanager
 def connect(ns: argparse.Namespace) -> Iterator[HadoopLogin | None]:
-    """The login of the cluster flags, entered before anything touches ``hdfs://``, with its
-    :meth:`~HadoopLogin.env` exported for the command's in-process clients (MIT Kerberos reads
-    ``KRB5_CONFIG`` from the environment only) and its child processes; the environment is restored
-    on exit. ``None`` when no cluster flag is given and no ticket cache is named (``KRB5CCNAME``):
-    every client then keeps its own defaults."""
+    """The login of the cluster flags, entered before anything touches ``hdfs://``, with the part of
+    its :meth:`~HadoopLogin.env` that in-process clients need (:data:`IN_PROCESS_ENV`) exported for
+    the command and restored on exit. ``None`` when no cluster flag is given and no ticket cache is
+    named (``KRB5CCNAME``): every client then keeps its own defaults."""
     config = ClusterConfig(**{f.name: getattr(ns, f.name) for f in fields(ClusterConfig)})
     config.validate()
     if config == ClusterConfig() and "KRB5CCNAME" not in os.environ:
         yield None
         return
-    with HadoopLogin(config) as hadoop, _exported(hadoop.env()):
+    with (
+        HadoopLogin(config) as hadoop,
+        _exported({k: v for k, v in hadoop.env().items() if k in IN_PROCESS_ENV}),
+    ):
         yield hadoop
 
 

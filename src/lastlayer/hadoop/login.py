@@ -191,8 +191,12 @@ class HadoopLogin:
 
     def spark_conf(self) -> dict[str, str]:
         """Spark settings: Spark logs in from the same keytab (``spark.kerberos.*``), its JVMs use the
-        same krb5.conf, and the Hadoop configuration goes in as ``spark.hadoop.*``."""
+        same krb5.conf, and the Hadoop configuration goes in as ``spark.hadoop.*`` (for executors)
+        and on the driver's class path (Spark's keytab login reads it there, before ``spark.hadoop.*``
+        apply), so no ``HADOOP_CONF_DIR`` is needed."""
         conf = {f"spark.hadoop.{name}": value for name, value in self.properties.items()}
+        if self.conf_dir:
+            conf["spark.driver.extraClassPath"] = self.conf_dir
         if self.principal:
             conf["spark.kerberos.principal"] = self.principal
             conf["spark.kerberos.keytab"] = self.keytab
