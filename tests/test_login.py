@@ -6,6 +6,8 @@ tested against the secure HDFS in tests/hdfs/test_login_hdfs.py.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -14,7 +16,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from lastlayer import storage
+from lastlayer import fields, storage
+from lastlayer.cli import cluster
 from lastlayer.errors import KerberosError, UsageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.hadoop import fs as hadoop_fs
@@ -227,3 +230,25 @@ def test_storage_options_grouped_by_protocol_reach_only_their_urls(tmp_path):
     assert storage.options_for("simplecache::hdfs://nn/x", options) == options  # fsspec sorts chains
     storage.write_atomic(str(tmp_path / "a" / "b.txt"), b"ok", options)  # local paths ignore the groups
     assert (tmp_path / "a" / "b.txt").read_bytes() == b"ok"
+
+
+def test_the_command_line_exports_only_krb5_config_and_restores_the_environment(
+    tmp_path, conf_dir, monkeypatch
+):
+    for key in ("KRB5_CONFIG", "KRB5CCNAME", "HADOOP_CONF_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    ns = argparse.Namespace(**{f.name: fields.default(f) for f in dataclasses.fields(ClusterConfig)})
+    with cluster.connect(ns) as hadoop:
+        assert hadoop is None  # no flag, no ticket cache: every client keeps its defaults
+    krb5 = tmp_path / "krb5.conf"
+    krb5.write_text("[libdefaults]\n default_realm = LOCAL\n")
+    ns.krb5_conf, ns.hadoop_conf_dir = str(krb5), str(conf_dir)
+    before = dict(os.environ)
+    with cluster.connect(ns) as hadoop:
+        assert hadoop is not None and hadoop.conf_dir == str(conf_dir)
+        assert {k: v for k, v in os.environ.items() if before.get(k) != v} == {"KRB5_CONFIG": str(krb5)}
+        assert cluster.storage_options(hadoop) == {
+            "hdfs": {"hadoop_conf_dir": str(conf_dir)},
+            "viewfs": {"hadoop_conf_dir": str(conf_dir)},
+        }
+    assert dict(os.environ) == before

@@ -51,10 +51,12 @@ def options_for(url: str, storage_options: StorageOptions | None) -> dict[str, A
     options = dict(storage_options or {})
     if "::" in url:
         return options
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
-    known = set(fsspec.available_protocols())
-    own = options.get(protocol)
-    flat = {k: v for k, v in options.items() if not (k in known and isinstance(v, Mapping))}
+    groups = {k for k, v in options.items() if isinstance(v, Mapping)}
+    if not groups:
+        return options
+    groups &= set(fsspec.available_protocols())
+    own = options.get(fsspec.core.split_protocol(url)[0] or "file")
+    flat = {k: v for k, v in options.items() if k not in groups}
     return {**flat, **own} if isinstance(own, Mapping) else flat
 
 

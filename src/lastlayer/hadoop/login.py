@@ -116,12 +116,12 @@ def renewal_delay(starts: float, expires: float, now: float) -> float:
 class HadoopLogin:
     """A Kerberos login and a Hadoop client configuration, for one ``with`` block.
 
-    Attributes (set on enter):
+    Attributes (the first three from the config, the others set on enter):
         principal: e.g. ``tensorflow@LOCAL``; ``""`` to use the existing ticket cache.
         keytab: absolute path of the keytab (``""`` without a principal).
+        krb5_conf: absolute path of the krb5.conf to use, ``""`` for the process's.
         ccache: ``FILE:`` path of the private credential cache; without a principal the value of
             ``KRB5CCNAME`` (``""`` when unset).
-        krb5_conf: absolute path of the krb5.conf to use, ``""`` for the process's.
         conf_dir: the folder holding core-site.xml and hdfs-site.xml, ``""`` for HADOOP_CONF_DIR.
         properties: the Hadoop properties of ``conf_dir`` (hdfs-site.xml over core-site.xml).
         starts, expires: the ticket's validity, Unix seconds (0 without a principal).
@@ -220,6 +220,7 @@ class HadoopLogin:
 
     # -- enter and exit -------------------------------------------------------------------------
     def _open(self) -> None:
+        self._stop = threading.Event()
         if self._given_folder:
             os.makedirs(self._given_folder, mode=0o700, exist_ok=True)
         self._folder = self._given_folder or tempfile.mkdtemp(prefix="lastlayer-hadoop-")  # 0700
