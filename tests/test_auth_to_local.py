@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from lastlayer import auth_to_local as atl
-from lastlayer.auth_to_local import (
+from lastlayer.errors import UsageError
+from lastlayer.hadoop import auth_to_local as atl
+from lastlayer.hadoop.auth_to_local import (
     AuthToLocalError,
     Rule,
     parse_rules,
@@ -24,7 +25,6 @@ from lastlayer.auth_to_local import (
     rules_from_core_site,
     short_name,
 )
-from lastlayer.errors import UsageError
 
 DEFAULT_REALM = "LOCAL"
 

@@ -233,11 +233,18 @@ def test_the_master_comes_from_the_flag_then_spark_s_configuration_then_the_core
     assert spark.resolve_master("local[3]") == "local[3]"
 
 
-def test_settings_carry_the_cluster_login_to_spark(tmp_path):
-    login = {"spark.kerberos.principal": "tensorflow@LOCAL", "spark.kerberos.keytab": "/k/tensorflow.keytab"}
-    conf = spark.settings("local[2]", login)
+def test_settings_carry_the_keytab_login_to_spark(tmp_path):
+    from lastlayer.hadoop import ClusterConfig, HadoopLogin
+
+    login = HadoopLogin(
+        ClusterConfig(
+            principal="tensorflow@LOCAL", keytab="/k/tensorflow.keytab", krb5_conf=str(tmp_path / "krb5.conf")
+        )
+    )  # not entered: spark_conf() only reads the flags
+    conf = spark.settings("local[2]", login.spark_conf())
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
+    assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")

@@ -154,31 +154,6 @@ class LabelOptions:
 
 
 @dataclass
-class ClusterOptions:
-    """How to reach a Kerberized Hadoop cluster (any command that reads or writes ``hdfs://``)."""
-
-    principal: str = option(
-        "",
-        "Kerberos principal to log in as from --keytab (e.g. tensorflow@LOCAL); "
-        "default: the existing ticket cache (KRB5CCNAME).",
-    )
-    keytab: str = option("", "Keytab of --principal; the ticket goes to a private cache and is renewed.")
-    krb5_conf: str = option("", "krb5.conf to use (default: KRB5_CONFIG or /etc/krb5.conf).")
-    hadoop_conf_dir: str = option(
-        "", "Folder with core-site.xml and hdfs-site.xml (default: HADOOP_CONF_DIR)."
-    )
-    hdfs_config_uri: str = option(
-        "", "Base URL to download core-site.xml and hdfs-site.xml from (the walkthrough's hdfs.config_uri)."
-    )
-
-    def validate(self) -> None:
-        """--principal and --keytab go together."""
-        if bool(self.principal) != bool(self.keytab):
-            given, missing = ("principal", "keytab") if self.principal else ("keytab", "principal")
-            raise UsageError(f"--{given} needs --{missing}: pass both, or neither to use the ticket cache")
-
-
-@dataclass
 class UploadOptions:
     """What ``lastlayer upload`` takes besides its source and destination."""
 

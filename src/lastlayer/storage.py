@@ -1,6 +1,9 @@
 """Storage: every path is an fsspec URL (a plain path is a local file).
 
-URLs and ``storage_options`` flow through untouched to :func:`fsspec.core.url_to_fs`. Writes that
+URLs and ``storage_options`` flow through to :func:`fsspec.core.url_to_fs`. Options may be grouped by
+protocol, as fsspec does for chained URLs (``{"hdfs": {...}, "webhdfs": {...}}``): a URL gets the
+ungrouped options and its own protocol's group, not the others', so one mapping serves every URL of a
+run (e.g. :meth:`lastlayer.hadoop.HadoopLogin.storage_options` with local or ``http://`` paths). Writes that
 matter go through :func:`write_atomic`: the bytes land under a temporary name in the target folder
 and are renamed into place, so a reader never sees half a file (``fs.transaction`` gives no such
 guarantee on HDFS).
@@ -9,7 +12,6 @@ guarantee on HDFS).
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import re
 import uuid
@@ -20,7 +22,6 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from lastlayer import kerberos
 from lastlayer.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -28,29 +29,35 @@ log = logging.getLogger(__name__)
 StorageOptions = Mapping[str, Any]
 
 TEMP_PREFIX = "._lastlayer_tmp_"
-KERBEROS_SCHEMES = ("hdfs://", "viewfs://", "webhdfs://", "swebhdfs://")
-SPNEGO_SCHEMES = ("webhdfs://", "swebhdfs://")
 #: Filesystems whose ``mv(..., overwrite=True)`` is one atomic rename that replaces the target.
 ATOMIC_OVERWRITE_PROTOCOLS = frozenset({"hdfs", "viewfs"})
 
 
 def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
-    """Return the filesystem serving ``url`` and the path inside it.
-
-    For Kerberized schemes the keytab login is renewed first when its ticket is close to expiry, and
-    ``webhdfs://`` uses SPNEGO (``kerberos=True``) when a ticket cache is set, unless told otherwise.
-    """
-    options = dict(storage_options or {})
-    if url.startswith(KERBEROS_SCHEMES):
-        kerberos.ensure_fresh()
-        if url.startswith(SPNEGO_SCHEMES) and "KRB5CCNAME" in os.environ:
-            options.setdefault("kerberos", True)
+    """Return the filesystem serving ``url`` and the path inside it, made with the options for ``url``
+    (see :func:`options_for`)."""
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     except (ImportError, ValueError) as exc:
         raise StorageError(
             f"cannot open {url!r}: {exc}. Check the URL scheme and that its fsspec backend is installed."
         ) from exc
+
+
+def options_for(url: str, storage_options: StorageOptions | None) -> dict[str, Any]:
+    """The ungrouped options and those of ``url``'s protocol group (a key naming a protocol whose value
+    is a mapping); other protocols' groups are left out. Chained URLs (``a::b://``) get everything:
+    fsspec sorts the groups out along the chain."""
+    options = dict(storage_options or {})
+    if "::" in url:
+        return options
+    groups = {k for k, v in options.items() if isinstance(v, Mapping)}
+    if not groups:
+        return options
+    groups &= set(fsspec.available_protocols())
+    own = options.get(fsspec.core.split_protocol(url)[0] or "file")
+    flat = {k: v for k, v in options.items() if k not in groups}
+    return {**flat, **own} if isinstance(own, Mapping) else flat
 
 
 def join(url: str, *parts: str) -> str:
@@ -115,15 +122,6 @@ def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
         return bool(fs.exists(path))
     except Exception as exc:
         raise describe(exc, url, "look up") from exc
-
-
-def makedirs(url: str, storage_options: StorageOptions | None = None) -> None:
-    """Create a folder and its parents; an existing folder is fine."""
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        fs.makedirs(path, exist_ok=True)
-    except Exception as exc:
-        raise describe(exc, url, "create the folder") from exc
 
 
 def _publish(fs: AbstractFileSystem, tmp: str, path: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lastlayer.auth_to_local import AuthToLocalError, rules_from_core_site, short_name
+from lastlayer.hadoop.auth_to_local import AuthToLocalError, rules_from_core_site, short_name
 
 PRINCIPALS = [
     # the walkthrough's principals

@@ -157,26 +157,41 @@ def test_bob_maps_to_bob(secure_hdfs, capsys):
 
 
 def test_the_keytab_login_is_private_and_renewed(secure_hdfs, walkthrough_input, monkeypatch, caplog):
-    from lastlayer import kerberos
+    """A login asking for 8-second tickets: its renewal thread logs in again from the keytab (3 s
+    before the end, the 5-second margin), into the same private cache, while a client keeps working."""
+    from lastlayer import storage
+    from lastlayer.hadoop import ClusterConfig, HadoopLogin
 
     for key in ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HADOOP_CONF_DIR", str(secure_hdfs.conf_dir))
+    monkeypatch.setenv("KRB5_CONFIG", str(secure_hdfs.krb5_conf))  # as a library user starts Python
     keytab = secure_hdfs.keytab("tensorflow")
-    with caplog.at_level(logging.DEBUG):
-        login = kerberos.login(secure_hdfs.principal("tensorflow"), str(keytab), str(secure_hdfs.krb5_conf))
-    ccache = Path(login.ccache.removeprefix("FILE:"))
-    assert (
-        stat.S_IMODE(ccache.stat().st_mode) == 0o600 and stat.S_IMODE(ccache.parent.stat().st_mode) == 0o700
+    config = ClusterConfig(
+        principal=secure_hdfs.principal("tensorflow"),
+        keytab=str(keytab),
+        krb5_conf=str(secure_hdfs.krb5_conf),
+        hadoop_conf_dir=str(secure_hdfs.conf_dir),
     )
-    first = login.starts
-    login.expires = time.time() + 1  # as if the ticket were about to end during a long job
-    time.sleep(1.1)
-    kerberos.ensure_fresh()
-    assert login.starts > first or login.expires > time.time() + 60
-    fsspec.get_filesystem_class("hdfs").clear_instance_cache()
-    fs = fsspec.filesystem("hdfs", host="127.0.0.1", port=secure_hdfs.namenode_port)
-    assert fs.ls("/tensorflow_input_data", detail=False)
+    with caplog.at_level(logging.DEBUG), HadoopLogin(config, lifetime=8) as login:
+        ccache = Path(login.ccache.removeprefix("FILE:"))
+        assert (
+            stat.S_IMODE(ccache.stat().st_mode) == 0o600
+            and stat.S_IMODE(ccache.parent.stat().st_mode) == 0o700
+        )
+        fs, _ = storage.url_to_fs("hdfs:///", login.storage_options())
+        assert fs.ls("/tensorflow_input_data", detail=False)
+        first = login.starts
+        deadline = time.monotonic() + 30
+        while login.starts == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert login.starts > first  # a new ticket, before the first one ended
+        assert stat.S_IMODE(ccache.stat().st_mode) == 0o600
+        time.sleep(max(0.0, first + 9 - time.time()))  # the first ticket has ended by now
+        assert fs.ls("/tensorflow_input_data", detail=False)  # the client made before the renewal
+        fsspec.get_filesystem_class("hdfs").clear_instance_cache()
+        fresh, _ = storage.url_to_fs("hdfs:///", login.storage_options())
+        assert fresh is not fs and fresh.ls("/tensorflow_input_data", detail=False)  # a new connection
+    assert not ccache.parent.exists()  # the private folder goes with the login
     keytab_bytes = keytab.read_bytes()
     assert keytab_bytes.hex() not in caplog.text and "logging in again from the keytab" in caplog.text
 

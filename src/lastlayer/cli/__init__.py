@@ -17,9 +17,9 @@ from typing import Any
 from lastlayer import __version__
 from lastlayer.cli import cluster, commands, job
 from lastlayer.errors import LastlayerError, UsageError
+from lastlayer.hadoop import ClusterConfig
 from lastlayer.options import (
     AuthToLocalOptions,
-    ClusterOptions,
     JobOptions,
     LabelOptions,
     RetrainOptions,
@@ -61,20 +61,20 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "retrain": Command(
-        (RetrainOptions, ClusterOptions),
+        (RetrainOptions, ClusterConfig),
         "Retrain the last layer of a pretrained network on a folder of class folders.",
         commands.retrain,
         cluster=True,
     ),
     "label": Command(
-        (LabelOptions, ClusterOptions),
+        (LabelOptions, ClusterConfig),
         "Print the top labels of images with a retrained model.",
         commands.label,
         (("images", "*", "Images to label (paths or URLs)."),),
         cluster=True,
     ),
     "upload": Command(
-        (UploadOptions, ClusterOptions),
+        (UploadOptions, ClusterConfig),
         "Copy a local image folder to hdfs:// (or any fsspec URL) in parallel; a re-run resumes.",
         commands.upload,
         (

@@ -4,30 +4,61 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
-from lastlayer.options import AuthToLocalOptions, ClusterOptions, from_namespace
+from lastlayer.hadoop import ClusterConfig, HadoopLogin
+from lastlayer.options import AuthToLocalOptions, from_namespace
+
+#: What in-process clients can only read from the environment: MIT Kerberos' configuration file
+#: (see :mod:`lastlayer.hadoop.login`). Everything else goes to them, and to Spark, explicitly.
+IN_PROCESS_ENV = ("KRB5_CONFIG",)
 
 
 @contextmanager
-def connect(ns: argparse.Namespace) -> Iterator[Any]:
-    """Hadoop configuration and Kerberos login, before anything touches ``hdfs://``; yields the login."""
-    from lastlayer import hadoop, kerberos
+def connect(ns: argparse.Namespace) -> Iterator[HadoopLogin | None]:
+    """The login of the cluster flags, entered before anything touches ``hdfs://``, with the part of
+    its :meth:`~HadoopLogin.env` that in-process clients need (:data:`IN_PROCESS_ENV`) exported for
+    the command and restored on exit. ``None`` when no cluster flag is given and no ticket cache is
+    named (``KRB5CCNAME``): every client then keeps its own defaults."""
+    config = ClusterConfig(**{f.name: getattr(ns, f.name) for f in fields(ClusterConfig)})
+    config.validate()
+    if config == ClusterConfig() and "KRB5CCNAME" not in os.environ:
+        yield None
+        return
+    with (
+        HadoopLogin(config) as hadoop,
+        _exported({k: v for k, v in hadoop.env().items() if k in IN_PROCESS_ENV}),
+    ):
+        yield hadoop
 
-    opts = from_namespace(ns, ClusterOptions)
-    opts.validate()
-    hadoop.configure(opts.hadoop_conf_dir, opts.hdfs_config_uri)
-    if opts.principal:
-        kerberos.login(opts.principal, opts.keytab, opts.krb5_conf or None)
-    elif opts.krb5_conf:
-        os.environ["KRB5_CONFIG"] = opts.krb5_conf
-    yield None  # interim: the login is process-wide until lastlayer.hadoop lands
+
+@contextmanager
+def _exported(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` in ``os.environ`` for the duration, then the values from before."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def auth_to_local(ns: argparse.Namespace, hadoop: Any) -> int:
-    from lastlayer import auth_to_local, kerberos, storage
+def storage_options(hadoop: HadoopLogin | None) -> dict[str, Any] | None:
+    """The login's storage options, ``None`` without a login."""
+    return None if hadoop is None else hadoop.storage_options()
+
+
+def auth_to_local(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
+    from lastlayer import storage
+    from lastlayer.hadoop import auth_to_local
+    from lastlayer.hadoop.login import default_realm
 
     opts = from_namespace(ns, AuthToLocalOptions)
     opts.validate()
@@ -37,6 +68,6 @@ def auth_to_local(ns: argparse.Namespace, hadoop: Any) -> int:
         rules = auth_to_local.rules_from_core_site(storage.read_bytes(opts.core_site))
     else:
         rules = opts.rules
-    realm = opts.default_realm or kerberos.default_realm() or ns.principal.rpartition("@")[2]
+    realm = opts.default_realm or default_realm() or ns.principal.rpartition("@")[2]
     print(auth_to_local.short_name(ns.principal, rules, realm, opts.mechanism))
     return 0

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
+from lastlayer.cli.cluster import storage_options
 from lastlayer.cli.progress import ProgressBar
 from lastlayer.errors import UsageError
 from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_namespace
 
+if TYPE_CHECKING:
+    from lastlayer.hadoop import HadoopLogin
 
-def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
+
+def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer retrain``: run the job; print the outcome as one JSON line."""
     from lastlayer import pipeline
     from lastlayer.summary import ShardResult
@@ -40,7 +44,7 @@ def retrain(ns: argparse.Namespace, hadoop: Any) -> int:
     return 0
 
 
-def label(ns: argparse.Namespace, hadoop: Any) -> int:
+def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer import inference
 
     opts = from_namespace(ns, LabelOptions)
@@ -55,7 +59,7 @@ def label(ns: argparse.Namespace, hadoop: Any) -> int:
         top_k=opts.top_k,
         threads=opts.num_threads,
         output_layer=opts.output_layer,
-        storage_options=hadoop.storage_options() if hadoop else None,
+        storage_options=storage_options(hadoop),
     )
     for p in predictions:
         if opts.json:
@@ -77,12 +81,18 @@ def label(ns: argparse.Namespace, hadoop: Any) -> int:
     return 1 if any(p.error for p in predictions) else 0
 
 
-def upload(ns: argparse.Namespace, hadoop: Any) -> int:
+def upload(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer.transfer import upload
 
     opts = from_namespace(ns, UploadOptions)
     opts.validate()
-    report = upload(ns.src, ns.dst, threads=opts.threads, progress=ProgressBar(sys.stderr, "Upload", "files"))
+    report = upload(
+        ns.src,
+        ns.dst,
+        threads=opts.threads,
+        storage_options=storage_options(hadoop),
+        progress=ProgressBar(sys.stderr, "Upload", "files"),
+    )
     print(
         json.dumps(
             {

@@ -37,12 +37,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lastlayer import archive, hadoop, kerberos, secrets
+from lastlayer import archive, secrets
 from lastlayer.engines.spark import configured_master
 from lastlayer.errors import LastlayerError, UsageError
+from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, RUNNING, STARTING, Plan, Step, new_plan
 from lastlayer.jobs.task import TASK_ENV
 from lastlayer.jobspec import JobSpec
@@ -143,7 +145,6 @@ class _Prepared:
     env: dict[str, str]
     module_dir: Path
     log_dir: str
-    login: kerberos.Login | None
 
 
 def spark_engine(spec: JobSpec) -> bool:
@@ -171,33 +172,35 @@ def spark_defaults(spec: JobSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _prepare(job: Job, spec: JobSpec) -> _Prepared:
-    """Everything before the tasks start. Raises LastlayerError with a one-line reason."""
+def _hadoop_login(spec: JobSpec, private: Path) -> HadoopLogin:
+    """The job's login (not yet entered): as ``primary@realm`` from the keytab secret with a private
+    krb5.conf when Kerberos is enabled, and ``hdfs.config_uri``; its files go to ``private``."""
+    k = spec.service.security.kerberos
+    config = ClusterConfig(hdfs_config_uri=spec.service.hdfs.config_uri)
+    if k.enabled:
+        keytab = private / "keytab"
+        secrets.write_private(keytab, secrets.read_secret(k.keytab_secret))
+        krb5_conf = private / "krb5.conf"
+        secrets.write_private(krb5_conf, _krb5_conf(spec).encode())
+        config = ClusterConfig(
+            principal=f"{k.primary}@{k.realm}",
+            keytab=str(keytab),
+            krb5_conf=str(krb5_conf),
+            hdfs_config_uri=spec.service.hdfs.config_uri,
+        )
+    return HadoopLogin(config, folder=str(private))
+
+
+def _prepare(job: Job, spec: JobSpec, stack: ExitStack) -> _Prepared:
+    """Everything before the tasks start; the login stays in ``stack`` (renewed until it closes).
+    Raises LastlayerError with a one-line reason."""
     if spec.gpu_worker.count > 0 and not gpu_available():
         raise UsageError(
             f"gpu_worker.count is {spec.gpu_worker.count} but this machine has no GPU "
             "(no /dev/nvidia0, no nvidia-smi): set gpu_worker.count to 0"
         )
     private = _private(job.folder / "private")
-    env: dict[str, str] = {}
-    login = None
-    k = spec.service.security.kerberos
-    if k.enabled:
-        keytab = private / "keytab"
-        secrets.write_private(keytab, secrets.read_secret(k.keytab_secret))
-        krb5_conf = private / "krb5.conf"
-        secrets.write_private(krb5_conf, _krb5_conf(spec).encode())
-        login = kerberos.Login(
-            f"{k.primary}@{k.realm}", str(keytab), f"FILE:{private / 'ccache'}", str(krb5_conf)
-        )
-        login.kinit()
-        env.update(KRB5CCNAME=login.ccache, KRB5_CONFIG=str(krb5_conf))
-    if spec.service.hdfs.config_uri:
-        conf = Path(hadoop.download_config(spec.service.hdfs.config_uri))
-        target = private / "hadoop-conf"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(conf), target)
-        env["HADOOP_CONF_DIR"] = str(target)
+    env = stack.enter_context(_hadoop_login(spec, private)).env()
     extracted = job.folder / "job"
     archive.fetch_and_extract(spec.service.job_url, str(extracted), replace=True)
     module_dir = extracted / spec.service.job_path
@@ -214,7 +217,7 @@ def _prepare(job: Job, spec: JobSpec) -> _Prepared:
     log_dir = spec.service.shared_filesystem or str(job.folder / "persist")
     if not spec.service.shared_filesystem:
         (job.folder / "persist").mkdir(exist_ok=True)
-    return _Prepared(env, module_dir, log_dir, login)
+    return _Prepared(env, module_dir, log_dir)
 
 
 def _free_port() -> int:
@@ -318,33 +321,29 @@ class _Supervisor:
         for step in todo:
             step.status, step.message = STARTING, None
         self.save()
-        try:
-            prepared = _prepare(self.job, self.spec)
-        except LastlayerError as exc:
-            self.fail_pending(str(exc))
-            return self.plan
-        cluster = _cluster(self.plan)
-        try:
-            for step in todo:
-                self.start(step, prepared, cluster)
-            self.save()
-            self.watch(prepared)
-        except BaseException:  # stopped (SIGTERM) or broken: no task outlives its supervisor
-            self.kill_all("stopped")
-            self.save()
-            raise
+        with ExitStack() as stack:
+            try:
+                prepared = _prepare(self.job, self.spec, stack)
+            except LastlayerError as exc:
+                self.fail_pending(str(exc))
+                return self.plan
+            cluster = _cluster(self.plan)
+            try:
+                for step in todo:
+                    self.start(step, prepared, cluster)
+                self.save()
+                self.watch()
+            except BaseException:  # stopped (SIGTERM) or broken: no task outlives its supervisor
+                self.kill_all("stopped")
+                self.save()
+                raise
         return self.plan
 
-    def watch(self, prepared: _Prepared) -> None:
+    def watch(self) -> None:
         deadline = None if not self.timeout else time.monotonic() + self.timeout
         while self.procs:
             time.sleep(POLL_S)
             changed = self.poll()
-            if prepared.login is not None:
-                try:
-                    prepared.login.ensure_fresh()
-                except LastlayerError as exc:
-                    log.warning("%s", exc)
             if deadline is not None and time.monotonic() > deadline:
                 self.kill_all(f"timed out after {self.timeout:.0f} s")
                 changed = True

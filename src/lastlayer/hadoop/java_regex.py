@@ -1,310 +1,49 @@
-"""Hadoop's ``hadoop.security.auth_to_local``: Kerberos principal -> short (local) user name.
+"""Java regular expressions (``java.util.regex``) read with Java's meaning and written as Python ``re``.
 
-Evaluates the rule language exactly as Hadoop's ``KerberosName`` (hadoop-auth) and
-``HadoopKerberosName`` do:
-
-* A principal is ``primary[/instance][@REALM]``; a name with a third component, an empty part or a
-  stray ``/``/``@`` is malformed when it has an ``@``. A name without ``@`` that is not of that form,
-  and any name with neither instance nor realm, is already short and is returned unchanged.
-* Rules are ``DEFAULT`` or ``RULE:[n:fmt](regex)s/from/to/g`` (the regex, the substitution and ``g``
-  optional), each optionally followed by ``/L`` (lower-case the result), separated by whitespace (or
-  nothing). The first rule that applies gives the answer.
-* ``DEFAULT`` applies, whatever the number of components, when the realm is the default realm, and
-  gives the first component. ``RULE:[n:...]`` applies to principals of exactly ``n`` components: ``fmt``
-  is expanded (``$0`` the realm, ``$1``/``$2`` the components), the regex must match the whole of it,
-  and ``s/from/to/`` is Java's ``replaceFirst`` (``replaceAll`` with ``g``).
-* Mechanism ``hadoop`` (the default): a result containing ``/`` or ``@`` is an error, and so is a
-  principal no rule applies to. Mechanism ``mit``: any result is allowed, and a principal no rule
-  applies to is returned as it is.
-
-The regexes are Java's (``java.util.regex``) and are translated to Python's ``re`` with Java's meaning:
-``.``, ``^`` and ``$`` honour Java's line terminators, ``\\d``, ``\\w``, ``\\s`` and ``(?i)`` are ASCII, a
-replacement's ``$n``/``${name}``/``\\x`` are Java's. Constructs ``re`` cannot express (nested or
-intersected classes, Unicode properties, ``\\G``, flags ``x``, ``u``, ``U``, ``c``, ...) are refused with
-an error rather than given another meaning.
+:func:`compile_java` translates a pattern: ``.``, ``^`` and ``$`` honour Java's line terminators,
+``\\d``, ``\\w``, ``\\s`` and ``(?i)`` are ASCII. :class:`Replacement` is a ``Matcher.replaceFirst`` /
+``replaceAll`` replacement string (``$n``, ``${name}``, ``\\x``) applied as Java steps. Constructs ``re``
+cannot express (nested or intersected classes, Unicode properties, ``\\G``, flags ``x``, ``u``, ``U``,
+``c``, ...) raise :class:`JavaRegexError` rather than get another meaning. Used by
+:mod:`lastlayer.hadoop.auth_to_local`, whose rules hold Java regexes.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-import xml.parsers.expat
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import NoReturn
 
-from lastlayer.errors import UsageError
-
-MECHANISM_HADOOP = "hadoop"
-MECHANISM_MIT = "mit"
-AUTH_TO_LOCAL_KEY = "hadoop.security.auth_to_local"
-
-_INT_MAX = 2**31 - 1
+INT_MAX = 2**31 - 1
+#: What Java's ``String.trim()`` strips: every character <= U+0020.
+JAVA_TRIM = "".join(chr(c) for c in range(0x21))
 _MAX_CODE_POINT = 0x10FFFF
 
-# --- the rule language (KerberosName's nameParser and ruleParser) ---------------------------------
 
-_JAVA_WS = "[ \\t\\n\\x0b\\f\\r]"  # Java's \s
-_NAME_RE = re.compile(r"([^/@]+)(/([^/@]+))?(@([^/@]+))?", re.DOTALL)
-_RULE_RE = re.compile(
-    _JAVA_WS + r"*((DEFAULT)|(RULE:\[([0-9]*):([^\]]*)\](\(([^)]*)\))?(s/([^/]*)/([^/]*)/(g)?)?))/?(L)?",
-    re.DOTALL,
-)
-_JAVA_TRIM = "".join(chr(c) for c in range(0x21))  # String.trim() strips every char <= U+0020
+class JavaRegexError(Exception):
+    """A Java regex or replacement that is malformed, or that Python's ``re`` cannot express with
+    Java's meaning (the message says which, as Java would)."""
 
 
-class AuthToLocalError(UsageError):
-    """An auth_to_local rule, principal or mechanism cannot be used, or no rule applies."""
-
-
-class _RegexError(Exception):
-    """A Java regex that is malformed, or that Python's ``re`` cannot express with Java's meaning."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One parsed rule: ``DEFAULT`` (``is_default``) or ``RULE:[components:fmt](match)s/from/to/g/L``.
-
-    ``match``, ``from_pattern`` and ``to_pattern`` are Java regex / replacement text; ``None`` when
-    absent. Constructing a rule compiles them; a bad one raises :class:`AuthToLocalError`.
-    """
-
-    is_default: bool = False
-    components: int = 0
-    fmt: str = ""
-    match: str | None = None
-    from_pattern: str | None = None
-    to_pattern: str | None = None
-    repeat: bool = False
-    lower: bool = False
-    _match_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
-    _from_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
-    _to: _Replacement | None = field(init=False, repr=False, compare=False, default=None)
-
-    def __post_init__(self) -> None:
-        if self.is_default:
-            return
-        if (self.from_pattern is None) != (self.to_pattern is None):
-            raise AuthToLocalError(f"Invalid rule: {self}: from_pattern and to_pattern go together")
-        set_ = object.__setattr__
-        if self.match is not None:
-            set_(self, "_match_re", _compile_java(self.match, self, "regex"))
-        if self.from_pattern is not None and self.to_pattern is not None:
-            from_re = _compile_java(self.from_pattern, self, "substitution pattern")
-            set_(self, "_from_re", from_re)
-            set_(self, "_to", _Replacement(self.to_pattern, from_re))
-
-    def __str__(self) -> str:
-        """The rule as Hadoop prints it (``KerberosName.Rule.toString``)."""
-        if self.is_default:
-            return "DEFAULT"
-        text = f"RULE:[{self.components}:{self.fmt}]"
-        if self.match is not None:
-            text += f"({self.match})"
-        if self.from_pattern is not None:
-            text += f"s/{self.from_pattern}/{self.to_pattern}/" + ("g" if self.repeat else "")
-        if self.lower:
-            text += "/L"
-        return text
-
-    def apply(
-        self,
-        realm: str | None,
-        components: Sequence[str],
-        default_realm: str,
-        mechanism: str = MECHANISM_HADOOP,
-    ) -> str | None:
-        """The short name this rule gives a principal, or ``None`` when the rule does not apply.
-
-        ``components`` are the principal's one or two components, ``realm`` its realm (``None`` when
-        it has none: ``$0`` is then ``null``, as Java's string concatenation writes it).
-        """
-        result: str | None = None
-        if self.is_default:
-            if realm is not None and realm == default_realm:
-                result = components[0]
-        elif len(components) == self.components:
-            base = _expand_format(self.fmt, ["null" if realm is None else realm, *components])
-            if self._match_re is None or self._match_re.fullmatch(base):
-                if self._from_re is None or self._to is None:
-                    result = base
-                else:
-                    result = self._to.substitute(base, self._from_re, self.repeat, str(self))
-        if result is not None and ("/" in result or "@" in result) and mechanism.lower() == MECHANISM_HADOOP:
-            raise AuthToLocalError(
-                f"Non-simple name {result} after auth_to_local rule {self}: a short name may contain "
-                "neither '/' nor '@' under the hadoop mechanism; fix the rule (or use mechanism mit)"
-            )
-        if result is not None and self.lower:
-            result = result.lower()
-        return result
-
-
-DEFAULT_RULE = Rule(is_default=True)
-
-
-def parse_rules(text: str) -> list[Rule]:
-    """Parse ``hadoop.security.auth_to_local`` text (rules separated by whitespace or newlines).
-
-    Raises:
-        AuthToLocalError: naming the first rule that cannot be parsed or whose regex is bad.
-    """
-    rules: list[Rule] = []
-    remaining = text.strip(_JAVA_TRIM)
-    while remaining:
-        m = _RULE_RE.match(remaining)
-        if m is None:
-            after = f" (after {rules[-1]})" if rules else ""
-            raise AuthToLocalError(
-                f"Invalid rule: {_first_line(remaining)}{after}: each rule is DEFAULT or "
-                "RULE:[n:fmt](regex)s/from/to/g, each part after ] optional, /L optional at the end"
-            )
-        rule_text = m.group(0).strip(_JAVA_TRIM)
-        if m.group(2) is not None:
-            rules.append(DEFAULT_RULE)
-        else:
-            count = _to_int(m.group(4))
-            if count is None:
-                raise AuthToLocalError(
-                    f"Invalid rule: {rule_text}: the number of components {m.group(4)!r} is not a number"
-                )
-            rules.append(
-                Rule(
-                    components=count,
-                    fmt=m.group(5),
-                    match=m.group(7),
-                    from_pattern=m.group(9),
-                    to_pattern=m.group(10),
-                    repeat=m.group(11) == "g",
-                    lower=m.group(12) == "L",
-                )
-            )
-        remaining = remaining[m.end() :]
-    return rules
-
-
-def short_name(
-    principal: str, rules: str | Sequence[Rule], default_realm: str, mechanism: str = MECHANISM_HADOOP
-) -> str:
-    """The local user name Hadoop gives ``principal`` under ``rules`` (text or parsed).
-
-    Raises:
-        AuthToLocalError: malformed principal or rules, an unknown mechanism, a rule error, or (under
-            the ``hadoop`` mechanism) no rule applies or the result is not a simple name.
-    """
-    mech = mechanism.lower()
-    if mech not in (MECHANISM_HADOOP, MECHANISM_MIT):
-        raise AuthToLocalError(f"Invalid rule mechanism: {mechanism}: use hadoop or mit")
-    parsed = parse_rules(rules) if isinstance(rules, str) else list(rules)
-    m = _NAME_RE.fullmatch(principal)
-    if m is None:
-        if "@" in principal:
-            raise AuthToLocalError(
-                f"Malformed Kerberos name: {principal}: expected primary[/instance][@REALM]"
-            )
-        return principal  # Hadoop keeps such a name whole, as an already short one
-    service, host, realm = m.group(1), m.group(3), m.group(5)
-    if host is None and realm is None:
-        return service
-    components = [service] if host is None else [service, host]
-    for rule in parsed:
-        result = rule.apply(realm, components, default_realm, mech)
-        if result is not None:
-            return result
-    if mech == MECHANISM_HADOOP:
-        raise AuthToLocalError(
-            f"No rules applied to {principal}: add a RULE for it to {AUTH_TO_LOCAL_KEY} (DEFAULT covers "
-            f"only the default realm, here {default_realm or '(none)'})"
-        )
-    return principal
-
-
-def rules_from_base64(text: str) -> str:
-    """Decode base64-encoded rules (the walkthrough's ``hdfs.security_auth_to_local`` option)."""
-    try:
-        raw = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise AuthToLocalError(f"the auth_to_local rules are not valid base64: {exc}") from exc
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise AuthToLocalError(f"the base64-decoded auth_to_local rules are not UTF-8 text: {exc}") from exc
-
-
-def rules_from_core_site(xml_bytes: bytes) -> str:
-    """The value of ``hadoop.security.auth_to_local`` in a ``core-site.xml``; ``"DEFAULT"`` when absent.
-
-    Read as Hadoop's ``Configuration`` reads a resource: ``<property>`` with ``<name>`` (trimmed),
-    ``<value>`` (as written; an empty one sets nothing) and ``<final>``, or the same as attributes; a
-    later definition wins unless an earlier one was final. ``${...}`` variables are not expanded.
-    """
-    reader = _ConfReader()
-    parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
-    parser.StartElementHandler = reader.start
-    parser.EndElementHandler = reader.end
-    parser.CharacterDataHandler = reader.characters
-    parser.EntityDeclHandler = _refuse_entities
-    try:
-        parser.Parse(xml_bytes, True)
-    except xml.parsers.expat.ExpatError as exc:
-        raise AuthToLocalError(f"core-site.xml is not well-formed XML: {exc}") from exc
-    return reader.props.get(AUTH_TO_LOCAL_KEY, "DEFAULT")
-
-
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-def _first_line(text: str) -> str:
-    """The first line of ``text`` that is not blank (the start of a bad rule, for messages)."""
-    return next((line for line in text.splitlines() if line.strip()), text)
-
-
-def _to_int(digits: str) -> int | None:
+def parse_int(digits: str) -> int | None:
     """ASCII ``digits`` as Java's ``Integer.parseInt`` reads them; ``None`` where it would throw."""
-    if not digits or len(digits) > 10 or int(digits) > _INT_MAX:
+    if not digits or len(digits) > 10 or int(digits) > INT_MAX:
         return None
     return int(digits)
 
 
-def _expand_format(fmt: str, params: Sequence[str]) -> str:
-    """``KerberosName.Rule.replaceParameters``: ``$n`` -> ``params[n]``, other text as it is."""
-    out: list[str] = []
-    i = 0
-    while i < len(fmt):
-        j = fmt.find("$", i)
-        if j < 0:
-            out.append(fmt[i:])
-            break
-        out.append(fmt[i:j])
-        k = j + 1
-        while k < len(fmt) and "0" <= fmt[k] <= "9":
-            k += 1
-        digits = fmt[j + 1 : k]
-        num = _to_int(digits)
-        if num is None:
-            raise AuthToLocalError(
-                f"bad format in username mapping in {digits}: in {fmt!r} every '$' must be followed by "
-                "a component number ($0 realm, $1, $2)"
-            )
-        if num >= len(params):
-            raise AuthToLocalError(
-                f"index {num} from {fmt} is outside of the valid range 0 to {len(params) - 1}: "
-                "fix the rule's format"
-            )
-        out.append(params[num])
-        i = k
-    return "".join(out)
+def compile_java(pattern: str) -> re.Pattern[str]:
+    """The Python ``re`` pattern with Java's meaning of ``pattern``.
 
-
-def _compile_java(pattern: str, rule: Rule, what: str) -> re.Pattern[str]:
+    Raises:
+        JavaRegexError: malformed, or not expressible in ``re`` (the message says why).
+    """
     try:
         return re.compile(_JavaRegex(pattern).translate())
-    except (_RegexError, re.error, OverflowError, RecursionError) as exc:
-        raise AuthToLocalError(f"Invalid rule: {rule}: its {what} {pattern!r}: {exc}") from exc
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise JavaRegexError(str(exc)) from exc
 
 
-class _Replacement:
+class Replacement:
     """A Java ``Matcher.replaceFirst``/``replaceAll`` replacement string, parsed as Java does.
 
     Java reports a bad replacement only when the pattern matches; so does :meth:`substitute`.
@@ -315,7 +54,7 @@ class _Replacement:
         self.error: str | None = None
         try:
             self._parse(text, pattern)
-        except _RegexError as exc:
+        except JavaRegexError as exc:
             self.error = f"replacement {text!r}: {exc}"
 
     def _parse(self, text: str, pattern: re.Pattern[str]) -> None:
@@ -325,13 +64,13 @@ class _Replacement:
             c = text[i]
             if c == "\\":
                 if i + 1 == n:
-                    raise _RegexError("character to be escaped is missing")
+                    raise JavaRegexError("character to be escaped is missing")
                 literal.append(text[i + 1])
                 i += 2
             elif c == "$":
                 i += 1
                 if i == n:
-                    raise _RegexError("Illegal group reference: group index is missing")
+                    raise JavaRegexError("Illegal group reference: group index is missing")
                 if text[i] == "{":
                     i += 1
                     start = i
@@ -339,25 +78,25 @@ class _Replacement:
                         i += 1
                     name = text[start:i]
                     if not name:
-                        raise _RegexError("named capturing group has 0 length name")
+                        raise JavaRegexError("named capturing group has 0 length name")
                     if i == n or text[i] != "}":
-                        raise _RegexError("named capturing group is missing trailing '}'")
+                        raise JavaRegexError("named capturing group is missing trailing '}'")
                     if name[0].isdigit():
-                        raise _RegexError(f"capturing group name {{{name}}} starts with digit character")
+                        raise JavaRegexError(f"capturing group name {{{name}}} starts with digit character")
                     if name not in pattern.groupindex:
-                        raise _RegexError(f"No group with name {{{name}}}")
+                        raise JavaRegexError(f"No group with name {{{name}}}")
                     ref = pattern.groupindex[name]
                     i += 1
                 else:
                     if not "0" <= text[i] <= "9":
-                        raise _RegexError("Illegal group reference")
+                        raise JavaRegexError("Illegal group reference")
                     ref = ord(text[i]) - 48
                     i += 1
                     while i < n and "0" <= text[i] <= "9" and ref * 10 + ord(text[i]) - 48 <= pattern.groups:
                         ref = ref * 10 + ord(text[i]) - 48
                         i += 1
                     if ref > pattern.groups:
-                        raise _RegexError(f"No group {ref}")
+                        raise JavaRegexError(f"No group {ref}")
                 if literal:
                     self.parts.append("".join(literal))
                     literal = []
@@ -371,13 +110,17 @@ class _Replacement:
     def _expand(self, m: re.Match[str]) -> str:
         return "".join(p if isinstance(p, str) else (m.group(p) or "") for p in self.parts)
 
-    def substitute(self, base: str, pattern: re.Pattern[str], repeat: bool, rule: str) -> str:
-        """``replaceFirst`` (``replaceAll`` when ``repeat``) of ``pattern`` in ``base``, as Java steps."""
+    def substitute(self, base: str, pattern: re.Pattern[str], repeat: bool) -> str:
+        """``replaceFirst`` (``replaceAll`` when ``repeat``) of ``pattern`` in ``base``, as Java steps.
+
+        Raises:
+            JavaRegexError: the replacement is bad and ``pattern`` matches (Java reports it only then).
+        """
         m = pattern.search(base)
         if m is None:
             return base
         if self.error is not None:
-            raise AuthToLocalError(f"Invalid rule: {rule}: {self.error}")
+            raise JavaRegexError(self.error)
         out: list[str] = []
         last = 0
         while m is not None:
@@ -391,69 +134,6 @@ class _Replacement:
         out.append(base[last:])
         return "".join(out)
 
-
-class _ConfReader:
-    """The event handling of Hadoop's ``Configuration.Parser`` (names are matched by local name)."""
-
-    def __init__(self) -> None:
-        self.props: dict[str, str] = {}
-        self.finals: set[str] = set()
-        self.token: list[str] = []
-        self.parse_token = False
-        self.name: str | None = None
-        self.value: str | None = None
-        self.final = False
-
-    @staticmethod
-    def _local(tag: str) -> str:
-        return tag.rsplit(" ", 1)[-1]
-
-    def start(self, tag: str, attrs: dict[str, str]) -> None:
-        local = self._local(tag)
-        if local == "property":
-            self.name, self.value, self.final = None, None, False
-            for key, val in attrs.items():
-                attr = self._local(key)
-                if attr == "name":
-                    self.name = val
-                elif attr == "value":
-                    self.value = val
-                elif attr == "final":
-                    self.final = val == "true"
-        elif local in ("name", "value", "final", "source", "tag"):
-            self.parse_token = True
-            self.token = []
-        elif local == "include" and any(self._local(k) == "href" for k in attrs):
-            raise AuthToLocalError(
-                "core-site.xml includes another file (xi:include), which cannot be followed here: "
-                "give the merged configuration"
-            )
-
-    def characters(self, data: str) -> None:
-        if self.parse_token:
-            self.token.append(data)
-
-    def end(self, tag: str) -> None:
-        local = self._local(tag)
-        token = "".join(self.token)
-        if local == "name" and token:
-            self.name = token.strip(_JAVA_TRIM)
-        elif local == "value" and token:
-            self.value = token
-        elif local == "final":
-            self.final = token == "true"
-        elif local == "property" and self.name is not None:
-            if self.value is not None and self.name not in self.finals:
-                self.props[self.name] = self.value
-            if self.final:
-                self.finals.add(self.name)
-
-
-def _refuse_entities(*_: object) -> NoReturn:
-    raise AuthToLocalError("core-site.xml declares XML entities, which are not accepted")
-
-
-# --- Java regex -> Python re ---------------------------------------------------------------------
 
 _I, _M, _S, _D = 1, 2, 4, 8  # CASE_INSENSITIVE, MULTILINE, DOTALL, UNIX_LINES
 _FLAG_BITS = {"i": _I, "m": _M, "s": _S, "d": _D}
@@ -569,10 +249,10 @@ class _JavaRegex:
         self.closed: set[int] = set()
 
     def fail(self, message: str) -> NoReturn:
-        raise _RegexError(f"{message} near index {self.pos}")
+        raise JavaRegexError(f"{message} near index {self.pos}")
 
     def unsupported(self, what: str) -> NoReturn:
-        raise _RegexError(f"{what} is not supported here")
+        raise JavaRegexError(f"{what} is not supported here")
 
     def peek(self, offset: int = 0) -> str:
         i = self.pos + offset
@@ -636,7 +316,7 @@ class _JavaRegex:
             if optional:
                 return 0
             self.fail("Illegal repetition")
-        value = _to_int(self.src[start : self.pos])
+        value = parse_int(self.src[start : self.pos])
         if value is None:
             self.fail("Illegal repetition range")
         return value
