@@ -10,11 +10,13 @@ own messages, the comment says which.
 from __future__ import annotations
 
 import contextlib
-import re
+import time
 from dataclasses import dataclass
 
 import pytest
+import regex
 
+from lastlayer.cli import main
 from lastlayer.errors import UsageError
 from lastlayer.hadoop import auth_to_local as atl
 from lastlayer.hadoop.auth_to_local import (
@@ -479,4 +481,23 @@ def test_no_printing(capsys: pytest.CaptureFixture[str]):
 
 
 def test_module_patterns_compile_once():
-    assert isinstance(parse_rules("RULE:[1:$1](a)")[0]._match_re, re.Pattern)
+    assert isinstance(parse_rules("RULE:[1:$1](a)")[0]._match_re, regex.Pattern)
+
+
+def test_the_backtracking_rule_of_the_probe_answers_at_once():
+    # issue 9, finding 7: RULE:[1:$1]s/(a+)+b/x/ on 32 a's ran past 30 s with Python's re
+    start = time.monotonic()
+    assert short_name("a" * 32 + "@LOCAL", "RULE:[1:$1]s/(a+)+b/x/", "LOCAL") == "a" * 32
+    assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("rule", ["RULE:[1:$1]s/(a|aa)+b/x/", "RULE:[1:$1]s/(a|aa)+b/x/g"])
+def test_a_rule_that_backtracks_without_end_is_stopped_and_named(rule, capsys, monkeypatch):
+    start = time.monotonic()
+    with pytest.raises(AuthToLocalError, match=r"auth_to_local rule RULE:\[1:\$1\].* took too long"):
+        short_name("a" * 40 + "@LOCAL", rule, "LOCAL", timeout=0.5)
+    assert time.monotonic() - start < 5
+    monkeypatch.setattr(atl, "EVAL_TIMEOUT_S", 0.5)
+    code = main(["auth-to-local", "a" * 40 + "@LOCAL", f"--rules={rule}", "--default_realm=LOCAL"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "took too long" in err[0]

@@ -13,7 +13,7 @@ from conftest import make_dataset
 from lastlayer import storage
 from lastlayer.errors import StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
-from lastlayer.upload import upload
+from lastlayer.transfer import upload
 
 from .conftest import ENV_KEYS, as_superuser
 

@@ -27,16 +27,28 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import regex
+
 from lastlayer.errors import DataError, UsageError
 from lastlayer.hadoop import conf_xml
-from lastlayer.hadoop.java_regex import JAVA_TRIM, JavaRegexError, Replacement, compile_java, parse_int
+from lastlayer.hadoop.java_regex import (
+    JAVA_TRIM,
+    JavaRegexError,
+    Replacement,
+    compile_java,
+    parse_int,
+    remaining,
+)
 
 MECHANISM_HADOOP = "hadoop"
 MECHANISM_MIT = "mit"
 AUTH_TO_LOCAL_KEY = "hadoop.security.auth_to_local"
+#: Longest time the rules may take to map one principal (Hadoop itself has no bound).
+EVAL_TIMEOUT_S = 2.0
 
 # --- the rule language (KerberosName's nameParser and ruleParser) ---------------------------------
 
@@ -68,8 +80,8 @@ class Rule:
     to_pattern: str | None = None
     repeat: bool = False
     lower: bool = False
-    _match_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
-    _from_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _match_re: regex.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _from_re: regex.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
     _to: Replacement | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -104,24 +116,47 @@ class Rule:
         components: Sequence[str],
         default_realm: str,
         mechanism: str = MECHANISM_HADOOP,
+        deadline: float | None = None,
     ) -> str | None:
         """The short name this rule gives a principal, or ``None`` when the rule does not apply.
 
         ``components`` are the principal's one or two components, ``realm`` its realm (``None`` when
         it has none: ``$0`` is then ``null``, as Java's string concatenation writes it).
+
+        Raises:
+            AuthToLocalError: the rule fails, or its regexes run past ``deadline``
+                (``time.monotonic()``; default :data:`EVAL_TIMEOUT_S` from now).
         """
+        if deadline is None:
+            deadline = time.monotonic() + EVAL_TIMEOUT_S
+        try:
+            return self._apply(realm, components, default_realm, mechanism, deadline)
+        except TimeoutError:
+            raise AuthToLocalError(
+                f"auth_to_local rule {self} took too long: its regex backtracks without end on this "
+                "principal (nested repeats such as (a+)+); simplify the rule"
+            ) from None
+
+    def _apply(
+        self,
+        realm: str | None,
+        components: Sequence[str],
+        default_realm: str,
+        mechanism: str,
+        deadline: float,
+    ) -> str | None:
         result: str | None = None
         if self.is_default:
             if realm is not None and realm == default_realm:
                 result = components[0]
         elif len(components) == self.components:
             base = _expand_format(self.fmt, ["null" if realm is None else realm, *components])
-            if self._match_re is None or self._match_re.fullmatch(base):
+            if self._match_re is None or self._match_re.fullmatch(base, timeout=remaining(deadline)):
                 if self._from_re is None or self._to is None:
                     result = base
                 else:
                     try:
-                        result = self._to.substitute(base, self._from_re, self.repeat)
+                        result = self._to.substitute(base, self._from_re, self.repeat, deadline)
                     except JavaRegexError as exc:
                         raise AuthToLocalError(f"Invalid rule: {self}: {exc}") from exc
         if result is not None and ("/" in result or "@" in result) and mechanism.lower() == MECHANISM_HADOOP:
@@ -178,14 +213,21 @@ def parse_rules(text: str) -> list[Rule]:
 
 
 def short_name(
-    principal: str, rules: str | Sequence[Rule], default_realm: str, mechanism: str = MECHANISM_HADOOP
+    principal: str,
+    rules: str | Sequence[Rule],
+    default_realm: str,
+    mechanism: str = MECHANISM_HADOOP,
+    timeout: float = EVAL_TIMEOUT_S,
 ) -> str:
-    """The local user name Hadoop gives ``principal`` under ``rules`` (text or parsed).
+    """The local user name Hadoop gives ``principal`` under ``rules`` (text or parsed), found within
+    ``timeout`` seconds.
 
     Raises:
-        AuthToLocalError: malformed principal or rules, an unknown mechanism, a rule error, or (under
-            the ``hadoop`` mechanism) no rule applies or the result is not a simple name.
+        AuthToLocalError: malformed principal or rules, an unknown mechanism, a rule error, a rule
+            whose regex runs past ``timeout`` (named), or (under the ``hadoop`` mechanism) no rule
+            applies or the result is not a simple name.
     """
+    deadline = time.monotonic() + timeout
     mech = mechanism.lower()
     if mech not in (MECHANISM_HADOOP, MECHANISM_MIT):
         raise AuthToLocalError(f"Invalid rule mechanism: {mechanism}: use hadoop or mit")
@@ -202,7 +244,7 @@ def short_name(
         return service
     components = [service] if host is None else [service, host]
     for rule in parsed:
-        result = rule.apply(realm, components, default_realm, mech)
+        result = rule.apply(realm, components, default_realm, mech, deadline)
         if result is not None:
             return result
     if mech == MECHANISM_HADOOP:
@@ -277,7 +319,7 @@ def _expand_format(fmt: str, params: Sequence[str]) -> str:
     return "".join(out)
 
 
-def _compile_java(pattern: str, rule: Rule, what: str) -> re.Pattern[str]:
+def _compile_java(pattern: str, rule: Rule, what: str) -> regex.Pattern[str]:
     try:
         return compile_java(pattern)
     except JavaRegexError as exc:

@@ -1,4 +1,4 @@
-"""Java regular expressions (``java.util.regex``) read with Java's meaning and written as Python ``re``.
+"""Java regular expressions (``java.util.regex``) read with Java's meaning, run by the ``regex`` module.
 
 :func:`compile_java` translates a pattern: ``.``, ``^`` and ``$`` honour Java's line terminators,
 ``\\d``, ``\\w``, ``\\s`` and ``(?i)`` are ASCII. :class:`Replacement` is a ``Matcher.replaceFirst`` /
@@ -6,12 +6,19 @@
 cannot express (nested or intersected classes, Unicode properties, ``\\G``, flags ``x``, ``u``, ``U``,
 ``c``, ...) raise :class:`JavaRegexError` rather than get another meaning. Used by
 :mod:`lastlayer.hadoop.auth_to_local`, whose rules hold Java regexes.
+
+The translation is in ``re`` syntax and compiled by ``regex`` (its ``re``-compatible V0 mode) because
+``regex`` bounds a match in time (``timeout=``): a rule such as ``(a+)+b`` backtracks for ever in
+Java and in ``re`` alike, and nothing can interrupt ``re`` once it runs.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import NoReturn
+
+import regex
 
 INT_MAX = 2**31 - 1
 #: What Java's ``String.trim()`` strips: every character <= U+0020.
@@ -31,16 +38,21 @@ def parse_int(digits: str) -> int | None:
     return int(digits)
 
 
-def compile_java(pattern: str) -> re.Pattern[str]:
-    """The Python ``re`` pattern with Java's meaning of ``pattern``.
+def compile_java(pattern: str) -> regex.Pattern[str]:
+    """The compiled pattern with Java's meaning of ``pattern``.
 
     Raises:
-        JavaRegexError: malformed, or not expressible in ``re`` (the message says why).
+        JavaRegexError: malformed, or not expressible in ``re`` syntax (the message says why).
     """
     try:
-        return re.compile(_JavaRegex(pattern).translate())
-    except (re.error, OverflowError, RecursionError) as exc:
+        return regex.compile(_JavaRegex(pattern).translate(), flags=regex.V0)
+    except (re.error, regex.error, OverflowError, RecursionError) as exc:
         raise JavaRegexError(str(exc)) from exc
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic()``), at least a millisecond."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 class Replacement:
@@ -49,7 +61,7 @@ class Replacement:
     Java reports a bad replacement only when the pattern matches; so does :meth:`substitute`.
     """
 
-    def __init__(self, text: str, pattern: re.Pattern[str]) -> None:
+    def __init__(self, text: str, pattern: regex.Pattern[str]) -> None:
         self.parts: list[str | int] = []
         self.error: str | None = None
         try:
@@ -57,7 +69,7 @@ class Replacement:
         except JavaRegexError as exc:
             self.error = f"replacement {text!r}: {exc}"
 
-    def _parse(self, text: str, pattern: re.Pattern[str]) -> None:
+    def _parse(self, text: str, pattern: regex.Pattern[str]) -> None:
         i, n = 0, len(text)
         literal: list[str] = []
         while i < n:
@@ -107,16 +119,17 @@ class Replacement:
         if literal:
             self.parts.append("".join(literal))
 
-    def _expand(self, m: re.Match[str]) -> str:
+    def _expand(self, m: regex.Match[str]) -> str:
         return "".join(p if isinstance(p, str) else (m.group(p) or "") for p in self.parts)
 
-    def substitute(self, base: str, pattern: re.Pattern[str], repeat: bool) -> str:
+    def substitute(self, base: str, pattern: regex.Pattern[str], repeat: bool, deadline: float) -> str:
         """``replaceFirst`` (``replaceAll`` when ``repeat``) of ``pattern`` in ``base``, as Java steps.
 
         Raises:
             JavaRegexError: the replacement is bad and ``pattern`` matches (Java reports it only then).
+            TimeoutError: the search runs past ``deadline`` (``time.monotonic()``).
         """
-        m = pattern.search(base)
+        m = pattern.search(base, timeout=remaining(deadline))
         if m is None:
             return base
         if self.error is not None:
@@ -130,7 +143,7 @@ class Replacement:
             if not repeat:
                 break
             nxt = m.end() + (1 if m.end() == m.start() else 0)  # Java steps past an empty match
-            m = pattern.search(base, nxt) if nxt <= len(base) else None
+            m = pattern.search(base, nxt, timeout=remaining(deadline)) if nxt <= len(base) else None
         out.append(base[last:])
         return "".join(out)
 
