@@ -222,3 +222,42 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match=r"--worker_index=2: must be in \[0, --worker_count\)"):
         pipeline.retrain(str(tmp_path), engine=EngineConfig(worker_index=2, worker_count=2))
     assert not any(tmp_path.iterdir())
+
+
+def test_an_output_that_is_a_folder_is_refused_before_the_run(tmp_path, shapes_dir, capsys):
+    # issue 9, finding 11: the final rename moved the model into the folder and the run reported success
+    from lastlayer.cli import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    argv = [
+        "retrain",
+        f"--image_dir={shapes_dir}",
+        f"--output_graph={folder}",
+        f"--bottleneck_dir={tmp_path / 'b'}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lastlayer: error: --output_graph={folder}: is an existing folder; name a file in it"]
+    assert not any(folder.iterdir()) and not (tmp_path / "b").exists()
+
+
+def test_impossible_outputs_are_named_with_their_flag(tmp_path):
+    (tmp_path / "file").write_text("x")
+    under_a_file = OutputConfig(output_graph=str(tmp_path / "file" / "sub" / "g.onnx"))
+    with pytest.raises(UsageError, match=r"--output_graph=.*: its folder .*/file is a file"):
+        pipeline.check_outputs(under_a_file, EngineConfig(), None)
+    twice = OutputConfig(output_graph=str(tmp_path / "g.onnx"), output_labels=str(tmp_path / "g.onnx"))
+    with pytest.raises(UsageError, match=r"--output_labels=.*: the same file as --output_graph"):
+        pipeline.check_outputs(twice, EngineConfig(), None)
+    pipeline.check_outputs(OutputConfig(output_graph=str(tmp_path / "new" / "g.onnx")), EngineConfig(), None)
+
+
+def test_an_atomic_write_never_lands_inside_a_folder(tmp_path):
+    from lastlayer import storage
+    from lastlayer.errors import StorageError
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(StorageError, match=r"cannot write .*/d: it is an existing folder"):
+        storage.write_atomic(str(tmp_path / "d"), b"x")
+    assert not any((tmp_path / "d").iterdir())

@@ -23,7 +23,7 @@ from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageFile, ImageSet
 from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.engines.base import Engine
-from lastlayer.errors import DataError
+from lastlayer.errors import DataError, UsageError
 from lastlayer.evaluate import accuracy, confusion_matrix, per_class_scores
 from lastlayer.export import build_classifier
 from lastlayer.features import Bottlenecks, compute_bottlenecks
@@ -135,6 +135,7 @@ class Run:
 
 
 def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary | ShardResult:
+    check_outputs(run.outputs, run.engine, run.storage_options)
     image_dir = run.image_dir or _demo()
     seed = run.training.random_seed if run.training.random_seed is not None else secrets.randbits(32)
     log.info("Random seed: %d", seed)
@@ -167,6 +168,32 @@ def _demo() -> str:
 
 
 # -- stages -------------------------------------------------------------------------------------
+def check_outputs(
+    outputs: OutputConfig, engine: EngineConfig, storage_options: Mapping[str, Any] | None
+) -> None:
+    """Refuse, before any work, outputs that cannot be written: a path that is a folder, under a file,
+    or named twice.
+
+    Raises:
+        UsageError: naming the flag and what to do.
+    """
+    if engine.worker_index > 0:  # a shard worker writes only the cache
+        return
+    files = {
+        "output_graph": outputs.output_graph,
+        "output_labels": outputs.output_labels,
+        "summary_json": outputs.summary_url,
+    }
+    for flag, url in files.items():
+        if why := storage.file_problem(url, storage_options):
+            raise UsageError(f"--{flag}={url}: {why}")
+    seen: dict[str, str] = {}
+    for flag, url in files.items():
+        if url in seen:
+            raise UsageError(f"--{flag}={url}: the same file as --{seen[url]}; give each output its own path")
+        seen[url] = flag
+
+
 def load_model(architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None) -> FeatureModel:
     """The feature network (built and cached in ``model_dir`` on first use)."""
     model = load_feature_model(architecture, model_dir, storage_options)

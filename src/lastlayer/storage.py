@@ -135,12 +135,35 @@ def _publish(fs: AbstractFileSystem, tmp: str, path: str) -> None:
     fs.mv(tmp, path)
 
 
+def file_problem(url: str, storage_options: StorageOptions | None = None) -> str | None:
+    """Why ``url`` cannot be written as a file, as far as can be told without writing: it is an
+    existing folder, or the nearest existing folder above it is a file. ``None`` when it looks fine.
+
+    Raises:
+        StorageError: the storage cannot be asked.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if fs.isdir(path):
+            return "is an existing folder; name a file in it"
+        parent = posixpath.dirname(path.rstrip("/"))
+        while parent and parent != "/" and not fs.exists(parent):
+            parent = posixpath.dirname(parent)
+        if parent and not fs.isdir(parent):
+            return f"its folder {parent} is a file; name a path under a folder"
+    except Exception as exc:
+        raise describe(exc, url, "look up") from exc
+    return None
+
+
 @contextmanager
 def atomic_path(
     url: str, storage_options: StorageOptions | None = None
 ) -> Iterator[tuple[AbstractFileSystem, str]]:
     """Yield ``(fs, temp_path)`` to write; on success rename it to ``url``, on failure remove it."""
     fs, path = url_to_fs(url, storage_options)
+    if fs.isdir(path):  # a rename would put the file inside it
+        raise StorageError(f"cannot write {url}: it is an existing folder; name a file in it")
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}_{name}")
     try:
