@@ -102,3 +102,16 @@ def test_defaults_are_retrain_py_defaults():
         o.validation_percentage,
         o.testing_percentage,
     ) == (4000, 0.01, 100, 10, 100, -1, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--learning_rate=inf", "--learning_rate=nan", "--random_crop=inf", "--shard_wait_seconds=-inf"],
+)
+def test_non_finite_numbers_are_refused(flag, capsys):
+    # issue 9, finding 10: --learning_rate=inf trained to nan and saved a model that scored nan
+    from lastlayer.cli import main
+
+    assert main(["retrain", flag]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"lastlayer: error: {flag.split('=')[0]}=") and "must be a finite number" in line
