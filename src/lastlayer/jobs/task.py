@@ -5,7 +5,9 @@ The supervisor starts ``python -m lastlayer.jobs.task`` with a :class:`TaskDescr
 its workers should run with ``python -m lastlayer.jobs.task --executors ANSWER.json`` (same
 description): a job module may define ``executors(context) -> str | None``; ``"spark"`` makes the
 workers Spark executors driven by worker-0, ``None`` (or no such function) keeps one process per
-worker. This module is the task's edge: it configures logging and prints its own errors.
+worker; the module is imported once more for that question, so importing it and answering should be
+quick and free of side effects. This module is the task's edge: it configures logging and prints
+its own errors.
 """
 
 from __future__ import annotations
