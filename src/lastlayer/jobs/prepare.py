@@ -36,6 +36,7 @@ from lastlayer.jobs.plan import PHASES
 from lastlayer.jobs.spec import JobSpec
 from lastlayer.jobs.state import Job
 from lastlayer.jobs.task import TASK_ENV, TaskDescription
+from lastlayer.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def prepare(job: Job, spec: JobSpec, secrets_dir: str | None = None) -> Iterator
         shares: dict[str, int] = {}
         if _executors(job, spec, module_dir, env) == "spark":
             conf = _private(private / "spark-conf")
-            (conf / "spark-defaults.conf").write_text(spark_defaults(spec))
+            write_atomic(str(conf / "spark-defaults.conf"), spark_defaults(spec).encode())
             env["SPARK_CONF_DIR"] = str(conf)
             shares["worker-0"] = spec.worker.count
         log_dir = spec.service.shared_filesystem or str(job.folder / "persist")

@@ -25,6 +25,7 @@ from pathlib import Path
 from lastlayer.errors import UsageError
 from lastlayer.jobs.plan import Plan
 from lastlayer.jobs.spec import JobSpec
+from lastlayer.storage import write_atomic
 
 #: How long a stopped process may take to end before it is killed, and a killed one to go, seconds.
 STOP_GRACE_S = 10.0
@@ -71,10 +72,12 @@ class Job:
         return Plan.load(self.plan_path)
 
     def save_spec(self, spec: JobSpec) -> None:
-        """Keep the deployed options as ``options.json`` (atomically)."""
-        tmp = self.folder / ".options.json.tmp"
-        tmp.write_text(json.dumps(spec.to_dict(), indent=1))
-        tmp.replace(self.folder / "options.json")
+        """Keep the deployed options as ``options.json``."""
+        write_atomic(str(self.folder / "options.json"), json.dumps(spec.to_dict(), indent=1).encode())
+
+    def save_pid(self, pid: int) -> None:
+        """Record the supervisor's process id."""
+        write_atomic(str(self.pid_path), str(pid).encode())
 
     def spec(self) -> JobSpec:
         """The options as deployed."""

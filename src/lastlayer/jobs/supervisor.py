@@ -50,7 +50,7 @@ def supervise(
         on_change: called with the plan after every status change.
         secrets_dir: the secret store holding the keytab secret.
     """
-    job.pid_path.write_text(str(os.getpid()))
+    job.save_pid(os.getpid())
     try:
         return _Supervisor(job, timeout, on_change, secrets_dir).run()
     finally:
@@ -68,7 +68,7 @@ def spawn(job: Job, timeout: float | None = None, *, secrets_dir: str | None = N
         proc = subprocess.Popen(
             argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    job.pid_path.write_text(str(proc.pid))
+    job.save_pid(proc.pid)
 
 
 class _Supervisor:

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from lastlayer.errors import LastlayerError
 from lastlayer.fetch import one_line
+from lastlayer.storage import write_atomic
 
 TASK_ENV = "LASTLAYER_TASK"
 #: Exit code of a task whose job module or ``main`` cannot be found, or whose description is wrong.
@@ -203,9 +204,7 @@ def answer_executors(answer: Path) -> int:
         json.dumps(result)
     except Exception as exc:
         result = {"error": f"{exc.__class__.__name__}: {one_line(exc)}"}
-    tmp = answer.with_name(f".{answer.name}.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(answer)
+    write_atomic(str(answer), json.dumps(result).encode())  # the asker reads a whole answer or none
     return 0
 
 
