@@ -1,8 +1,9 @@
 """Everything before a job's tasks start, in the job's state folder.
 
-Checks the machine (a GPU for ``gpu_worker``, free disk for the groups' ``disk``), logs in to
-Kerberos from the keytab secret and downloads the Hadoop configuration (:func:`_cluster_login`), fetches
-and extracts the job archive, and asks the job module how its workers run (:func:`_executors`).
+Checks the machine (a GPU for tasks asking for one, free disk for the groups' ``disk``), logs in to
+Kerberos from the keytab secret and downloads the Hadoop configuration (:func:`_cluster_login`),
+fetches and extracts the job archive, and asks the job module how its workers run
+(:func:`_executors`). Kerberos tracing (``kerberos.debug``) goes to each task's stderr.
 
 When the job module answers ``executors(context) == "spark"`` (the example job does when its context
 asks for ``--engine spark``), the workers become Spark executors: ``private/spark-conf/
