@@ -1,8 +1,11 @@
-"""The job service on local files: deploy, plan, tasks, logs, restart, several workers, bad deployments."""
+"""The job service on local files: deploy, plan, tasks, logs, restart, several workers, bad deployments,
+the job module's executors(context), options used or warned about, and each action's own flags."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -11,7 +14,9 @@ import pytest
 
 from conftest import make_dataset
 from lastlayer.cli import main
+from lastlayer.jobs import prepare, secret_store
 from lastlayer.jobs.plan import COMPLETE, ERROR, Plan, new_plan
+from lastlayer.jobs.task import TaskDescription
 
 ROOT = Path(__file__).resolve().parents[1]
 POETS = ROOT / "examples" / "poets"
@@ -64,7 +69,9 @@ def images(tmp_path_factory) -> Path:
 
 
 def job(*argv: str, state: Path) -> int:
-    return main(["job", *argv, f"--state_dir={state}", "--timeout=300"])
+    """``lastlayer job ...`` with ``--state_dir`` (and ``--timeout`` where the action runs tasks)."""
+    runs = argv[0] == "deploy" or argv[:2] == ("plan", "restart")
+    return main(["job", *argv, f"--state_dir={state}", *(["--timeout=300"] if runs else [])])
 
 
 def test_plan_renders_as_the_walkthrough():
@@ -270,3 +277,215 @@ def test_with_the_spark_engine_the_workers_become_executors(
     assert "master local[2], 2 cores" in driver and "Bottlenecks: 24 computed" in driver
     assert "worker 0 drives them" in (folder / "tasks" / "worker-1" / "stderr").read_text()
     assert (tmp_path / "shared" / "retrained_graph.pb").exists()
+
+
+# --- the typed task description, the job module's executors(context), the options used or warned --
+
+
+def test_the_task_description_round_trips_through_json():
+    task = TaskDescription(
+        {"worker": ["127.0.0.1:4001", "127.0.0.1:4002"], "ps": ["127.0.0.1:4003"]},
+        "worker",
+        1,
+        "/jobs/poets",
+        "poets",
+        "hdfs://default/run",
+        {"args": {"--how_many_training_steps": 5}},
+        "DEBUG",
+    )
+    assert TaskDescription.from_json(task.to_json()) == task
+    server = task.server()
+    assert (server.job_name, server.task_index, server.task_name) == ("worker", 1, "worker-1")
+    assert server.target == "grpc://127.0.0.1:4002" and server.cluster == task.cluster
+    data = json.loads(task.to_json())
+    with pytest.raises(ValueError, match=r"missing \['log_level'\], unknown \['level'\]"):
+        TaskDescription.from_json(
+            json.dumps({**{k: v for k, v in data.items() if k != "log_level"}, "level": 1})
+        )
+    with pytest.raises(ValueError, match="wrong type of cluster, index"):
+        TaskDescription.from_json(json.dumps({**data, "index": "1", "cluster": {"worker": "a:1"}}))
+
+
+def tiny_job(tmp: Path, source: str) -> Path:
+    """A job archive whose module ``tiny`` is ``source``."""
+    return bad_zip(tmp / "tiny.zip", {"jobs/tiny.py": source})
+
+
+def tiny_options(tmp: Path, job_url: Path, context: dict | None = None, **sections) -> Path:
+    spec = {
+        "service": {
+            "name": "tiny",
+            "job_url": str(job_url),
+            "job_path": "jobs",
+            "job_name": "tiny",
+            "job_context": json.dumps(context or {}),
+            **sections.pop("service", {}),
+        },
+        "worker": {"count": 2, "cpus": 1, "mem": 1024},
+        **sections,
+    }
+    path = tmp / "tiny.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+SHOW_ENV = (
+    "import os\n"
+    "def main(server, log_dir, context):\n"
+    "    for key in ('KRB5_TRACE', 'SPARK_CONF_DIR', 'OMP_NUM_THREADS'):\n"
+    "        print(f'{key}={os.environ.get(key, \"\")}')\n"
+)
+
+
+def test_the_service_reads_no_job_flag_the_job_module_says_how_its_workers_run(tmp_path, capsys):
+    """`--engine spark` in the context means nothing to the service: only the job module's
+    executors(context) makes the workers Spark executors."""
+    state = tmp_path / "s"
+    spark_context = {"args": {"--engine": "spark"}}
+    assert (
+        job("deploy", str(tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), spark_context)), state=state)
+        == 0
+    )
+    assert not (state / "tiny" / "private" / "spark-conf").exists()
+    assert (state / "tiny" / "tasks" / "worker-0" / "stdout").read_text().splitlines()[1:] == [
+        "SPARK_CONF_DIR=",
+        "OMP_NUM_THREADS=1",
+    ]
+    source = SHOW_ENV + "def executors(context):\n    return 'spark' if context.get('spark') else None\n"
+    assert (
+        job("deploy", str(tiny_options(tmp_path, tiny_job(tmp_path, source), {"spark": 1})), state=state) == 0
+    )
+    conf = state / "tiny" / "private" / "spark-conf"
+    assert (conf / "spark-defaults.conf").read_text().splitlines()[-3:] == [
+        "spark.executor.instances 2",
+        "spark.executor.cores 1",
+        "spark.executor.memory 1024m",
+    ]
+    driver = (state / "tiny" / "tasks" / "worker-0" / "stdout").read_text()
+    assert f"SPARK_CONF_DIR={conf}" in driver
+    assert (
+        f"OMP_NUM_THREADS={min(2, len(os.sched_getaffinity(0)))}" in driver
+    )  # worker-0 gets both workers' cores
+    assert "OMP_NUM_THREADS=1" in (state / "tiny" / "tasks" / "worker-1" / "stdout").read_text()
+
+
+@pytest.mark.parametrize(
+    ("hook", "needle"),
+    [
+        (
+            "def executors(context):\n    raise RuntimeError('no way')\n",
+            "executors(context) failed: RuntimeError: no way",
+        ),
+        ("def executors(context):\n    return 'flink'\n", "executors(context) answered 'flink'; answer None"),
+    ],
+)
+def test_a_failing_executors_answer_is_an_error_step(tmp_path, hook, needle, capsys):
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV + hook))
+    assert job("deploy", str(opts), state=tmp_path / "s") == 1
+    plan = Plan.load(tmp_path / "s" / "tiny" / "plan.json")
+    assert plan.status == ERROR and f"job module 'tiny': {needle}" in (plan.step("worker-0").message or "")
+
+
+def test_kerberos_debug_traces_kerberos_into_the_tasks_stderr(tmp_path, capsys):
+    kerberos = {"security": {"kerberos": {"debug": True}}}
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), service=kerberos)
+    assert job("deploy", str(opts), state=tmp_path / "s") == 0
+    assert "KRB5_TRACE=/dev/stderr" in (tmp_path / "s" / "tiny" / "tasks" / "worker-0" / "stdout").read_text()
+
+
+def test_disk_is_checked_free_before_the_tasks_start(tmp_path, capsys):
+    free = shutil.disk_usage(tmp_path).free / 2**20
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), worker={"count": 2, "disk": free})
+    assert job("deploy", str(opts), state=tmp_path / "s") == 1
+    message = Plan.load(tmp_path / "s" / "tiny" / "plan.json").step("worker-0").message or ""
+    assert message.startswith(f"the tasks ask for {2 * free:g} MiB of disk (worker.disk x worker.count) but ")
+    assert "free some space, lower disk, or deploy with another --state_dir" in message
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), worker={"count": 2, "disk": 1})
+    assert job("deploy", str(opts), state=tmp_path / "s") == 0
+
+
+def test_tasks_asking_for_gpus_need_a_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prepare, "gpu_available", lambda: False)
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), worker={"count": 1, "gpus": 1})
+    assert job("deploy", str(opts), state=tmp_path / "s") == 1
+    message = Plan.load(tmp_path / "s" / "tiny" / "plan.json").step("worker-0").message
+    assert message == (
+        "worker.gpus is 1 but this machine has no GPU (no /dev/nvidia0, no nvidia-smi): set worker.gpus to 0"
+    )
+
+
+def test_unsupported_options_are_warned_about_with_what_happens_instead(tmp_path, capsys):
+    service = {"user": "nobody", "use_tensorboard": True}
+    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), service=service)
+    assert job("deploy", str(opts), state=tmp_path / "s") == 0
+    err = capsys.readouterr().err
+    assert 'service.user is "nobody", which is ignored: the tasks run as the user who deploys the job' in err
+    assert "service.use_tensorboard is true, which is ignored: no TensorBoard is started" in err
+
+
+# --- the command line: one sub-parser per action, each with only its own flags -------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["deploy", "x.json", "--name=x"], "--name"),
+        (["deploy", "x.json", "--completed"], "--completed"),
+        (["plan", "show", "--detach"], "--detach"),
+        (["plan", "show", "--timeout=5"], "--timeout"),
+        (["plan", "restart", "--completed"], "--completed"),
+        (["tasks", "--secrets_dir=/tmp"], "--secrets_dir"),
+        (["log", "worker-0", "--detach"], "--detach"),
+        (["stop", "--root=x"], "--root"),
+        (["uninstall", "--timeout=1"], "--timeout"),
+        (["package", "a", "b", "--state_dir=/tmp"], "--state_dir"),
+        (["secret", "a", "b", "--name=x"], "--name"),
+    ],
+)
+def test_each_action_refuses_the_flags_of_the_others(argv, flag, tmp_path, capsys):
+    assert main(["job", *argv]) == 2
+    assert f"lastlayer: error: unknown flag {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_actions_explain_themselves_and_their_mistakes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["job", "deploy", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: lastlayer job deploy [-h] [--state_dir STR] [--detach BOOL]" in out
+    assert "service.job_url (str, required): URL of the job archive" in out  # the options file's options
+    assert "worker.count (int, default 1): Number of tasks in the group." in out
+    with pytest.raises(SystemExit):
+        main(["job", "log", "--help"])
+    assert "[--completed BOOL] [TASK] [STREAM]" in " ".join(capsys.readouterr().out.split())
+    usage = "(usage: job deploy OPTIONS.json | job plan show [deploy] |"
+    for argv, message in [
+        (["job"], "job needs deploy, plan, tasks, log, stop, uninstall, package or secret "),
+        (["job", "bogus"], "unknown job action 'bogus' "),
+        (["job", "plan"], "job plan needs show or restart "),
+        (["job", "plan", "again"], "unknown job plan action 'again' "),
+        (["job", "deploy"], "job deploy needs the options file "),
+        (["job", "log"], "job log needs a task name "),
+        (["job", "package", "src"], "job package needs the job folder and the zip to write "),
+        (["job", "secret", "name"], "job secret needs the secret name and the file holding its value "),
+    ]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"lastlayer: error: {message}{usage}")
+    assert main(["job", "plan", "show", "recovery"]) == 2
+    assert "invalid choice: 'recovery' (choose from 'deploy')" in capsys.readouterr().err
+    assert main(["job", "deploy", "x.json", "--timeout=-1"]) == 2
+    assert "--timeout=-1.0: must be 0 (no limit) or positive" in capsys.readouterr().err
+
+
+def test_secret_and_package_actions(tmp_path, capsys):
+    keytab = tmp_path / "keytab"
+    keytab.write_bytes(b"\x05\x02binary")
+    store = tmp_path / "store"
+    assert main(["job", "secret", "__dcos_base64__k", str(keytab), f"--secrets_dir={store}"]) == 0
+    assert capsys.readouterr().out == "stored secret __dcos_base64__k\n"
+    assert secret_store.read_secret("__dcos_base64__k", store) == b"\x05\x02binary"
+    assert main(["job", "secret", "x", str(tmp_path / "missing"), f"--secrets_dir={store}"]) == 2
+    assert "cannot read " in capsys.readouterr().err
+    assert main(["job", "package", str(POETS), str(tmp_path / "p.zip")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'p.zip'}\n"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
+from lastlayer import fields
 from lastlayer.errors import UsageError
-from lastlayer.jobspec import JobSpec, ServiceSpec, TaskGroupSpec, describe_options
+from lastlayer.jobs.spec import JobSpec, ServiceSpec, TaskGroupSpec, describe_options
 
 # The walkthrough's demos/poets.json, verbatim (section "Distributing the job").
 POETS_JSON = r"""{
@@ -362,3 +364,70 @@ def test_every_option_is_described_once():
     assert described["service.job_url"] == ("str", None)
     assert described["worker.count"] == ("int", 1) and described["parameter_server.count"] == ("int", 0)
     assert described["service.security.kerberos.kdc.port"] == ("int", 88)
+
+
+def test_unsupported_options_are_read_with_a_warning_saying_what_happens_instead():
+    spec, warnings = JobSpec.from_dict(
+        with_changes(("service.user", "alice"), ("service.use_tensorboard", True))
+    )
+    assert spec.service.user == "alice" and spec.service.use_tensorboard is True
+    assert warnings == [
+        'service.user is "alice", which is ignored: the tasks run as the user who deploys the job '
+        "(running them as another user is not supported yet); leave service.user out",
+        "service.use_tensorboard is true, which is ignored: no TensorBoard is started (not supported yet); "
+        "run `tensorboard --logdir` on the job's summaries folder yourself",
+    ]
+    # Their defaults, given or not, say nothing.
+    assert (
+        JobSpec.from_dict(with_changes(("service.user", "root"), ("service.use_tensorboard", False)))[1] == []
+    )
+
+
+def _unsupported(cls: type, path: str = "") -> set[str]:
+    found: set[str] = set()
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{path}.{f.name}" if path else f.name
+        if fields.is_section(hints[f.name]):
+            found |= _unsupported(hints[f.name], full)
+        elif fields.info(f).unsupported:
+            found.add(full)
+    return found
+
+
+# Where the job service uses each option; a new option must be added here or marked unsupported.
+USED = {
+    "service.name": "the state folder's name (state.Job.named)",
+    "service.log_level": "the tasks' log level (TaskDescription.log_level)",
+    "service.job_url": "the archive fetched (prepare._extract_job)",
+    "service.job_path": "the job module's folder (prepare._extract_job)",
+    "service.job_name": "the job module imported (task._load_module)",
+    "service.job_context": "the tasks' context and executors(context) (TaskDescription.context)",
+    "service.shared_filesystem": "the tasks' log_dir (prepare.prepare)",
+    "service.hdfs.config_uri": "the Hadoop configuration downloaded (prepare._cluster_login)",
+    "service.security.kerberos.enabled": "the keytab login (prepare._cluster_login)",
+    "service.security.kerberos.debug": "KRB5_TRACE into the tasks' stderr (prepare.prepare)",
+    "service.security.kerberos.kdc.hostname": "krb5.conf (prepare.krb5_conf)",
+    "service.security.kerberos.kdc.port": "krb5.conf (prepare.krb5_conf)",
+    "service.security.kerberos.primary": "the principal (prepare._cluster_login)",
+    "service.security.kerberos.realm": "the principal and krb5.conf (prepare._cluster_login)",
+    "service.security.kerberos.keytab_secret": "the keytab (prepare._cluster_login)",
+    **{
+        f"{group}.{name}": use
+        for group in ("worker", "parameter_server", "gpu_worker")
+        for name, use in {
+            "count": "the plan's steps (plan.new_plan)",
+            "cpus": "each task's cores (supervisor.start) and the Spark executors' cores",
+            "mem": "each task's memory limit (supervisor.poll) and the Spark executors' memory",
+            "disk": "free disk checked before the tasks start (prepare._check_disk)",
+            "gpus": "a GPU required on the machine (prepare._check_gpu)",
+        }.items()
+    },
+}
+
+
+def test_every_option_is_used_or_warned_about():
+    unsupported = _unsupported(JobSpec)
+    assert unsupported == {"service.user", "service.use_tensorboard"}
+    assert {path for path, _, _, _ in describe_options()} == set(USED) | unsupported
+    assert not set(USED) & unsupported

@@ -5,9 +5,9 @@ The DC/OS TensorFlow service (and ``lastlayer job deploy``) import this module a
 ``{{shared_filesystem}}`` in a value becomes ``log_dir``, and a path under ``/mnt/mesos/sandbox``
 (the task's persistent volume on DC/OS) is placed in the task's sandbox (``MESOS_SANDBOX``).
 With several workers, each computes its shard of the bottlenecks and worker 0 trains; with
-``--engine spark`` in the context, worker 0 drives Spark, whose executors stand for the workers (the
-job service maps worker count, cpus and mem onto them), and the other workers have nothing to do.
-It uses only lastlayer's public API.
+``--engine spark`` in the context, :func:`executors` tells the job service so: it maps the workers'
+count, cpus and mem onto Spark executors, worker 0 drives them, and the other workers have nothing
+to do. It uses only lastlayer's public API.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def get_args(context: dict[str, Any], log_dir: str) -> tuple[argparse.Namespace,
             text = sandbox + text[len(MESOS_SANDBOX) :]
         args += [key, text]
     return get_parser().parse_known_args(lastlayer.RetrainOptions.normalize(args))
+
+
+def executors(context: dict[str, Any]) -> str | None:
+    """Asked by the job service before the tasks start: ``"spark"`` when the context's flags choose
+    ``--engine spark`` (the workers then run as Spark executors driven by worker 0), else ``None``."""
+    flags, _ = get_args(context, "")
+    return "spark" if flags.engine == "spark" else None
 
 
 def main(server: Any, log_dir: str, context: dict[str, Any]) -> None:

@@ -15,8 +15,8 @@ import fsspec
 import pytest
 
 from conftest import make_dataset, serve_folder
-from lastlayer import secrets
 from lastlayer.cli import main
+from lastlayer.jobs import secret_store
 from lastlayer.jobs.plan import ERROR, Plan
 
 from .conftest import ENV_KEYS, as_superuser, lastlayer_as
@@ -70,7 +70,7 @@ def deployment(secure_hdfs, endpoint, tmp_path_factory):
     )
     store = tmp / "secrets"
     for user in ("tensorflow", "alice"):
-        secrets.write_secret(
+        secret_store.write_secret(
             f"__dcos_base64__{user}_keytab",
             secure_hdfs.keytab(user).read_bytes(),
             str(store),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lastlayer import __version__
@@ -20,7 +20,6 @@ from lastlayer.errors import LastlayerError, UsageError
 from lastlayer.hadoop import ClusterConfig
 from lastlayer.options import (
     AuthToLocalOptions,
-    JobOptions,
     LabelOptions,
     RetrainOptions,
     UploadOptions,
@@ -50,13 +49,17 @@ def _configure_logging(level: str) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    """One sub-command: its option classes, positional arguments, help and runner."""
+    """One sub-command: its option classes, positional arguments, help and runner; or, for a command
+    made of actions (``job deploy``, ``job plan show``), the actions, each a Command of its own."""
 
     options: tuple[type, ...]
     help: str
-    run: Callable[[argparse.Namespace, Any], int]  # (flags, the cluster login or None)
+    run: Callable[[argparse.Namespace, Any], int] | None  # (flags, the cluster login or None)
     positionals: tuple[tuple[str, str, str], ...] = ()  # (name, nargs, help)
     cluster: bool = False
+    actions: Mapping[str, Command] = field(default_factory=dict)  # nested sub-commands
+    usage: str = ""  # named by the errors for a missing or unknown action
+    build: Callable[[argparse.ArgumentParser], None] | None = None  # adds more (positionals, epilog)
 
 
 COMMANDS: dict[str, Command] = {
@@ -84,13 +87,11 @@ COMMANDS: dict[str, Command] = {
         cluster=True,
     ),
     "job": Command(
-        (JobOptions,),
+        (),
         "Deploy and watch jobs from an options file (the walkthrough's poets.json): " + job.JOB_USAGE,
-        job.job,
-        (
-            ("action", "?", "deploy, plan, tasks, log, stop, uninstall, package or secret."),
-            ("args", "*", "The action's arguments."),
-        ),
+        None,
+        actions=job.actions(),
+        usage=job.JOB_USAGE,
     ),
     "auth-to-local": Command(
         (AuthToLocalOptions,),
@@ -111,30 +112,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lastlayer {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = subs.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
-        for cls in command.options:
-            add_flags(sub, cls)
-        for arg, nargs, help_text in command.positionals:
-            sub.add_argument(arg, nargs=nargs, metavar=arg.upper(), help=help_text)
+        _add_command(subs, name, command)
     return parser
+
+
+def _add_command(subs: Any, name: str, command: Command) -> None:
+    """Add ``command`` (and its actions, as nested sub-parsers) to the sub-parsers ``subs``."""
+    sub = subs.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+    for cls in command.options:
+        add_flags(sub, cls)
+    for arg, nargs, help_text in command.positionals:
+        sub.add_argument(arg, nargs=nargs, metavar=arg.upper(), help=help_text)
+    if command.build is not None:
+        command.build(sub)
+    if command.actions:
+        nested = sub.add_subparsers(metavar="ACTION")
+        for action, child in command.actions.items():
+            _add_command(nested, action, child)
+
+
+def _resolve(args: Sequence[str]) -> tuple[list[str], Command]:
+    """The command path at the front of ``args`` (``["job", "plan", "show"]``) and its Command."""
+    path, command = [args[0]], COMMANDS[args[0]]
+    while command.actions and len(path) < len(args) and not args[len(path)].startswith("-"):
+        action = args[len(path)]
+        if action not in command.actions:
+            raise UsageError(f"unknown {' '.join(path)} action {action!r} (usage: {command.usage})")
+        path.append(action)
+        command = command.actions[action]
+    return path, command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lastlayer`` command line; return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
-        args = [args[0], *normalize_bools(args[1:], *COMMANDS[args[0]].options)]
     parser = build_parser()
     try:
+        path, command = _resolve(args) if args and args[0] in COMMANDS else ([], None)
+        if command is not None:
+            args = [*path, *normalize_bools(args[len(path) :], *command.options)]
         ns, unknown = parser.parse_known_args(args)
-        if ns.command is None:
+        if command is None:
             parser.print_help(sys.stderr)
             return 2
-        command = COMMANDS[ns.command]
         reject_unknown(unknown, *command.options)
+        if command.run is None:
+            *others, last = command.actions
+            choices = f"{', '.join(others)} or {last}" if others else last
+            raise UsageError(f"{' '.join(path)} needs {choices} (usage: {command.usage})")
         missing = [arg for arg, nargs, _ in command.positionals if nargs == "?" and getattr(ns, arg) is None]
         if missing:
-            raise UsageError(f"{ns.command} needs {' and '.join(m.upper() for m in missing)} (see --help)")
+            raise UsageError(
+                f"{' '.join(path)} needs {' and '.join(m.upper() for m in missing)} (see --help)"
+            )
         _configure_logging(getattr(ns, "logging_verbosity", "INFO"))
         if not command.cluster:
             return command.run(ns, None)

@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lastlayer.storage import write_atomic
+
 PENDING, STARTING, RUNNING, COMPLETE, ERROR = "PENDING", "STARTING", "RUNNING", "COMPLETE", "ERROR"
 #: (phase name, task group key in the options file, task name prefix)
 PHASES = (
@@ -113,9 +115,7 @@ class Plan:
 
     def save(self, path: Path) -> None:
         """Write atomically (a second shell may be reading it)."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_atomic(str(path), self.to_json().encode())
 
     @classmethod
     def load(cls, path: Path) -> Plan:

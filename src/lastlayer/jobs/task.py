@@ -1,12 +1,18 @@
 """One task of a job, in a fresh process: import the job module and call ``main(server, log_dir, context)``.
 
-Started by the service as ``python -m lastlayer.jobs.task`` with the task's description in the
-``LASTLAYER_TASK`` environment variable (JSON: cluster, role, index, module folder and name, log_dir,
-context, log level).
+The supervisor starts ``python -m lastlayer.jobs.task`` with a :class:`TaskDescription` as JSON in the
+``LASTLAYER_TASK`` environment variable. Before the tasks start, preparation asks the job module how
+its workers should run with ``python -m lastlayer.jobs.task --executors ANSWER.json`` (same
+description): a job module may define ``executors(context) -> str | None``; ``"spark"`` makes the
+workers Spark executors driven by worker-0, ``None`` (or no such function) keeps one process per
+worker; the module is imported once more for that question, so importing it and answering should be
+quick and free of side effects. This module is the task's edge: it configures logging and prints
+its own errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -15,12 +21,15 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 from lastlayer.errors import LastlayerError
+from lastlayer.fetch import one_line
+from lastlayer.storage import write_atomic
 
 TASK_ENV = "LASTLAYER_TASK"
-#: Exit code of a task whose job module or ``main`` cannot be found.
+#: Exit code of a task whose job module or ``main`` cannot be found, or whose description is wrong.
 EXIT_BAD_JOB = 3
 
 
@@ -46,6 +55,85 @@ class Server:
         return f"{self.job_name}-{self.task_index}"
 
 
+@dataclass(frozen=True)
+class TaskDescription:
+    """Everything one task process is told by its supervisor.
+
+    Attributes:
+        cluster: role to task addresses (``host:port``) of every task of the job.
+        role: this task's role (``worker``, ``ps``, ``gpuworker``).
+        index: this task's index within its role.
+        module_dir: the folder put first on ``sys.path`` (the archive's ``service.job_path``).
+        module: the job module's name (``service.job_name``).
+        log_dir: the job's shared folder (``service.shared_filesystem``) or its persistent folder.
+        context: ``service.job_context``, parsed.
+        log_level: ``service.log_level``.
+    """
+
+    cluster: dict[str, list[str]]
+    role: str
+    index: int
+    module_dir: str
+    module: str
+    log_dir: str
+    context: dict[str, Any]
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        """The description as JSON (:meth:`from_json` reads it back)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskDescription:
+        """Parse :meth:`to_json`. Raises ValueError naming what is missing, unknown or of a wrong type."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a task description is a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != names:
+            missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+            raise ValueError(
+                f"task description: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}"
+            )
+        cluster = data["cluster"]
+        checks = {
+            "cluster": isinstance(cluster, dict)
+            and all(isinstance(a, list) and all(isinstance(x, str) for x in a) for a in cluster.values()),
+            "index": isinstance(data["index"], int) and not isinstance(data["index"], bool),
+            "context": isinstance(data["context"], dict),
+        }
+        checks.update(
+            {n: isinstance(data[n], str) for n in ("role", "module_dir", "module", "log_dir", "log_level")}
+        )
+        wrong = sorted(name for name, ok in checks.items() if not ok)
+        if wrong:
+            raise ValueError(f"task description: wrong type of {', '.join(wrong)}")
+        return cls(**data)
+
+    def server(self) -> Server:
+        """The ``server`` handed to the job's ``main`` (KeyError/IndexError when not in ``cluster``)."""
+        address = self.cluster[self.role][self.index]
+        return Server(
+            {k: list(v) for k, v in self.cluster.items()}, self.role, self.index, f"grpc://{address}"
+        )
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"lastlayer: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_JOB)
+
+
+def _description() -> TaskDescription:
+    """The description in ``LASTLAYER_TASK``; exits with a message when it is absent or wrong."""
+    text = os.environ.get(TASK_ENV)
+    if text is None:
+        _fail(f"{TASK_ENV} is not set: tasks are started by the job service (`lastlayer job deploy`)")
+    try:
+        return TaskDescription.from_json(text)
+    except ValueError as exc:
+        _fail(f"{TASK_ENV} is not a task description: {one_line(exc)}")
+
+
 def _contents(folder: Path) -> str:
     names = sorted(
         p.relative_to(folder).as_posix()
@@ -55,52 +143,47 @@ def _contents(folder: Path) -> str:
     return ", ".join(names[:30]) or "no Python modules"
 
 
-def _load_main(module_dir: Path, name: str) -> Any:
-    """The job module's ``main``; exits with a message listing what the archive holds when missing."""
+def _load_module(module_dir: Path, name: str) -> ModuleType:
+    """The job module; exits with a message listing what the archive holds when it is missing."""
     sys.path.insert(0, str(module_dir))
     try:
-        module = importlib.import_module(name)
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
-        print(
-            f"lastlayer: error: job module {name!r} not found in {module_dir} (service.job_path); "
-            f"it holds: {_contents(module_dir)}",
-            file=sys.stderr,
+        _fail(
+            f"job module {name!r} not found in {module_dir} (service.job_path); "
+            f"it holds: {_contents(module_dir)}"
         )
-        sys.exit(EXIT_BAD_JOB)
+
+
+def _load_main(module: ModuleType) -> Any:
+    """The job module's ``main``; exits with a message listing what the module defines when missing."""
     main = getattr(module, "main", None)
     if not callable(main):
         public = [n for n in dir(module) if not n.startswith("_")]
-        print(
-            f"lastlayer: error: job module {name!r} has no main(server, log_dir, context); "
-            f"it defines: {', '.join(public) or 'nothing'}",
-            file=sys.stderr,
+        _fail(
+            f"job module {module.__name__!r} has no main(server, log_dir, context); "
+            f"it defines: {', '.join(public) or 'nothing'}"
         )
-        sys.exit(EXIT_BAD_JOB)
     return main
 
 
 def run() -> int:
     """Run the task described by ``LASTLAYER_TASK``; return the exit code."""
-    spec = json.loads(os.environ[TASK_ENV])
+    task = _description()
     logging.basicConfig(
-        level=getattr(logging, spec.get("log_level", "INFO").upper(), logging.INFO),
+        level=getattr(logging, task.log_level.upper(), logging.INFO),
         format="%(levelname)s:%(name)s:%(message)s",
         stream=sys.stderr,
     )
-    server = Server(
-        {k: list(v) for k, v in spec["cluster"].items()},
-        spec["role"],
-        int(spec["index"]),
-        f"grpc://{spec['cluster'][spec['role']][int(spec['index'])]}",
-    )
-    main = _load_main(Path(spec["module_dir"]), spec["module"])
+    server = task.server()
+    main = _load_main(_load_module(Path(task.module_dir), task.module))
     logging.getLogger(__name__).info(
-        "Task %s: running %s.main (log_dir %s)", server.task_name, spec["module"], spec["log_dir"]
+        "Task %s: running %s.main (log_dir %s)", server.task_name, task.module, task.log_dir
     )
     try:
-        result = main(server, spec["log_dir"], spec["context"])
+        result = main(server, task.log_dir, task.context)
     except LastlayerError as exc:
         print(f"lastlayer: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -110,5 +193,22 @@ def run() -> int:
     return result if isinstance(result, int) else 0
 
 
+def answer_executors(answer: Path) -> int:
+    """Write ``{"executors": <the job module's executors(context), or null>}`` to ``answer``, or
+    ``{"error": "..."}`` when that function fails; nothing when the module cannot be loaded."""
+    task = _description()
+    module = _load_module(Path(task.module_dir), task.module)
+    ask = getattr(module, "executors", None)
+    try:
+        result: dict[str, Any] = {"executors": ask(task.context) if callable(ask) else None}
+        json.dumps(result)
+    except Exception as exc:
+        result = {"error": f"{exc.__class__.__name__}: {one_line(exc)}"}
+    write_atomic(str(answer), json.dumps(result).encode())  # the asker reads a whole answer or none
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--executors"] and len(sys.argv) == 3:
+        sys.exit(answer_executors(Path(sys.argv[2])))
     sys.exit(run())

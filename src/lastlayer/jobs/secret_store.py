@@ -4,7 +4,8 @@ The folder is ``store`` when given, else ``$LASTLAYER_SECRETS_DIR``, else ``~/.l
 secret named ``a/b`` is the file ``<store>/a/b``. As in DC/OS, a secret whose name (its last part)
 starts with ``__dcos_base64__`` holds base64 text and is decoded when read (e.g. a keytab). A secret
 file must belong to the user reading it and be closed to group and others (``chmod 600``). Secret
-bytes never appear in messages or logs.
+bytes never appear in messages or logs. :func:`write_private` is the one owner-only file writer
+(the job service's keytab and krb5.conf use it too).
 """
 
 from __future__ import annotations

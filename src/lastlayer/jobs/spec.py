@@ -1,75 +1,53 @@
 """The job options file: the DC/OS TensorFlow service 0.2.0 options, as the walkthrough's ``poets.json``.
 
-Every option is declared once, as a field of a frozen dataclass: its name, type, default, help
-(``metadata["doc"]``) and limits (``minimum``, ``above``, ``maximum``, ``choices``, ``aliases``).
-:meth:`JobSpec.from_dict` reads the parsed JSON against these declarations: unknown keys are refused
-with the closest valid one, a misspelling the walkthrough itself makes (``worker.cpu``) is read with a
-warning, and every error names the option's full path (``worker.count: must be >= 0, got -1``).
+Every option is declared once, as a field made by :func:`lastlayer.fields.option`: its name, type,
+default, help and limits (``minimum``, ``above``, ``maximum``, ``choices``, ``aliases``). Options
+the service accepts without acting on them carry an ``unsupported`` note that says what happens
+instead. :meth:`JobSpec.from_dict` reads the parsed JSON against these declarations: unknown keys
+are refused with the closest valid one, a misspelling the walkthrough itself makes (``worker.cpu``)
+and an unsupported option set to another value than its default are read with a warning, and every
+error names the option's full path (``worker.count: must be >= 0, got -1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
 
-from lastlayer import storage
+from lastlayer import fields, storage
 from lastlayer.errors import UsageError
+from lastlayer.fields import LOG_LEVELS, option
 from lastlayer.storage import StorageOptions
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")
 _SERVICE_NAME_RE = re.compile(r"/?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 _MODULE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _meta(
-    doc: str,
-    *,
-    minimum: float | None = None,
-    above: float | None = None,
-    maximum: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    aliases: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """An option's help and limits, kept in its field's ``metadata``."""
-    return {
-        "doc": doc,
-        "minimum": minimum,
-        "above": above,
-        "maximum": maximum,
-        "choices": choices,
-        "aliases": aliases,
-    }
-
-
-def _opt(default: Any = MISSING, doc: str = "", **limits: Any) -> Any:
-    """A scalar option; no default means required."""
-    return field(default=default, metadata=_meta(doc, **limits))
 
 
 @dataclass(frozen=True, kw_only=True)
 class KdcSpec:
     """Where the Kerberos KDC listens."""
 
-    hostname: str = _opt("", "Host name of the KDC.")
-    port: int = _opt(88, "Port of the KDC.", minimum=1, maximum=65535)
+    hostname: str = option("", "Host name of the KDC.")
+    port: int = option(88, "Port of the KDC.", minimum=1, maximum=65535)
 
 
 @dataclass(frozen=True, kw_only=True)
 class KerberosSpec:
     """Kerberos login of the job's tasks."""
 
-    enabled: bool = _opt(False, "Log in to Kerberos (needed for a Kerberized HDFS).")
-    debug: bool = _opt(False, "Verbose Kerberos logging.")
-    kdc: KdcSpec = field(default_factory=KdcSpec, metadata=_meta("The KDC to use."))
-    primary: str = _opt("", "Primary of the principal to log in as (e.g. tensorflow).")
-    realm: str = _opt("", "Kerberos realm of the principal (e.g. LOCAL).")
-    keytab_secret: str = _opt(
+    enabled: bool = option(False, "Log in to Kerberos (needed for a Kerberized HDFS).")
+    debug: bool = option(
+        False, "Verbose Kerberos logging: the tasks trace Kerberos (KRB5_TRACE) to their stderr."
+    )
+    kdc: KdcSpec = option(doc="The KDC to use.", factory=KdcSpec)
+    primary: str = option("", "Primary of the principal to log in as (e.g. tensorflow).")
+    realm: str = option("", "Kerberos realm of the principal (e.g. LOCAL).")
+    keytab_secret: str = option(
         "", "Name of the secret holding the principal's keytab (__dcos_base64__ prefix: stored as base64)."
     )
 
@@ -78,14 +56,14 @@ class KerberosSpec:
 class SecuritySpec:
     """Security settings of the service."""
 
-    kerberos: KerberosSpec = field(default_factory=KerberosSpec, metadata=_meta("Kerberos settings."))
+    kerberos: KerberosSpec = option(doc="Kerberos settings.", factory=KerberosSpec)
 
 
 @dataclass(frozen=True, kw_only=True)
 class HdfsSpec:
     """How the tasks reach HDFS."""
 
-    config_uri: str = _opt(
+    config_uri: str = option(
         "", "Base URL serving core-site.xml and hdfs-site.xml (e.g. the HDFS service's endpoints)."
     )
 
@@ -94,44 +72,54 @@ class HdfsSpec:
 class ServiceSpec:
     """The ``service`` section: what to run and how."""
 
-    name: str = _opt("tensorflow", "Name of the service (lower-case letters, digits, '-', '/' for folders).")
-    user: str = _opt("root", "User the tasks run as.")
-    log_level: str = _opt("INFO", "Log level of the job.", choices=LOG_LEVELS)
-    job_url: str = _opt(doc="URL of the job archive (zip or tar.gz), e.g. a GitHub master.zip.")
-    job_path: str = _opt("", "Folder inside the extracted archive that holds the job's Python file.")
-    job_name: str = _opt(doc="Name of the job's Python file without .py (e.g. poets for poets.py).")
-    job_context: str = _opt("{}", "A JSON object, as a string, handed to the job (e.g. its args).")
-    shared_filesystem: str = _opt("", "URL of the job's shared folder; replaces {{shared_filesystem}}.")
-    use_tensorboard: bool = _opt(False, "Run TensorBoard on the shared folder's summaries.")
-    hdfs: HdfsSpec = field(default_factory=HdfsSpec, metadata=_meta("HDFS client settings."))
-    security: SecuritySpec = field(default_factory=SecuritySpec, metadata=_meta("Security settings."))
+    name: str = option(
+        "tensorflow", "Name of the service (lower-case letters, digits, '-', '/' for folders)."
+    )
+    user: str = option(
+        "root",
+        "User the tasks run as.",
+        unsupported="the tasks run as the user who deploys the job (running them as another user is not "
+        "supported yet); leave service.user out",
+    )
+    log_level: str = option("INFO", "Log level of the job.", choices=LOG_LEVELS)
+    job_url: str = option(doc="URL of the job archive (zip or tar.gz), e.g. a GitHub master.zip.")
+    job_path: str = option("", "Folder inside the extracted archive that holds the job's Python file.")
+    job_name: str = option(doc="Name of the job's Python file without .py (e.g. poets for poets.py).")
+    job_context: str = option("{}", "A JSON object, as a string, handed to the job (e.g. its args).")
+    shared_filesystem: str = option("", "URL of the job's shared folder; replaces {{shared_filesystem}}.")
+    use_tensorboard: bool = option(
+        False,
+        "Run TensorBoard on the shared folder's summaries.",
+        unsupported="no TensorBoard is started (not supported yet); run `tensorboard --logdir` on the "
+        "job's summaries folder yourself",
+    )
+    hdfs: HdfsSpec = option(doc="HDFS client settings.", factory=HdfsSpec)
+    security: SecuritySpec = option(doc="Security settings.", factory=SecuritySpec)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TaskGroupSpec:
     """One group of identical tasks (workers, parameter servers, GPU workers)."""
 
-    count: int = _opt(1, "Number of tasks in the group.", minimum=0)
-    cpus: float = _opt(1.0, "CPUs per task.", above=0, aliases=("cpu",))
-    mem: float = _opt(1024.0, "Memory per task, MiB.", above=0)
-    disk: float = _opt(0.0, "Disk per task, MiB.", minimum=0)
-    gpus: int = _opt(0, "GPUs per task.", minimum=0)
+    count: int = option(1, "Number of tasks in the group.", minimum=0)
+    cpus: float = option(1.0, "CPUs per task.", above=0, aliases=("cpu",))
+    mem: float = option(1024.0, "Memory per task, MiB.", above=0)
+    disk: float = option(
+        0.0, "Disk per task, MiB: checked free in the job's state folder at deploy.", minimum=0
+    )
+    gpus: int = option(0, "GPUs per task.", minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A whole job options file (``poets.json``). Construction validates; see :meth:`from_dict`."""
 
-    service: ServiceSpec = field(metadata=_meta("What to run and how."))
-    worker: TaskGroupSpec = field(
-        default_factory=lambda: TaskGroupSpec(count=1), metadata=_meta("The CPU workers.")
+    service: ServiceSpec = option(doc="What to run and how.")
+    worker: TaskGroupSpec = option(doc="The CPU workers.", factory=lambda: TaskGroupSpec(count=1))
+    parameter_server: TaskGroupSpec = option(
+        doc="The parameter servers.", factory=lambda: TaskGroupSpec(count=0)
     )
-    parameter_server: TaskGroupSpec = field(
-        default_factory=lambda: TaskGroupSpec(count=0), metadata=_meta("The parameter servers.")
-    )
-    gpu_worker: TaskGroupSpec = field(
-        default_factory=lambda: TaskGroupSpec(count=0, gpus=1), metadata=_meta("The GPU workers.")
-    )
+    gpu_worker: TaskGroupSpec = option(doc="The GPU workers.", factory=lambda: TaskGroupSpec(count=0, gpus=1))
 
     def __post_init__(self) -> None:
         problems = _check(self, "")
@@ -142,6 +130,9 @@ class JobSpec:
     def from_dict(cls, data: Any) -> tuple[JobSpec, list[str]]:
         """Read parsed JSON into a validated spec; returns ``(spec, warning lines)``.
 
+        Warnings: an alias used for an option's name, an unsupported option given another value than
+        its default (saying what happens instead).
+
         Raises:
             UsageError: naming the option path of every problem found (unknown or missing options,
                 wrong types, out-of-range values).
@@ -151,7 +142,7 @@ class JobSpec:
         spec = _read(cls, data, "", None, warnings, problems)
         if problems or spec is None:
             raise UsageError(_summary(problems))
-        return spec, warnings
+        return spec, warnings + list(_unsupported(spec, ""))
 
     @classmethod
     def load(
@@ -191,7 +182,10 @@ class JobSpec:
 
 
 def describe_options() -> Iterator[tuple[str, str, Any, str]]:
-    """Every option as ``(path, type name, default, doc)``; required options have default ``None``."""
+    """Every option as ``(path, type name, default, doc)``; required options have default ``None``.
+
+    ``lastlayer job deploy --help`` lists them.
+    """
     yield from _describe(JobSpec, "", None)
 
 
@@ -221,10 +215,6 @@ def _summary(problems: list[str]) -> str:
     return f"{len(problems)} problems in the job options: " + "; ".join(problems)
 
 
-def _is_spec(kind: Any) -> bool:
-    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
-
-
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -241,6 +231,42 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _keys(
+    cls: type, data: Mapping[Any, Any], path: str, warnings: list[str], problems: list[str]
+) -> dict[str, str]:
+    """Which key of ``data`` gives each field of ``cls`` (field name -> key); unknown keys are problems."""
+    by_key: dict[str, dataclasses.Field[Any]] = {}
+    for f in dataclasses.fields(cls):
+        by_key[f.name] = f
+        for alias in fields.info(f).aliases:
+            by_key[alias] = f
+    given: dict[str, str] = {}
+    for key in data:
+        f = by_key.get(key) if isinstance(key, str) else None
+        if f is None:
+            valid = [f.name for f in dataclasses.fields(cls)]
+            close = fields.closest(str(key), valid)
+            hint = (
+                f" (did you mean {_join(path, close)}?)"
+                if close
+                else f": remove it (options here: {', '.join(_join(path, v) for v in valid)})"
+            )
+            problems.append(f"unknown option {_join(path, str(key))}{hint}")
+        elif f.name in given:
+            problems.append(
+                f"{_join(path, given[f.name])} and {_join(path, key)} both set {_join(path, f.name)}: "
+                "keep one"
+            )
+        else:
+            given[f.name] = key
+            if key != f.name:
+                warnings.append(
+                    f"{_join(path, key)} is read as {_join(path, f.name)}: rename the key to {f.name!r} "
+                    "(the service's option name)"
+                )
+    return given
+
+
 def _read(
     cls: type,
     data: Any,
@@ -250,56 +276,26 @@ def _read(
     problems: list[str],
 ) -> Any:
     """Build ``cls`` from ``data``; absent options come from ``base`` (an instance) or the defaults."""
-    where = path or "the job options"
     if not isinstance(data, Mapping):
-        problems.append(f"{where}: must be a JSON object, got {_json_type(data)}")
+        problems.append(f"{path or 'the job options'}: must be a JSON object, got {_json_type(data)}")
         return None
     hints = get_type_hints(cls)
-    by_key: dict[str, dataclasses.Field[Any]] = {}
-    for f in fields(cls):
-        by_key[f.name] = f
-        for alias in f.metadata["aliases"]:
-            by_key[alias] = f
-    given: dict[str, str] = {}  # field name -> key used
-    for key in data:
-        f = by_key.get(key) if isinstance(key, str) else None
-        if f is None:
-            valid = [f.name for f in fields(cls)]
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = (
-                f" (did you mean {_join(path, close[0])}?)"
-                if close
-                else f": remove it (options here: {', '.join(_join(path, v) for v in valid)})"
-            )
-            problems.append(f"unknown option {_join(path, str(key))}{hint}")
-            continue
-        if f.name in given:
-            problems.append(
-                f"{_join(path, given[f.name])} and {_join(path, key)} both set {_join(path, f.name)}: "
-                "keep one"
-            )
-            continue
-        given[f.name] = key
-        if key != f.name:
-            warnings.append(
-                f"{_join(path, key)} is read as {_join(path, f.name)}: rename the key to {f.name!r} "
-                "(the service's option name)"
-            )
+    given = _keys(cls, data, path, warnings, problems)
     values: dict[str, Any] = {}
-    for f in fields(cls):
+    for f in dataclasses.fields(cls):
         full = _join(path, f.name)
         kind = hints[f.name]
-        default = getattr(base, f.name) if base is not None else _default(f)
+        default = getattr(base, f.name) if base is not None else fields.default(f)
         if f.name not in given:
-            if default is MISSING and _is_spec(kind):
+            if default is MISSING and fields.is_section(kind):
                 values[f.name] = _read(kind, {}, full, None, warnings, problems)
             elif default is MISSING:
-                problems.append(f"{full} is required: {f.metadata['doc']} Add it to the options file")
+                problems.append(f"{full} is required: {fields.info(f).doc} Add it to the options file")
             else:
                 values[f.name] = default
             continue
         value = data[given[f.name]]
-        if _is_spec(kind):
+        if fields.is_section(kind):
             base_value = None if default is MISSING else default
             values[f.name] = _read(kind, value, full, base_value, warnings, problems)
         else:
@@ -307,14 +303,6 @@ def _read(
     if problems:
         return None
     return cls(**values)  # a JobSpec validates itself here and raises UsageError
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return MISSING
 
 
 def _coerce(kind: Any, value: Any, full: str, problems: list[str]) -> Any:
@@ -342,35 +330,40 @@ def _coerce(kind: Any, value: Any, full: str, problems: list[str]) -> Any:
     return None
 
 
+def _unsupported(spec: Any, path: str) -> Iterator[str]:
+    """A warning for each unsupported option whose value is not its default, saying what happens."""
+    hints = get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        full = _join(path, f.name)
+        if fields.is_section(hints[f.name]):
+            yield from _unsupported(value, full)
+            continue
+        note = fields.info(f).unsupported
+        if note and value != fields.default(f):
+            yield f"{full} is {json.dumps(value)}, which is ignored: {note}"
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 
 def _check(spec: Any, path: str) -> list[str]:
-    """Limits from field metadata, then each section's own rules; messages name the option path."""
+    """Types and declared limits, then each section's own rules; messages name the option path."""
     problems: list[str] = []
     hints = get_type_hints(type(spec))
-    for f in fields(spec):
+    for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         full = _join(path, f.name)
-        if _is_spec(hints[f.name]):
-            if not isinstance(value, hints[f.name]):
-                problems.append(f"{full}: must be a {hints[f.name].__name__}, got {type(value).__name__}")
-            else:
-                problems.extend(_check(value, full))
-            continue
-        if not _type_ok(hints[f.name], value):
-            problems.append(f"{full}: must be a {hints[f.name].__name__}, got {type(value).__name__}")
-            continue
-        meta = f.metadata
-        shown = json.dumps(value) if isinstance(value, str) else repr(value)
-        if meta["minimum"] is not None and value < meta["minimum"]:
-            problems.append(f"{full}: must be >= {meta['minimum']}, got {shown}")
-        if meta["above"] is not None and value <= meta["above"]:
-            problems.append(f"{full}: must be > {meta['above']}, got {shown}")
-        if meta["maximum"] is not None and value > meta["maximum"]:
-            problems.append(f"{full}: must be <= {meta['maximum']}, got {shown}")
-        if meta["choices"] is not None and str(value).upper() not in meta["choices"]:
-            problems.append(f"{full}: must be one of {', '.join(meta['choices'])}, got {shown}")
+        kind = hints[f.name]
+        if not _type_ok(kind, value):
+            problems.append(f"{full}: must be a {kind.__name__}, got {type(value).__name__}")
+        elif fields.is_section(kind):
+            problems.extend(_check(value, full))
+        else:
+            problem = fields.problem(f, value)
+            if problem is not None:
+                shown = json.dumps(value) if isinstance(value, str) else repr(value)
+                problems.append(f"{full}: {problem}, got {shown}")
     if isinstance(spec, ServiceSpec):
         problems.extend(_check_service(spec, path))
     elif isinstance(spec, KerberosSpec):
@@ -454,10 +447,10 @@ def _parse_context(text: str) -> tuple[dict[str, Any] | None, str]:
 
 def _describe(cls: type, path: str, base: Any) -> Iterator[tuple[str, str, Any, str]]:
     hints = get_type_hints(cls)
-    for f in fields(cls):
+    for f in dataclasses.fields(cls):
         full = _join(path, f.name)
-        default = getattr(base, f.name) if base is not None else _default(f)
-        if _is_spec(hints[f.name]):
+        default = getattr(base, f.name) if base is not None else fields.default(f)
+        if fields.is_section(hints[f.name]):
             yield from _describe(hints[f.name], full, None if default is MISSING else default)
         else:
-            yield full, hints[f.name].__name__, None if default is MISSING else default, f.metadata["doc"]
+            yield full, hints[f.name].__name__, None if default is MISSING else default, fields.info(f).doc

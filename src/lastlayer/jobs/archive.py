@@ -1,19 +1,21 @@
-"""Job archives: fetch a zip or tar from a URL and extract it safely; zip a folder reproducibly.
+"""Job archives: fetch a zip or tar from a URL, tell which it is by content, and extract it safely.
 
-:func:`fetch_and_extract` reads ``http(s)://`` with urllib and every other URL or plain path through
-:mod:`lastlayer.storage`, tells zip from tar (plain, gzip, bzip2, xz) by content, and extracts into a
-temporary folder next to the destination that is renamed into place only when every member passed.
-Refused: absolute names, ``..`` parts, links whose target leaves the tree, device files and FIFOs, and
-archives expanding past ``max_bytes`` (declared sizes are checked before anything is written, and
-bytes are counted while writing).
+:func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch` (one bounded download:
+``http(s)://`` and every fsspec URL or plain path), tells zip from tar (plain, gzip, bzip2, xz) by
+content, and extracts into a temporary folder next to the destination that is renamed into place
+only when every member passed. Every member is checked before anything is written: refused are
+absolute names, ``..`` parts, links whose target leaves the tree, device files and FIFOs, more than
+:data:`MAX_MEMBERS` members and archives whose declared sizes pass ``max_bytes``. A tar is then
+written by :mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that
+leads outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes
+while writing (a zip header can understate a size). Last, every link must still resolve inside,
+since links can combine to leave the tree.
 """
 
 from __future__ import annotations
 
-import base64
 import bz2
 import gzip
-import http.client
 import io
 import lzma
 import os
@@ -23,19 +25,16 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from lastlayer import storage
+from lastlayer import fetch
 from lastlayer.errors import DataError, StorageError, UsageError
+from lastlayer.fetch import one_line
 from lastlayer.storage import StorageOptions
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -43,11 +42,13 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MAX_MEMBERS = 100_000
 #: How much bigger than ``max_bytes`` the archive file itself may be (headers, padding).
 DOWNLOAD_SLACK = 16 * 1024 * 1024
-HTTP_TIMEOUT = 60.0
+#: Longest wall time for the whole download, seconds (each network read waits at most
+#: :data:`lastlayer.fetch.READ_TIMEOUT_S`).
+DOWNLOAD_TIMEOUT_S = 600.0
+#: ``ZipInfo.create_system`` of archives made on Unix (their ``external_attr`` holds a file mode).
+UNIX_SYSTEM = 3
 _CHUNK = 1 << 20
 _MAX_LINK = 4096
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-_UNIX = 3  # ZipInfo.create_system of archives made on Unix
 
 
 @dataclass(frozen=True)
@@ -62,104 +63,6 @@ class _Member:
     source: Any  # the ZipInfo or TarInfo
 
 
-# --- fetching ------------------------------------------------------------------------------------
-
-
-def fetch(
-    job_url: str,
-    *,
-    limit: int,
-    storage_options: StorageOptions | None = None,
-    timeout: float = HTTP_TIMEOUT,
-) -> bytes:
-    """The bytes at ``job_url`` (at most ``limit``).
-
-    Raises:
-        StorageError: unreachable, refused or missing (one line).
-        DataError: larger than ``limit``.
-    """
-    if job_url.lower().startswith(("http://", "https://")):
-        return _http_get(job_url, limit, timeout)
-    data = storage.read_bytes(job_url, storage_options)
-    if len(data) > limit:
-        raise _too_big_download(job_url, len(data), limit)
-    return data
-
-
-def _http_get(url: str, limit: int, timeout: float) -> bytes:
-    shown = _shown(url)
-    headers = {"User-Agent": "lastlayer"}
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is not None or parts.password is not None:  # user:token@host as HTTP basic auth
-        user = urllib.parse.unquote(parts.username or "")
-        password = urllib.parse.unquote(parts.password or "")
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise _too_big_download(url, int(declared), limit)
-            chunks: list[bytes] = []
-            total = 0
-            while chunk := response.read(_CHUNK):
-                total += len(chunk)
-                if total > limit:
-                    raise _too_big_download(url, total, limit)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        raise StorageError(
-            f"cannot download {shown}: HTTP {exc.code} {_one_line(exc.reason)} (check the URL and that "
-            "the server lets this machine read it)"
-        ) from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            raise _timed_out(shown, timeout) from None
-        raise StorageError(
-            f"cannot download {shown}: {_one_line(reason)} (check the URL and that the server is "
-            "reachable from this machine)"
-        ) from None
-    except TimeoutError:
-        raise _timed_out(shown, timeout) from None
-    except (http.client.HTTPException, OSError) as exc:
-        raise StorageError(
-            f"cannot download {shown}: {exc.__class__.__name__}: {_one_line(exc)} (try again; check the "
-            "server and the network)"
-        ) from None
-
-
-def _timed_out(shown: str, timeout: float) -> StorageError:
-    return StorageError(
-        f"cannot download {shown}: no answer within {timeout:g} s (check that the server is up and "
-        "reachable from this machine, or allow a longer timeout)"
-    )
-
-
-def _too_big_download(url: str, size: int, limit: int) -> DataError:
-    return DataError(
-        f"{_shown(url)}: the archive is over {size:,} bytes, more than the {limit:,} allowed; "
-        "raise max_bytes if you trust it"
-    )
-
-
-def _shown(url: str) -> str:
-    """``url`` without a password or token in its user part."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())[:300]
-
-
 # --- extracting ----------------------------------------------------------------------------------
 
 
@@ -169,10 +72,11 @@ def fetch_and_extract(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     storage_options: StorageOptions | None = None,
-    timeout: float = HTTP_TIMEOUT,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
     replace: bool = False,
 ) -> list[str]:
-    """Download the zip or tar at ``job_url`` and extract it into ``dest_dir``.
+    """Download the zip or tar at ``job_url`` (within ``timeout`` seconds in all) and extract it into
+    ``dest_dir``.
 
     ``dest_dir`` must not exist or be empty, unless ``replace`` (then the old folder is swapped out
     after a successful extraction). Returns the extracted members' relative paths in archive order,
@@ -180,14 +84,15 @@ def fetch_and_extract(
 
     Raises:
         UsageError: a bad ``max_bytes`` or a non-empty ``dest_dir``.
-        StorageError: the URL cannot be read, or the destination cannot be written.
+        StorageError: the URL cannot be read in time, or the destination cannot be written.
         DataError: not an archive, corrupt, too large, or a member that is refused (named).
     """
     if max_bytes <= 0:
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    data = fetch(job_url, limit=max_bytes + DOWNLOAD_SLACK, storage_options=storage_options, timeout=timeout)
+    limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, "max_bytes", "timeout")
+    data = fetch.fetch(job_url, limits, storage_options=storage_options, what="the archive")
     return extract(data, dest, max_bytes=max_bytes, source=job_url, replace=replace)
 
 
@@ -204,12 +109,12 @@ def extract(
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    shown = _shown(source)
+    shown = fetch.shown(source)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
     except OSError as exc:
-        raise StorageError(f"cannot extract {shown} into {dest}: {_one_line(exc)}") from exc
+        raise StorageError(f"cannot extract {shown} into {dest}: {one_line(exc)}") from exc
     try:
         names = _extract_into(data, work, max_bytes, shown)
         work.chmod(0o755)
@@ -217,7 +122,7 @@ def extract(
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise StorageError(f"cannot extract {shown} into {dest}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot extract {shown} into {dest}: {one_line(exc)}") from exc
         raise
     return names
 
@@ -255,32 +160,13 @@ def _publish(work: Path, dest: Path, replace: bool) -> None:
 
 
 def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[str]:
-    """Check every member, then write files, then hard links, then symbolic links, then verify links."""
+    """Check every member, write them, then verify links; returns the names in archive order."""
     kind = _detect(data, shown)
     try:
-        with _open(kind, data) as (members, read):
-            checked = _check_members(members, max_bytes, shown)
-            real_root = os.path.realpath(root)
-            written = 0
-            for member in checked:
-                if member.kind == "dir":
-                    _mkdir(root, member, shown)
-                elif member.kind == "file":
-                    written = _write_file(root, member, read, written, max_bytes, shown)
-            for member in checked:
-                if member.kind == "hardlink":
-                    written = _hardlink(root, member, written, max_bytes, shown)
-            for member in checked:
-                if member.kind == "symlink":
-                    target = member.target or _read_link_target(member, read, shown)
-                    _symlink(root, real_root, member, target, shown)
-            for member in checked:
-                if member.kind == "symlink":
-                    _verify_link(root, real_root, member, shown)
-            seen: dict[str, None] = {}
-            for member in checked:
-                seen.setdefault(member.name + ("/" if member.kind == "dir" else ""), None)
-            return list(seen)
+        if kind == "zip":
+            checked = _extract_zip(data, root, max_bytes, shown)
+        else:
+            checked = _extract_tar(data, root, max_bytes, shown)
     except DataError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
@@ -289,14 +175,94 @@ def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[s
         raise _corrupt(shown, exc) from None
     except NotImplementedError as exc:
         raise DataError(
-            f"{shown}: uses a compression method this Python cannot read ({_one_line(exc)}); "
+            f"{shown}: uses a compression method this Python cannot read ({one_line(exc)}); "
             "repack it with deflate compression"
         ) from None
+    real_root = os.path.realpath(root)
+    for member in checked:
+        if member.kind == "symlink":
+            _verify_link(root, real_root, member, shown)
+    seen: dict[str, None] = {}
+    for member in checked:
+        seen.setdefault(member.name + ("/" if member.kind == "dir" else ""), None)
+    return list(seen)
+
+
+def _extract_zip(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+    """Folders and files first (no link exists yet, none is followed), then symbolic links."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        checked = _check_members(zf.infolist(), max_bytes, shown)
+        written = 0
+        for member in checked:
+            if member.kind == "dir":
+                _mkdir(root, member, shown)
+            elif member.kind == "file":
+                written = _write_file(root, member, zf.open, written, max_bytes, shown)
+        real_root = os.path.realpath(root)
+        for member in checked:
+            if member.kind == "symlink":
+                target = _read_link_target(member, zf.open, shown)
+                _symlink(root, real_root, member, target, shown)
+    return checked
+
+
+def _extract_tar(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+    """The checked members, written by tarfile through its ``"data"`` filter (modes 0644 / 0755).
+
+    A tar writes exactly the sizes its headers declare, so the declared total bounds the bytes
+    written; a hard link costs nothing, except where the file system makes no hard links and tarfile
+    copies the file instead: then it counts as a copy.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        checked = _check_members(tar, max_bytes, shown, hard_links_copy=not _hard_links_work(root))
+        by_info = {id(member.source): member for member in checked}
+
+        def data_filter(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+            try:
+                info = tarfile.data_filter(info, dest)
+            except tarfile.FilterError as exc:
+                raise _refused(shown, by_info[id(exc.tarinfo)], exc) from None
+            if info.isreg() or info.islnk():
+                info = info.replace(mode=0o755 if info.mode & 0o100 else 0o644, deep=False)
+            return info
+
+        tar.extractall(root, members=[member.source for member in checked], filter=data_filter)
+    return checked
+
+
+def _hard_links_work(folder: Path) -> bool:
+    """Whether the file system of ``folder`` makes hard links."""
+    probe, linked = folder / ".hard-link-probe", folder / ".hard-link-probe-2"
+    try:
+        probe.touch()
+        os.link(probe, linked)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+        linked.unlink(missing_ok=True)
+
+
+def _refused(shown: str, member: _Member, exc: tarfile.FilterError) -> DataError:
+    """The message for what tarfile's ``"data"`` filter refused (the checks before leave only links)."""
+    kind = {"symlink": "symbolic link", "hardlink": "hard link"}.get(member.kind)
+    if kind and isinstance(exc, tarfile.OutsideDestinationError | tarfile.LinkOutsideDestinationError):
+        return DataError(
+            f"{shown}: member {member.name!r} is a {kind} that, through other links, leads outside "
+            "the extracted tree; refused"
+        )
+    if isinstance(exc, tarfile.OutsideDestinationError):
+        return DataError(
+            f"{shown}: member {member.name!r} would be written outside the extracted tree through a "
+            "symbolic link; refused (links in a job archive must stay inside it)"
+        )
+    return DataError(f"{shown}: member {member.name!r} is refused ({one_line(exc)}); repack the archive")
 
 
 def _corrupt(shown: str, exc: BaseException) -> DataError:
     return DataError(
-        f"{shown}: the archive is corrupt or truncated ({exc.__class__.__name__}: {_one_line(exc)}); "
+        f"{shown}: the archive is corrupt or truncated ({exc.__class__.__name__}: {one_line(exc)}); "
         "download it again or rebuild it"
     )
 
@@ -363,24 +329,6 @@ def _describe(data: bytes) -> str:
 ReadMember = Callable[[Any], IO[bytes]]
 
 
-@contextmanager
-def _open(kind: str, data: bytes) -> Iterator[tuple[Iterator[Any], ReadMember]]:
-    """``(raw members, open-member function)`` of a zip or tar."""
-    if kind == "zip":
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            yield iter(zf.infolist()), zf.open
-        return
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-
-        def read(info: tarfile.TarInfo) -> IO[bytes]:
-            handle = tar.extractfile(info)
-            if handle is None:  # pragma: no cover - only regular files are read
-                raise DataError(f"{info.name}: has no content to read")
-            return handle
-
-        yield iter(tar), read
-
-
 def _safe_name(raw: str, shown: str) -> str | None:
     """The member's relative POSIX path, ``None`` for the archive's root, or a refusal."""
     if "\0" in raw or "\\" in raw:
@@ -405,7 +353,7 @@ def _safe_name(raw: str, shown: str) -> str | None:
 def _classify(info: Any, shown: str) -> tuple[str, str, int, int, str]:
     """``(raw name, kind, declared size, mode, link target)`` of a ZipInfo or TarInfo."""
     if isinstance(info, zipfile.ZipInfo):
-        mode = info.external_attr >> 16 if info.create_system == _UNIX else 0
+        mode = info.external_attr >> 16 if info.create_system == UNIX_SYSTEM else 0
         if info.flag_bits & 0x1:
             raise DataError(
                 f"{shown}: member {info.filename!r} is encrypted; refused (use an unencrypted archive)"
@@ -447,10 +395,16 @@ def _special(mode: int) -> str:
     return f"special file (mode {mode:o})"
 
 
-def _check_members(raw_members: Iterator[Any], max_bytes: int, shown: str) -> list[_Member]:
-    """Every member checked before anything is written (names, kinds, link targets, sizes)."""
+def _check_members(
+    raw_members: Iterable[Any], max_bytes: int, shown: str, *, hard_links_copy: bool = False
+) -> list[_Member]:
+    """Every member checked before anything is written (names, kinds, link targets, sizes).
+
+    ``hard_links_copy``: a hard link costs its file's size (it will be written as a copy).
+    """
     members: list[_Member] = []
     kinds: dict[str, str] = {}
+    file_sizes: dict[str, int] = {}
     declared = 0
     for count, info in enumerate(raw_members, 1):
         if count > MAX_MEMBERS:
@@ -472,16 +426,8 @@ def _check_members(raw_members: Iterator[Any], max_bytes: int, shown: str) -> li
             else:
                 target = _check_symlink_target(raw, name, target, shown)
         elif kind == "hardlink":
-            try:
-                linked = _safe_name(target, shown) if target else None
-            except DataError:
-                linked = None
-            if linked is None or kinds.get(linked) != "file":
-                raise DataError(
-                    f"{shown}: member {raw!r} is a hard link to {target!r}, which is not a file earlier in "
-                    "the archive; refused"
-                )
-            target = linked
+            target = _check_hard_link(raw, target, kinds, shown)
+            size = file_sizes[target] if hard_links_copy else 0
         declared += size
         if declared > max_bytes:
             raise DataError(
@@ -495,8 +441,24 @@ def _check_members(raw_members: Iterator[Any], max_bytes: int, shown: str) -> li
                 "refused (repack the archive)"
             )
         kinds[name] = kind
+        if kind == "file":
+            file_sizes[name] = size
         members.append(_Member(name, kind, size, bool(mode & 0o100), target, info))
     return members
+
+
+def _check_hard_link(raw: str, target: str, kinds: dict[str, str], shown: str) -> str:
+    """The linked member's name; it must be a file earlier in the archive."""
+    try:
+        linked = _safe_name(target, shown) if target else None
+    except DataError:
+        linked = None
+    if linked is None or kinds.get(linked) != "file":
+        raise DataError(
+            f"{shown}: member {raw!r} is a hard link to {target!r}, which is not a file earlier in "
+            "the archive; refused"
+        )
+    return linked
 
 
 def _check_symlink_target(raw: str, name: str, target: str, shown: str) -> str:
@@ -522,7 +484,7 @@ def _path(root: Path, member: _Member) -> Path:
 
 def _conflict(shown: str, member: _Member, exc: OSError) -> DataError:
     return DataError(
-        f"{shown}: member {member.name!r} cannot be created ({_one_line(exc)}): another member is in its "
+        f"{shown}: member {member.name!r} cannot be created ({one_line(exc)}): another member is in its "
         "way; refused (repack the archive)"
     )
 
@@ -555,28 +517,6 @@ def _write_file(
                 )
             out.write(chunk)
         os.fchmod(out.fileno(), 0o755 if member.executable else 0o644)
-    return written
-
-
-def _hardlink(root: Path, member: _Member, written: int, max_bytes: int, shown: str) -> int:
-    dest = _path(root, member)
-    source = root.joinpath(*member.target.split("/"))
-    try:
-        dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if dest.exists():
-            raise FileExistsError(f"{member.name} exists")
-        try:
-            os.link(source, dest, follow_symlinks=False)
-        except OSError:
-            written += source.stat().st_size
-            if written > max_bytes:
-                raise DataError(
-                    f"{shown}: member {member.name!r} takes the extracted size past the {max_bytes:,} "
-                    "bytes allowed; refused"
-                ) from None
-            shutil.copyfile(source, dest, follow_symlinks=False)
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-        raise _conflict(shown, member, exc) from None
     return written
 
 
@@ -625,98 +565,3 @@ def _verify_link(root: Path, real_root: str, member: _Member, shown: str) -> Non
             f"{shown}: member {member.name!r} is a symbolic link that, combined with other links, leads "
             "outside the extracted tree; refused"
         )
-
-
-# --- building ------------------------------------------------------------------------------------
-
-
-def build_zip(
-    src_dir: str | os.PathLike[str],
-    zip_path: str,
-    root_name: str | None = None,
-    *,
-    storage_options: StorageOptions | None = None,
-) -> list[str]:
-    """Zip the folder ``src_dir`` into ``zip_path`` (a path or URL, written atomically).
-
-    The same folder always gives the same bytes: members sorted by path, fixed timestamps, modes
-    0644/0755. ``root_name`` (e.g. ``dcos-tensorflow-demos-master``) is put in front of every member,
-    as in GitHub's archives. Symbolic links are kept as links and must stay inside the folder.
-    Returns the member names in order.
-
-    Raises:
-        UsageError: ``src_dir`` is not a folder or ``root_name`` is not a safe relative path.
-        DataError: a link leaves the folder, or a special file (FIFO, socket, device) is in it.
-        StorageError: ``zip_path`` cannot be written.
-    """
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise UsageError(f"cannot zip {src}: not a folder; give the folder holding the job's files")
-    parts = [part for part in (root_name or "").split("/") if part not in ("", ".")]
-    if (root_name or "").startswith("/") or ".." in parts or "\\" in (root_name or ""):
-        raise UsageError(
-            f"root_name {root_name!r}: must be a relative folder name without '..' or '\\', "
-            "e.g. dcos-tensorflow-demos-master"
-        )
-    prefix = "/".join(parts)
-    skip = os.path.realpath(zip_path) if "://" not in zip_path else None
-    buffer = io.BytesIO()
-    names: list[str] = []
-    with zipfile.ZipFile(buffer, "w") as zf:
-        if prefix:
-            for i in range(1, len(parts) + 1):
-                names.append(_zip_dir(zf, "/".join(parts[:i])))
-        for rel, path in _walk(src):
-            arcname = f"{prefix}/{rel}" if prefix else rel
-            if path.is_symlink():
-                target = os.readlink(path)
-                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-                if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-                    raise DataError(
-                        f"cannot zip {path}: a symbolic link to {target!r}, outside {src}; replace it "
-                        "with the file or a link inside the folder"
-                    )
-                info = _zip_info(arcname, stat.S_IFLNK | 0o777)
-                zf.writestr(info, target.encode("utf-8"))
-            elif path.is_dir():
-                names.append(_zip_dir(zf, arcname))
-                continue
-            elif path.is_file():
-                if skip is not None and os.path.realpath(path) == skip:
-                    continue
-                executable = bool(path.stat().st_mode & 0o100)
-                info = _zip_info(arcname, stat.S_IFREG | (0o755 if executable else 0o644))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                with zf.open(info, "w") as out, path.open("rb") as handle:
-                    shutil.copyfileobj(handle, out, _CHUNK)
-            else:
-                raise DataError(f"cannot zip {path}: not a file, folder or link; remove it from {src}")
-            names.append(arcname)
-    storage.write_atomic(zip_path, buffer.getvalue(), storage_options)
-    return names
-
-
-def _walk(src: Path) -> list[tuple[str, Path]]:
-    """Every entry under ``src`` as ``(relative POSIX path, path)``, sorted part by part."""
-    entries: list[tuple[str, Path]] = []
-    for folder, dirs, files in os.walk(src):
-        base = Path(folder)
-        for name in dirs + files:
-            path = base / name
-            entries.append((path.relative_to(src).as_posix(), path))
-    entries.sort(key=lambda entry: entry[0].split("/"))
-    return entries
-
-
-def _zip_info(arcname: str, mode: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
-    info.create_system = _UNIX
-    info.external_attr = mode << 16
-    return info
-
-
-def _zip_dir(zf: zipfile.ZipFile, arcname: str) -> str:
-    info = _zip_info(arcname + "/", stat.S_IFDIR | 0o755)
-    info.external_attr |= 0x10  # MS-DOS directory flag
-    zf.writestr(info, b"")
-    return arcname + "/"

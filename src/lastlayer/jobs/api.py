@@ -1,0 +1,167 @@
+"""The job service's public functions: deploy, restart, plan, tasks, task_log, stop, uninstall.
+
+Each takes the service name (``service.name`` of the options file) and the state folder
+(``state_dir``, default :func:`lastlayer.jobs.state.default_state_dir`); the CLI's ``lastlayer job``
+actions map onto them one to one. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lastlayer.errors import UsageError
+from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, Plan, new_plan
+from lastlayer.jobs.spec import JobSpec
+from lastlayer.jobs.state import Job, alive, end_process
+from lastlayer.jobs.supervisor import spawn, supervise
+
+log = logging.getLogger(__name__)
+
+StateDir = str | os.PathLike[str] | None
+
+
+def deploy(
+    options: str,
+    state_dir: StateDir = None,
+    *,
+    secrets_dir: str | None = None,
+    detach: bool = False,
+    timeout: float | None = None,
+    on_change: Callable[[Plan], None] | None = None,
+) -> tuple[Job, Plan]:
+    """Deploy the job described by the options file at ``options`` (a path or URL).
+
+    In the foreground the call returns when the plan is COMPLETE or in ERROR; with ``detach`` it
+    returns once the supervisor runs, and ``plan show`` follows it. The options file's warnings
+    (an alias, an unsupported option) are logged.
+
+    Args:
+        secrets_dir: the secret store holding ``keytab_secret``.
+        timeout: stop the tasks after this many seconds (``None``: no limit).
+        on_change: called with the plan after every status change (foreground only).
+    """
+    spec, warnings = JobSpec.load(options)
+    for warning in warnings:
+        log.warning("%s", warning)
+    job = Job.named(spec.service.name, state_dir)
+    if job.supervisor_alive():
+        raise UsageError(
+            f"job {spec.service.name!r} is running: `lastlayer job stop --name "
+            f"{spec.service.name}` first, or deploy under another service.name"
+        )
+    shutil.rmtree(job.folder, ignore_errors=True)
+    job.folder.mkdir(parents=True)
+    job.save_spec(spec)
+    plan = new_plan({group: getattr(spec, group).count for _, group, _ in PHASES})
+    plan.save(job.plan_path)
+    if detach:
+        spawn(job, timeout, secrets_dir=secrets_dir)
+        return job, plan
+    return job, supervise(job, timeout, on_change, secrets_dir=secrets_dir)
+
+
+def restart(
+    name: str,
+    state_dir: StateDir = None,
+    step: str | None = None,
+    *,
+    secrets_dir: str | None = None,
+    detach: bool = False,
+    timeout: float | None = None,
+    on_change: Callable[[Plan], None] | None = None,
+) -> Plan:
+    """Run a failed step (or every step not COMPLETE) again; the bottleneck cache makes it resume."""
+    job = Job.named(name, state_dir)
+    plan = job.plan()
+    if job.supervisor_alive():
+        raise UsageError(f"job {name!r} is still running: wait for it or `lastlayer job stop --name {name}`")
+    names = [s.name for s in plan.steps]
+    if step is not None and step not in names:
+        raise UsageError(f"no step {step!r} in the plan of {name!r}; steps: {', '.join(names)}")
+    for s in plan.steps:
+        if (step is None and s.status != COMPLETE) or s.name == step:
+            s.status, s.message, s.exit_code, s.restarts = PENDING, None, None, s.restarts + 1
+    plan.save(job.plan_path)
+    if detach:
+        spawn(job, timeout, secrets_dir=secrets_dir)
+        return plan
+    return supervise(job, timeout, on_change, secrets_dir=secrets_dir)
+
+
+def plan(name: str, state_dir: StateDir = None) -> Plan:
+    """The job's deploy plan with its live statuses."""
+    return Job.named(name, state_dir).plan()
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A row of ``lastlayer job tasks``."""
+
+    name: str
+    status: str
+    pid: int | None
+    exit_code: int | None
+    message: str | None
+
+
+def tasks(name: str, state_dir: StateDir = None) -> list[TaskInfo]:
+    """The job's tasks with their statuses."""
+    return [TaskInfo(s.name, s.status, s.pid, s.exit_code, s.message) for s in plan(name, state_dir).steps]
+
+
+def task_log(
+    name: str,
+    task: str,
+    stream: str = "stdout",
+    *,
+    completed: bool = False,
+    state_dir: StateDir = None,
+) -> str:
+    """A task's stdout or stderr. A finished task's log needs ``completed``, as ``dcos task log``."""
+    job = Job.named(name, state_dir)
+    steps = job.plan()
+    try:
+        step = steps.step(task)
+    except KeyError:
+        raise UsageError(
+            f"no task {task!r} in job {name!r}; tasks: {', '.join(s.name for s in steps.steps)}"
+        ) from None
+    if stream not in ("stdout", "stderr"):
+        raise UsageError(f"stream must be stdout or stderr, not {stream!r}")
+    if step.status in (COMPLETE, ERROR) and not completed:
+        raise UsageError(f"task {task} has finished ({step.status}): add --completed to read its log")
+    path = job.task_dir(task) / stream
+    if not path.exists():
+        raise UsageError(f"task {task} has not started yet ({step.status}): no {stream} so far")
+    return path.read_text(errors="replace")
+
+
+def stop(name: str, state_dir: StateDir = None) -> Plan:
+    """Stop a running job: its supervisor and tasks; unfinished steps end in ERROR (stopped)."""
+    job = Job.named(name, state_dir)
+    job.plan()
+    supervisor = job.supervisor_pid()
+    if supervisor is not None:
+        end_process(supervisor)
+    steps = job.plan()
+    for step in steps.steps:
+        if step.pid is not None and alive(step.pid):
+            end_process(step.pid, signal.SIGKILL)
+        if step.status not in (COMPLETE, ERROR):
+            step.status, step.message, step.pid = ERROR, "stopped", None
+    steps.save(job.plan_path)
+    job.pid_path.unlink(missing_ok=True)
+    return steps
+
+
+def uninstall(name: str, state_dir: StateDir = None) -> None:
+    """Stop the job if it runs and remove its state folder (logs and local outputs included)."""
+    job = Job.named(name, state_dir)
+    job.plan()
+    stop(name, state_dir)
+    shutil.rmtree(job.folder)

@@ -1,0 +1,251 @@
+"""Everything before a job's tasks start, in the job's state folder.
+
+Checks the machine (a GPU for tasks asking for one, free disk for the groups' ``disk``), logs in to
+Kerberos from the keytab secret and downloads the Hadoop configuration (:func:`_cluster_login`),
+fetches and extracts the job archive, and asks the job module how its workers run
+(:func:`_executors`). Kerberos tracing (``kerberos.debug``) goes to each task's stderr.
+
+When the job module answers ``executors(context) == "spark"`` (the example job does when its context
+asks for ``--engine spark``), the workers become Spark executors: ``private/spark-conf/
+spark-defaults.conf`` (``SPARK_CONF_DIR`` of every task) gets ``spark.executor.instances`` =
+``worker.count``, ``spark.executor.cores`` = ``worker.cpus`` (rounded up), ``spark.executor.memory``
+= ``worker.mem`` and, unless a master is configured already, ``spark.master`` = ``local[count x
+cpus]`` for this one machine; worker-0 is the Spark driver and gets all those cores and ``count x
+mem``. A ``--spark_master`` in the context (``yarn``, ``k8s://...``) wins over that master and keeps
+the executor settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lastlayer.engines.spark import configured_master
+from lastlayer.errors import DataError, UsageError
+from lastlayer.hadoop import ClusterConfig, HadoopLogin
+from lastlayer.jobs import archive, secret_store
+from lastlayer.jobs.plan import PHASES
+from lastlayer.jobs.spec import JobSpec
+from lastlayer.jobs.state import Job
+from lastlayer.jobs.task import TASK_ENV, TaskDescription
+from lastlayer.storage import write_atomic
+
+log = logging.getLogger(__name__)
+
+#: What a job module's ``executors(context)`` may answer besides ``None``.
+EXECUTORS = ("spark",)
+#: Longest wait for the job module's answer (importing it included), seconds.
+EXECUTORS_TIMEOUT_S = 120.0
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the tasks are started with.
+
+    Attributes:
+        env: added to every task's environment (Kerberos cache, Hadoop and Spark configuration).
+        module_dir: the folder holding the job module.
+        log_dir: the tasks' ``log_dir``.
+        shares: task name -> how many tasks' cores and memory it gets (the Spark driver: every
+            worker's); 1 for the tasks not named.
+    """
+
+    env: dict[str, str]
+    module_dir: Path
+    log_dir: str
+    shares: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def prepare(job: Job, spec: JobSpec, secrets_dir: str | None = None) -> Iterator[Prepared]:
+    """Prepare the job's tasks; the login lasts as long as the ``with`` block.
+
+    Args:
+        secrets_dir: the secret store holding ``keytab_secret`` (default: see
+            :func:`lastlayer.jobs.secret_store.store_dir`).
+
+    Raises:
+        LastlayerError: with a one-line reason (no GPU or disk, a missing secret, a failed login,
+            an unreadable archive, a failing ``executors(context)``).
+    """
+    _check_gpu(spec)
+    _check_disk(job, spec)
+    private = _private(job.folder / "private")
+    with _cluster_login(spec, private, secrets_dir) as env:
+        if spec.service.security.kerberos.debug:
+            env["KRB5_TRACE"] = "/dev/stderr"  # MIT Kerberos traces into each task's stderr file
+        module_dir = _extract_job(job, spec)
+        shares: dict[str, int] = {}
+        if _executors(job, spec, module_dir, env) == "spark":
+            conf = _private(private / "spark-conf")
+            write_atomic(str(conf / "spark-defaults.conf"), spark_defaults(spec).encode())
+            env["SPARK_CONF_DIR"] = str(conf)
+            shares["worker-0"] = spec.worker.count
+        log_dir = spec.service.shared_filesystem or str(job.folder / "persist")
+        if not spec.service.shared_filesystem:
+            (job.folder / "persist").mkdir(exist_ok=True)
+        yield Prepared(env, module_dir, log_dir, shares)
+
+
+def gpu_available() -> bool:
+    """Whether this machine shows an NVIDIA GPU."""
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _check_gpu(spec: JobSpec) -> None:
+    """Tasks asking for GPUs (``gpu_worker``, or any group's ``gpus``) need a machine that has one."""
+    if gpu_available():
+        return
+    if spec.gpu_worker.count > 0:
+        raise UsageError(
+            f"gpu_worker.count is {spec.gpu_worker.count} but this machine has no GPU "
+            "(no /dev/nvidia0, no nvidia-smi): set gpu_worker.count to 0"
+        )
+    for _, group, _ in PHASES:
+        tasks = getattr(spec, group)
+        if tasks.count > 0 and tasks.gpus > 0:
+            raise UsageError(
+                f"{group}.gpus is {tasks.gpus} but this machine has no GPU "
+                f"(no /dev/nvidia0, no nvidia-smi): set {group}.gpus to 0"
+            )
+
+
+def _check_disk(job: Job, spec: JobSpec) -> None:
+    """The groups' ``disk`` (MiB per task) must be free where the tasks' sandboxes go."""
+    asked = {group: getattr(spec, group).count * getattr(spec, group).disk for _, group, _ in PHASES}
+    need = sum(asked.values())
+    if need <= 0:
+        return
+    free = shutil.disk_usage(job.folder).free / _MIB
+    if free < need:
+        given = " + ".join(f"{group}.disk x {group}.count" for group, mib in asked.items() if mib > 0)
+        raise UsageError(
+            f"the tasks ask for {need:g} MiB of disk ({given}) but {job.folder} has {free:.0f} MiB free: "
+            "free some space, lower disk, or deploy with another --state_dir"
+        )
+
+
+def _private(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    return folder
+
+
+def krb5_conf(spec: JobSpec) -> str:
+    """The ``krb5.conf`` of the job's realm and KDC."""
+    k = spec.service.security.kerberos
+    return (
+        f"[libdefaults]\n default_realm = {k.realm}\n dns_lookup_kdc = false\n dns_lookup_realm = false\n"
+        f" rdns = false\n dns_canonicalize_hostname = false\n udp_preference_limit = 1\n"
+        f"[realms]\n {k.realm} = {{\n  kdc = {k.kdc.hostname}:{k.kdc.port}\n }}\n"
+    )
+
+
+@contextmanager
+def _cluster_login(spec: JobSpec, private: Path, secrets_dir: str | None) -> Iterator[dict[str, str]]:
+    """The job's :class:`~lastlayer.hadoop.HadoopLogin`: as ``primary@realm`` from the keytab secret
+    with a private krb5.conf when Kerberos is enabled, and the Hadoop configuration of
+    ``hdfs.config_uri``, its files in ``private``; yields the tasks' environment for it. The login
+    renews its ticket until the block ends."""
+    k = spec.service.security.kerberos
+    config = ClusterConfig(hdfs_config_uri=spec.service.hdfs.config_uri)
+    if k.enabled:
+        keytab, conf = private / "keytab", private / "krb5.conf"
+        secret_store.write_private(keytab, secret_store.read_secret(k.keytab_secret, secrets_dir))
+        secret_store.write_private(conf, krb5_conf(spec).encode())
+        config = dataclasses.replace(
+            config, principal=f"{k.primary}@{k.realm}", keytab=str(keytab), krb5_conf=str(conf)
+        )
+    if config == ClusterConfig():
+        yield {}
+        return
+    with HadoopLogin(config, folder=str(private)) as login:
+        yield dict(login.env())
+
+
+def _extract_job(job: Job, spec: JobSpec) -> Path:
+    """Fetch and extract the job archive into ``job/``; returns the folder of the job module."""
+    extracted = job.folder / "job"
+    archive.fetch_and_extract(spec.service.job_url, str(extracted), replace=True)
+    module_dir = extracted / spec.service.job_path
+    if not module_dir.is_dir():
+        top = sorted(p.relative_to(extracted).as_posix() for p in extracted.glob("*/*") if p.is_dir())
+        raise UsageError(
+            f"service.job_path {spec.service.job_path!r} is not a folder of the archive "
+            f"{spec.service.job_url}; it holds: {', '.join(top[:20]) or 'no folders'}"
+        )
+    return module_dir
+
+
+def _executors(job: Job, spec: JobSpec, module_dir: Path, env: dict[str, str]) -> str | None:
+    """The job module's answer to ``executors(context)``, asked in a process of its own (no job code
+    runs in the supervisor); ``None`` when it has no such function or cannot be loaded (its tasks
+    then say why).
+
+    Raises:
+        DataError: the function fails, answers something else than ``None`` or one of
+            :data:`EXECUTORS`, or gives no answer within :data:`EXECUTORS_TIMEOUT_S`.
+    """
+    name = spec.service.job_name
+    answer = job.folder / "private" / "executors.json"
+    answer.unlink(missing_ok=True)
+    ask = TaskDescription({}, "worker", 0, str(module_dir), name, "", spec.context(), spec.service.log_level)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "lastlayer.jobs.task", "--executors", str(answer)],
+            env={**os.environ, **env, TASK_ENV: ask.to_json()},
+            cwd=job.folder,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=EXECUTORS_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise DataError(
+            f"job module {name!r} gave no answer to executors(context) within {EXECUTORS_TIMEOUT_S:g} s "
+            "(importing it included): make importing it and that function quick"
+        ) from None
+    if not answer.exists():
+        return None
+    result = json.loads(answer.read_text())
+    if "error" in result:
+        raise DataError(f"job module {name!r}: executors(context) failed: {result['error']}")
+    chosen = result["executors"]
+    if chosen is not None and chosen not in EXECUTORS:
+        raise DataError(
+            f"job module {name!r}: executors(context) answered {chosen!r}; answer None (one process per "
+            f"worker) or one of: {', '.join(EXECUTORS)}"
+        )
+    if chosen:
+        log.info("Job module %s: the workers run as %s executors driven by worker-0", name, chosen)
+    return chosen
+
+
+def spark_defaults(spec: JobSpec) -> str:
+    """``spark-defaults.conf`` mapping the workers onto Spark executors (see the module doc), after the
+    lines of an existing ``$SPARK_CONF_DIR/spark-defaults.conf``; a master already configured stays."""
+    worker = spec.worker
+    cores = max(1, math.ceil(worker.cpus))
+    lines = []
+    existing = os.environ.get("SPARK_CONF_DIR")
+    if existing and os.path.isfile(os.path.join(existing, "spark-defaults.conf")):
+        lines.append(Path(existing, "spark-defaults.conf").read_text(encoding="utf-8").rstrip("\n"))
+    if configured_master() is None:
+        lines.append(f"spark.master local[{worker.count * cores}]")
+    lines += [
+        f"spark.executor.instances {worker.count}",
+        f"spark.executor.cores {cores}",
+        f"spark.executor.memory {int(worker.mem)}m",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,270 @@
+"""The supervisor: prepare a job once, run its pending steps as task processes, watch them to the end.
+
+It starts one process per pending step (:mod:`lastlayer.jobs.task`), bounds each task's threads to
+its ``cpus`` cores (CPU affinity, ``OMP_NUM_THREADS``), enforces ``mem`` by watching each task's
+resident memory, keeps the Kerberos ticket fresh, stops the parameter servers once the workers are
+done, and records every status change in ``plan.json``. It runs in the deploying process, or
+detached as ``python -m lastlayer.jobs.supervisor FOLDER [--timeout S] [--secrets_dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lastlayer.errors import LastlayerError
+from lastlayer.jobs.plan import COMPLETE, ERROR, PHASES, RUNNING, STARTING, Plan, Step
+from lastlayer.jobs.prepare import Prepared, prepare
+from lastlayer.jobs.spec import TaskGroupSpec
+from lastlayer.jobs.state import STOP_GRACE_S, Job, last_line, rss_mib
+from lastlayer.jobs.task import TASK_ENV, TaskDescription
+
+log = logging.getLogger(__name__)
+
+#: How often the tasks are looked at, seconds.
+POLL_S = 0.5
+ROLE_OF_PREFIX = {prefix: group for _, group, prefix in PHASES}
+
+
+def supervise(
+    job: Job,
+    timeout: float | None = None,
+    on_change: Callable[[Plan], None] | None = None,
+    *,
+    secrets_dir: str | None = None,
+) -> Plan:
+    """Run the job's steps that are not COMPLETE to the end (in this process); return the final plan.
+
+    Args:
+        timeout: stop the tasks after this many seconds (``None``: no limit).
+        on_change: called with the plan after every status change.
+        secrets_dir: the secret store holding the keytab secret.
+    """
+    job.save_pid(os.getpid())
+    try:
+        return _Supervisor(job, timeout, on_change, secrets_dir).run()
+    finally:
+        job.pid_path.unlink(missing_ok=True)
+
+
+def spawn(job: Job, timeout: float | None = None, *, secrets_dir: str | None = None) -> None:
+    """Start :func:`supervise` in a detached process (its log: ``supervisor.log``)."""
+    argv = [sys.executable, "-m", "lastlayer.jobs.supervisor", str(job.folder)]
+    if timeout:
+        argv.append(f"--timeout={timeout}")
+    if secrets_dir:
+        argv.append(f"--secrets_dir={secrets_dir}")
+    with open(job.folder / "supervisor.log", "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    job.save_pid(proc.pid)
+
+
+class _Supervisor:
+    """Runs the pending steps of a job's plan to completion."""
+
+    def __init__(
+        self,
+        job: Job,
+        timeout: float | None,
+        on_change: Callable[[Plan], None] | None,
+        secrets_dir: str | None,
+    ) -> None:
+        self.job = job
+        self.spec = job.spec()
+        self.plan = job.plan()
+        self.timeout = timeout
+        self.on_change = on_change
+        self.secrets_dir = secrets_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.shares: dict[str, int] = {}
+
+    def save(self) -> None:
+        self.plan.save(self.job.plan_path)
+        if self.on_change is not None:
+            self.on_change(self.plan)
+
+    def fail_pending(self, message: str) -> None:
+        for step in self.plan.steps:
+            if step.status != COMPLETE:
+                step.status, step.message = ERROR, message
+        self.save()
+
+    def run(self) -> Plan:
+        todo = [s for s in self.plan.steps if s.status != COMPLETE]
+        for step in todo:
+            step.status, step.message = STARTING, None
+        self.save()
+        with contextlib.ExitStack() as stack:
+            try:
+                prepared = stack.enter_context(prepare(self.job, self.spec, self.secrets_dir))
+            except LastlayerError as exc:
+                self.fail_pending(str(exc))
+                return self.plan
+            self.shares = prepared.shares
+            cluster = _cluster(self.plan)
+            try:
+                for step in todo:
+                    self.start(step, prepared, cluster)
+                self.save()
+                self.watch(prepared)
+            except BaseException:  # stopped (SIGTERM) or broken: no task outlives its supervisor
+                self.kill_all("stopped")
+                self.save()
+                raise
+        return self.plan
+
+    def group(self, name: str) -> TaskGroupSpec:
+        """The options of the task group of task ``name``."""
+        group: TaskGroupSpec = getattr(self.spec, ROLE_OF_PREFIX[name.rsplit("-", 1)[0]])
+        return group
+
+    def share(self, name: str) -> int:
+        """How many tasks' cores and memory task ``name`` gets."""
+        return self.shares.get(name, 1)
+
+    def start(self, step: Step, prepared: Prepared, cluster: dict[str, list[str]]) -> None:
+        role, index = step.name.rsplit("-", 1)
+        group = self.group(step.name)
+        folder = self.job.task_dir(step.name)
+        (folder / "sandbox").mkdir(parents=True, exist_ok=True)
+        wanted = max(1, math.ceil(group.cpus)) * self.share(step.name)
+        cores = sorted(os.sched_getaffinity(0))[:wanted]
+        service = self.spec.service
+        task = TaskDescription(
+            cluster,
+            role,
+            int(index),
+            str(prepared.module_dir),
+            service.job_name,
+            prepared.log_dir,
+            self.spec.context(),
+            service.log_level,
+        )
+        env = {
+            **os.environ,
+            **prepared.env,
+            TASK_ENV: task.to_json(),
+            "MESOS_SANDBOX": str(folder / "sandbox"),
+            "OMP_NUM_THREADS": str(len(cores)),
+        }
+        with open(folder / "stdout", "ab") as out, open(folder / "stderr", "ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lastlayer.jobs.task"],
+                cwd=folder / "sandbox",
+                env=env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=lambda: os.sched_setaffinity(0, cores),
+            )
+        self.procs[step.name] = proc
+        step.status, step.pid, step.message, step.exit_code = RUNNING, proc.pid, None, None
+        mem = self.mem(step.name)
+        log.info("Started %s (pid %d, %d cores, mem %g MiB)", step.name, proc.pid, len(cores), mem)
+
+    def mem(self, name: str) -> float:
+        """The memory task ``name`` may use, MiB."""
+        return self.group(name).mem * self.share(name)
+
+    def watch(self, prepared: Prepared) -> None:
+        deadline = None if not self.timeout else time.monotonic() + self.timeout
+        while self.procs:
+            time.sleep(POLL_S)
+            changed = self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                self.kill_all(f"timed out after {self.timeout:.0f} s")
+                changed = True
+            if self.workers_done():
+                self.kill_all("stopped: the workers finished", status=COMPLETE)
+                changed = True
+            if changed:
+                self.save()
+
+    def poll(self) -> bool:
+        changed = False
+        for name, proc in list(self.procs.items()):
+            step = self.plan.step(name)
+            code = proc.poll()
+            if code is None:
+                rss, mem = rss_mib(proc.pid), self.mem(name)
+                if rss > mem:
+                    proc.kill()
+                    proc.wait(timeout=STOP_GRACE_S)
+                    self.finish(step, ERROR, -9, f"used {rss:.0f} MiB, over its mem of {mem:g} MiB")
+                    changed = True
+                continue
+            if code == 0:
+                self.finish(step, COMPLETE, 0, None)
+            else:
+                reason = last_line(self.job.task_dir(name) / "stderr") or f"exit code {code}"
+                self.finish(step, ERROR, code, reason)
+            changed = True
+        return changed
+
+    def finish(self, step: Step, status: str, code: int | None, message: str | None) -> None:
+        step.status, step.exit_code, step.message, step.pid = status, code, message, None
+        self.procs.pop(step.name, None)
+        log.info("%s: %s%s", step.name, status, f" ({message})" if message else "")
+
+    def workers_done(self) -> bool:
+        """Parameter servers serve the workers: once no worker runs, they are stopped."""
+        running = set(self.procs)
+        return bool(running) and all(n.startswith("ps-") for n in running)
+
+    def kill_all(self, message: str, status: str = ERROR) -> None:
+        for name, proc in list(self.procs.items()):
+            _terminate(proc)
+            self.finish(self.plan.step(name), status, proc.returncode, message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cluster(plan: Plan) -> dict[str, list[str]]:
+    """Role -> an address on this machine for each of its steps."""
+    cluster: dict[str, list[str]] = {}
+    for step in plan.steps:
+        role = step.name.rsplit("-", 1)[0]
+        cluster.setdefault(role, []).append(f"127.0.0.1:{_free_port()}")
+    return cluster
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_GRACE_S)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The detached supervisor: exit 0 when the plan ends COMPLETE, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="python -m lastlayer.jobs.supervisor")
+    parser.add_argument("folder", help="The job's state folder.")
+    parser.add_argument("--timeout", type=float, default=None, help="Stop the tasks after this many seconds.")
+    parser.add_argument("--secrets_dir", default=None, help="The secret store holding the keytab secret.")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s:%(name)s:%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    plan = supervise(Job(Path(ns.folder)), ns.timeout, secrets_dir=ns.secrets_dir)
+    return 0 if plan.status == COMPLETE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
