@@ -54,13 +54,30 @@ USERS = ("tensorflow", "alice", "bob")
 ENCTYPES = ("aes256-cts-hmac-sha1-96", "aes128-cts-hmac-sha1-96")
 
 # What `start` (re)creates inside DIR; nothing else there is touched.
-OWNED = ("kdc", "keytabs", "conf", "minidfs", "logs", "ccache", "kdc.conf", "krb5.conf",
-         "control.token", "state.json")
+OWNED = (
+    "kdc",
+    "keytabs",
+    "conf",
+    "minidfs",
+    "logs",
+    "ccache",
+    "kdc.conf",
+    "krb5.conf",
+    "control.token",
+    "state.json",
+)
 
 JAVA_OPENS = (
-    "java.base/java.lang", "java.base/java.lang.reflect", "java.base/java.io", "java.base/java.net",
-    "java.base/java.nio", "java.base/java.util", "java.base/java.util.concurrent",
-    "java.base/java.util.concurrent.atomic", "java.base/sun.nio.ch", "java.base/sun.security.util",
+    "java.base/java.lang",
+    "java.base/java.lang.reflect",
+    "java.base/java.io",
+    "java.base/java.net",
+    "java.base/java.nio",
+    "java.base/java.util",
+    "java.base/java.util.concurrent",
+    "java.base/java.util.concurrent.atomic",
+    "java.base/sun.nio.ch",
+    "java.base/sun.security.util",
     "java.security.jgss/sun.security.krb5",
 )
 
@@ -75,14 +92,21 @@ class MappingError(HarnessError):
 
 # --------------------------------------------------------------------------------------------- utils
 
+
 def _which(name: str) -> str:
     """A tool from PATH or the sbin folders (kdb5_util, krb5kdc and kadmin.local live in /usr/sbin)."""
     path = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
     found = shutil.which(name, path=path)
     if not found:
-        hint = {"krb5kdc": "krb5-kdc", "kdb5_util": "krb5-kdc", "kadmin.local": "krb5-admin-server",
-                "kinit": "krb5-user", "klist": "krb5-user", "java": "openjdk-17-jdk-headless",
-                "mvn": "maven"}.get(name, name)
+        hint = {
+            "krb5kdc": "krb5-kdc",
+            "kdb5_util": "krb5-kdc",
+            "kadmin.local": "krb5-admin-server",
+            "kinit": "krb5-user",
+            "klist": "krb5-user",
+            "java": "openjdk-17-jdk-headless",
+            "mvn": "maven",
+        }.get(name, name)
         raise HarnessError(f"{name} not found: apt-get install {hint} (or run scripts/install.sh test)")
     return found
 
@@ -192,6 +216,7 @@ def _die_with_parent() -> None:
 
 # ------------------------------------------------------------------------------------------- build
 
+
 def _newest_source_mtime() -> float:
     newest = (HARNESS_DIR / "pom.xml").stat().st_mtime
     for p in (HARNESS_DIR / "src").rglob("*"):
@@ -202,8 +227,12 @@ def _newest_source_mtime() -> float:
 
 def harness_built() -> bool:
     """Whether target/ holds a jar newer than the sources and the dependency folder."""
-    return (HARNESS_JAR.exists() and HARNESS_LIB.is_dir() and any(HARNESS_LIB.glob("hadoop-hdfs-*.jar"))
-            and HARNESS_JAR.stat().st_mtime >= _newest_source_mtime())
+    return (
+        HARNESS_JAR.exists()
+        and HARNESS_LIB.is_dir()
+        and any(HARNESS_LIB.glob("hadoop-hdfs-*.jar"))
+        and HARNESS_JAR.stat().st_mtime >= _newest_source_mtime()
+    )
 
 
 def ensure_built(timeout: float = 1200, log: Path | None = None) -> None:
@@ -227,8 +256,9 @@ def ensure_built(timeout: float = 1200, log: Path | None = None) -> None:
             if left <= 0:
                 break
             try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=left,
-                                   stdin=subprocess.DEVNULL)
+                r = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=left, stdin=subprocess.DEVNULL
+                )
             except subprocess.TimeoutExpired as e:
                 raise HarnessError(f"building the harness timed out after {timeout:.0f} s: {cmd}") from e
             out += f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n"
@@ -242,6 +272,7 @@ def ensure_built(timeout: float = 1200, log: Path | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the KDC
+
 
 class Kdc:
     """An MIT krb5kdc for realm LOCAL with its database, config and keytabs inside one folder."""
@@ -334,8 +365,14 @@ class Kdc:
 
     def _run(self, cmd: Sequence[str], timeout: float = 60) -> str:
         try:
-            r = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                list(cmd),
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
             raise HarnessError(f"timed out after {timeout} s: {' '.join(cmd)}") from e
         if r.returncode != 0:
@@ -370,18 +407,26 @@ class Kdc:
         logf = open(self.root / "logs" / "krb5kdc.out", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
-                [krb5kdc, "-n", "-r", REALM], env=self.env(), stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=detach,
-                preexec_fn=None if detach else _die_with_parent)
+                [krb5kdc, "-n", "-r", REALM],
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=detach,
+                preexec_fn=None if detach else _die_with_parent,
+            )
         finally:
             logf.close()
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise HarnessError(f"krb5kdc exited with {self.proc.returncode}:\n"
-                                   + _tail(self.root / "logs" / "krb5kdc.out") + "\n"
-                                   + _tail(self.root / "logs" / "kdc.log"))
+                raise HarnessError(
+                    f"krb5kdc exited with {self.proc.returncode}:\n"
+                    + _tail(self.root / "logs" / "krb5kdc.out")
+                    + "\n"
+                    + _tail(self.root / "logs" / "kdc.log")
+                )
             if _port_open(self.port):
                 return
             time.sleep(0.05)
@@ -402,8 +447,14 @@ class Kdc:
         env = self.env()
         env["KRB5CCNAME"] = ccache
         try:
-            r = subprocess.run([_which("kinit"), "-kt", str(keytab), principal], env=env, capture_output=True,
-                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                [_which("kinit"), "-kt", str(keytab), principal],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
             raise HarnessError(f"kinit {principal} timed out after {timeout} s") from e
         if r.returncode != 0:
@@ -412,13 +463,15 @@ class Kdc:
 
 # ------------------------------------------------------------------------------------ the cluster
 
+
 class SecureHdfs:
     """A running KDC + secure MiniDFSCluster in one state folder (see the module docstring)."""
 
     realm = REALM
 
-    def __init__(self, root: Path, state: dict, kdc: Kdc,
-                 harness_proc: subprocess.Popen | None = None) -> None:
+    def __init__(
+        self, root: Path, state: dict, kdc: Kdc, harness_proc: subprocess.Popen | None = None
+    ) -> None:
         self.root = root
         self.state = state
         self.kdc = kdc
@@ -519,7 +572,7 @@ class SecureHdfs:
             raise ValueError("principal contains a newline")
         answer = self._command(f"map {principal}", timeout)
         if answer.startswith("error "):
-            raise MappingError(answer[len("error "):])
+            raise MappingError(answer[len("error ") :])
         return answer
 
     def restart_namenode(self, timeout: float = 120) -> None:
@@ -543,8 +596,15 @@ class SecureHdfs:
 
     # ---- life cycle
     @classmethod
-    def start(cls, directory: str | os.PathLike, timeout: float = 180, detach: bool = False,
-              nn_port: int = 0, http_port: int = 0, build_timeout: float = 1200) -> SecureHdfs:
+    def start(
+        cls,
+        directory: str | os.PathLike,
+        timeout: float = 180,
+        detach: bool = False,
+        nn_port: int = 0,
+        http_port: int = 0,
+        build_timeout: float = 1200,
+    ) -> SecureHdfs:
         """Creates realm LOCAL in directory, starts krb5kdc and the harness, waits for `Ready!`.
 
         With detach=False both processes are children of this one (and die with it); with
@@ -585,8 +645,14 @@ class SecureHdfs:
         assert kdc is not None
         token = secrets.token_hex(16)
         _write_private(root / "control.token", token + "\n")
-        state = {"dir": str(root), "realm": REALM, "kdc_port": kdc.port, "kdc_pid": kdc.pid,
-                 "detached": detach, "started_at": time.time()}
+        state = {
+            "dir": str(root),
+            "realm": REALM,
+            "kdc_port": kdc.port,
+            "kdc_pid": kdc.pid,
+            "detached": detach,
+            "started_at": time.time(),
+        }
         _write_private(root / "state.json", json.dumps(state, indent=2) + "\n")
 
         proc = None
@@ -608,19 +674,36 @@ class SecureHdfs:
     @staticmethod
     def _launch(root: Path, token: str, detach: bool, nn_port: int, http_port: int) -> subprocess.Popen:
         krb5 = root / "krb5.conf"
-        cmd = [_java(), "-Xmx1g", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-               "-Djava.net.preferIPv4Stack=true",
-               f"-Djava.security.krb5.conf={krb5}",
-               "-Dsun.security.krb5.disableReferrals=true",
-               f"-Dsecurehdfs.dir={root}"]
+        cmd = [
+            _java(),
+            "-Xmx1g",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Djava.security.krb5.conf={krb5}",
+            "-Dsun.security.krb5.disableReferrals=true",
+            f"-Dsecurehdfs.dir={root}",
+        ]
         if os.environ.get("SECUREHDFS_KRB5_DEBUG"):
             cmd.append("-Dsun.security.krb5.debug=true")
         for mod in JAVA_OPENS:
             cmd.append(f"--add-opens={mod}=ALL-UNNAMED")
         cmd.append("--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED")
-        cmd += ["-cp", f"{HARNESS_JAR}:{HARNESS_LIB}/*", MAIN_CLASS, "--dir", str(root),
-                "--realm", REALM, "--nn-port", str(nn_port), "--http-port", str(http_port),
-                "--control-port", "0"]
+        cmd += [
+            "-cp",
+            f"{HARNESS_JAR}:{HARNESS_LIB}/*",
+            MAIN_CLASS,
+            "--dir",
+            str(root),
+            "--realm",
+            REALM,
+            "--nn-port",
+            str(nn_port),
+            "--http-port",
+            str(http_port),
+            "--control-port",
+            "0",
+        ]
         if detach:
             cmd.append("--no-stdin")
         env = dict(os.environ)
@@ -634,10 +717,16 @@ class SecureHdfs:
         err = open(logs / "harness.log", "wb")  # noqa: SIM115
         try:
             return subprocess.Popen(
-                cmd, cwd=root, env=env, stdout=out, stderr=err,
+                cmd,
+                cwd=root,
+                env=env,
+                stdout=out,
+                stderr=err,
                 # Attached: a stdin pipe this process holds; its EOF (our death) stops the cluster.
                 stdin=subprocess.DEVNULL if detach else subprocess.PIPE,
-                start_new_session=detach, preexec_fn=None if detach else _die_with_parent)
+                start_new_session=detach,
+                preexec_fn=None if detach else _die_with_parent,
+            )
         finally:
             out.close()
             err.close()
@@ -654,15 +743,19 @@ class SecureHdfs:
                     return json.loads(lines[i + 1])
             for line in lines:
                 if line.startswith("error"):
-                    raise HarnessError(f"the harness failed to start: {line}\n--- harness.log (tail) ---\n"
-                                       + _tail(log))
+                    raise HarnessError(
+                        f"the harness failed to start: {line}\n--- harness.log (tail) ---\n" + _tail(log)
+                    )
             if proc.poll() is not None:
-                raise HarnessError(f"the harness exited with {proc.returncode} before Ready!\n"
-                                   f"--- harness.out ---\n{_tail(out, 20)}\n--- harness.log (tail) ---\n"
-                                   + _tail(log))
+                raise HarnessError(
+                    f"the harness exited with {proc.returncode} before Ready!\n"
+                    f"--- harness.out ---\n{_tail(out, 20)}\n--- harness.log (tail) ---\n" + _tail(log)
+                )
             if time.monotonic() > deadline:
-                raise HarnessError(f"the harness was not ready within {timeout:.0f} s\n"
-                                   "--- harness.log (tail) ---\n" + _tail(log))
+                raise HarnessError(
+                    f"the harness was not ready within {timeout:.0f} s\n"
+                    "--- harness.log (tail) ---\n" + _tail(log)
+                )
             time.sleep(0.1)
 
     @classmethod
@@ -686,12 +779,19 @@ class SecureHdfs:
         return _pid_alive(self.pid, MAIN_CLASS)
 
     def status(self) -> dict:
-        return {"dir": str(self.root), "harness_running": self.running(), "kdc_running": self.kdc.running(),
-                "responding": self.running() and self.ping(), "namenode_url": self.namenode_url,
-                "webhdfs_url": self.webhdfs_url, "conf_dir": str(self.conf_dir),
-                "krb5_conf": str(self.krb5_conf), "kdc": f"127.0.0.1:{self.kdc_port}",
-                "ports": self.state.get("ports"), "pids": {"harness": self.state.get("harness_pid"),
-                                                           "kdc": self.kdc.pid}}
+        return {
+            "dir": str(self.root),
+            "harness_running": self.running(),
+            "kdc_running": self.kdc.running(),
+            "responding": self.running() and self.ping(),
+            "namenode_url": self.namenode_url,
+            "webhdfs_url": self.webhdfs_url,
+            "conf_dir": str(self.conf_dir),
+            "krb5_conf": str(self.krb5_conf),
+            "kdc": f"127.0.0.1:{self.kdc_port}",
+            "ports": self.state.get("ports"),
+            "pids": {"harness": self.state.get("harness_pid"), "kdc": self.kdc.pid},
+        }
 
     def stop(self, timeout: float = 60) -> None:
         """Clean shutdown (the `stop` command), then SIGTERM/SIGKILL after timeout; then the KDC."""
@@ -732,6 +832,7 @@ def running(directory: str | os.PathLike, **kw: object) -> Iterator[SecureHdfs]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+
 def _shell_exports(env: dict[str, str]) -> str:
     import shlex
 
@@ -739,15 +840,19 @@ def _shell_exports(env: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="securehdfs.py",
-                                 description="MIT KDC + secure MiniDFSCluster on 127.0.0.1")
+    ap = argparse.ArgumentParser(
+        prog="securehdfs.py", description="MIT KDC + secure MiniDFSCluster on 127.0.0.1"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("start", "create realm LOCAL and start KDC + cluster (detached)"),
-                        ("stop", "stop cluster and KDC"), ("status", "show state (exit 1 when not up)"),
-                        ("env", "print shell export lines for a user's client"),
-                        ("map", "Hadoop's auth_to_local short name of a principal"),
-                        ("restart-nn", "restart the NameNode, keeping its ports"),
-                        ("build", "build the Java harness (Maven) if needed")):
+    for name, help_ in (
+        ("start", "create realm LOCAL and start KDC + cluster (detached)"),
+        ("stop", "stop cluster and KDC"),
+        ("status", "show state (exit 1 when not up)"),
+        ("env", "print shell export lines for a user's client"),
+        ("map", "Hadoop's auth_to_local short name of a principal"),
+        ("restart-nn", "restart the NameNode, keeping its ports"),
+        ("build", "build the Java harness (Maven) if needed"),
+    ):
         p = sub.add_parser(name, help=help_)
         if name != "build":
             p.add_argument("--dir", required=True, help="state folder")
@@ -770,12 +875,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "start":
             t0 = time.monotonic()
-            h = SecureHdfs.start(args.dir, timeout=args.timeout, detach=True, nn_port=args.nn_port,
-                                 http_port=args.http_port)
+            h = SecureHdfs.start(
+                args.dir, timeout=args.timeout, detach=True, nn_port=args.nn_port, http_port=args.http_port
+            )
             print(json.dumps(h.status(), indent=2))
-            print(f"Secure HDFS up in {time.monotonic() - t0:.1f} s ({h.state['startup_seconds']} s after "
-                  f"the build check). Client environment: python {sys.argv[0]} env --dir {args.dir} "
-                  "--user tensorflow", file=sys.stderr)
+            print(
+                f"Secure HDFS up in {time.monotonic() - t0:.1f} s ({h.state['startup_seconds']} s after "
+                f"the build check). Client environment: python {sys.argv[0]} env --dir {args.dir} "
+                "--user tensorflow",
+                file=sys.stderr,
+            )
             return 0
         h = SecureHdfs.attach(args.dir)
         if args.cmd == "status":

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh test
 venv="${LASTLAYER_VENV:-.venv}"
-"$venv/bin/ruff" check src tests scripts benchmarks
+"$venv/bin/ruff" check src tests scripts benchmarks harness examples
+"$venv/bin/ruff" format --check src tests scripts benchmarks harness examples
 "$venv/bin/python" -m pytest -q "$@"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, label_for, scan, which_set
 from lastlayer.errors import DataError
 

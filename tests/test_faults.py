@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cache import COMPACT_ABOVE, FeatureStore, Row
 from lastlayer.cli import main
 

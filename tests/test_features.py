@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cache import CachedKeys, FeatureStore, Row
 from lastlayer.dataset import scan
 from lastlayer.engines.base import Engine, Need, NeedTest, Result, Task

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import serve_folder
+from helpers import serve_folder
 from lastlayer.errors import DataError, StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.hadoop import config as hadoop_config

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer import contract
 from lastlayer.errors import ModelError, UsageError
 from lastlayer.export import build_classifier

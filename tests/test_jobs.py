@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cli import main
 from lastlayer.jobs import prepare, secret_store
 from lastlayer.jobs.plan import COMPLETE, ERROR, Plan, new_plan
@@ -258,6 +258,7 @@ def test_stop_ends_a_running_job(tmp_path, poets_zip, images, model_dir, capsys)
     assert not (state / "poets-test").exists()
 
 
+@pytest.mark.spark
 def test_with_the_spark_engine_the_workers_become_executors(
     tmp_path, poets_zip, images, model_dir, monkeypatch
 ):

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer import contract, pipeline
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION

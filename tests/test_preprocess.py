@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 from lastlayer.errors import DataError
 from lastlayer.preprocess import Distortions, Preprocessing, decode, distort, open_image
 

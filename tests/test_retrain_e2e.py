@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import FLOWERS, make_dataset, shape_image
+from helpers import FLOWERS, make_dataset, shape_image
 from lastlayer.cli import main
 from lastlayer.contract import read_info
 from lastlayer.preprocess import decode

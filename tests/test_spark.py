@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cache import CachedKeys
 from lastlayer.cli import main
 from lastlayer.dataset import scan

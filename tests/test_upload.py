@@ -8,7 +8,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cli import main
 from lastlayer.errors import StorageError
 from lastlayer.transfer import upload

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,38 +69,3 @@ def as_user(secure_hdfs, monkeypatch: pytest.MonkeyPatch) -> Callable[[str | Non
         return env
 
     return switch
-
-
-#: Variables that carry a Kerberos or Hadoop client identity; tests clear them to start from nothing.
-ENV_KEYS = ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR")
-
-
-def principal_flags(cluster, user: str) -> list[str]:
-    """lastlayer's flags to log in as ``user`` of the harness from its keytab."""
-    return [
-        f"--principal={cluster.principal(user)}",
-        f"--keytab={cluster.keytab(user)}",
-        f"--krb5_conf={cluster.krb5_conf}",
-        f"--hadoop_conf_dir={cluster.conf_dir}",
-    ]
-
-
-def lastlayer_as(cluster, user: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m lastlayer ARGV`` in a fresh process, logged in as ``user``, no ticket cache prepared."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    return subprocess.run(
-        [sys.executable, "-m", "lastlayer", *argv, *principal_flags(cluster, user)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def as_superuser(cluster, code: str) -> None:
-    """Run Python ``code`` with an hdfs-native ``fs`` as the `hdfs` superuser, in a fresh process."""
-    env = {**os.environ, **cluster.env("hdfs")}
-    prologue = (
-        f"import fsspec\nfs = fsspec.filesystem('hdfs', host='127.0.0.1', port={cluster.namenode_port})\n"
-    )
-    subprocess.run([sys.executable, "-c", prologue + code], env=env, check=True, timeout=120)

@@ -14,12 +14,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from conftest import make_dataset, serve_folder
+from helpers import make_dataset, serve_folder
 from lastlayer.cli import main
 from lastlayer.jobs import secret_store
 from lastlayer.jobs.plan import ERROR, Plan
 
-from .conftest import ENV_KEYS, as_superuser, lastlayer_as
+from .helpers import ENV_KEYS, as_superuser, lastlayer_as
 
 ROOT = Path(__file__).resolve().parents[2]
 

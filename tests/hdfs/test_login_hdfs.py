@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer import storage
 from lastlayer.errors import StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.transfer import upload
 
-from .conftest import ENV_KEYS, as_superuser
+from .helpers import ENV_KEYS, as_superuser
 
 USERS = ("tensorflow", "bob")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer.cli import main
 
-from .conftest import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
+from .helpers import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
 
 INPUT = "/tensorflow_input_data/shapes"
 RUN = "/tensorflow/test_run"
