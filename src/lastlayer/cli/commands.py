@@ -169,5 +169,5 @@ def serve(ns: argparse.Namespace, hadoop: Any) -> int:
             "Listening on %s: anyone who reaches it can use the models (no authentication)", opts.host
         )
     log.info("Serving at %s/ (drop an image there); Ctrl-C stops", base)
-    serve.run(models, opts, sock)
+    serve.server(models, opts).run(sockets=[sock])
     return 0

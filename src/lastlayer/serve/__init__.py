@@ -15,11 +15,14 @@ import posixpath
 import re
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lastlayer.errors import UsageError
 from lastlayer.inference import RetrainedModel
 from lastlayer.options import ServeOptions
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(models: Mapping[str, RetrainedModel], options: ServeOptions, sock: socket.socket) -> None:
-    """Serve ``models`` on ``sock`` until interrupted (Ctrl-C or SIGTERM stop it gracefully)."""
+def server(models: Mapping[str, RetrainedModel], options: ServeOptions) -> uvicorn.Server:
+    """A uvicorn server of ``models``: ``.run(sockets=[listen(...)])`` serves until interrupted
+    (Ctrl-C or SIGTERM stop it gracefully)."""
     import uvicorn
 
     from lastlayer.serve.app import create_app
@@ -108,4 +112,4 @@ def run(models: Mapping[str, RetrainedModel], options: ServeOptions, sock: socke
         limit_concurrency=4 * options.max_queue,
         timeout_keep_alive=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    return uvicorn.Server(config)

@@ -248,7 +248,7 @@ class Service:
 
 
 def _too_big(size: int, limit: int) -> str:
-    return f"the request body is over {size:,} bytes, more than --max_request_bytes={limit:,}"
+    return f"the request body has at least {size:,} bytes, more than --max_request_bytes={limit:,} allows"
 
 
 async def _read(request: Request, limit: int) -> bytes:
@@ -331,7 +331,8 @@ async def _problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = exc.detail
     if exc.status_code == 404:
-        message = f"no such path {request.url.path}: this server answers /, /v2/... and /v1/models/NAME:classify"
+        path = request.url.path
+        message = f"no such path {path}: this server answers /, /v2/... and /v1/models/NAME:classify"
     return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
 
 
