@@ -84,7 +84,9 @@ def listen(host: str, port: int) -> socket.socket:
         UsageError: the address cannot be used (taken, not this machine's, not an address).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
+    # it a keep-alive reply waits ~40 ms for the client's delayed ACK (Nagle's algorithm)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
