@@ -187,10 +187,16 @@ class ServeOptions:
         2.0, "How long a batch waits for more images after its first, ms.", minimum=0, maximum=10_000
     )
     max_queue: int = option(
-        256, "Most images waiting for the network (and in one request); beyond, 503.", minimum=1
+        256,
+        "Most images waiting for the network, in one request, and most open connections; beyond, 503.",
+        minimum=1,
     )
     max_request_bytes: int = option(
-        20 << 20, "Largest request body accepted, bytes; beyond, 413.", minimum=1, metavar="BYTES"
+        10 << 20,
+        "Largest request body accepted, bytes; beyond, 413 (request bodies held at once: at most "
+        "--max_queue of them).",
+        minimum=1,
+        metavar="BYTES",
     )
     max_pixels: int = option(
         40_000_000,

@@ -18,7 +18,7 @@ import importlib.util
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -251,7 +251,7 @@ def _thumbnail_uri(url: str, storage_options: Mapping[str, Any] | None) -> str:
 
 
 # -- charts --------------------------------------------------------------------------------------
-def _chart(draw: Any, *args: Any) -> str | None:
+def _chart(draw: Callable[..., bool], *args: Any) -> str | None:
     """``draw(figure, *args)`` on a new matplotlib Figure (no pyplot state), as an SVG ``data:`` URI;
     ``None`` when ``draw`` returns False (too many classes to draw)."""
     from matplotlib.figure import Figure

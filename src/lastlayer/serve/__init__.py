@@ -111,7 +111,8 @@ def server(models: Mapping[str, RetrainedModel], options: ServeOptions) -> uvico
         log_config=None,  # records go to the root logger: the CLI's handler and format
         access_log=options.access_log,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
-        limit_concurrency=4 * options.max_queue,
+        # a backstop on open connections; the app itself bounds the requests in progress (--max_queue)
+        limit_concurrency=4 * options.max_queue + 64,
         timeout_keep_alive=5,
     )
     return uvicorn.Server(config)

@@ -28,7 +28,7 @@ import binascii
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -78,6 +78,7 @@ class Service:
     def __init__(self, models: Mapping[str, RetrainedModel], options: ServeOptions) -> None:
         self.options = options
         self.models: dict[str, Served] = {}
+        self.in_progress = 0  # inference requests being read or answered (one event loop: no lock)
         self._loaded = dict(models)
 
     @contextlib.asynccontextmanager
@@ -92,6 +93,22 @@ class Service:
             yield
         finally:
             await asyncio.gather(*(s.batcher.stop() for s in self.models.values()))
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of ``--max_queue`` places for an inference request (so at most that many
+        bodies are held at once); 503 when none is free."""
+        if self.in_progress >= self.options.max_queue:
+            raise Problem(
+                503,
+                f"the server is busy ({self.in_progress} requests in progress, "
+                f"--max_queue={self.options.max_queue}); retry",
+            )
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
 
     def served(self, request: Request) -> Served:
         name = request.path_params["name"]
@@ -149,24 +166,25 @@ class Service:
     async def classify(self, request: Request) -> Response:
         served = self.served(request)
         top_k = _top_k(request.query_params.get("top_k"), self.options.top_k)
-        data = await self.body(request)
-        if not data:
-            raise Problem(400, "the request body is empty: POST the bytes of an image file")
-        probs = await self.probabilities(served, [await self.prepare(served, data)])
+        with self.admitted():
+            data = await self.body(request)
+            if not data:
+                raise Problem(400, "the request body is empty: POST the bytes of an image file")
+            probs = await self.probabilities(served, [await self.prepare(served, data)])
         labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
         return JSONResponse({"model_name": served.name, "labels": labels})
 
     async def infer(self, request: Request) -> Response:
         served = self.served(request)
-        body = await self.body(request)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise Problem(
-                400, f"the request is not JSON ({exc}): send a KServe v2 inference request"
-            ) from None
-        images = await self.inputs(served, payload)
-        probs = await self.probabilities(served, images)
+        with self.admitted():
+            try:
+                payload = json.loads(await self.body(request))
+            except ValueError as exc:
+                raise Problem(
+                    400, f"the request is not JSON ({exc}): send a KServe v2 inference request"
+                ) from None
+            images = await self.inputs(served, payload)
+            probs = await self.probabilities(served, images)
         reply: dict[str, Any] = {
             "model_name": served.name,
             "outputs": [
@@ -352,4 +370,4 @@ def create_app(models: Mapping[str, RetrainedModel], options: ServeOptions) -> S
         Route("/v1/models/{name}:classify", service.classify, methods=["POST"]),
     ]
     handlers = {Problem: _problem, HTTPException: _problem}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)  # type: ignore[arg-type]
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
