@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -374,3 +375,33 @@ def _drop(driver, data: bytes) -> None:
         """,
         base64.b64encode(data).decode(),
     )
+
+
+class _StandIn:
+    """A model whose network call takes 50 ms and fails on an all-255 image (batcher unit tests)."""
+
+    def probabilities(self, inputs):
+        time.sleep(0.05)
+        if any(x.min() == 255 for x in inputs):
+            raise RuntimeError("network failed")
+        return np.stack([np.full(2, x[0, 0, 0], np.float32) for x in inputs])
+
+
+def test_the_batcher_survives_a_failed_batch_and_stopping_fails_what_waits():
+    from lastlayer.serve.batcher import Batcher, Busy
+
+    async def scenario():
+        batcher = Batcher(_StandIn(), max_batch=4, max_wait=0.01, max_queue=8)
+        batcher.start()
+        bad = np.full((2, 2, 3), 255, np.uint8)
+        with pytest.raises(RuntimeError, match="network failed"):
+            await batcher.submit(bad)
+        rows = await asyncio.gather(*(batcher.submit(np.full((2, 2, 3), v, np.uint8)) for v in (1, 2, 3)))
+        assert [r[0] for r in rows] == [1, 2, 3] and batcher.stats.batches == 1
+        waiting = [asyncio.ensure_future(batcher.submit(np.zeros((2, 2, 3), np.uint8))) for _ in range(6)]
+        await asyncio.sleep(0.03)  # a batch of 4 is in the network, 2 images wait
+        await batcher.stop()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(o, Busy) for o in outcomes) and not batcher.running
+
+    asyncio.run(asyncio.wait_for(scenario(), REQUEST_S))

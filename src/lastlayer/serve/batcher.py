@@ -86,9 +86,11 @@ class Batcher:
             raise Busy(f"{self.queue.maxsize} images are waiting") from None
         return await future
 
-    async def _gather(self) -> list[_Item]:
+    async def _gather(self, batch: list[_Item]) -> None:
+        """Fill ``batch`` (in place, so that a stop finds what was taken): the first waiting image,
+        then those arriving within ``max_wait``, up to ``max_batch``."""
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        batch.append(await self.queue.get())
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
             if not self.queue.empty():
@@ -101,15 +103,16 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
             except TimeoutError:
                 break
-        return [(x, f) for x, f in batch if not f.done()]  # a request that timed out is gone
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._gather()
-            if not batch:
-                continue
+            batch: list[_Item] = []
             try:
+                await self._gather(batch)
+                batch = [(x, f) for x, f in batch if not f.done()]  # a request that timed out is gone
+                if not batch:
+                    continue
                 probs = await loop.run_in_executor(
                     self._executor, self.model.probabilities, [x for x, _ in batch]
                 )
