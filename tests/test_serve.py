@@ -405,3 +405,29 @@ def test_the_batcher_survives_a_failed_batch_and_stopping_fails_what_waits():
         assert all(isinstance(o, Busy) for o in outcomes) and not batcher.running
 
     asyncio.run(asyncio.wait_for(scenario(), REQUEST_S))
+
+
+def test_a_batch_waits_only_for_images_on_their_way():
+    from lastlayer.serve.batcher import Batcher
+
+    async def scenario():
+        batcher = Batcher(_StandIn(), max_batch=8, max_wait=5.0, max_queue=8)
+        batcher.start()
+        start = time.monotonic()
+        await batcher.submit(np.ones((2, 2, 3), np.uint8))  # nothing announced: no wait
+        assert time.monotonic() - start < 2.5 and batcher.stats.batches == 1
+        first = batcher.submit(np.ones((2, 2, 3), np.uint8))
+        with batcher.announced():  # a second image is decoded while the first waits
+            await asyncio.sleep(0.05)
+        second = batcher.submit(np.ones((2, 2, 3), np.uint8))
+        await asyncio.gather(first, second)
+        assert batcher.stats.batches == 2 and batcher.stats.images == 3  # the two shared one call
+        start = time.monotonic()
+        with batcher.announced():  # announced, then never sent (a bad image): the wait ends with it
+            lone = batcher.submit(np.ones((2, 2, 3), np.uint8))
+            await asyncio.sleep(0.05)
+        await lone
+        assert time.monotonic() - start < 2.5 and batcher.stats.batches == 3
+        await batcher.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), REQUEST_S))

@@ -184,7 +184,11 @@ class ServeOptions:
     top_k: int = option(5, "Labels :classify returns unless the request asks (?top_k=N).", minimum=1)
     max_batch: int = option(32, "Most images per network call, gathered across requests.", minimum=1)
     max_wait_ms: float = option(
-        2.0, "How long a batch waits for more images after its first, ms.", minimum=0, maximum=10_000
+        10.0,
+        "How long a batch waits, after its first image, for images still being decoded, ms (a lone "
+        "request never waits).",
+        minimum=0,
+        maximum=10_000,
     )
     max_queue: int = option(
         256,

@@ -170,7 +170,9 @@ class Service:
             data = await self.body(request)
             if not data:
                 raise Problem(400, "the request body is empty: POST the bytes of an image file")
-            probs = await self.probabilities(served, [await self.prepare(served, data)])
+            with served.batcher.announced():
+                image = await self.prepare(served, data)
+            probs = await self.probabilities(served, [image])
         labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
         return JSONResponse({"model_name": served.name, "labels": labels})
 
@@ -220,7 +222,9 @@ class Service:
                 400, f"{shape[0]} images in one request, more than --max_queue={self.options.max_queue}"
             )
         if datatype == "BYTES":
-            return [await self.prepare(served, raw) for raw in _encoded_images(tensor, shape)]
+            files = _encoded_images(tensor, shape)
+            with served.batcher.announced(len(files)):
+                return [await self.prepare(served, raw) for raw in files]
         if datatype == "UINT8":
             return list(_pixels(tensor, shape, served.model.info.preprocessing.size))
         raise Problem(400, f"datatype {datatype!r}: send UINT8 pixels or BYTES (base64 image files)")
@@ -234,15 +238,19 @@ class Service:
 
     async def probabilities(self, served: Served, images: list[np.ndarray]) -> np.ndarray:
         """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
-        timeout = self.options.request_timeout
+        futures: list[asyncio.Future[np.ndarray]] = []
         try:
-            rows = await asyncio.wait_for(
-                asyncio.gather(*(served.batcher.submit(x) for x in images)), timeout
-            )
+            for image in images:
+                futures.append(served.batcher.submit(image))
         except Busy as exc:
+            for future in futures:  # the batcher skips them
+                future.cancel()
             raise Problem(
                 503, f"the server is busy ({exc}, --max_queue={self.options.max_queue}); retry"
             ) from None
+        timeout = self.options.request_timeout
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout)
         except TimeoutError:
             raise Problem(503, f"no answer within --request_timeout={timeout:g} s; retry later") from None
         return np.stack(rows)

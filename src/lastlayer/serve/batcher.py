@@ -1,16 +1,21 @@
 """Dynamic batching: images of concurrent requests share one network call.
 
 Each model has one :class:`Batcher`: requests put prepared images on a bounded queue; one asyncio
-task takes the first waiting image, then whatever else arrives within ``max_wait`` seconds (up to
-``max_batch`` images), runs the network on its own worker thread (the event loop never waits on
-onnxruntime) and hands each request its row of probabilities. While a batch runs, the next one
-gathers, so under load batches fill without waiting, and a lone request waits at most ``max_wait``.
+task takes the first waiting image and everything else queued (up to ``max_batch`` images), runs
+the network on its own worker thread (the event loop never waits on onnxruntime) and hands each
+request its row of probabilities. While a batch runs, the next one gathers in the queue.
+
+A batch waits for more images only when some are on their way (a request announced them with
+:meth:`Batcher.announced` while its image is decoded), and at most ``max_wait`` seconds after its
+first image: a lone request never waits, and under load the images being decoded join the batch
+instead of starting a batch of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,6 +56,8 @@ class Batcher:
         self.max_wait = max_wait
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue)
         self.stats = Stats()
+        self.incoming = 0  # images announced and not yet queued
+        self._changed = asyncio.Event()  # set when an image is queued or an announcement ends
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lastlayer-network")
         self._task: asyncio.Task[None] | None = None
 
@@ -73,8 +80,21 @@ class Batcher:
         _fail(queued, Busy("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, image: np.ndarray) -> np.ndarray:
-        """``float32 [C]`` probabilities of one prepared image ``uint8 [S, S, 3]``.
+    @contextlib.contextmanager
+    def announced(self, images: int = 1) -> Iterator[None]:
+        """While the block runs, ``images`` images are on their way: a batch being gathered waits
+        for them (at most ``max_wait``). Call :meth:`submit` right after the block, with no ``await``
+        in between."""
+        self.incoming += images
+        try:
+            yield
+        finally:
+            self.incoming -= images
+            self._changed.set()
+
+    def submit(self, image: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue one prepared image ``uint8 [S, S, 3]`` now; the future gets its ``float32 [C]``
+        probabilities.
 
         Raises:
             Busy: ``max_queue`` images are already waiting.
@@ -84,11 +104,13 @@ class Batcher:
             self.queue.put_nowait((image, future))
         except asyncio.QueueFull:
             raise Busy(f"{self.queue.maxsize} images are waiting") from None
-        return await future
+        self._changed.set()
+        return future
 
     async def _gather(self, batch: list[_Item]) -> None:
         """Fill ``batch`` (in place, so that a stop finds what was taken): the first waiting image,
-        then those arriving within ``max_wait``, up to ``max_batch``."""
+        everything queued, and images announced as on their way that arrive within ``max_wait``;
+        at most ``max_batch``."""
         loop = asyncio.get_running_loop()
         batch.append(await self.queue.get())
         deadline = loop.time() + self.max_wait
@@ -97,12 +119,11 @@ class Batcher:
                 batch.append(self.queue.get_nowait())
                 continue
             left = deadline - loop.time()
-            if left <= 0:
+            if self.incoming <= 0 or left <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
-                break
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
