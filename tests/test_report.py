@@ -150,6 +150,10 @@ def test_lastlayer_report_refuses_what_is_not_a_run_summary(tmp_path, capsys):
     assert "is not a run summary (no labels" in capsys.readouterr().err
     assert main(["report"]) == 2
     assert "report needs SUMMARY_JSON" in capsys.readouterr().err
+    edited = {k: [] for k in report.REQUIRED_KEYS} | {"labels": ["a"], "confusion_matrix": {"matrix": 3}}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert main(["report", str(tmp_path / "edited.json")]) == 1
+    assert "the run summary is not as lastlayer writes it (" in capsys.readouterr().err
 
 
 def test_thumbnails_are_bounded_and_an_unreadable_image_is_a_note(tmp_path):

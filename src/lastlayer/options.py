@@ -192,7 +192,8 @@ class ServeOptions:
     )
     max_queue: int = option(
         256,
-        "Most images waiting for the network, in one request, and most open connections; beyond, 503.",
+        "Most inference requests in progress, and most images waiting for the network (also in one "
+        "request); beyond, 503.",
         minimum=1,
     )
     max_request_bytes: int = option(

@@ -97,7 +97,11 @@ def write(summary: Mapping[str, Any], url: str, storage_options: Mapping[str, An
 
 
 def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> str:
-    """The report's HTML text."""
+    """The report's HTML text.
+
+    Raises:
+        DataError: ``summary`` is not shaped as a run summary.
+    """
     import jinja2
 
     env = jinja2.Environment(
@@ -107,7 +111,14 @@ def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None 
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template("report.html").render(page=_page(summary, storage_options))
+    try:
+        page = _page(summary, storage_options)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DataError(
+            f"the run summary is not as lastlayer writes it ({exc.__class__.__name__}: {exc}): pass the "
+            ".summary.json file of a run, unedited"
+        ) from None
+    return env.get_template("report.html").render(page=page)
 
 
 # -- the page's content --------------------------------------------------------------------------
