@@ -10,7 +10,9 @@ images/s, p50 and p99 latency and the mean batch size the server formed, next to
 measured in this process on the same images and model:
 
 - network alone: onnxruntime on already prepared inputs, best batch size (what no server can beat);
-- decode + network: 1 / (1/decode + 1/network), decoding measured alone on the same files.
+- decode + network: 1 / (1/decode + 1/network), decoding measured alone on the same files;
+- one image alone: decoding one file, then the network on it alone (the floor of a lone request's
+  latency, with the HTTP floor added).
 
 and the HTTP floor: the round trip of GET /v2/health/live with one client. Without --graph, a model
 is first trained on the images (50 steps). Default images: ../shared/datasets/flower_photos_sample,
@@ -85,16 +87,16 @@ def bounds(graph: Path, files: list[bytes]) -> dict[str, float]:
     """Network alone (best batch) and decode + network, images/s, in this process."""
     model = RetrainedModel.load(str(graph))
     inputs = [model.prepare(f) for f in files]
-    network = 0.0
+    rates = {}
     for batch in (1, 4, 8, 16, 32):
         chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
         model.probabilities(chunks[0])  # warm
-        network = max(
-            network, rate_of(lambda chunks=chunks: [model.probabilities(c) for c in chunks], len(inputs))
-        )
+        rates[batch] = rate_of(lambda chunks=chunks: [model.probabilities(c) for c in chunks], len(inputs))
+    network = max(rates.values())
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         decode = rate_of(lambda: list(pool.map(model.prepare, files)), len(files))
-    return {"network": network, "decode": decode, "limit": 1 / (1 / decode + 1 / network)}
+    one = 1000 / rates[1] + 1000 / rate_of(lambda: [model.prepare(f) for f in files], len(files))
+    return {"network": network, "decode": decode, "limit": 1 / (1 / decode + 1 / network), "one_ms": one}
 
 
 @contextlib.contextmanager
@@ -213,7 +215,8 @@ def main() -> None:
         limits = bounds(graph, files)
         print(
             f"network alone {limits['network']:.1f} img/s; decode alone {limits['decode']:.1f} img/s; "
-            f"decode + network limit {limits['limit']:.1f} img/s"
+            f"decode + network limit {limits['limit']:.1f} img/s; one image alone (decode, then the "
+            f"network at batch 1) {limits['one_ms']:.1f} ms"
         )
         results: dict[int, list[dict[str, float]]] = {c: [] for c in CLIENTS}
         with server(graph, extra) as base:
