@@ -153,6 +153,8 @@ def test_lastlayer_report_refuses_what_is_not_a_run_summary(tmp_path, capsys):
     edited = {k: [] for k in report.REQUIRED_KEYS} | {"labels": ["a"], "confusion_matrix": {"matrix": 3}}
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     assert main(["report", str(tmp_path / "edited.json")]) == 1
+    assert "the run summary names no outputs.output_graph: pass --output=WHERE" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "edited.json"), f"--output={tmp_path / 'r.html'}"]) == 1
     assert "the run summary is not as lastlayer writes it (" in capsys.readouterr().err
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from lastlayer import fetch, storage
+from lastlayer.config import OutputConfig
 from lastlayer.dataset import SPLITS
 from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
@@ -85,6 +86,18 @@ def read_summary(url: str, storage_options: Mapping[str, Any] | None = None) -> 
             "by lastlayer retrain (a worker's shard result has no report)"
         )
     return summary
+
+
+def default_url(summary: Mapping[str, Any]) -> str:
+    """Where a summary's report goes: where the run wrote it, else ``<output_graph stem>.report.html``.
+
+    Raises:
+        DataError: the summary names no output graph.
+    """
+    outputs = summary.get("outputs")
+    if not isinstance(outputs, dict) or not isinstance(outputs.get("output_graph"), str):
+        raise DataError("the run summary names no outputs.output_graph: pass --output=WHERE for the report")
+    return outputs.get("report") or OutputConfig(output_graph=outputs["output_graph"]).report_url
 
 
 def write(summary: Mapping[str, Any], url: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from lastlayer.cli.progress import ProgressBar, TrainingProgress
-from lastlayer.config import OutputConfig
 from lastlayer.errors import UsageError
 from lastlayer.options import (
     LabelOptions,
@@ -139,10 +138,7 @@ def report(ns: argparse.Namespace, hadoop: Any) -> int:
         raise UsageError(f"cannot build the report: {missing}")
     storage_options = hadoop.storage_options() if hadoop else None
     summary = report.read_summary(ns.summary_json, storage_options)
-    outputs = summary["outputs"]
-    url = (
-        opts.output or outputs.get("report") or OutputConfig(output_graph=outputs["output_graph"]).report_url
-    )
+    url = opts.output or report.default_url(summary)
     report.write(summary, url, storage_options)
     print(json.dumps({"report": url}))
     return 0
