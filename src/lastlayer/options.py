@@ -21,6 +21,7 @@ from lastlayer import fields as options
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.errors import UsageError
 from lastlayer.fields import LOG_LEVELS, option
+from lastlayer.preprocess import MAX_PIXELS
 from lastlayer.zoo import DEFAULT_ARCHITECTURE
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,79 @@ class LabelOptions:
         for name in ("input_height", "input_width", "input_mean", "input_std", "input_layer"):
             if getattr(self, name) is not None:
                 log.warning("--%s is ignored: the model carries its own preprocessing and input", name)
+
+
+@dataclass
+class ReportOptions:
+    """What ``lastlayer report SUMMARY_JSON`` takes besides the summary file."""
+
+    output: str = option(
+        "",
+        "Where to write the report (default: where the run put it, <output_graph stem>.report.html).",
+    )
+
+    def validate(self) -> None:
+        """Nothing to check: any path or URL will do."""
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``lastlayer serve`` takes: the models, the address and the bounds on requests."""
+
+    graph: list[str] = option(
+        factory=list,
+        doc="A retrained model to serve (path or URL); repeat for more. Its name in URLs is the file "
+        "name without .onnx, or NAME in NAME=URL (default: /tmp/output_graph.onnx).",
+        multiple=True,
+    )
+    host: str = option(
+        "127.0.0.1", "Address to listen on (0.0.0.0: every interface; there is no authentication)."
+    )
+    port: int = option(8080, "Port to listen on (0: any free port).", minimum=0, maximum=65535)
+    top_k: int = option(5, "Labels :classify returns unless the request asks (?top_k=N).", minimum=1)
+    max_batch: int = option(32, "Most images per network call, gathered across requests.", minimum=1)
+    max_wait_ms: float = option(
+        10.0,
+        "How long a batch waits, after its first image, for images still being decoded, ms (a lone "
+        "request never waits).",
+        minimum=0,
+        maximum=10_000,
+    )
+    max_queue: int = option(
+        256,
+        "Most inference requests in progress, and most images waiting for the network (also in one "
+        "request); beyond, 503.",
+        minimum=1,
+    )
+    max_request_bytes: int = option(
+        10 << 20,
+        "Largest request body accepted, bytes; beyond, 413 (request bodies held at once: at most "
+        "--max_queue of them).",
+        minimum=1,
+        metavar="BYTES",
+    )
+    max_pixels: int = option(
+        40_000_000,
+        "Largest image accepted, width x height in px; beyond, 400.",
+        minimum=1,
+        maximum=MAX_PIXELS,
+        rule=f"must be in [1, {MAX_PIXELS}]",
+    )
+    request_timeout: float = option(
+        60.0, "Seconds a request may take to arrive and to be answered; beyond, 408 or 503.", above=0
+    )
+    num_threads: int = option(0, "onnxruntime threads per model; 0 = one per core.", minimum=0)
+    access_log: bool = option(False, "Log every request (uvicorn's access log).")
+
+    def validate(self) -> None:
+        """Check values. Raises UsageError naming the flag."""
+        config.check(self)
+        if not self.host:
+            raise UsageError("--host must not be empty: pass an address such as 127.0.0.1")
+
+    def graphs(self) -> list[str]:
+        """The models to serve: ``--graph`` values, else retrain's default ``--output_graph``."""
+        return self.graph or [OutputConfig().output_graph]
 
 
 @dataclass

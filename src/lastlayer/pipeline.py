@@ -29,16 +29,19 @@ from lastlayer.export import build_classifier
 from lastlayer.features import Bottlenecks, compute_bottlenecks
 from lastlayer.summaries import SummaryWriter
 from lastlayer.summary import (
+    MAX_MISCLASSIFIED,
     CacheStats,
     ClassScores,
     Confusion,
+    LearningCurve,
     Metrics,
+    Misclassified,
     Outputs,
     RunSummary,
     ShardResult,
     finite,
 )
-from lastlayer.train import Classifier, Evaluation, TrainConfig, train
+from lastlayer.train import Classifier, Evaluation, TrainConfig, softmax_cross_entropy, train
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, load_feature_model
 
 if TYPE_CHECKING:
@@ -90,8 +93,9 @@ def retrain(
     run = Run(
         image_dir, architecture, training or TrainingConfig(), cache or CacheConfig(),
         outputs or OutputConfig(), engine or EngineConfig(),
-        {**(hadoop.storage_options() if hadoop else {}), **(storage_options or {})}, on_evaluation,
+        {**(hadoop.storage_options() if hadoop else {}), **(storage_options or {})},
     )  # fmt: skip
+    run.on_evaluation = run.recorder(on_evaluation)
     check(run.training, run.cache, run.outputs, run.engine)
     # the engine starts first: pyspark forks its JVM, which must not inherit other threads' locks
     with make_engine(run.engine, run.storage_options, hadoop.spark_conf() if hadoop else None) as engine:
@@ -111,8 +115,19 @@ class Run:
     storage_options: dict[str, Any]
     on_evaluation: OnEvaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    history: list[Evaluation] = field(default_factory=list)
     _started: float = field(init=False, default_factory=time.perf_counter)
     _tick: float = field(init=False, default_factory=time.perf_counter)
+
+    def recorder(self, then: OnEvaluation | None) -> OnEvaluation:
+        """A callback that keeps each evaluation point in :attr:`history`, then calls ``then``."""
+
+        def record(ev: Evaluation) -> None:
+            self.history.append(ev)
+            if then is not None:
+                then(ev)
+
+        return record
 
     def lap(self, name: str) -> None:
         """Record the seconds since the last lap as ``name``."""
@@ -156,8 +171,11 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     export(model, classifier, images.labels, run.outputs, seed, run.storage_options)
     run.lap("export_s")
     run.total()
-    summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores)
+    wrong = misclassified(classifier, data, images)
+    summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores, wrong)
     storage.write_atomic(run.outputs.summary_url, summary.to_json().encode(), run.storage_options)
+    if run.outputs.report:
+        write_report(summary, run.storage_options)
     return summary
 
 
@@ -468,6 +486,42 @@ def export(
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)
 
 
+def misclassified(clf: Classifier, data: TrainingData, images: ImageSet) -> list[Misclassified]:
+    """The whole test split's mistakes, worst (lowest probability of the true class) first, at most
+    :data:`~lastlayer.summary.MAX_MISCLASSIFIED`."""
+    truth = data.labels[TESTING]
+    if not len(truth):
+        return []
+    probs, _ = softmax_cross_entropy(clf.logits(data.x(TESTING)), truth)
+    predicted = probs.argmax(axis=1)
+    true_scores = probs[np.arange(len(truth)), truth]
+    wrong = np.flatnonzero(predicted != truth)
+    worst = wrong[np.argsort(true_scores[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    positions, labels = data.index[TESTING], images.labels
+    return [
+        Misclassified(
+            images.files[positions[i]].relpath,
+            labels[truth[i]],
+            labels[predicted[i]],
+            finite(probs[i, predicted[i]]),
+            finite(true_scores[i]),
+        )
+        for i in worst
+    ]
+
+
+def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None) -> None:
+    """Write the run's HTML report to ``summary.outputs.report``, or warn when the report's
+    libraries are not installed."""
+    from lastlayer import report
+
+    if (missing := report.missing_libraries()) is not None:
+        log.warning("No report written: %s", missing)
+        return
+    report.write(summary.to_dict(), summary.outputs.report, storage_options)
+    log.info("Save report to : %s", summary.outputs.report)
+
+
 def summarize(
     run: Run,
     image_dir: str,
@@ -478,6 +532,7 @@ def summarize(
     computed: int,
     last: Evaluation | None,
     scores: Scores,
+    wrong: list[Misclassified],
 ) -> RunSummary:
     """The run summary: what was found, used, skipped and scored, and where it went."""
     precision, recall = per_class_scores(scores.confusion)
@@ -523,6 +578,24 @@ def summarize(
             run.outputs.output_labels,
             run.outputs.summaries_dir,
             run.outputs.summary_url,
+            run.outputs.report_url if run.outputs.report else "",
         ),
         options=run.options(),
+        learning_curve=learning_curve(run.history),
+        misclassified=wrong,
+    )
+
+
+def learning_curve(history: list[Evaluation]) -> LearningCurve:
+    """The evaluation points of training as columns."""
+
+    def column(values: list[float | None]) -> list[float | None]:
+        return [None if v is None else finite(v) for v in values]
+
+    return LearningCurve(
+        [ev.step for ev in history],
+        column([ev.train_accuracy for ev in history]),
+        column([ev.cross_entropy for ev in history]),
+        column([ev.validation_accuracy for ev in history]),
+        column([ev.validation_cross_entropy for ev in history]),
     )

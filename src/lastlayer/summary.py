@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+#: The most misclassified test images a run summary lists.
+MAX_MISCLASSIFIED = 100
 
 
 def finite(x: float) -> float | None:
@@ -78,6 +81,42 @@ class Outputs:
     output_labels: str
     summaries_dir: str
     summary_json: str
+    report: str = ""  # the HTML report, "" when none was asked for
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """The scores at each evaluation point of training (``None`` where the validation set is empty).
+
+    Attributes:
+        step: training step of each point.
+        train_accuracy, train_cross_entropy: on that step's training batch (share, nats).
+        validation_accuracy, validation_cross_entropy: on that step's validation batch.
+    """
+
+    step: list[int] = field(default_factory=list)
+    train_accuracy: list[float | None] = field(default_factory=list)
+    train_cross_entropy: list[float | None] = field(default_factory=list)
+    validation_accuracy: list[float | None] = field(default_factory=list)
+    validation_cross_entropy: list[float | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Misclassified:
+    """A test image the model got wrong.
+
+    Attributes:
+        path: relative to ``image_dir``.
+        true_label, predicted_label: class names.
+        score: probability the model gave ``predicted_label``.
+        true_score: probability it gave ``true_label`` (the lower, the worse the mistake).
+    """
+
+    path: str
+    true_label: str
+    predicted_label: str
+    score: float | None
+    true_score: float | None
 
 
 @dataclass(frozen=True)
@@ -91,6 +130,9 @@ class RunSummary:
         timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``,
             ``export_s``, ``total_s``).
         options: every setting of the run, by flag name.
+        learning_curve: the scores at each evaluation point of training.
+        misclassified: the worst test mistakes (lowest ``true_score`` first), at most
+            :data:`MAX_MISCLASSIFIED`; the confusion matrix counts them all.
     """
 
     lastlayer_version: str
@@ -110,6 +152,8 @@ class RunSummary:
     timings: dict[str, float]
     outputs: Outputs
     options: dict[str, Any]
+    learning_curve: LearningCurve = field(default_factory=LearningCurve)
+    misclassified: list[Misclassified] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data, keys in the summary file's order."""

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lastlayer import __version__
-from lastlayer.cli import cluster, commands, job
+from lastlayer.cli import cluster, commands, job, progress
 from lastlayer.errors import LastlayerError, UsageError
 from lastlayer.hadoop import ClusterConfig
 from lastlayer.options import (
     AuthToLocalOptions,
     LabelOptions,
+    ReportOptions,
     RetrainOptions,
+    ServeOptions,
     UploadOptions,
     add_flags,
     new_parser,
@@ -40,7 +42,7 @@ def _configure_logging(level: str) -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_lastlayer", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = progress.log_handler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler._lastlayer = True  # type: ignore[attr-defined]
     root.addHandler(handler)
@@ -84,6 +86,20 @@ COMMANDS: dict[str, Command] = {
             ("src", "?", "Folder to copy."),
             ("dst", "?", "Destination URL, e.g. hdfs:///tensorflow_input_data."),
         ),
+        cluster=True,
+    ),
+    "report": Command(
+        (ReportOptions, ClusterConfig),
+        "Rebuild the HTML report of a run from its summary file (<output_graph stem>.summary.json).",
+        commands.report,
+        (("summary_json", "?", "The run summary file (path or URL)."),),
+        cluster=True,
+    ),
+    "serve": Command(
+        (ServeOptions, ClusterConfig),
+        "Serve retrained models over HTTP: KServe v2 (/v2/models/NAME/infer), "
+        "POST /v1/models/NAME:classify with image bytes, and a page at / to drop images on.",
+        commands.serve,
         cluster=True,
     ),
     "job": Command(

@@ -1,16 +1,28 @@
-"""``retrain``, ``label`` and ``upload`` on the command line."""
+"""``retrain``, ``label``, ``upload``, ``report`` and ``serve`` on the command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shlex
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lastlayer.cli.cluster import storage_options
-from lastlayer.cli.progress import ProgressBar
+from lastlayer.cli.progress import ProgressBar, TrainingProgress
 from lastlayer.errors import UsageError
-from lastlayer.options import LabelOptions, RetrainOptions, UploadOptions, from_namespace
+from lastlayer.options import (
+    LabelOptions,
+    ReportOptions,
+    RetrainOptions,
+    ServeOptions,
+    UploadOptions,
+    from_namespace,
+)
+
+log = logging.getLogger("lastlayer")
 
 if TYPE_CHECKING:
     from lastlayer.hadoop import HadoopLogin
@@ -23,7 +35,15 @@ def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
 
     opts = from_namespace(ns, RetrainOptions)
     opts.validate()
-    result = pipeline.retrain(**opts.api_kwargs(), hadoop=hadoop, progress=ProgressBar(sys.stderr))
+    terminal = sys.stderr.isatty()
+    result = pipeline.retrain(
+        **opts.api_kwargs(),
+        hadoop=hadoop,
+        progress=ProgressBar(sys.stderr),
+        on_evaluation=TrainingProgress(sys.stderr, opts.training.how_many_training_steps)
+        if terminal
+        else None,
+    )
     if isinstance(result, ShardResult):  # a worker that only computed its shard of the bottlenecks
         print(result.to_json())
         return 0
@@ -38,10 +58,21 @@ def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
                 "test_accuracy": metrics.test_accuracy,
                 "test_n": metrics.test_n,
                 "validation_and_test_accuracy": metrics.validation_and_test_accuracy,
+                "report": result.outputs.report,
             }
         )
     )
+    if terminal:
+        _next_steps(result.outputs.report, result.outputs.output_graph)
     return 0
+
+
+def _next_steps(report: str, graph: str) -> None:
+    """On a terminal: where the report is, and the one line that serves the model."""
+    if report:
+        shown = Path(report).absolute().as_uri() if "://" not in report else report
+        print(f"Open the report: {shown}", file=sys.stderr)
+    print(f"Serve the model: lastlayer serve --graph={shlex.quote(graph)}", file=sys.stderr)
 
 
 def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
@@ -104,4 +135,44 @@ def upload(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
             }
         )
     )
+    return 0
+
+
+def report(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
+    """``lastlayer report SUMMARY_JSON``: rebuild a run's HTML report from its summary file."""
+    from lastlayer import report
+
+    opts = from_namespace(ns, ReportOptions)
+    opts.validate()
+    if (missing := report.missing_libraries()) is not None:
+        raise UsageError(f"cannot build the report: {missing}")
+    options = storage_options(hadoop)
+    summary = report.read_summary(ns.summary_json, options)
+    url = opts.output or report.default_url(summary)
+    report.write(summary, url, options)
+    print(json.dumps({"report": url}))
+    return 0
+
+
+def serve(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
+    """``lastlayer serve``: load the models, listen, and serve until interrupted."""
+    from lastlayer import serve
+
+    opts = from_namespace(ns, ServeOptions)
+    opts.validate()
+    serve.require()
+    models = serve.load_models(opts.graphs(), opts.num_threads, storage_options(hadoop))
+    sock = serve.listen(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    for name, model in models.items():
+        log.info("Model %s: %s (%d classes)", name, model.source, len(model.labels))
+        log.info("  %s/v1/models/%s:classify  (POST image bytes)", base, name)
+        log.info("  %s/v2/models/%s/infer  (KServe v2)", base, name)
+    if opts.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "Listening on %s: anyone who reaches it can use the models (no authentication)", opts.host
+        )
+    log.info("Serving at %s/ (drop an image there); Ctrl-C stops", base)
+    serve.server(models, opts).run(sockets=[sock])
     return 0

@@ -1,0 +1,247 @@
+"""Load test of `lastlayer serve` on 127.0.0.1: throughput and latency at 1, 4 and 16 clients.
+
+    python benchmarks/bench_serve.py [--graph MODEL] [--images DIR] [--requests N] [--seconds S]
+                                     [--rounds R] [--max_wait_ms MS] [--max_batch B]
+
+Starts `lastlayer serve` in a child process on 127.0.0.1 (a free port), then for each number of
+concurrent clients (threads, one HTTP connection each) posts JPEG files to /v1/models/NAME:classify,
+at most ``--requests`` requests or ``--seconds`` seconds per level, whichever ends first. Prints
+images/s, p50 and p99 latency and the mean batch size the server formed, next to two bounds
+measured in this process on the same images and model:
+
+- network alone: onnxruntime on already prepared inputs, best batch size (what no server can beat);
+- decode + network: 1 / (1/decode + 1/network), decoding measured alone on the same files;
+- one image alone: decoding one file, then the network on it alone (the floor of a lone request's
+  latency, with the HTTP floor added).
+
+and the HTTP floor: the round trip of GET /v2/health/live with one client. Without --graph, a model
+is first trained on the images (50 steps). Default images: ../shared/datasets/flower_photos_sample,
+else the bundled demo set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+import lastlayer
+from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
+from lastlayer.demo import demo_image_dir
+from lastlayer.inference import RetrainedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
+CLIENTS = (1, 4, 16)
+MAX_FILES = 64
+START_S = 120
+
+
+def image_files(folder: Path) -> list[bytes]:
+    """At most MAX_FILES image files of ``folder`` (any depth), in a fixed order."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    step = max(1, len(paths) // MAX_FILES)
+    return [p.read_bytes() for p in paths[::step][:MAX_FILES]]
+
+
+def train(images: Path, work: Path) -> Path:
+    graph = work / "bench.onnx"
+    lastlayer.retrain(
+        str(images),
+        training=TrainingConfig(how_many_training_steps=50, random_seed=1),
+        cache=CacheConfig(bottleneck_dir=str(work / "bottlenecks")),
+        outputs=OutputConfig(
+            output_graph=str(graph),
+            output_labels=str(work / "labels.txt"),
+            summaries_dir=str(work / "summaries"),
+            report=False,
+        ),
+    )
+    return graph
+
+
+def rate_of(work, n: int, rounds: int = 3) -> float:
+    """Items/s of ``work()`` (which handles ``n`` items), best of ``rounds``."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def bounds(graph: Path, files: list[bytes]) -> dict[str, float]:
+    """Network alone (best batch) and decode + network, images/s, in this process."""
+    model = RetrainedModel.load(str(graph))
+    inputs = [model.prepare(f) for f in files]
+    rates = {}
+    for batch in (1, 4, 8, 16, 32):
+        chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+        model.probabilities(chunks[0])  # warm
+        rates[batch] = rate_of(lambda chunks=chunks: [model.probabilities(c) for c in chunks], len(inputs))
+    network = max(rates.values())
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        decode = rate_of(lambda: list(pool.map(model.prepare, files)), len(files))
+    one = 1000 / rates[1] + 1000 / rate_of(lambda: [model.prepare(f) for f in files], len(files))
+    return {"network": network, "decode": decode, "limit": 1 / (1 / decode + 1 / network), "one_ms": one}
+
+
+@contextlib.contextmanager
+def server(graph: Path, extra: list[str]) -> Iterator[str]:
+    """`lastlayer serve` in a child process on 127.0.0.1; yields its base URL."""
+    argv = [sys.executable, "-m", "lastlayer", "serve", f"--graph=bench={graph}", "--port=0", *extra]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:  # type: ignore[union-attr]
+            if match := re.search(r"Serving at (http://127\.0\.0\.1:\d+)/", line):
+                found.append(match.group(1))
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(START_S):
+            raise SystemExit(f"the server did not start within {START_S} s")
+        base = found[0]
+        deadline = time.monotonic() + START_S
+        with httpx.Client(timeout=10) as client:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{base}/v2/health/ready").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not become ready")
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def load(base: str, files: list[bytes], clients: int, requests: int, seconds: float) -> dict[str, float]:
+    """``clients`` threads posting ``files`` in turn until ``requests`` are done or ``seconds`` pass."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    deadline = time.monotonic() + seconds
+    errors = 0
+
+    def client(k: int) -> None:
+        nonlocal errors
+        with httpx.Client(timeout=60) as http:
+            for i in counter:
+                if time.monotonic() > deadline:
+                    return
+                start = time.perf_counter()
+                reply = http.post(f"{base}/v1/models/bench:classify", content=files[(i + k) % len(files)])
+                took = time.perf_counter() - start
+                with lock:
+                    if reply.status_code == 200:
+                        latencies.append(took)
+                    else:
+                        errors += 1
+
+    with httpx.Client(timeout=10) as http:
+        before = http.get(f"{base}/v2/models/bench/stats").json()["model_stats"][0]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    with httpx.Client(timeout=10) as http:
+        after = http.get(f"{base}/v2/models/bench/stats").json()["model_stats"][0]
+    images = after["inference_count"] - before["inference_count"]
+    batches = max(after["execution_count"] - before["execution_count"], 1)
+    latencies.sort()
+    return {
+        "n": len(latencies),
+        "errors": errors,
+        "rate": len(latencies) / wall,
+        "p50": 1000 * latencies[len(latencies) // 2],
+        "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "batch": images / batches,
+    }
+
+
+def http_floor(base: str, n: int = 200) -> float:
+    """Median ms of GET /v2/health/live, one client."""
+    times = []
+    with httpx.Client(timeout=10) as http:
+        for _ in range(n):
+            start = time.perf_counter()
+            http.get(f"{base}/v2/health/live")
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--graph", type=Path, help="a retrained model (default: train one on the images)")
+    parser.add_argument("--images", type=Path, help="a folder of images (any depth)")
+    parser.add_argument("--requests", type=int, default=300, help="most requests per level and round")
+    parser.add_argument("--seconds", type=float, default=30.0, help="most seconds per level and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the client levels")
+    parser.add_argument("--max_wait_ms", type=float, help="passed to lastlayer serve")
+    parser.add_argument("--max_batch", type=int, help="passed to lastlayer serve")
+    args = parser.parse_args()
+    folder = args.images or (DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else Path(demo_image_dir()))
+    files = image_files(folder)
+    extra = [f"--{k}={v}" for k in ("max_wait_ms", "max_batch") if (v := getattr(args, k)) is not None]
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"images: {len(files)} files from {folder}; server flags: {' '.join(extra) or 'defaults'}")
+    with tempfile.TemporaryDirectory() as work:
+        graph = args.graph or train(folder, Path(work))
+        limits = bounds(graph, files)
+        print(
+            f"network alone {limits['network']:.1f} img/s; decode alone {limits['decode']:.1f} img/s; "
+            f"decode + network limit {limits['limit']:.1f} img/s; one image alone (decode, then the "
+            f"network at batch 1) {limits['one_ms']:.1f} ms"
+        )
+        results: dict[int, list[dict[str, float]]] = {c: [] for c in CLIENTS}
+        with server(graph, extra) as base:
+            print(f"HTTP floor (GET /v2/health/live, 1 client): {http_floor(base):.2f} ms")
+            load(base, files, 4, 40, 30)  # warm the server's threads and sessions
+            for r in range(args.rounds):
+                for clients in CLIENTS:
+                    m = load(base, files, clients, args.requests, args.seconds)
+                    results[clients].append(m)
+                    print(
+                        f"round {r + 1}, {clients:2d} clients: {m['rate']:6.1f} img/s, "
+                        f"p50 {m['p50']:6.1f} ms, p99 {m['p99']:6.1f} ms, mean batch {m['batch']:4.1f}, "
+                        f"n={m['n']}, errors={m['errors']}"
+                    )
+        print("\nmedian over rounds (throughput / network alone, / decode + network limit):")
+        for clients in CLIENTS:
+            rates = [m["rate"] for m in results[clients]]
+            rate = statistics.median(rates)
+            print(
+                f"{clients:2d} clients: {rate:6.1f} img/s (rounds {min(rates):.1f}-{max(rates):.1f}), "
+                f"p50 {statistics.median(m['p50'] for m in results[clients]):6.1f} ms, "
+                f"p99 {statistics.median(m['p99'] for m in results[clients]):6.1f} ms; "
+                f"{rate / limits['network']:.2f} of network alone, {rate / limits['limit']:.2f} of the limit"
+            )
+
+
+if __name__ == "__main__":
+    main()

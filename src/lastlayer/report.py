@@ -1,0 +1,364 @@
+"""The run report: one self-contained HTML file a person opens after a run.
+
+:func:`write` turns a run summary (:meth:`RunSummary.to_dict`, or a summary file read by
+:func:`read_summary`) into ``<output_graph stem>.report.html``: data set counts, skipped files,
+learning curves, the test confusion matrix as a heat map, per-class scores, the misclassified test
+images as thumbnails, settings, timings and cache statistics. Charts are matplotlib SVGs and
+thumbnails JPEGs, both inlined as ``data:`` URIs, and the page's Content-Security-Policy forbids
+every other source, so it shows the same offline, from a mail attachment or from HDFS. Labels and
+paths are user data: the template escapes everything (Jinja2 autoescape).
+
+Needs the ``report`` extra (matplotlib, Jinja2); :func:`missing_libraries` says when it is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from lastlayer import fetch, storage
+from lastlayer.config import OutputConfig
+from lastlayer.dataset import SPLITS
+from lastlayer.errors import DataError, LastlayerError
+from lastlayer.preprocess import Preprocessing, open_image
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+#: What the report needs beyond lastlayer's own dependencies (the ``report`` extra).
+LIBRARIES = ("matplotlib", "jinja2")
+#: The most misclassified test images shown, and the longest side of a thumbnail, px.
+MAX_THUMBNAILS = 48
+THUMBNAIL_PX = 160
+#: Bounds on one image read for a thumbnail, and on a summary file read by ``lastlayer report``.
+IMAGE_LIMITS = fetch.Limits(32 << 20, 60.0, "lastlayer.report.IMAGE_LIMITS", "lastlayer.report.IMAGE_LIMITS")
+SUMMARY_LIMITS = fetch.Limits(
+    64 << 20, 120.0, "lastlayer.report.SUMMARY_LIMITS", "lastlayer.report.SUMMARY_LIMITS"
+)
+#: The most skipped files listed (the summary file lists them all).
+MAX_SKIPPED_ROWS = 500
+#: Charts with more classes than this are left out (the tables still list every class).
+MAX_CHART_CLASSES = 60
+#: Confusion-matrix cells are annotated with their counts up to this many classes.
+MAX_ANNOTATED_CLASSES = 25
+#: Keys a run summary must have to be reported on.
+REQUIRED_KEYS = ("labels", "image_counts", "images", "metrics", "confusion_matrix", "per_class", "outputs")
+_READERS = 8
+_THUMBNAIL_PREP = Preprocessing(THUMBNAIL_PX, 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def missing_libraries() -> str | None:
+    """Why no report can be built here (a library of the ``report`` extra is missing), or ``None``."""
+    missing = [name for name in LIBRARIES if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} not installed: pip install 'lastlayer[report]'"
+
+
+def read_summary(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A run summary file (``<output_graph stem>.summary.json``) as JSON data.
+
+    Raises:
+        DataError: the file is too big, not JSON, or not a full run's summary.
+        StorageError: it cannot be read.
+    """
+    data = fetch.fetch(url, SUMMARY_LIMITS, storage_options=storage_options, what="the run summary")
+    try:
+        summary = json.loads(data)
+    except ValueError as exc:
+        raise DataError(f"{url} is not JSON ({exc}): pass the .summary.json file of a run") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise DataError(
+            f"{url} is not a run summary (no {', '.join(missing)}): pass the .summary.json file written "
+            "by lastlayer retrain (a worker's shard result has no report)"
+        )
+    return summary
+
+
+def default_url(summary: Mapping[str, Any]) -> str:
+    """Where a summary's report goes: where the run wrote it, else ``<output_graph stem>.report.html``.
+
+    Raises:
+        DataError: the summary names no output graph.
+    """
+    outputs = summary.get("outputs")
+    if not isinstance(outputs, dict) or not isinstance(outputs.get("output_graph"), str):
+        raise DataError("the run summary names no outputs.output_graph: pass --output=WHERE for the report")
+    return outputs.get("report") or OutputConfig(output_graph=outputs["output_graph"]).report_url
+
+
+def write(summary: Mapping[str, Any], url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Build the report of ``summary`` and write it to ``url`` atomically.
+
+    Images of the misclassified thumbnails are read from ``summary["image_dir"]`` with
+    ``storage_options``; one that cannot be read is shown as a note, never as a broken image.
+    """
+    storage.write_atomic(url, build(summary, storage_options).encode(), storage_options)
+
+
+def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> str:
+    """The report's HTML text.
+
+    Raises:
+        DataError: ``summary`` is not shaped as a run summary.
+    """
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lastlayer", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    try:
+        page = _page(summary, storage_options)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DataError(
+            f"the run summary is not as lastlayer writes it ({exc.__class__.__name__}: {exc}): pass the "
+            ".summary.json file of a run, unedited"
+        ) from None
+    return env.get_template("report.html").render(page=page)
+
+
+# -- the page's content --------------------------------------------------------------------------
+def _page(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    labels: list[str] = list(summary["labels"])
+    metrics = summary["metrics"]
+    matrix = summary["confusion_matrix"]["matrix"]
+    curve = summary.get("learning_curve") or {}
+    wrong = list(summary.get("misclassified") or [])
+    return {
+        "title": f"lastlayer run: {summary.get('architecture', '?')} on {summary.get('image_dir', '?')}",
+        "headline": _headline(summary),
+        "dataset": {
+            "rows": _count_rows(labels, summary["image_counts"]),
+            "chart": _chart(_dataset, labels, summary["image_counts"]),
+        },
+        "skipped": {
+            "rows": summary.get("skipped", [])[:MAX_SKIPPED_ROWS],
+            "total": len(summary.get("skipped", [])),
+        },
+        "curve": _chart(_curves, curve) if curve.get("step") else None,
+        "confusion": _chart(_confusion, labels, matrix) if sum(map(sum, matrix)) else None,
+        "per_class": _class_rows(summary["per_class"]),
+        "misclassified": {
+            "shown": _thumbnails(summary.get("image_dir", ""), wrong[:MAX_THUMBNAILS], storage_options),
+            "total": sum(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j),
+            "test_n": sum(map(sum, matrix)),
+        },
+        "settings": sorted((str(k), _shown(v)) for k, v in (summary.get("options") or {}).items()),
+        "timings": [(k, f"{v:.3f}") for k, v in (summary.get("timings") or {}).items()],
+        "cache": [(k, str(v)) for k, v in (summary.get("cache") or {}).items()],
+        "outputs": [(k, str(v)) for k, v in summary["outputs"].items() if v],
+        "run": [
+            (k, _shown(summary.get(k)))
+            for k in ("lastlayer_version", "architecture", "architecture_requested", "model_key", "seed")
+        ],
+        "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
+    }
+
+
+def _headline(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    metrics, images = summary["metrics"], summary["images"]
+    total = (summary.get("timings") or {}).get("total_s")
+    return [
+        ("Test accuracy", f"{_share(metrics.get('test_accuracy'))} (N={metrics.get('test_n', 0)})"),
+        (
+            "Validation + test",
+            f"{_share(metrics.get('validation_and_test_accuracy'))} "
+            f"(N={metrics.get('validation_and_test_n', 0)})",
+        ),
+        ("Classes", str(len(summary["labels"]))),
+        ("Images used", f"{images.get('used', 0)} of {images.get('found', 0)}"),
+        ("Skipped", str(images.get("skipped", 0))),
+        ("Run time", "—" if total is None else f"{total:.1f} s"),
+    ]
+
+
+def _share(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None or value == "" else str(value)
+
+
+def _count_rows(labels: Sequence[str], counts: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
+    rows = [[label, *(counts[label].get(s, 0) for s in SPLITS)] for label in labels]
+    totals = ["total", *(sum(r[i] for r in rows) for i in range(1, len(SPLITS) + 1))]
+    return [[str(c) for c in [*r, sum(r[1:])]] for r in [*rows, totals]]
+
+
+def _class_rows(per_class: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for label, s in per_class.items():
+        p, r = s.get("precision"), s.get("recall")
+        f1 = None if p is None or r is None else (0.0 if p + r == 0 else 2 * p * r / (p + r))
+        rows.append((label, _share(p), _share(r), _share(f1), str(s.get("support", 0))))
+    return rows
+
+
+# -- thumbnails ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Thumbnail:
+    """One misclassified test image as the report shows it.
+
+    Attributes:
+        uri: a ``data:image/jpeg`` URI, or "" when the image could not be read (``error`` says why).
+    """
+
+    path: str
+    true_label: str
+    predicted_label: str
+    score: str
+    true_score: str
+    uri: str
+    error: str
+
+
+def _thumbnails(
+    image_dir: str, wrong: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None
+) -> list[Thumbnail]:
+    def one(item: Mapping[str, Any]) -> Thumbnail:
+        uri, error = "", ""
+        try:
+            uri = _thumbnail_uri(storage.join(image_dir, item["path"]), storage_options)
+        except LastlayerError as exc:
+            error = str(exc)
+            log.warning("No thumbnail for %s in the report: %s", item["path"], exc)
+        return Thumbnail(
+            item["path"],
+            item["true_label"],
+            item["predicted_label"],
+            _share(item.get("score")),
+            _share(item.get("true_score")),
+            uri,
+            error,
+        )
+
+    with ThreadPoolExecutor(_READERS) as pool:  # HDFS reads are latency-bound
+        return list(pool.map(one, wrong))
+
+
+def _thumbnail_uri(url: str, storage_options: Mapping[str, Any] | None) -> str:
+    """The image at ``url`` shrunk to :data:`THUMBNAIL_PX` as a JPEG ``data:`` URI.
+
+    Raises:
+        DataError, StorageError: it cannot be read or decoded.
+    """
+    data = fetch.fetch(url, IMAGE_LIMITS, storage_options=storage_options, what="the image")
+    img = open_image(data, _THUMBNAIL_PREP)
+    scale = THUMBNAIL_PX / max(img.size)
+    if scale >= 2:  # small images (Fashion-MNIST's 28 px) enlarged with crisp pixels
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.NEAREST)
+    else:
+        img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# -- charts --------------------------------------------------------------------------------------
+def _chart(draw: Callable[..., bool], *args: Any) -> str | None:
+    """``draw(figure, *args)`` on a new matplotlib Figure (no pyplot state), as an SVG ``data:`` URI;
+    ``None`` when ``draw`` returns False (too many classes to draw)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained")
+    if draw(fig, *args) is False:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _short(label: str, width: int = 24) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _dataset(fig: Figure, labels: Sequence[str], counts: Mapping[str, Mapping[str, int]]) -> bool:
+    """Horizontal bars per class, one segment per split."""
+    if len(labels) > MAX_CHART_CLASSES:
+        return False
+    fig.set_size_inches(7.5, 1.2 + 0.32 * len(labels))
+    ax = fig.subplots()
+    left = [0] * len(labels)
+    for split, colour in zip(SPLITS, ("#4c72b0", "#dd8452", "#55a868"), strict=True):
+        widths = [counts[label].get(split, 0) for label in labels]
+        ax.barh(range(len(labels)), widths, left=left, color=colour, label=split)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_yticks(range(len(labels)), [_short(lb) for lb in labels], parse_math=False)
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    fig.legend(loc="outside upper center", ncols=len(SPLITS), fontsize="small", frameon=False)
+    return True
+
+
+def _curves(fig: Figure, curve: Mapping[str, Sequence[float | None]]) -> bool:
+    """Accuracy and cross entropy of the training and validation batches over the steps."""
+    from matplotlib.ticker import PercentFormatter
+
+    fig.set_size_inches(10, 3.6)
+    accuracy, entropy = fig.subplots(1, 2)
+    steps = curve["step"]
+    for ax, key, title in (
+        (accuracy, "accuracy", "Accuracy"),
+        (entropy, "cross_entropy", "Cross entropy (nats)"),
+    ):
+        _line(ax, steps, curve[f"train_{key}"], "train", "#4c72b0")
+        _line(ax, steps, curve[f"validation_{key}"], "validation", "#dd8452")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    accuracy.yaxis.set_major_formatter(PercentFormatter(1.0))
+    return True
+
+
+def _line(ax: Axes, steps: Sequence[int], values: Sequence[float | None], name: str, colour: str) -> None:
+    points = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, color=colour, label=name, linewidth=1.4)
+
+
+def _confusion(fig: Figure, labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> bool:
+    """The confusion matrix coloured by each true class's share, annotated with counts."""
+    import numpy as np
+
+    n = len(labels)
+    if n > MAX_CHART_CLASSES:
+        return False
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.0, 1.6 + 0.5 * n), 14.0)
+    fig.set_size_inches(side + 1.2, side)
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
+    names = [_short(lb) for lb in labels]
+    ax.set_xticks(range(n), names, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(n), names, parse_math=False)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    if n <= MAX_ANNOTATED_CLASSES:
+        for (i, j), value in np.ndenumerate(counts):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(value)}", ha="center", va="center", color=colour, fontsize="small")
+    return True

@@ -1,0 +1,381 @@
+"""The HTTP routes of ``lastlayer serve`` (a Starlette app).
+
+==========================================  ===============================================
+``GET /``                                   the page: drop an image, see its labels
+``GET /v2/health/live``, ``/v2/health/ready``  Open Inference Protocol health
+``GET /v2``                                 server metadata
+``GET /v2/models/NAME``                     model metadata (input, output, labels)
+``GET /v2/models/NAME/ready``               model readiness
+``GET /v2/models/NAME/stats``               images classified and network calls made
+``POST /v2/models/NAME/infer``              KServe v2 inference: ``image`` as ``UINT8 [N, S, S, 3]``
+                                            or ``BYTES [N]`` (base64 image files) in,
+                                            ``FP32 [N, C]`` probabilities out
+``GET /v1/models``                          the models' names
+``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}]}`` out
+==========================================  ===============================================
+
+Every error is JSON ``{"error": "..."}``: 400 for a bad image or request (never a 500), 404 for an
+unknown model, 408 for a body that does not arrive within ``--request_timeout``, 413 over
+``--max_request_bytes``, 503 when ``--max_queue`` images wait or the answer takes longer than
+``--request_timeout``. Bounds are named in the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from lastlayer import __version__, contract
+from lastlayer.errors import DataError
+from lastlayer.inference import RetrainedModel
+from lastlayer.options import ServeOptions
+from lastlayer.serve.batcher import Batcher, Busy
+
+#: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
+    "connect-src 'self'"
+)
+
+
+class Problem(Exception):
+    """A request the server refuses: HTTP ``status`` with ``message`` (JSON ``{"error": ...}``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Served:
+    """One served model: its name, the loaded model and its batcher."""
+
+    name: str
+    model: RetrainedModel
+    batcher: Batcher
+
+
+class Service:
+    """The request handlers over the served models."""
+
+    def __init__(self, models: Mapping[str, RetrainedModel], options: ServeOptions) -> None:
+        self.options = options
+        self.models: dict[str, Served] = {}
+        self.in_progress = 0  # inference requests being read or answered (one event loop: no lock)
+        self._loaded = dict(models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Start a batcher per model while the server runs."""
+        wait = self.options.max_wait_ms / 1000
+        for name, model in self._loaded.items():
+            batcher = Batcher(model, self.options.max_batch, wait, self.options.max_queue)
+            batcher.start()
+            self.models[name] = Served(name, model, batcher)
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(s.batcher.stop() for s in self.models.values()))
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of ``--max_queue`` places for an inference request (so at most that many
+        bodies are held at once); 503 when none is free."""
+        if self.in_progress >= self.options.max_queue:
+            raise Problem(
+                503,
+                f"the server is busy ({self.in_progress} requests in progress, "
+                f"--max_queue={self.options.max_queue}); retry",
+            )
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
+
+    def served(self, request: Request) -> Served:
+        name = request.path_params["name"]
+        if name not in self.models:
+            known = ", ".join(self.models) or "none"
+            raise Problem(404, f"no model named {name!r}; this server has: {known}")
+        return self.models[name]
+
+    # -- health and metadata ------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = bool(self.models) and all(s.batcher.running for s in self.models.values())
+        return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "lastlayer", "version": __version__, "extensions": []})
+
+    async def model_list(self, request: Request) -> Response:
+        return JSONResponse({"models": list(self.models)})
+
+    async def model_metadata(self, request: Request) -> Response:
+        served = self.served(request)
+        info, size = served.model.info, served.model.info.preprocessing.size
+        return JSONResponse(
+            {
+                "name": served.name,
+                "versions": [],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": contract.IMAGE, "datatype": "UINT8", "shape": [-1, size, size, 3]}],
+                "outputs": [
+                    {"name": served.model.output, "datatype": "FP32", "shape": [-1, len(served.model.labels)]}
+                ],
+                "parameters": {"labels": list(served.model.labels), "architecture": info.architecture},
+            }
+        )
+
+    async def model_ready(self, request: Request) -> Response:
+        served = self.served(request)
+        return JSONResponse({"name": served.name, "ready": served.batcher.running})
+
+    async def model_stats(self, request: Request) -> Response:
+        served = self.served(request)
+        stats = served.batcher.stats
+        return JSONResponse(
+            {
+                "model_stats": [
+                    {"name": served.name, "inference_count": stats.images, "execution_count": stats.batches}
+                ]
+            }
+        )
+
+    # -- inference ------------------------------------------------------------------------------
+    async def classify(self, request: Request) -> Response:
+        served = self.served(request)
+        top_k = _top_k(request.query_params.get("top_k"), self.options.top_k)
+        with self.admitted():
+            data = await self.body(request)
+            if not data:
+                raise Problem(400, "the request body is empty: POST the bytes of an image file")
+            with served.batcher.announced():
+                image = await self.prepare(served, data)
+            probs = await self.probabilities(served, [image])
+        labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
+        return JSONResponse({"model_name": served.name, "labels": labels})
+
+    async def infer(self, request: Request) -> Response:
+        served = self.served(request)
+        with self.admitted():
+            try:
+                payload = json.loads(await self.body(request))
+            except ValueError as exc:
+                raise Problem(
+                    400, f"the request is not JSON ({exc}): send a KServe v2 inference request"
+                ) from None
+            images = await self.inputs(served, payload)
+            probs = await self.probabilities(served, images)
+        reply: dict[str, Any] = {
+            "model_name": served.name,
+            "outputs": [
+                {
+                    "name": served.model.output,
+                    "datatype": "FP32",
+                    "shape": list(probs.shape),
+                    "data": probs.ravel().tolist(),
+                }
+            ],
+        }
+        if isinstance(payload.get("id"), str):
+            reply["id"] = payload["id"]
+        return JSONResponse(reply)
+
+    async def inputs(self, served: Served, payload: Any) -> list[np.ndarray]:
+        """The prepared images of a v2 request (its one input, ``image``)."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+            raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
+        _check_outputs(payload.get("outputs"), served.model.output)
+        if len(payload["inputs"]) != 1 or not isinstance(payload["inputs"][0], dict):
+            raise Problem(400, f'send exactly one input, "{contract.IMAGE}"')
+        tensor = payload["inputs"][0]
+        if tensor.get("name") != contract.IMAGE:
+            raise Problem(
+                400, f'the input is named {tensor.get("name")!r}; this model takes "{contract.IMAGE}"'
+            )
+        shape, datatype = tensor.get("shape"), tensor.get("datatype")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise Problem(400, f"shape {shape!r} is not a list of sizes")
+        if shape[0] > self.options.max_queue:
+            raise Problem(
+                400, f"{shape[0]} images in one request, more than --max_queue={self.options.max_queue}"
+            )
+        if datatype == "BYTES":
+            files = _encoded_images(tensor, shape)
+            with served.batcher.announced(len(files)):
+                return [await self.prepare(served, raw) for raw in files]
+        if datatype == "UINT8":
+            return list(_pixels(tensor, shape, served.model.info.preprocessing.size))
+        raise Problem(400, f"datatype {datatype!r}: send UINT8 pixels or BYTES (base64 image files)")
+
+    async def prepare(self, served: Served, data: bytes) -> np.ndarray:
+        """The network input of an image file, decoded off the event loop; 400 when it is no image."""
+        try:
+            return await run_in_threadpool(_prepare, served.model, data, self.options.max_pixels)
+        except DataError as exc:
+            raise Problem(400, f"not an image this server can read: {exc}") from None
+
+    async def probabilities(self, served: Served, images: list[np.ndarray]) -> np.ndarray:
+        """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
+        futures: list[asyncio.Future[np.ndarray]] = []
+        try:
+            for image in images:
+                futures.append(served.batcher.submit(image))
+        except Busy as exc:
+            for future in futures:  # the batcher skips them
+                future.cancel()
+            raise Problem(
+                503, f"the server is busy ({exc}, --max_queue={self.options.max_queue}); retry"
+            ) from None
+        timeout = self.options.request_timeout
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except TimeoutError:
+            raise Problem(503, f"no answer within --request_timeout={timeout:g} s; retry later") from None
+        return np.stack(rows)
+
+    async def body(self, request: Request) -> bytes:
+        """The request body: at most ``--max_request_bytes``, arriving within ``--request_timeout``."""
+        limit, timeout = self.options.max_request_bytes, self.options.request_timeout
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise Problem(413, _too_big(int(declared), limit))
+        try:
+            return await asyncio.wait_for(_read(request, limit), timeout)
+        except TimeoutError:
+            raise Problem(
+                408, f"the request body did not arrive within --request_timeout={timeout:g} s"
+            ) from None
+
+    async def page(self, request: Request) -> Response:
+        text = files("lastlayer.serve").joinpath("page.html").read_text(encoding="utf-8")
+        return HTMLResponse(text, headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"the request body has at least {size:,} bytes, more than --max_request_bytes={limit:,} allows"
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise Problem(413, _too_big(total, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(model: RetrainedModel, data: bytes, max_pixels: int) -> np.ndarray:
+    """``model.prepare(data)`` after checking the image's declared size against ``max_pixels``.
+
+    Raises:
+        DataError: too many pixels, or not an image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            width, height = img.size
+    except Exception:  # not an image, or a bomb PIL refuses itself: prepare says why
+        width = height = 0
+    if width * height > max_pixels:
+        raise DataError(f"{width}x{height} = {width * height:,} px, more than --max_pixels={max_pixels:,}")
+    return model.prepare(data)
+
+
+def _top_k(text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise Problem(400, f"top_k={text!r}: must be a whole number of at least 1")
+    return int(text)
+
+
+def _check_outputs(outputs: Any, name: str) -> None:
+    if outputs is None:
+        return
+    asked = (
+        [o.get("name") if isinstance(o, dict) else o for o in outputs]
+        if isinstance(outputs, list)
+        else [outputs]
+    )
+    unknown = [o for o in asked if o != name]
+    if unknown:
+        raise Problem(400, f"no output {unknown[0]!r}; this model has {name!r}")
+
+
+def _encoded_images(tensor: Mapping[str, Any], shape: list[int]) -> list[bytes]:
+    data = tensor.get("data")
+    if len(shape) != 1 or not isinstance(data, list) or len(data) != shape[0]:
+        raise Problem(400, "BYTES input: shape [N] and N base64 strings, one image file each")
+    try:
+        return [base64.b64decode(item, validate=True) for item in data]
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise Problem(400, f"BYTES input: an element is not base64 ({exc})") from None
+
+
+def _pixels(tensor: Mapping[str, Any], shape: list[int], size: int) -> np.ndarray:
+    """``uint8 [N, S, S, 3]`` of a UINT8 input."""
+    if shape[1:] != [size, size, 3]:
+        raise Problem(400, f"UINT8 input: shape {shape} must be [N, {size}, {size}, 3] for this model")
+    try:
+        values = np.asarray(tensor.get("data"), dtype=np.int64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise Problem(400, "UINT8 input: data must be a (flat or nested) list of whole numbers") from None
+    if values.size != int(np.prod(shape)):
+        raise Problem(
+            400, f"UINT8 input: {values.size} values for shape {shape} ({int(np.prod(shape))} expected)"
+        )
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise Problem(400, "UINT8 input: values must be in [0, 255]")
+    return values.astype(np.uint8).reshape(shape)
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, Problem):
+        return JSONResponse({"error": str(exc)}, exc.status)
+    assert isinstance(exc, HTTPException)
+    message = exc.detail
+    if exc.status_code == 404:
+        path = request.url.path
+        message = f"no such path {path}: this server answers /, /v2/... and /v1/models/NAME:classify"
+    return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
+
+
+def create_app(models: Mapping[str, RetrainedModel], options: ServeOptions) -> Starlette:
+    """The ASGI app serving ``models`` by name (see the module doc for the routes)."""
+    service = Service(models, options)
+    routes = [
+        Route("/", service.page),
+        Route("/v2/health/live", service.live),
+        Route("/v2/health/ready", service.ready),
+        Route("/v2", service.server_metadata),
+        Route("/v2/models/{name}", service.model_metadata),
+        Route("/v2/models/{name}/ready", service.model_ready),
+        Route("/v2/models/{name}/stats", service.model_stats),
+        Route("/v2/models/{name}/infer", service.infer, methods=["POST"]),
+        Route("/v1/models", service.model_list),
+        Route("/v1/models/{name}:classify", service.classify, methods=["POST"]),
+    ]
+    handlers = {Problem: _problem, HTTPException: _problem}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
