@@ -52,6 +52,14 @@ _MAX_LINK = 4096
 
 
 @dataclass(frozen=True)
+class _Budget:
+    """The most bytes an archive may extract to, and the setting that says so (for messages)."""
+
+    size: int
+    setting: str
+
+
+@dataclass(frozen=True)
 class _Member:
     """One archive entry, checked: a safe relative name and what to make of it."""
 
@@ -74,9 +82,11 @@ def fetch_and_extract(
     storage_options: StorageOptions | None = None,
     timeout: float = DOWNLOAD_TIMEOUT_S,
     replace: bool = False,
+    settings: tuple[str, str] = ("max_bytes", "timeout"),
 ) -> list[str]:
     """Download the zip or tar at ``job_url`` (within ``timeout`` seconds in all) and extract it into
-    ``dest_dir``.
+    ``dest_dir``; messages name ``max_bytes`` and ``timeout`` as ``settings`` (e.g.
+    ``("service.job_url_max_bytes", "service.job_url_timeout")``).
 
     ``dest_dir`` must not exist or be empty, unless ``replace`` (then the old folder is swapped out
     after a successful extraction). Returns the extracted members' relative paths in archive order,
@@ -91,9 +101,11 @@ def fetch_and_extract(
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, "max_bytes", "timeout")
+    limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, *settings)
     data = fetch.fetch(job_url, limits, storage_options=storage_options, what="the archive")
-    return extract(data, dest, max_bytes=max_bytes, source=job_url, replace=replace)
+    return extract(
+        data, dest, max_bytes=max_bytes, source=job_url, replace=replace, bytes_setting=settings[0]
+    )
 
 
 def extract(
@@ -103,8 +115,10 @@ def extract(
     max_bytes: int = DEFAULT_MAX_BYTES,
     source: str = "the archive",
     replace: bool = False,
+    bytes_setting: str = "max_bytes",
 ) -> list[str]:
-    """Extract archive bytes into ``dest_dir``; see :func:`fetch_and_extract` (``source`` names it)."""
+    """Extract archive bytes into ``dest_dir``; see :func:`fetch_and_extract` (``source`` names it,
+    ``bytes_setting`` names ``max_bytes`` in messages)."""
     if max_bytes <= 0:
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
@@ -116,7 +130,7 @@ def extract(
     except OSError as exc:
         raise StorageError(f"cannot extract {shown} into {dest}: {one_line(exc)}") from exc
     try:
-        names = _extract_into(data, work, max_bytes, shown)
+        names = _extract_into(data, work, _Budget(max_bytes, bytes_setting), shown)
         work.chmod(0o755)
         _publish(work, dest, replace)
     except BaseException as exc:
@@ -159,7 +173,7 @@ def _publish(work: Path, dest: Path, replace: bool) -> None:
             old.unlink(missing_ok=True)
 
 
-def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[str]:
+def _extract_into(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[str]:
     """Check every member, write them, then verify links; returns the names in archive order."""
     kind = _detect(data, shown)
     try:
@@ -188,7 +202,7 @@ def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[s
     return list(seen)
 
 
-def _extract_zip(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+def _extract_zip(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """Folders and files first (no link exists yet, none is followed), then symbolic links."""
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         checked = _check_members(zf.infolist(), max_bytes, shown)
@@ -206,7 +220,7 @@ def _extract_zip(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_M
     return checked
 
 
-def _extract_tar(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+def _extract_tar(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """The checked members, written by tarfile through its ``"data"`` filter (modes 0644 / 0755).
 
     A tar writes exactly the sizes its headers declare, so the declared total bounds the bytes
@@ -310,20 +324,33 @@ def _decompressed_head(data: bytes, shown: str) -> tuple[str, bytes]:
 _ARCHIVE_HINT = "check the URL: it must serve a .zip, .tar.gz or .tar archive"
 
 
+#: Formats told by their first bytes when a download is not an archive.
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF": "a PDF document",
+    b"\x7fELF": "an ELF program",
+}
+
+
 def _describe(data: bytes) -> str:
+    """What ``data`` looks like, never quoting it (it may be a secret served by mistake)."""
     if not data:
         return "an empty file"
     head = data[:512]
     start = head.lstrip()[:15].lower()
     if start.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
         return "an HTML or XML page (an error or login page?)"
+    for magic, name in _MAGIC.items():
+        if data.startswith(magic):
+            return name
     try:
-        text = head.decode("utf-8")
+        head.decode("utf-8")
     except UnicodeDecodeError:
-        return f"binary data starting with {data[:8].hex(' ')}"
+        return "binary data"
     if start[:1] in (b"{", b"["):
         return "JSON or other text"
-    return f"text starting with {text.strip()[:40]!r}"
+    return "text"
 
 
 ReadMember = Callable[[Any], IO[bytes]]
@@ -396,7 +423,7 @@ def _special(mode: int) -> str:
 
 
 def _check_members(
-    raw_members: Iterable[Any], max_bytes: int, shown: str, *, hard_links_copy: bool = False
+    raw_members: Iterable[Any], max_bytes: _Budget, shown: str, *, hard_links_copy: bool = False
 ) -> list[_Member]:
     """Every member checked before anything is written (names, kinds, link targets, sizes).
 
@@ -429,10 +456,10 @@ def _check_members(
             target = _check_hard_link(raw, target, kinds, shown)
             size = file_sizes[target] if hard_links_copy else 0
         declared += size
-        if declared > max_bytes:
+        if declared > max_bytes.size:
             raise DataError(
                 f"{shown}: member {raw!r} brings the declared size to {declared:,} bytes, over the "
-                f"{max_bytes:,} allowed; refused (raise max_bytes if you trust the archive)"
+                f"{max_bytes.size:,} allowed; refused (raise {max_bytes.setting} if you trust the archive)"
             )
         previous = kinds.get(name)
         if previous is not None and not (previous == kind and kind in ("dir", "file")):
@@ -497,7 +524,7 @@ def _mkdir(root: Path, member: _Member, shown: str) -> None:
 
 
 def _write_file(
-    root: Path, member: _Member, read: ReadMember, written: int, max_bytes: int, shown: str
+    root: Path, member: _Member, read: ReadMember, written: int, max_bytes: _Budget, shown: str
 ) -> int:
     """Write one file (no link exists yet in the tree, and none is followed); returns bytes so far."""
     dest = _path(root, member)
@@ -510,10 +537,10 @@ def _write_file(
     with os.fdopen(fd, "wb") as out, read(member.source) as src:
         while chunk := src.read(_CHUNK):
             written += len(chunk)
-            if written > max_bytes:
+            if written > max_bytes.size:
                 raise DataError(
-                    f"{shown}: member {member.name!r} takes the extracted size past the {max_bytes:,} bytes "
-                    "allowed (more than its header declared); refused"
+                    f"{shown}: member {member.name!r} takes the extracted size past the {max_bytes.size:,} "
+                    f"bytes allowed by {max_bytes.setting} (more than its header declared); refused"
                 )
             out.write(chunk)
         os.fchmod(out.fileno(), 0o755 if member.executable else 0o644)
