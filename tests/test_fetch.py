@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -120,3 +121,17 @@ def test_limits_must_be_positive_and_finite():
         Limits(0, 1.0, "--max_download_bytes")
     with pytest.raises(UsageError, match="--download_timeout must be a positive number of seconds"):
         Limits(1, float("inf"), seconds_setting="--download_timeout")
+
+
+def test_a_device_or_a_fifo_is_bounded_like_a_server(tmp_path):
+    """Paths are read streamed: /dev/zero stops at the byte bound, a FIFO nobody writes to at the time
+    bound."""
+    with pytest.raises(DataError, match="more than the 1,000 allowed; raise --max_download_bytes"):
+        fetch("/dev/zero", LIMITS)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"no answer within 1 s .*allow a longer --download_timeout"):
+        fetch(str(fifo), Limits(1000, 1.0, "--max_download_bytes", "--download_timeout"))
+    assert time.monotonic() - started < 4.0
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the abandoned reader finish

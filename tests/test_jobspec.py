@@ -391,7 +391,9 @@ def test_unsupported_options_are_read_with_a_warning_saying_what_happens_instead
     ]
     assert list(spec_module._unsupported(_Legacy(), "legacy")) == []  # the default says nothing
     # The service's own options are all used now: service.user and use_tensorboard say nothing.
-    assert JobSpec.from_dict(with_changes(("service.user", "alice"), ("service.use_tensorboard", True)))[1] == []
+    assert (
+        JobSpec.from_dict(with_changes(("service.user", "alice"), ("service.use_tensorboard", True)))[1] == []
+    )
 
 
 def _unsupported(cls: type, path: str = "") -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import io
 import threading
 import time
 import urllib.error
@@ -39,6 +40,12 @@ class Readable(Protocol):
     """A binary stream read in chunks."""
 
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """Where downloaded bytes go."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,29 @@ def fetch(
         StorageError: unreachable, refused, missing or too slow (one line, naming the time setting).
         DataError: larger than ``limits.max_bytes`` (naming the size setting).
     """
+    sink = io.BytesIO()
+    fetch_into(sink, url, limits, storage_options=storage_options, what=what)
+    return sink.getvalue()
+
+
+def fetch_into(
+    sink: Writable,
+    url: str,
+    limits: Limits,
+    *,
+    storage_options: StorageOptions | None = None,
+    what: str = "the file",
+) -> int:
+    """Write the bytes at ``url`` to ``sink`` (e.g. a file, so that memory stays small), within
+    ``limits``; returns how many. Raises as :func:`fetch` (``sink`` may then hold a part)."""
     if url.lower().startswith(("http://", "https://")):
-        return _bounded(url, limits, lambda deadline, opened: _http_read(url, limits, what, deadline, opened))
+        return _bounded(
+            url, limits, lambda deadline, opened: _http_read(url, limits, what, deadline, opened, sink)
+        )
     return _bounded(
         url,
         limits,
-        lambda deadline, opened: _storage_read(url, limits, what, deadline, opened, storage_options),
+        lambda deadline, opened: _storage_read(url, limits, what, deadline, opened, sink, storage_options),
     )
 
 
@@ -113,8 +137,8 @@ def too_big(url: str, size: int, limits: Limits, what: str) -> DataError:
 
 def _timed_out(url: str, limits: Limits) -> StorageError:
     return StorageError(
-        f"cannot download {shown(url)}: no answer within {limits.seconds:g} s (check that the server "
-        f"is up and reachable from this machine, or allow a longer {limits.seconds_setting})"
+        f"cannot download {shown(url)}: no answer within {round(limits.seconds, 1):g} s (check that the "
+        f"server is up and reachable from this machine, or allow a longer {limits.seconds_setting})"
     )
 
 
@@ -129,7 +153,7 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
-def _bounded(url: str, limits: Limits, read: Callable[[float, list[Closable]], bytes]) -> bytes:
+def _bounded(url: str, limits: Limits, read: Callable[[float, list[Closable]], int]) -> int:
     """``read(deadline, opened)`` in a daemon thread, waited for at most ``limits.seconds``: a read's
     own timeout bounds each read, not the whole transfer, so a server trickling bytes (or a FIFO, or a
     hung file system) could hold it for ever. ``opened`` collects what to close on giving up."""
@@ -140,7 +164,7 @@ def _bounded(url: str, limits: Limits, read: Callable[[float, list[Closable]], b
 
     def download() -> None:
         try:
-            outcome["data"] = read(deadline, opened)
+            outcome["size"] = read(deadline, opened)
         except BaseException as exc:  # handed to the waiting thread
             outcome["error"] = exc
         finally:
@@ -154,13 +178,15 @@ def _bounded(url: str, limits: Limits, read: Callable[[float, list[Closable]], b
         raise _timed_out(url, limits)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return outcome["data"]  # type: ignore[return-value]
+    return outcome["size"]  # type: ignore[return-value]
 
 
-def _read_bounded(stream: Readable, url: str, limits: Limits, what: str, deadline: float) -> bytes:
-    """Every byte of ``stream``, refusing more than ``limits.max_bytes`` or reading past ``deadline``."""
+def _copy_bounded(
+    stream: Readable, sink: Writable, url: str, limits: Limits, what: str, deadline: float
+) -> int:
+    """Copy every byte of ``stream`` to ``sink``, refusing more than ``limits.max_bytes`` or reading
+    past ``deadline``; returns how many."""
     read = getattr(stream, "read1", stream.read)  # read1: what has arrived, without waiting for more
-    chunks: list[bytes] = []
     total = 0
     while chunk := read(_CHUNK):
         total += len(chunk)
@@ -168,8 +194,8 @@ def _read_bounded(stream: Readable, url: str, limits: Limits, what: str, deadlin
             raise too_big(url, total, limits, what)
         if time.monotonic() > deadline:
             raise _timed_out(url, limits)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        sink.write(chunk)
+    return total
 
 
 def _storage_read(
@@ -178,20 +204,23 @@ def _storage_read(
     what: str,
     deadline: float,
     opened: list[Closable],
+    sink: Writable,
     storage_options: StorageOptions | None,
-) -> bytes:
+) -> int:
     fs, path = storage.url_to_fs(url, storage_options)
     try:
         with fs.open(path, "rb") as stream:
             opened.append(stream)
-            return _read_bounded(stream, url, limits, what, deadline)
+            return _copy_bounded(stream, sink, url, limits, what, deadline)
     except LastlayerError:
         raise
     except Exception as exc:
         raise storage.describe(exc, url, "read") from exc
 
 
-def _http_read(url: str, limits: Limits, what: str, deadline: float, opened: list[Closable]) -> bytes:
+def _http_read(
+    url: str, limits: Limits, what: str, deadline: float, opened: list[Closable], sink: Writable
+) -> int:
     try:
         timeout = max(0.1, min(READ_TIMEOUT_S, deadline - time.monotonic()))
         with urllib.request.urlopen(_request(url), timeout=timeout) as response:
@@ -199,7 +228,7 @@ def _http_read(url: str, limits: Limits, what: str, deadline: float, opened: lis
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                 raise too_big(url, int(declared), limits, what)
-            return _read_bounded(response, url, limits, what, deadline)
+            return _copy_bounded(response, sink, url, limits, what, deadline)
     except urllib.error.HTTPError as exc:
         raise StorageError(
             f"cannot download {shown(url)}: HTTP {exc.code} {one_line(exc.reason)} (check the URL and "

@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from lastlayer import fetch
 from lastlayer.errors import DataError, StorageError, UsageError
@@ -48,6 +48,7 @@ DOWNLOAD_TIMEOUT_S = 600.0
 #: ``ZipInfo.create_system`` of archives made on Unix (their ``external_attr`` holds a file mode).
 UNIX_SYSTEM = 3
 _CHUNK = 1 << 20
+_HEAD = 1 << 20  # bytes looked at to tell what a download is
 _MAX_LINK = 4096
 
 
@@ -102,10 +103,19 @@ def fetch_and_extract(
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
     limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, *settings)
-    data = fetch.fetch(job_url, limits, storage_options=storage_options, what="the archive")
-    return extract(
-        data, dest, max_bytes=max_bytes, source=job_url, replace=replace, bytes_setting=settings[0]
-    )
+    with _spool(dest, fetch.shown(job_url)) as spool:  # on disk, not in memory: an archive may be large
+        fetch.fetch_into(spool, job_url, limits, storage_options=storage_options, what="the archive")
+        spool.seek(0)
+        return _extract(spool, dest, _Budget(max_bytes, settings[0]), fetch.shown(job_url), replace)
+
+
+def _spool(dest: Path, shown: str) -> IO[bytes]:
+    """An unnamed temporary file (0600) next to ``dest``, for the download."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(prefix=f".{dest.name}.download-", dir=dest.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot download {shown} into {dest}: {one_line(exc)}") from exc
 
 
 def extract(
@@ -123,14 +133,18 @@ def extract(
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    shown = fetch.shown(source)
+    return _extract(io.BytesIO(data), dest, _Budget(max_bytes, bytes_setting), fetch.shown(source), replace)
+
+
+def _extract(data: BinaryIO, dest: Path, budget: _Budget, shown: str, replace: bool) -> list[str]:
+    """Extract the archive ``data`` (a seekable file) into ``dest`` (checked)."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
     except OSError as exc:
         raise StorageError(f"cannot extract {shown} into {dest}: {one_line(exc)}") from exc
     try:
-        names = _extract_into(data, work, _Budget(max_bytes, bytes_setting), shown)
+        names = _extract_into(data, work, budget, shown)
         work.chmod(0o755)
         _publish(work, dest, replace)
     except BaseException as exc:
@@ -173,7 +187,7 @@ def _publish(work: Path, dest: Path, replace: bool) -> None:
             old.unlink(missing_ok=True)
 
 
-def _extract_into(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[str]:
+def _extract_into(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[str]:
     """Check every member, write them, then verify links; returns the names in archive order."""
     kind = _detect(data, shown)
     try:
@@ -202,9 +216,9 @@ def _extract_into(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> li
     return list(seen)
 
 
-def _extract_zip(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
+def _extract_zip(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """Folders and files first (no link exists yet, none is followed), then symbolic links."""
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    with zipfile.ZipFile(data) as zf:
         checked = _check_members(zf.infolist(), max_bytes, shown)
         written = 0
         for member in checked:
@@ -220,14 +234,14 @@ def _extract_zip(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> lis
     return checked
 
 
-def _extract_tar(data: bytes, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
+def _extract_tar(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """The checked members, written by tarfile through its ``"data"`` filter (modes 0644 / 0755).
 
     A tar writes exactly the sizes its headers declare, so the declared total bounds the bytes
     written; a hard link costs nothing, except where the file system makes no hard links and tarfile
     copies the file instead: then it counts as a copy.
     """
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+    with tarfile.open(fileobj=data, mode="r:*") as tar:
         checked = _check_members(tar, max_bytes, shown, hard_links_copy=not _hard_links_work(root))
         by_info = {id(member.source): member for member in checked}
 
@@ -281,8 +295,11 @@ def _corrupt(shown: str, exc: BaseException) -> DataError:
     )
 
 
-def _detect(data: bytes, shown: str) -> str:
-    """``"zip"`` or ``"tar"`` from the bytes themselves; anything else is refused, saying what it is."""
+def _detect(source: BinaryIO, shown: str) -> str:
+    """``"zip"`` or ``"tar"`` from the bytes themselves; anything else is refused, saying what it is.
+    ``source`` is left at its start."""
+    data = source.read(_HEAD)
+    source.seek(0)
     if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
     if data[257:262] == b"ustar":
@@ -293,7 +310,9 @@ def _detect(data: bytes, shown: str) -> str:
             return "tar"
         what = f"{compression}-compressed {_describe(head)}, not a tar archive"
         raise DataError(f"{shown}: not a zip or tar archive: found {what}; {_ARCHIVE_HINT}")
-    if zipfile.is_zipfile(io.BytesIO(data)):  # e.g. a self-extracting zip
+    found = zipfile.is_zipfile(source)  # e.g. a self-extracting zip
+    source.seek(0)
+    if found:
         return "zip"
     raise DataError(f"{shown}: not a zip or tar archive: found {_describe(data)}; {_ARCHIVE_HINT}")
 
@@ -311,9 +330,9 @@ def _decompressed_head(data: bytes, shown: str) -> tuple[str, bytes]:
         return "", b""
     try:
         if name == "gzip":
-            head = decompressor.decompress(data[: 1 << 20], 1024)
+            head = decompressor.decompress(data, 1024)
         else:
-            head = decompressor.decompress(data[: 1 << 20], max_length=1024)
+            head = decompressor.decompress(data, max_length=1024)
     except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as exc:
         raise _corrupt(shown, exc) from None
     if len(head) < 512 and not decompressor.eof:

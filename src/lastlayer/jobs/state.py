@@ -138,12 +138,16 @@ class Job:
                 "deploy with a --state_dir you may write to"
             ) from None
 
-    def remove(self) -> None:
-        """Remove the job's folder; only ever a real folder inside the state folder."""
+    def _check_folder(self) -> None:
+        """A job's folder is a real folder (never a link that could lead outside the state folder)."""
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
             raise UsageError(
                 f"{self.folder} is not a folder of lastlayer's (a link or a file): remove it yourself"
             )
+
+    def remove(self) -> None:
+        """Remove the job's folder; only ever a real folder inside the state folder."""
+        self._check_folder()
         if not self.folder.exists():
             return
         root = os.path.realpath(self.folder.parent)
@@ -158,6 +162,7 @@ class Job:
             UsageError: nothing is deployed under this name.
             DataError: ``plan.json`` is unreadable.
         """
+        self._check_folder()
         if not self.plan_path.exists():
             deployed = sorted(p.parent.name.replace(".", "/") for p in self.folder.parent.glob("*/plan.json"))
             raise UsageError(

@@ -88,11 +88,15 @@ def _can_regain_root() -> bool:
 
 def unreachable(path: Path, account: RunAs) -> Path | None:
     """The first folder from ``/`` down to ``path`` (included) that ``account`` cannot enter, judged
-    from owner, group and other permission bits (no ACLs); ``None`` when every one lets it in."""
+    from owner, group and other permission bits (no ACLs); ``None`` when every existing one lets it
+    in (the missing ones are made by the deploy)."""
     current = Path("/")
     for part in (Path("/"), *path.absolute().parts[1:]):
         current = current / part
-        info = current.stat()
+        try:
+            info = current.stat()
+        except FileNotFoundError:
+            return None
         if info.st_uid == account.uid:
             bit = stat.S_IXUSR
         elif info.st_gid in account.groups:
