@@ -228,7 +228,7 @@ def test_a_hadoop_configuration_answering_a_gib_or_a_page_is_refused(tmp_path, h
     assert done.returncode == 1, done.stderr
     assert needle in done.stdout
     assert peak_mib < 400, peak_mib
-    assert not (tmp_path / "s" / "tiny" / "private" / "hadoop-conf" / "core-site.xml").exists()
+    assert not (tmp_path / "s" / "tiny" / "private" / "hadoop-config" / "core-site.xml").exists()
 
 
 def test_a_trickling_hadoop_configuration_is_cut_off_naming_its_setting(tmp_path, hostile):
@@ -376,6 +376,40 @@ def test_a_state_folder_the_task_user_cannot_reach_is_refused(tmp_path, task_use
     assert main(["job", "deploy", str(opts), f"--state_dir={hidden / 's'}"]) == 2
     err = capsys.readouterr().err
     assert f"service.user '{TASK_USER}' cannot enter " in err and "deploy with a --state_dir that user" in err
+
+
+def test_the_task_users_copies_of_the_login_follow_a_renewed_ticket(tmp_path, task_user):
+    """What tasks of another user read of private/ (credential cache, configuration folders) are
+    copies of theirs, copied again when the service renews the ticket."""
+    from lastlayer.jobs.user import Mirror, run_as
+
+    private = tmp_path / "private"
+    (private / "hadoop-conf").mkdir(parents=True, mode=0o700)
+    (private / "ccache").write_bytes(b"ticket-1")
+    (private / "hadoop-conf" / "core-site.xml").write_text("<configuration/>")
+    account = run_as(TASK_USER)
+    assert account is not None
+    mirror = Mirror(private, tmp_path / "task-private", account)
+    env = mirror.env(
+        {
+            "KRB5CCNAME": f"FILE:{private / 'ccache'}",
+            "HADOOP_CONF_DIR": str(private / "hadoop-conf"),
+            "X": "1",
+        }
+    )
+    copy = tmp_path / "task-private" / "ccache"
+    assert env == {
+        "KRB5CCNAME": f"FILE:{copy}",
+        "HADOOP_CONF_DIR": str(tmp_path / "task-private" / "hadoop-conf"),
+        "X": "1",
+    }
+    assert copy.read_bytes() == b"ticket-1" and copy.stat().st_uid == task_user.pw_uid
+    assert (copy.stat().st_mode & 0o777, copy.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    renewed = private / ".ccache.new"
+    renewed.write_bytes(b"ticket-2, longer")
+    renewed.replace(private / "ccache")  # as the login renews: a new file renamed into place
+    mirror.refresh()
+    assert copy.read_bytes() == b"ticket-2, longer" and copy.stat().st_uid == task_user.pw_uid
 
 
 # --- finding 4: private state, no secret in it ---------------------------------------------------

@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,22 +204,22 @@ def _cluster_login(
 ) -> Iterator[dict[str, str]]:
     """The job's :class:`~lastlayer.hadoop.HadoopLogin`: as ``primary@realm`` from the keytab secret
     with a private krb5.conf when Kerberos is enabled, and the Hadoop configuration of
-    ``hdfs.config_uri`` (downloaded, bounded and checked, into ``private/hadoop-conf``); yields the
+    ``hdfs.config_uri`` (downloaded, bounded and checked, into ``private/hadoop-config``); yields the
     tasks' environment for it. The login renews its ticket until the block ends; then the job's
     copy of the keytab is removed."""
     k = spec.service.security.kerberos
-    config = ClusterConfig()
-    if spec.service.hdfs.config_uri:
-        config = dataclasses.replace(config, hadoop_conf_dir=str(_hadoop_conf(spec, private, deadline)))
     keytab = private / "keytab"
-    if k.enabled:
-        conf = private / "krb5.conf"
-        secret_store.write_private(keytab, secret_store.read_secret(k.keytab_secret, secrets_dir))
-        secret_store.write_private(conf, krb5_conf(spec).encode())
-        config = dataclasses.replace(
-            config, principal=f"{k.primary}@{k.realm}", keytab=str(keytab), krb5_conf=str(conf)
-        )
     try:
+        config = ClusterConfig()
+        if spec.service.hdfs.config_uri:
+            config = dataclasses.replace(config, hadoop_conf_dir=str(_hadoop_conf(spec, private, deadline)))
+        if k.enabled:
+            conf = private / "krb5.conf"
+            secret_store.write_private(keytab, secret_store.read_secret(k.keytab_secret, secrets_dir))
+            secret_store.write_private(conf, krb5_conf(spec).encode())
+            config = dataclasses.replace(
+                config, principal=f"{k.primary}@{k.realm}", keytab=str(keytab), krb5_conf=str(conf)
+            )
         if config == ClusterConfig():
             yield {}
             return
@@ -229,11 +230,11 @@ def _cluster_login(
 
 
 def _hadoop_conf(spec: JobSpec, private: Path, deadline: float | None) -> Path:
-    """core-site.xml and hdfs-site.xml from ``hdfs.config_uri`` into ``private/hadoop-conf``, each
+    """core-site.xml and hdfs-site.xml from ``hdfs.config_uri`` into ``private/hadoop-config``, each
     bounded and checked to be a Hadoop configuration before it lands; a restart whose URL's password
     was not kept uses the files of the deploy."""
     hdfs = spec.service.hdfs
-    folder = private / "hadoop-conf"
+    folder = private / "hadoop-config"
     if masked_urls(hdfs):
         return _earlier(folder, "service.hdfs.config_uri", hdfs.config_uri)
     _private(folder)
@@ -318,8 +319,7 @@ def _executors(
     )
     left = remaining(deadline)
     timeout = EXECUTORS_TIMEOUT_S if left is None else max(0.1, min(EXECUTORS_TIMEOUT_S, left))
-    answer_path = job.folder / "private" / "executors.json"
-    with open(os.open(answer_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "w+b") as answer:
+    with tempfile.TemporaryFile(dir=job.folder / "private") as answer:  # 0600, unnamed
         try:
             subprocess.run(
                 [sys.executable, "-m", "lastlayer.jobs.task", "--executors", str(answer.fileno())],
@@ -333,13 +333,11 @@ def _executors(
             )
         except subprocess.TimeoutExpired:
             raise DataError(
-                f"job module {name!r} gave no answer to executors(context) within {timeout:g} s "
+                f"job module {name!r} gave no answer to executors(context) within {round(timeout, 1):g} s "
                 "(importing it included): make importing it and that function quick"
             ) from None
         answer.seek(0)
-        text = answer.read()
-    answer_path.unlink()
-    return _chosen(name, text)
+        return _chosen(name, answer.read())
 
 
 def _chosen(name: str, text: bytes) -> str | None:
