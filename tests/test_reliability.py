@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -111,6 +112,15 @@ def job_options(tmp: Path, job_url: str, name: str = "tiny", workers: int = 1, *
     return path
 
 
+#: Address space of the child processes: a regression reading without end fails instead of
+#: taking the machine's memory.
+CHILD_MEMORY = 6 << 30
+
+
+def _bounded_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+
+
 def lastlayer(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``lastlayer ARGV`` in a child process; a hang fails the test instead of the suite."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -122,6 +132,7 @@ def lastlayer(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[s
             timeout=timeout,
             env=env,
             check=False,
+            preexec_fn=_bounded_memory,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"lastlayer {' '.join(argv)} did not end within {timeout} s")
@@ -189,6 +200,7 @@ def deploy_measured(opts: Path, state: Path) -> tuple[subprocess.CompletedProces
         timeout=180,
         env=env,
         check=False,
+        preexec_fn=_bounded_memory,
     )
     peak = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kib"))
     return done, int(peak.split()[1]) / 1024
