@@ -1,8 +1,9 @@
 """Job archives: fetch a zip or tar from a URL, tell which it is by content, and extract it safely.
 
-:func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch` (one bounded download:
-``http(s)://`` and every fsspec URL or plain path), tells zip from tar (plain, gzip, bzip2, xz) by
-content, and extracts into a temporary folder next to the destination that is renamed into place
+:func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch_into` (one bounded
+download: ``http(s)://`` and every fsspec URL or plain path) into an unnamed temporary file, so a
+large archive never sits in memory, tells zip from tar (plain, gzip, bzip2, xz) by content (and
+describes what else it is without quoting it: it may be a secret served by mistake), and extracts into a temporary folder next to the destination that is renamed into place
 only when every member passed. Every member is checked before anything is written: refused are
 absolute names, ``..`` parts, links whose target leaves the tree, device files and FIFOs, more than
 :data:`MAX_MEMBERS` members and archives whose declared sizes pass ``max_bytes``. A tar is then

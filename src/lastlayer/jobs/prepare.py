@@ -123,6 +123,8 @@ def prepare(
     """
     _check_gpu(spec)
     _check_disk(job, spec)
+    if "shared_filesystem" in masked_urls(spec.service):
+        raise _not_kept("service.shared_filesystem", spec.service.shared_filesystem)
     private = _private(job.folder / "private")
     with _cluster_login(spec, private, secrets_dir, deadline) as env:
         if spec.service.security.kerberos.debug:
@@ -248,13 +250,17 @@ def _hadoop_conf(spec: JobSpec, private: Path, deadline: float | None) -> Path:
     return folder
 
 
+def _not_kept(option: str, url: str) -> UsageError:
+    return UsageError(
+        f"{option} {url} needs a password, which is not kept with the job: deploy it again with "
+        "`lastlayer job deploy OPTIONS`"
+    )
+
+
 def _earlier(path: Path, option: str, url: str) -> Path:
     """What the deploy fetched from ``url``, whose password the stored options do not keep."""
     if not path.exists():
-        raise UsageError(
-            f"{option} {url} needs a password, which is not kept with the job: deploy it again with "
-            "`lastlayer job deploy OPTIONS`"
-        )
+        raise _not_kept(option, url)
     log.info("%s: using what the deploy fetched (the URL's password is not kept)", shown(url))
     return path
 
