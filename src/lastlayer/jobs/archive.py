@@ -3,14 +3,15 @@
 :func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch_into` (one bounded
 download: ``http(s)://`` and every fsspec URL or plain path) into an unnamed temporary file, so a
 large archive never sits in memory, tells zip from tar (plain, gzip, bzip2, xz) by content (and
-describes what else it is without quoting it: it may be a secret served by mistake), and extracts into a temporary folder next to the destination that is renamed into place
-only when every member passed. Every member is checked before anything is written: refused are
-absolute names, ``..`` parts, links whose target leaves the tree, device files and FIFOs, more than
-:data:`MAX_MEMBERS` members and archives whose declared sizes pass ``max_bytes``. A tar is then
-written by :mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that
-leads outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes
-while writing (a zip header can understate a size). Last, every link must still resolve inside,
-since links can combine to leave the tree.
+describes what else it is without quoting it: it may be a secret served by mistake), and extracts
+into a temporary folder next to the destination that is renamed into place only when every member
+passed. Every member is checked before anything is written: refused are absolute names, ``..``
+parts, links whose target leaves the tree, device files and FIFOs, more than :data:`MAX_MEMBERS`
+members and archives whose declared sizes pass ``max_bytes``. A tar is then written by
+:mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that leads
+outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes while
+writing (a zip header can understate a size). Last, every link must still resolve inside, since
+links can combine to leave the tree.
 """
 
 from __future__ import annotations
