@@ -518,6 +518,20 @@ def test_a_failed_deploy_prints_each_failed_steps_reason_and_job_log_says_why(tm
     assert "about to fail" in capsys.readouterr().out
 
 
+def test_job_log_returns_the_end_of_a_long_log(tmp_path, capsys, monkeypatch):
+    from lastlayer.jobs import api
+
+    monkeypatch.setattr(api, "MAX_LOG_BYTES", 12)
+    printer = "def main(server, log_dir, context):\n    print('0123456789' * 3)\n"
+    opts = job_options(tmp_path, str(job_zip(tmp_path, printer)))
+    state = tmp_path / "s"
+    assert main(["job", "deploy", str(opts), f"--state_dir={state}"]) == 0
+    capsys.readouterr()
+    assert main(["job", "log", "worker-0", "--completed", "--name=tiny", f"--state_dir={state}"]) == 0
+    stdout = state / "tiny" / "tasks" / "worker-0" / "stdout"
+    assert capsys.readouterr().out == f"[the first 19 bytes of {stdout} are left out]\n90123456789\n"
+
+
 # --- finding 6: job names, and nothing outside the state folder removed --------------------------
 
 

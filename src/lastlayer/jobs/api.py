@@ -13,8 +13,9 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from lastlayer.errors import UsageError
+from lastlayer.errors import StorageError, UsageError
 from lastlayer.jobs import tensorboard
 from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, Plan, new_plan
 from lastlayer.jobs.prepare import remaining
@@ -26,6 +27,8 @@ from lastlayer.jobs.user import check_reachable, run_as
 log = logging.getLogger(__name__)
 
 StateDir = str | os.PathLike[str] | None
+#: The most of a log ``task_log`` returns (its end), bytes.
+MAX_LOG_BYTES = 16 << 20
 
 
 def deploy(
@@ -160,7 +163,8 @@ def task_log(
     completed: bool = False,
     state_dir: StateDir = None,
 ) -> str:
-    """A task's stdout or stderr. A finished task's log needs ``completed``, as ``dcos task log``.
+    """A task's stdout or stderr (its last :data:`MAX_LOG_BYTES`). A finished task's log needs
+    ``completed``, as ``dcos task log``.
 
     Raises:
         UsageError: no such task or stream, a finished task without ``completed``, or no log: the
@@ -185,7 +189,20 @@ def task_log(
         raise UsageError(f"task {task} has not started yet ({step.status}): no {stream} so far")
     if step.status in (COMPLETE, ERROR) and not completed:
         raise UsageError(f"task {task} has finished ({step.status}): add --completed to read its log")
-    return path.read_text(errors="replace")
+    return _tail(path)
+
+
+def _tail(path: Path) -> str:
+    """The text of a log, its last :data:`MAX_LOG_BYTES` when it is longer (saying so first)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - MAX_LOG_BYTES))
+            data = f.read(MAX_LOG_BYTES)
+    except OSError as exc:
+        raise StorageError(f"cannot read the log {path}: {exc.strerror}") from None
+    head = f"[the first {size - len(data):,} bytes of {path} are left out]\n" if size > len(data) else ""
+    return head + data.decode(errors="replace")
 
 
 def stop(name: str, state_dir: StateDir = None) -> Plan:
