@@ -330,12 +330,16 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def last_line(path: Path) -> str:
-    """The last non-blank line of a text file ("" when there is none)."""
+def last_line(path: Path, window: int = 64 * 1024) -> str:
+    """The last non-blank line of a text file, read from its last ``window`` bytes ("" when there is
+    none): a task's log may be huge."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - window))
+            text = f.read(window).decode(errors="replace")
     except OSError:
         return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for TensorBoard to say where it listens, seconds.
 START_TIMEOUT_S = 120.0
+_HEAD = 1 << 20  # TensorBoard says where it listens in its first lines
 _ADDRESS = re.compile(r"\bat (http://127\.0\.0\.1:\d+/)")
 
 
@@ -69,7 +70,8 @@ class TensorBoard:
             return
         if self.url:
             return
-        found = _ADDRESS.search(self.stderr.read_text(errors="replace"))
+        with open(self.stderr, "rb") as f:
+            found = _ADDRESS.search(f.read(_HEAD).decode(errors="replace"))
         if found:
             self.url = found.group(1)
             info = {"pid": self.proc.pid, "url": self.url}
