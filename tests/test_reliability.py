@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import pwd
-import resource
 import shutil
 import signal
 import socket
@@ -112,13 +111,15 @@ def job_options(tmp: Path, job_url: str, name: str = "tiny", workers: int = 1, *
     return path
 
 
-#: Address space of the child processes: a regression reading without end fails instead of
+#: Address space of the child processes, KiB: a regression reading without end fails instead of
 #: taking the machine's memory.
-CHILD_MEMORY = 6 << 30
+CHILD_MEMORY_KIB = 6 << 20
 
 
-def _bounded_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+def bounded(*argv: str) -> list[str]:
+    """``argv`` run with :data:`CHILD_MEMORY_KIB` of address space (by the shell's ``ulimit``: a
+    ``preexec_fn`` could deadlock in a child forked from this threaded process)."""
+    return ["sh", "-c", f'ulimit -v {CHILD_MEMORY_KIB} && exec "$@"', "sh", *argv]
 
 
 def lastlayer(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -126,13 +127,12 @@ def lastlayer(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     try:
         return subprocess.run(
-            [sys.executable, "-m", "lastlayer", *argv],
+            bounded(sys.executable, "-m", "lastlayer", *argv),
             capture_output=True,
             text=True,
             timeout=timeout,
             env=env,
             check=False,
-            preexec_fn=_bounded_memory,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"lastlayer {' '.join(argv)} did not end within {timeout} s")
@@ -194,13 +194,12 @@ def deploy_measured(opts: Path, state: Path) -> tuple[subprocess.CompletedProces
     """Deploy in a child process (the supervisor, so the downloads, run in it); its peak RSS, MiB."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run(
-        [sys.executable, "-c", MAXRSS, "job", "deploy", str(opts), f"--state_dir={state}"],
+        bounded(sys.executable, "-c", MAXRSS, "job", "deploy", str(opts), f"--state_dir={state}"),
         capture_output=True,
         text=True,
         timeout=180,
         env=env,
         check=False,
-        preexec_fn=_bounded_memory,
     )
     peak = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kib"))
     return done, int(peak.split()[1]) / 1024
@@ -680,19 +679,6 @@ def test_the_lock_of_a_killed_deploy_does_not_stay(tmp_path, capsys):
 
 # --- issue 12 item 4: TensorBoard while the job runs ---------------------------------------------
 
-SUMMARIES = """\
-import os, time
-from lastlayer.summaries import SummaryWriter
-
-def main(server, log_dir, context):
-    with SummaryWriter(os.path.join(log_dir, "train")) as writer:
-        for step in range(3):
-            writer.scalar("accuracy", 0.5 + step / 10, step)
-    deadline = time.monotonic() + 120
-    while not os.path.exists(os.path.join(log_dir, "go")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-"""
-
 
 def http_get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -701,18 +687,44 @@ def http_get(url: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_use_tensorboard_serves_the_jobs_summaries_while_it_runs(tmp_path, capsys):
+@pytest.mark.parametrize("as_task_user", [False, True], ids=["as-the-service", "as-service-user"])
+def test_use_tensorboard_serves_the_jobs_summaries_while_it_runs(as_task_user, request, capsys):
     from lastlayer.jobs import tensorboard
+    from lastlayer.summaries import SummaryWriter
 
     if not tensorboard.installed():
         pytest.fail("TensorBoard is in the test extra: install it (pip install tensorboard)")
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    opts = job_options(
-        tmp_path, str(job_zip(tmp_path, SUMMARIES)), use_tensorboard=True, shared_filesystem=str(shared)
-    )
-    state = tmp_path / "s"
-    assert main(["job", "deploy", str(opts), f"--state_dir={state}", "--detach", "--timeout=240"]) == 0
+    account = request.getfixturevalue("task_user") if as_task_user else None
+    base = reachable_tmp()
+    try:
+        shared = base / "shared"
+        with SummaryWriter(str(shared / "train")) as writer:  # what the job's training wrote
+            for step in range(3):
+                writer.scalar("accuracy", 0.5 + step / 10, step)
+        shared.chmod(0o777)
+        service = {"user": TASK_USER} if account else {}
+        opts = job_options(
+            base, str(job_zip(base, WAIT)), use_tensorboard=True, shared_filesystem=str(shared), **service
+        )
+        state = base / "s"
+        assert main(["job", "deploy", str(opts), f"--state_dir={state}", "--detach", "--timeout=240"]) == 0
+        url, pid = tensorboard_of_a_running_job(state, capsys)
+        owner = next(
+            ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:")
+        )
+        assert owner.split()[1:] == [str(account.pw_uid if account else os.getuid())] * 4
+    finally:
+        main(["job", "stop", "--name=tiny", f"--state_dir={state}"])
+        shutil.rmtree(base)
+    assert not alive(pid)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(url.rsplit(":", 1)[1].rstrip("/")))) != 0  # closed
+    assert "tensorboard:" not in capsys.readouterr().out
+
+
+def tensorboard_of_a_running_job(state: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, int]:
+    """The URL ``plan show`` prints once TensorBoard listens, checked to serve the job's run, and its
+    process id as ``job tasks`` prints it."""
     deadline = time.monotonic() + 120
     url = ""
     while not url and time.monotonic() < deadline:
@@ -720,26 +732,17 @@ def test_use_tensorboard_serves_the_jobs_summaries_while_it_runs(tmp_path, capsy
         lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tensorboard: ")]
         url = lines[0].removeprefix("tensorboard: ") if lines else ""
         time.sleep(0.5)
-    try:
-        assert url.startswith("http://127.0.0.1:"), (state / "tiny" / "tensorboard" / "stderr").read_text()
-        assert b"<tf-tensorboard" in http_get(url) or b"TensorBoard" in http_get(url)
-        runs = []
-        while "train" not in runs and time.monotonic() < deadline:
-            runs = json.loads(http_get(url + "data/runs"))
-            time.sleep(0.5)
-        assert runs == ["train"]
-        assert main(["job", "tasks", "--name=tiny", f"--state_dir={state}"]) == 0
-        row = capsys.readouterr().out.splitlines()[-1]
-        assert row.startswith("tensorboard  RUNNING   pid=") and row.endswith(url)
-        pid = int(row.split("pid=")[1].split()[0])
-    finally:
-        assert main(["job", "stop", "--name=tiny", f"--state_dir={state}"]) == 0
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    port = int(url.rsplit(":", 1)[1].rstrip("/"))
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
-    main(["job", "plan", "show", "--name=tiny", f"--state_dir={state}"])
-    assert "tensorboard:" not in capsys.readouterr().out
+    assert url.startswith("http://127.0.0.1:"), (state / "tiny" / "tensorboard" / "stderr").read_text()
+    assert b"TensorBoard" in http_get(url)
+    runs: list[str] = []
+    while "train" not in runs and time.monotonic() < deadline:
+        runs = json.loads(http_get(url + "data/runs"))
+        time.sleep(0.5)
+    assert runs == ["train"]
+    assert main(["job", "tasks", "--name=tiny", f"--state_dir={state}"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("tensorboard  RUNNING   pid=") and row.endswith(url)
+    return url, int(row.split("pid=")[1].split()[0])
 
 
 def test_use_tensorboard_without_tensorboard_says_so(tmp_path, capsys, monkeypatch):

@@ -10,7 +10,8 @@ importing it and answering should be quick and free of side effects. ``--tensorb
 TensorBoard on the description's ``log_dir`` (``service.use_tensorboard``). Each mode first becomes
 ``service.user`` when that is another user (:func:`lastlayer.jobs.user.become`), before any job code
 is imported. This module is the task's edge: it configures logging, sets ``HOME`` and prints its own
-errors."""
+errors.
+"""
 
 from __future__ import annotations
 
@@ -236,8 +237,9 @@ def answer_executors(answer: int) -> int:
 def tensorboard() -> int:
     """Run TensorBoard on the task's ``log_dir``, on 127.0.0.1 and a free port, as ``user``."""
     task = _description()
-    _become(task)
     from tensorboard import main as tensorboard_main  # the test extra; the supervisor checked it
+
+    _become(task)  # after importing TensorBoard (no job code), so its files need not be the user's
 
     sys.argv = ["tensorboard", "--logdir", task.log_dir, "--host", "127.0.0.1", "--port", "0"]
     tensorboard_main.run_main()
