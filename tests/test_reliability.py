@@ -335,7 +335,7 @@ def reachable_tmp() -> Path:
     return folder
 
 
-def test_tasks_run_as_service_user_and_still_read_what_they_must(tmp_path, task_user):
+def test_tasks_run_as_service_user_and_still_read_what_they_must(tmp_path, task_user, capsys):
     """Finding 3: the task (and executors(context)) run as that user's uid, gid, groups and HOME; it
     reads its module, writes its sandbox and log_dir, and cannot read the service's files."""
     base = reachable_tmp()
@@ -344,6 +344,10 @@ def test_tasks_run_as_service_user_and_still_read_what_they_must(tmp_path, task_
         context = json.dumps({"job": str(state / "tiny")})
         opts = job_options(tmp_path, str(job_zip(tmp_path, WHO_AM_I)), user=TASK_USER, job_context=context)
         assert main(["job", "deploy", str(opts), f"--state_dir={state}", "--timeout=120"]) == 0
+        from lastlayer.jobs.user import python_unreachable, run_as
+
+        warned = "on the way to Python's standard library" in capsys.readouterr().err
+        assert warned == (python_unreachable(run_as(TASK_USER)) is not None)  # type: ignore[arg-type]
         facts = json.loads((state / "tiny" / "persist" / "who.json").read_text())
         gid = task_user.pw_gid
         assert facts["ids"] == [task_user.pw_uid, task_user.pw_uid, gid, gid]
@@ -695,6 +699,12 @@ def test_use_tensorboard_serves_the_jobs_summaries_while_it_runs(as_task_user, r
     if not tensorboard.installed():
         pytest.fail("TensorBoard is in the test extra: install it (pip install tensorboard)")
     account = request.getfixturevalue("task_user") if as_task_user else None
+    if account is not None:
+        from lastlayer.jobs.user import python_unreachable, run_as
+
+        blocked = python_unreachable(run_as(TASK_USER))  # type: ignore[arg-type]
+        if blocked is not None:  # TensorBoard imports more of it once it runs as that user
+            pytest.skip(f"Python's standard library is out of {TASK_USER}'s reach here ({blocked})")
     base = reachable_tmp()
     try:
         shared = base / "shared"

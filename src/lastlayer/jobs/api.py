@@ -22,7 +22,7 @@ from lastlayer.jobs.prepare import remaining
 from lastlayer.jobs.spec import JobSpec
 from lastlayer.jobs.state import STOP_GRACE_S, Job, JobLock, alive, end_process
 from lastlayer.jobs.supervisor import spawn, supervise
-from lastlayer.jobs.user import check_reachable, run_as
+from lastlayer.jobs.user import check_reachable, python_unreachable, run_as
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ def deploy(
     account = run_as(spec.service.user)
     if account is not None:
         check_reachable(job.folder, account)
+        blocked = python_unreachable(account)
+        if blocked is not None:
+            log.warning(
+                "service.user %r cannot enter %s, on the way to Python's standard library: what the "
+                "job imports once it runs as that user will fail; install Python where that user can "
+                "read it",
+                account.name,
+                blocked,
+            )
     lock = job.lock()
     try:
         job.create()

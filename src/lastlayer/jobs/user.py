@@ -125,6 +125,12 @@ def check_reachable(folder: Path, account: RunAs) -> None:
         )
 
 
+def python_unreachable(account: RunAs) -> Path | None:
+    """The folder that keeps ``account`` from Python's standard library (e.g. an interpreter under
+    ``/root``), or ``None``: the tasks import from it as that user."""
+    return unreachable(Path(os.__file__).parent, account)
+
+
 def hand_over(path: Path, account: RunAs) -> None:
     """Give ``path`` and everything under it to ``account`` (links themselves, never followed)."""
     os.lchown(path, account.uid, account.gid)
