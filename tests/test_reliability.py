@@ -313,6 +313,7 @@ def main(server, log_dir, context):
         "home": os.environ["HOME"],
         "user": os.environ["USER"],
         "module": open(__file__).read().startswith("import json"),
+        "cores": sorted(os.sched_getaffinity(0)),
     }
     with open("in-the-sandbox.txt", "w") as f:
         f.write("written")
@@ -354,6 +355,7 @@ def test_tasks_run_as_service_user_and_still_read_what_they_must(tmp_path, task_
         assert set(facts["groups"]) == set(os.getgrouplist(TASK_USER, gid)) and len(facts["groups"]) >= 2
         assert (facts["home"], facts["user"], facts["module"]) == (task_user.pw_dir, TASK_USER, True)
         assert (facts["private"], facts["options.json"], facts["plan.json"]) == ("refused",) * 3
+        assert facts["cores"] == sorted(os.sched_getaffinity(0))[:1]  # worker.cpus 1
         sandbox = state / "tiny" / "tasks" / "worker-0" / "sandbox"
         assert (sandbox / "in-the-sandbox.txt").stat().st_uid == task_user.pw_uid
         assert (state / "tiny" / "plan.json").stat().st_uid == 0

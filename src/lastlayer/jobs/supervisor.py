@@ -222,6 +222,7 @@ class _Supervisor:
             self.spec.context(),
             service.log_level,
             service.user,
+            cores,
         )
         env = {
             **os.environ,
@@ -240,8 +241,7 @@ class _Supervisor:
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=lambda: os.sched_setaffinity(0, cores),
-            )
+            )  # no preexec_fn: Python code between fork and exec can deadlock (at-fork handlers)
         finally:
             os.close(out)
             os.close(err)

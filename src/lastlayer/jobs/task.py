@@ -73,6 +73,7 @@ class TaskDescription:
         log_level: ``service.log_level``.
         user: ``service.user``: the account the task becomes before it imports the job's code
             (``""``: the supervisor's own).
+        cores: the CPUs the task keeps to (its affinity, set first; empty: all).
     """
 
     cluster: dict[str, list[str]]
@@ -84,6 +85,7 @@ class TaskDescription:
     context: dict[str, Any]
     log_level: str = "INFO"
     user: str = ""
+    cores: list[int] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         """The description as JSON (:meth:`from_json` reads it back)."""
@@ -107,6 +109,8 @@ class TaskDescription:
             and all(isinstance(a, list) and all(isinstance(x, str) for x in a) for a in cluster.values()),
             "index": isinstance(data["index"], int) and not isinstance(data["index"], bool),
             "context": isinstance(data["context"], dict),
+            "cores": isinstance(data["cores"], list)
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in data["cores"]),
         }
         checks.update(
             {
@@ -200,6 +204,8 @@ def run() -> int:
         stream=sys.stderr,
     )
     server = task.server()
+    if task.cores:
+        os.sched_setaffinity(0, task.cores)  # before any thread starts, so every pool follows
     _become(task)
     main = _load_main(_load_module(Path(task.module_dir), task.module))
     logging.getLogger(__name__).info(
