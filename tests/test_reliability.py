@@ -181,11 +181,14 @@ def test_a_trickling_job_url_is_cut_off_by_its_own_setting(tmp_path, hostile):
     ) in done.stdout
 
 
+# The peak resident memory of this process itself: VmHWM, not ru_maxrss, which keeps the high-water
+# mark of the process it was forked from across exec.
 MAXRSS = (
-    "import resource, sys\n"
+    "import sys\n"
     "from lastlayer.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "status = open('/proc/self/status').read().splitlines()\n"
+    "print(next(ln for ln in status if ln.startswith('VmHWM:')), file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -201,7 +204,7 @@ def deploy_measured(opts: Path, state: Path) -> tuple[subprocess.CompletedProces
         env=env,
         check=False,
     )
-    peak = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kib"))
+    peak = next(line for line in done.stderr.splitlines() if line.startswith("VmHWM:"))
     return done, int(peak.split()[1]) / 1024
 
 
