@@ -216,9 +216,9 @@ def test_a_job_url_answering_a_gib_is_refused_in_little_memory(tmp_path, hostile
     opts = job_options(tmp_path, f"{hostile}/{kind}/master.zip")
     done, peak_mib = deploy_measured(opts, tmp_path / "s")
     assert done.returncode == 1, done.stderr
+    assert peak_mib < 400, peak_mib
     assert f"worker-0: {hostile}/{kind}/master.zip: the archive is over " in done.stdout
     assert "raise service.job_url_max_bytes if you trust it" in done.stdout
-    assert peak_mib < 400, peak_mib
     left = sum(p.stat().st_size for p in files_under(tmp_path / "s"))
     assert left < 1 << 20
 
