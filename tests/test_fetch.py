@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -120,3 +123,32 @@ def test_limits_must_be_positive_and_finite():
         Limits(0, 1.0, "--max_download_bytes")
     with pytest.raises(UsageError, match="--download_timeout must be a positive number of seconds"):
         Limits(1, float("inf"), seconds_setting="--download_timeout")
+
+
+@contextlib.contextmanager
+def memory_ceiling(extra: int) -> Iterator[None]:
+    """At most ``extra`` more bytes of address space for this process while the block runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    status = Path("/proc/self/status").read_text()
+    used = int(next(ln for ln in status.splitlines() if ln.startswith("VmSize:")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_device_or_a_fifo_is_bounded_like_a_server(tmp_path):
+    """Paths are read streamed: /dev/zero stops at the byte bound, a FIFO nobody writes to at the time
+    bound."""
+    with memory_ceiling(1 << 30), pytest.raises(DataError, match="more than the 1,000 allowed"):
+        fetch("/dev/zero", LIMITS)  # a regression reading it whole fails here, not the machine
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Timer(3.0, lambda: os.close(os.open(fifo, os.O_WRONLY)))  # then the reader ends
+    writer.start()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"no answer within 1 s .*allow a longer --download_timeout"):
+        fetch(str(fifo), Limits(1000, 1.0, "--max_download_bytes", "--download_timeout"))
+    assert time.monotonic() - started < 2.5
+    writer.join(timeout=10)

@@ -415,15 +415,6 @@ def test_tasks_asking_for_gpus_need_a_gpu(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_unsupported_options_are_warned_about_with_what_happens_instead(tmp_path, capsys):
-    service = {"user": "nobody", "use_tensorboard": True}
-    opts = tiny_options(tmp_path, tiny_job(tmp_path, SHOW_ENV), service=service)
-    assert job("deploy", str(opts), state=tmp_path / "s") == 0
-    err = capsys.readouterr().err
-    assert 'service.user is "nobody", which is ignored: the tasks run as the user who deploys the job' in err
-    assert "service.use_tensorboard is true, which is ignored: no TensorBoard is started" in err
-
-
 # --- the command line: one sub-parser per action, each with only its own flags -------------------
 
 

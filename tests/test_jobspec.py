@@ -11,6 +11,7 @@ import pytest
 
 from lastlayer import fields
 from lastlayer.errors import UsageError
+from lastlayer.jobs import spec as spec_module
 from lastlayer.jobs.spec import JobSpec, ServiceSpec, TaskGroupSpec, describe_options
 
 # The walkthrough's demos/poets.json, verbatim (section "Distributing the job").
@@ -78,7 +79,7 @@ def test_the_walkthrough_file_loads_with_one_warning(tmp_path: Path):
         "worker.cpu is read as worker.cpus: rename the key to 'cpus' (the service's option name)"
     ]
     service = spec.service
-    assert (service.name, service.user, service.log_level) == ("tensorflow", "root", "INFO")
+    assert (service.name, service.user, service.log_level) == ("tensorflow", "", "INFO")  # "": the deployer
     assert service.job_url == "https://github.com/elezar/dcos-tensorflow-demos/archive/master.zip"
     assert service.job_path == "dcos-tensorflow-demos-master/poets"
     assert service.job_name == "poets"
@@ -125,10 +126,12 @@ def test_defaults_when_sections_are_missing():
     service = spec.service
     assert (service.name, service.user, service.log_level, service.job_path) == (
         "tensorflow",
-        "root",
+        "",
         "INFO",
         "",
     )
+    assert (service.job_url_max_bytes, service.job_url_timeout) == (512 * 2**20, 600.0)
+    assert (service.hdfs.config_max_bytes, service.hdfs.config_timeout) == (4 * 2**20, 30.0)
     assert (service.job_context, service.shared_filesystem, service.use_tensorboard) == ("{}", "", False)
     assert service.hdfs.config_uri == ""
     kerberos = service.security.kerberos
@@ -190,7 +193,10 @@ def test_unknown_keys_name_the_path_and_the_closest_option(key: str, expected: s
 
 def test_unknown_key_without_a_close_match_lists_the_options():
     message = error_of(with_changes(("service.hdfs.zzz", 1)))
-    assert message == "unknown option service.hdfs.zzz: remove it (options here: service.hdfs.config_uri)"
+    assert message == (
+        "unknown option service.hdfs.zzz: remove it (options here: service.hdfs.config_uri, "
+        "service.hdfs.config_max_bytes, service.hdfs.config_timeout)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -312,7 +318,12 @@ def test_kerberos_enabled_needs_its_settings():
         ("service.job_path", "/abs/poets", "service.job_path: '/abs/poets' must be a folder relative"),
         ("service.job_path", "a/../../b", "service.job_path: 'a/../../b' must be a folder relative"),
         ("service.name", "TensorFlow", "service.name: 'TensorFlow' is not a service name"),
-        ("service.user", "", "service.user: must not be empty"),
+        ("service.name", "../decoy", "service.name: '../decoy' is not a service name"),
+        ("service.name", "a/../b", "service.name: 'a/../b' is not a service name"),
+        ("service.job_url_max_bytes", 0, "service.job_url_max_bytes: must be >= 1, got 0"),
+        ("service.job_url_timeout", 0, "service.job_url_timeout: must be > 0, got 0"),
+        ("service.hdfs.config_max_bytes", -5, "service.hdfs.config_max_bytes: must be >= 1, got -5"),
+        ("service.hdfs.config_timeout", -1, "service.hdfs.config_timeout: must be > 0, got -1"),
     ],
 )
 def test_service_values(path: str, value: str, fragment: str):
@@ -358,7 +369,7 @@ def test_specs_are_frozen_and_construction_validates():
 def test_every_option_is_described_once():
     options = list(describe_options())
     paths = [path for path, _, _, _ in options]
-    assert len(paths) == len(set(paths)) == 32
+    assert len(paths) == len(set(paths)) == 36
     assert all(doc for _, _, _, doc in options)
     described = {path: (kind, default) for path, kind, default, _ in options}
     assert described["service.job_url"] == ("str", None)
@@ -366,20 +377,22 @@ def test_every_option_is_described_once():
     assert described["service.security.kerberos.kdc.port"] == ("int", 88)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Legacy:
+    """A section with an option accepted only to say what happens instead."""
+
+    knob: str = fields.option("off", "An old knob.", unsupported="nothing turns; leave knob out")
+    kept: int = fields.option(1, "A used option.")
+
+
 def test_unsupported_options_are_read_with_a_warning_saying_what_happens_instead():
-    spec, warnings = JobSpec.from_dict(
-        with_changes(("service.user", "alice"), ("service.use_tensorboard", True))
-    )
-    assert spec.service.user == "alice" and spec.service.use_tensorboard is True
-    assert warnings == [
-        'service.user is "alice", which is ignored: the tasks run as the user who deploys the job '
-        "(running them as another user is not supported yet); leave service.user out",
-        "service.use_tensorboard is true, which is ignored: no TensorBoard is started (not supported yet); "
-        "run `tensorboard --logdir` on the job's summaries folder yourself",
+    assert list(spec_module._unsupported(_Legacy(knob="on", kept=2), "legacy")) == [
+        'legacy.knob is "on", which is ignored: nothing turns; leave knob out'
     ]
-    # Their defaults, given or not, say nothing.
+    assert list(spec_module._unsupported(_Legacy(), "legacy")) == []  # the default says nothing
+    # The service's own options are all used now: service.user and use_tensorboard say nothing.
     assert (
-        JobSpec.from_dict(with_changes(("service.user", "root"), ("service.use_tensorboard", False)))[1] == []
+        JobSpec.from_dict(with_changes(("service.user", "alice"), ("service.use_tensorboard", True)))[1] == []
     )
 
 
@@ -398,6 +411,12 @@ def _unsupported(cls: type, path: str = "") -> set[str]:
 # Where the job service uses each option; a new option must be added here or marked unsupported.
 USED = {
     "service.name": "the state folder's name (state.Job.named)",
+    "service.user": "the account the tasks and TensorBoard become (user.run_as, task._become)",
+    "service.use_tensorboard": "TensorBoard on log_dir while the job runs (supervisor.start_tensorboard)",
+    "service.job_url_max_bytes": "the archive's download and extracted size (prepare._extract_job)",
+    "service.job_url_timeout": "the archive's download time (prepare._extract_job)",
+    "service.hdfs.config_max_bytes": "each Hadoop configuration file's size (prepare._hadoop_conf)",
+    "service.hdfs.config_timeout": "each Hadoop configuration file's download time (prepare._hadoop_conf)",
     "service.log_level": "the tasks' log level (TaskDescription.log_level)",
     "service.job_url": "the archive fetched (prepare._extract_job)",
     "service.job_path": "the job module's folder (prepare._extract_job)",
@@ -428,6 +447,6 @@ USED = {
 
 def test_every_option_is_used_or_warned_about():
     unsupported = _unsupported(JobSpec)
-    assert unsupported == {"service.user", "service.use_tensorboard"}
+    assert unsupported == set()
     assert {path for path, _, _, _ in describe_options()} == set(USED) | unsupported
     assert not set(USED) & unsupported

@@ -1,28 +1,51 @@
 """One bounded download: the bytes at a URL, at most so many, within so many seconds in all.
 
 ``http(s)://`` is read with urllib (``user:token@host`` becomes HTTP basic auth and is masked in
-every message); every other URL or plain path through :mod:`lastlayer.storage`. Both limits are
-settings the user can change, and every message that names a limit names its setting.
+every message); every other URL or plain path through :mod:`lastlayer.storage`, streamed, so a
+device, a FIFO or a huge file is stopped at the same bounds. Both limits are settings the user can
+change, and every message that names a limit names its setting.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
+import io
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from lastlayer import storage
-from lastlayer.errors import DataError, StorageError, UsageError
+from lastlayer.errors import DataError, LastlayerError, StorageError, UsageError
 from lastlayer.storage import StorageOptions
 
 _CHUNK = 1 << 20
 #: Longest wait for any one network read; the whole download is bounded by ``Limits.seconds``.
 READ_TIMEOUT_S = 60.0
+
+
+class Closable(Protocol):
+    """What is closed when a download is given up (an HTTP response)."""
+
+    def close(self) -> None: ...
+
+
+class Readable(Protocol):
+    """A binary stream read in chunks."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """Where downloaded bytes go."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -78,12 +101,30 @@ def fetch(
         StorageError: unreachable, refused, missing or too slow (one line, naming the time setting).
         DataError: larger than ``limits.max_bytes`` (naming the size setting).
     """
+    sink = io.BytesIO()
+    fetch_into(sink, url, limits, storage_options=storage_options, what=what)
+    return sink.getvalue()
+
+
+def fetch_into(
+    sink: Writable,
+    url: str,
+    limits: Limits,
+    *,
+    storage_options: StorageOptions | None = None,
+    what: str = "the file",
+) -> int:
+    """Write the bytes at ``url`` to ``sink`` (e.g. a file, so that memory stays small), within
+    ``limits``; returns how many. Raises as :func:`fetch` (``sink`` may then hold a part)."""
     if url.lower().startswith(("http://", "https://")):
-        return _http_get(url, limits, what)
-    data = storage.read_bytes(url, storage_options)
-    if len(data) > limits.max_bytes:
-        raise too_big(url, len(data), limits, what)
-    return data
+        return _bounded(
+            url, limits, lambda deadline, opened: _http_read(url, limits, what, deadline, opened, sink)
+        )
+    return _bounded(
+        url,
+        limits,
+        lambda deadline, opened: _storage_read(url, limits, what, deadline, opened, sink, storage_options),
+    )
 
 
 def too_big(url: str, size: int, limits: Limits, what: str) -> DataError:
@@ -96,8 +137,8 @@ def too_big(url: str, size: int, limits: Limits, what: str) -> DataError:
 
 def _timed_out(url: str, limits: Limits) -> StorageError:
     return StorageError(
-        f"cannot download {shown(url)}: no answer within {limits.seconds:g} s (check that the server "
-        f"is up and reachable from this machine, or allow a longer {limits.seconds_setting})"
+        f"cannot download {shown(url)}: no answer within {round(limits.seconds, 1):g} s (check that the "
+        f"server is up and reachable from this machine, or allow a longer {limits.seconds_setting})"
     )
 
 
@@ -112,17 +153,18 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
-def _http_get(url: str, limits: Limits, what: str) -> bytes:
-    """Download in a daemon thread and wait at most ``limits.seconds`` for it: urllib's own timeout
-    bounds each read, not the whole transfer, so a server trickling bytes could hold it for ever."""
+def _bounded(url: str, limits: Limits, read: Callable[[float, list[Closable]], int]) -> int:
+    """``read(deadline, opened)`` in a daemon thread, waited for at most ``limits.seconds``: a read's
+    own timeout bounds each read, not the whole transfer, so a server trickling bytes (or a FIFO, or a
+    hung file system) could hold it for ever. ``opened`` collects what to close on giving up."""
     deadline = time.monotonic() + limits.seconds
     outcome: dict[str, object] = {}
     finished = threading.Event()
-    response: list[http.client.HTTPResponse] = []
+    opened: list[Closable] = []
 
     def download() -> None:
         try:
-            outcome["data"] = _read_all(url, limits, what, deadline, response)
+            outcome["size"] = read(deadline, opened)
         except BaseException as exc:  # handed to the waiting thread
             outcome["error"] = exc
         finally:
@@ -130,17 +172,55 @@ def _http_get(url: str, limits: Limits, what: str) -> bytes:
 
     threading.Thread(target=download, name="lastlayer-fetch", daemon=True).start()
     if not finished.wait(limits.seconds):
-        for r in response:
-            r.close()  # the reader gives up at its next read
+        for handle in opened:
+            with contextlib.suppress(Exception):
+                handle.close()  # the reader gives up at its next read
         raise _timed_out(url, limits)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return outcome["data"]  # type: ignore[return-value]
+    return outcome["size"]  # type: ignore[return-value]
 
 
-def _read_all(
-    url: str, limits: Limits, what: str, deadline: float, opened: list[http.client.HTTPResponse]
-) -> bytes:
+def _copy_bounded(
+    stream: Readable, sink: Writable, url: str, limits: Limits, what: str, deadline: float
+) -> int:
+    """Copy every byte of ``stream`` to ``sink``, refusing more than ``limits.max_bytes`` or reading
+    past ``deadline``; returns how many."""
+    read = getattr(stream, "read1", stream.read)  # read1: what has arrived, without waiting for more
+    total = 0
+    while chunk := read(_CHUNK):
+        total += len(chunk)
+        if total > limits.max_bytes:
+            raise too_big(url, total, limits, what)
+        if time.monotonic() > deadline:
+            raise _timed_out(url, limits)
+        sink.write(chunk)
+    return total
+
+
+def _storage_read(
+    url: str,
+    limits: Limits,
+    what: str,
+    deadline: float,
+    opened: list[Closable],
+    sink: Writable,
+    storage_options: StorageOptions | None,
+) -> int:
+    fs, path = storage.url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as stream:
+            opened.append(stream)
+            return _copy_bounded(stream, sink, url, limits, what, deadline)
+    except LastlayerError:
+        raise
+    except Exception as exc:
+        raise storage.describe(exc, url, "read") from exc
+
+
+def _http_read(
+    url: str, limits: Limits, what: str, deadline: float, opened: list[Closable], sink: Writable
+) -> int:
     try:
         timeout = max(0.1, min(READ_TIMEOUT_S, deadline - time.monotonic()))
         with urllib.request.urlopen(_request(url), timeout=timeout) as response:
@@ -148,16 +228,7 @@ def _read_all(
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                 raise too_big(url, int(declared), limits, what)
-            chunks: list[bytes] = []
-            total = 0
-            while chunk := response.read1(_CHUNK):
-                total += len(chunk)
-                if total > limits.max_bytes:
-                    raise too_big(url, total, limits, what)
-                if time.monotonic() > deadline:
-                    raise _timed_out(url, limits)
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return _copy_bounded(response, sink, url, limits, what, deadline)
     except urllib.error.HTTPError as exc:
         raise StorageError(
             f"cannot download {shown(url)}: HTTP {exc.code} {one_line(exc.reason)} (check the URL and "

@@ -115,8 +115,17 @@ class RetrainedModel:
         return decode(data, self.info.preprocessing)
 
     def probabilities(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        """``float32 [N, C]`` class probabilities of prepared inputs (see :meth:`prepare`)."""
+        """``float32 [N, C]`` class probabilities of prepared inputs (see :meth:`prepare`).
+
+        Raises:
+            ModelError: the model gives NaN or infinite scores (its training diverged).
+        """
         (probs,) = self.session.run([self.output], {contract.IMAGE: np.stack(inputs)})
+        if not np.isfinite(probs).all():
+            raise ModelError(
+                f"{self.source} gives scores that are not numbers (NaN or infinite): its training "
+                "diverged; retrain it with a smaller --learning_rate"
+            )
         return probs
 
     def top(self, probs: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:

@@ -272,7 +272,9 @@ class JobOptions:
         False, "deploy / plan restart: return once the job runs; follow it with `plan show`."
     )
     timeout: float = option(
-        0.0, "deploy / plan restart: stop the tasks after this many seconds (0: no limit)."
+        0.0,
+        "deploy / plan restart: stop the job this many seconds after the command started, downloads "
+        "included (0: no limit).",
     )
     completed: bool = option(False, "log: read the log of a finished task.")
     root: str = option(

@@ -8,7 +8,10 @@ NameNode as the nameservice ``default`` (the walkthrough's ``hdfs://default/...`
 from __future__ import annotations
 
 import json
+import pwd
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import fsspec
@@ -156,3 +159,60 @@ def test_alice_cannot_write_where_only_tensorflow_may(deployment, capsys):
     plan = Plan.load(tmp / "state-alice" / "tensorflow" / "plan.json")
     message = plan.step("worker-0").message or ""
     assert plan.status == ERROR and "Permission denied: user=alice, access=WRITE" in message, message
+
+
+# Only modules the task has imported already: the interpreter may be out of the task user's reach.
+READS_ITS_CREDENTIALS = """\
+import json, os
+
+def main(server, log_dir, context):
+    facts = {"uid": os.getuid()}
+    for key in ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR"):
+        path = os.environ[key].removeprefix("FILE:")
+        if key == "HADOOP_CONF_DIR":
+            path = os.path.join(path, "core-site.xml")
+        with open(path, "rb") as f:
+            facts[key] = [path, os.stat(path).st_uid, f.read(2).hex()]
+    try:
+        open(context["keytab"], "rb").read()
+        facts["keytab"] = "read"
+    except OSError as exc:
+        facts["keytab"] = type(exc).__name__
+    print(json.dumps(facts))
+"""
+
+
+def test_tasks_running_as_another_user_read_the_login_through_their_own_copies(deployment):
+    """service.user with Kerberos: the task (as nobody) reads a copy of the credential cache, krb5.conf
+    and Hadoop configuration made for it, not the service's private files, and never the keytab."""
+    options, store, tmp = deployment
+    spec = json.loads(options().read_text())
+    zip_path = tmp / "creds.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("jobs/creds.py", READS_ITS_CREDENTIALS)
+    base = Path(tempfile.mkdtemp(prefix="lastlayer-hdfs-user-"))
+    base.chmod(0o755)  # pytest's folders are 0700: the task user could not reach the job
+    try:
+        state = base / "state"
+        service = spec["service"]
+        service.update(
+            name="creds",
+            user="nobody",
+            job_url=str(zip_path),
+            job_path="jobs",
+            job_name="creds",
+            job_context=json.dumps({"keytab": str(state / "creds" / "private" / "keytab")}),
+        )
+        service.pop("shared_filesystem")
+        path = tmp / "creds.json"
+        path.write_text(json.dumps(spec))
+        assert deploy(path, store, state) == 0
+        facts = json.loads((state / "creds" / "tasks" / "worker-0" / "stdout").read_text())
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert facts["uid"] == nobody and facts["keytab"] == "PermissionError"
+        for key in ("KRB5CCNAME", "KRB5_CONFIG", "HADOOP_CONF_DIR"):
+            copy, owner, _ = facts[key]
+            assert copy.startswith(str(state / "creds" / "task-private")) and owner == nobody, facts
+        assert facts["KRB5CCNAME"][2] == "0504"  # a credential cache (MIT format 4)
+    finally:
+        shutil.rmtree(base)

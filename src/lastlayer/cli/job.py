@@ -74,6 +74,19 @@ def _shown() -> Callable[[Plan], None]:
     return show
 
 
+def _print_plan(plan: Plan, name: str, state_dir: str) -> None:
+    """The plan as DC/OS draws it, then one line per failed step saying why, then TensorBoard's URL
+    while it runs."""
+    from lastlayer.jobs import api
+
+    print(plan.render())
+    for reason in plan.reasons():
+        print(reason)
+    board = api.tensorboard_task(name, state_dir or None)
+    if board is not None:
+        print(f"tensorboard: {board.message}")
+
+
 def deploy(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
     from lastlayer.jobs.plan import COMPLETE
@@ -89,10 +102,10 @@ def deploy(ns: argparse.Namespace, hadoop: Any) -> int:
         on_change=_shown(),
     )
     if opts.detach:
-        name = job.folder.name
+        name = job.name
         print(f"deployed {name}: follow it with `lastlayer job plan show --name {name}`")
         return 0
-    print(plan.render())
+    _print_plan(plan, job.name, opts.state_dir)
     return 0 if plan.status == COMPLETE else 1
 
 
@@ -100,7 +113,7 @@ def plan_show(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
 
     opts = _options(ns)
-    print(api.plan(opts.name, opts.state_dir or None).render())
+    _print_plan(api.plan(opts.name, opts.state_dir or None), opts.name, opts.state_dir)
     return 0
 
 
@@ -123,7 +136,7 @@ def plan_restart(ns: argparse.Namespace, hadoop: Any) -> int:
         timeout=opts.timeout or None,
         on_change=_shown(),
     )
-    print(plan.render())
+    _print_plan(plan, opts.name, opts.state_dir)
     return 0 if opts.detach or plan.status == COMPLETE else 1
 
 
@@ -131,7 +144,8 @@ def tasks(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
 
     opts = _options(ns)
-    for t in api.tasks(opts.name, opts.state_dir or None):
+    board = api.tensorboard_task(opts.name, opts.state_dir or None)
+    for t in api.tasks(opts.name, opts.state_dir or None) + ([board] if board else []):
         detail = f"  {t.message}" if t.message else ""
         code = "-" if t.exit_code is None else t.exit_code
         print(f"{t.name:<12} {t.status:<9} pid={t.pid or '-'} exit={code}{detail}")
@@ -182,13 +196,7 @@ def secret(ns: argparse.Namespace, hadoop: Any) -> int:
 
     opts = _options(ns)
     _need("secret", "the secret name and the file holding its value", ns.secret, ns.file)
-    try:
-        with open(ns.file, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot read {ns.file}: {exc.strerror}; give the file holding the secret's value"
-        ) from None
+    data = secret_store.read_value_file(ns.file)
     secret_store.write_secret(
         ns.secret, data, opts.secrets_dir or None, base64_encode=secret_store.is_base64_name(ns.secret)
     )

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from lastlayer.errors import UsageError
+from lastlayer.errors import StorageError, UsageError
+from lastlayer.jobs import tensorboard
 from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, Plan, new_plan
+from lastlayer.jobs.prepare import remaining
 from lastlayer.jobs.spec import JobSpec
-from lastlayer.jobs.state import Job, alive, end_process
+from lastlayer.jobs.state import STOP_GRACE_S, Job, JobLock, alive, end_process
 from lastlayer.jobs.supervisor import spawn, supervise
+from lastlayer.jobs.user import check_reachable, python_unreachable, run_as
 
 log = logging.getLogger(__name__)
 
 StateDir = str | os.PathLike[str] | None
+#: The most of a log ``task_log`` returns (its end), bytes.
+MAX_LOG_BYTES = 16 << 20
 
 
 def deploy(
@@ -38,31 +44,47 @@ def deploy(
 
     In the foreground the call returns when the plan is COMPLETE or in ERROR; with ``detach`` it
     returns once the supervisor runs, and ``plan show`` follows it. The options file's warnings
-    (an alias, an unsupported option) are logged.
+    (an alias) are logged. Everything that can be checked before the job's folder is touched is:
+    the options, ``service.user``, the state folder, and that no other deploy of the same name runs.
 
     Args:
         secrets_dir: the secret store holding ``keytab_secret``.
-        timeout: stop the tasks after this many seconds (``None``: no limit).
+        timeout: stop the job this many seconds after the call started, downloads included
+            (``None``: no limit).
         on_change: called with the plan after every status change (foreground only).
+
+    Raises:
+        UsageError: bad options or user, a bad state folder, or the job is deployed or runs already.
     """
-    spec, warnings = JobSpec.load(options)
+    deadline = _deadline(timeout)
+    spec, warnings = JobSpec.load(options, seconds=remaining(deadline))
     for warning in warnings:
         log.warning("%s", warning)
-    job = Job.named(spec.service.name, state_dir)
-    if job.supervisor_alive():
-        raise UsageError(
-            f"job {spec.service.name!r} is running: `lastlayer job stop --name "
-            f"{spec.service.name}` first, or deploy under another service.name"
-        )
-    shutil.rmtree(job.folder, ignore_errors=True)
-    job.folder.mkdir(parents=True)
-    job.save_spec(spec)
-    plan = new_plan({group: getattr(spec, group).count for _, group, _ in PHASES})
-    plan.save(job.plan_path)
-    if detach:
-        spawn(job, timeout, secrets_dir=secrets_dir)
-        return job, plan
-    return job, supervise(job, timeout, on_change, secrets_dir=secrets_dir)
+    job = Job.named(spec.service.name, state_dir, setting="service.name")
+    account = run_as(spec.service.user)
+    if account is not None:
+        check_reachable(job.folder, account)
+        blocked = python_unreachable(account)
+        if blocked is not None:
+            log.warning(
+                "service.user %r cannot enter %s, on the way to Python's standard library: what the "
+                "job imports once it runs as that user will fail; install Python where that user can "
+                "read it",
+                account.name,
+                blocked,
+            )
+    lock = job.lock()
+    try:
+        job.create()
+        job.save_spec(spec)
+        plan = new_plan({group: getattr(spec, group).count for _, group, _ in PHASES})
+        plan.save(job.plan_path)
+        if detach:
+            spawn(job, spec, lock, deadline=deadline, secrets_dir=secrets_dir)
+            return job, plan
+        return job, supervise(job, spec, deadline=deadline, on_change=on_change, secrets_dir=secrets_dir)
+    finally:
+        lock.close()
 
 
 def restart(
@@ -75,22 +97,44 @@ def restart(
     timeout: float | None = None,
     on_change: Callable[[Plan], None] | None = None,
 ) -> Plan:
-    """Run a failed step (or every step not COMPLETE) again; the bottleneck cache makes it resume."""
+    """Run a failed step (or every step not COMPLETE) again; the bottleneck cache makes it resume.
+
+    The options are those deployed; a URL whose password was masked is not fetched again (what the
+    deploy fetched is used).
+    """
+    deadline = _deadline(timeout)
     job = Job.named(name, state_dir)
     plan = job.plan()
-    if job.supervisor_alive():
-        raise UsageError(f"job {name!r} is still running: wait for it or `lastlayer job stop --name {name}`")
-    names = [s.name for s in plan.steps]
-    if step is not None and step not in names:
-        raise UsageError(f"no step {step!r} in the plan of {name!r}; steps: {', '.join(names)}")
-    for s in plan.steps:
-        if (step is None and s.status != COMPLETE) or s.name == step:
-            s.status, s.message, s.exit_code, s.restarts = PENDING, None, None, s.restarts + 1
-    plan.save(job.plan_path)
-    if detach:
-        spawn(job, timeout, secrets_dir=secrets_dir)
-        return plan
-    return supervise(job, timeout, on_change, secrets_dir=secrets_dir)
+    spec = job.spec()
+    try:
+        lock = job.lock()
+    except UsageError:
+        raise UsageError(
+            f"job {name!r} is still running: wait for it or `lastlayer job stop --name {name}`"
+        ) from None
+    try:
+        names = [s.name for s in plan.steps]
+        if step is not None and step not in names:
+            raise UsageError(f"no step {step!r} in the plan of {name!r}; steps: {', '.join(names)}")
+        for s in plan.steps:
+            if (step is None and s.status != COMPLETE) or s.name == step:
+                s.status, s.message, s.exit_code, s.restarts = PENDING, None, None, s.restarts + 1
+        plan.save(job.plan_path)
+        if detach:
+            spawn(job, spec, lock, deadline=deadline, secrets_dir=secrets_dir)
+            return plan
+        return supervise(job, spec, deadline=deadline, on_change=on_change, secrets_dir=secrets_dir)
+    finally:
+        lock.close()
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """When a deploy or restart started now with ``timeout`` must end (``time.monotonic()``)."""
+    if timeout is None:
+        return None
+    if not timeout > 0:
+        raise UsageError(f"timeout must be a positive number of seconds or None, got {timeout}")
+    return time.monotonic() + timeout
 
 
 def plan(name: str, state_dir: StateDir = None) -> Plan:
@@ -114,6 +158,12 @@ def tasks(name: str, state_dir: StateDir = None) -> list[TaskInfo]:
     return [TaskInfo(s.name, s.status, s.pid, s.exit_code, s.message) for s in plan(name, state_dir).steps]
 
 
+def tensorboard_task(name: str, state_dir: StateDir = None) -> TaskInfo | None:
+    """The job's TensorBoard while it runs (``service.use_tensorboard``), its URL as the message."""
+    found = tensorboard.running(Job.named(name, state_dir))
+    return None if found is None else TaskInfo("tensorboard", "RUNNING", found[0], None, found[1])
+
+
 def task_log(
     name: str,
     task: str,
@@ -122,7 +172,13 @@ def task_log(
     completed: bool = False,
     state_dir: StateDir = None,
 ) -> str:
-    """A task's stdout or stderr. A finished task's log needs ``completed``, as ``dcos task log``."""
+    """A task's stdout or stderr (its last :data:`MAX_LOG_BYTES`). A finished task's log needs
+    ``completed``, as ``dcos task log``.
+
+    Raises:
+        UsageError: no such task or stream, a finished task without ``completed``, or no log: the
+            task has not started yet, or it failed before it started (saying why).
+    """
     job = Job.named(name, state_dir)
     steps = job.plan()
     try:
@@ -133,21 +189,40 @@ def task_log(
         ) from None
     if stream not in ("stdout", "stderr"):
         raise UsageError(f"stream must be stdout or stderr, not {stream!r}")
-    if step.status in (COMPLETE, ERROR) and not completed:
-        raise UsageError(f"task {task} has finished ({step.status}): add --completed to read its log")
     path = job.task_dir(task) / stream
     if not path.exists():
+        if step.status == ERROR:
+            raise UsageError(
+                f"task {task} failed before it started, so it has no log: {step.message or 'no reason given'}"
+            )
         raise UsageError(f"task {task} has not started yet ({step.status}): no {stream} so far")
-    return path.read_text(errors="replace")
+    if step.status in (COMPLETE, ERROR) and not completed:
+        raise UsageError(f"task {task} has finished ({step.status}): add --completed to read its log")
+    return _tail(path)
+
+
+def _tail(path: Path) -> str:
+    """The text of a log, its last :data:`MAX_LOG_BYTES` when it is longer (saying so first)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - MAX_LOG_BYTES))
+            data = f.read(MAX_LOG_BYTES)
+    except OSError as exc:
+        raise StorageError(f"cannot read the log {path}: {exc.strerror}") from None
+    head = f"[the first {size - len(data):,} bytes of {path} are left out]\n" if size > len(data) else ""
+    return head + data.decode(errors="replace")
 
 
 def stop(name: str, state_dir: StateDir = None) -> Plan:
-    """Stop a running job: its supervisor and tasks; unfinished steps end in ERROR (stopped)."""
+    """Stop a running job: its supervisor, tasks and TensorBoard; unfinished steps end in ERROR
+    (stopped)."""
     job = Job.named(name, state_dir)
     job.plan()
     supervisor = job.supervisor_pid()
     if supervisor is not None:
         end_process(supervisor)
+    tensorboard.stop(job)
     steps = job.plan()
     for step in steps.steps:
         if step.pid is not None and alive(step.pid):
@@ -160,8 +235,25 @@ def stop(name: str, state_dir: StateDir = None) -> Plan:
 
 
 def uninstall(name: str, state_dir: StateDir = None) -> None:
-    """Stop the job if it runs and remove its state folder (logs and local outputs included)."""
+    """Stop the job if it runs and remove its state folder (logs and local outputs included); nothing
+    outside the state folder is removed."""
     job = Job.named(name, state_dir)
     job.plan()
     stop(name, state_dir)
-    shutil.rmtree(job.folder)
+    lock = _lock_after_stop(job)
+    try:
+        job.remove()
+    finally:
+        lock.remove()
+
+
+def _lock_after_stop(job: Job) -> JobLock:
+    """The job's lock, once its stopped supervisor has let it go (within :data:`STOP_GRACE_S`)."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while True:
+        try:
+            return job.lock()
+        except UsageError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -1,15 +1,17 @@
 """Job archives: fetch a zip or tar from a URL, tell which it is by content, and extract it safely.
 
-:func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch` (one bounded download:
-``http(s)://`` and every fsspec URL or plain path), tells zip from tar (plain, gzip, bzip2, xz) by
-content, and extracts into a temporary folder next to the destination that is renamed into place
-only when every member passed. Every member is checked before anything is written: refused are
-absolute names, ``..`` parts, links whose target leaves the tree, device files and FIFOs, more than
-:data:`MAX_MEMBERS` members and archives whose declared sizes pass ``max_bytes``. A tar is then
-written by :mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that
-leads outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes
-while writing (a zip header can understate a size). Last, every link must still resolve inside,
-since links can combine to leave the tree.
+:func:`fetch_and_extract` downloads through :func:`lastlayer.fetch.fetch_into` (one bounded
+download: ``http(s)://`` and every fsspec URL or plain path) into an unnamed temporary file, so a
+large archive never sits in memory, tells zip from tar (plain, gzip, bzip2, xz) by content (and
+describes what else it is without quoting it: it may be a secret served by mistake), and extracts
+into a temporary folder next to the destination that is renamed into place only when every member
+passed. Every member is checked before anything is written: refused are absolute names, ``..``
+parts, links whose target leaves the tree, device files and FIFOs, more than :data:`MAX_MEMBERS`
+members and archives whose declared sizes pass ``max_bytes``. A tar is then written by
+:mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that leads
+outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes while
+writing (a zip header can understate a size). Last, every link must still resolve inside, since
+links can combine to leave the tree.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from lastlayer import fetch
 from lastlayer.errors import DataError, StorageError, UsageError
@@ -48,7 +50,16 @@ DOWNLOAD_TIMEOUT_S = 600.0
 #: ``ZipInfo.create_system`` of archives made on Unix (their ``external_attr`` holds a file mode).
 UNIX_SYSTEM = 3
 _CHUNK = 1 << 20
+_HEAD = 1 << 20  # bytes looked at to tell what a download is
 _MAX_LINK = 4096
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The most bytes an archive may extract to, and the setting that says so (for messages)."""
+
+    size: int
+    setting: str
 
 
 @dataclass(frozen=True)
@@ -74,9 +85,11 @@ def fetch_and_extract(
     storage_options: StorageOptions | None = None,
     timeout: float = DOWNLOAD_TIMEOUT_S,
     replace: bool = False,
+    settings: tuple[str, str] = ("max_bytes", "timeout"),
 ) -> list[str]:
     """Download the zip or tar at ``job_url`` (within ``timeout`` seconds in all) and extract it into
-    ``dest_dir``.
+    ``dest_dir``; messages name ``max_bytes`` and ``timeout`` as ``settings`` (e.g.
+    ``("service.job_url_max_bytes", "service.job_url_timeout")``).
 
     ``dest_dir`` must not exist or be empty, unless ``replace`` (then the old folder is swapped out
     after a successful extraction). Returns the extracted members' relative paths in archive order,
@@ -91,9 +104,20 @@ def fetch_and_extract(
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, "max_bytes", "timeout")
-    data = fetch.fetch(job_url, limits, storage_options=storage_options, what="the archive")
-    return extract(data, dest, max_bytes=max_bytes, source=job_url, replace=replace)
+    limits = fetch.Limits(max_bytes + DOWNLOAD_SLACK, timeout, *settings)
+    with _spool(dest, fetch.shown(job_url)) as spool:  # on disk, not in memory: an archive may be large
+        fetch.fetch_into(spool, job_url, limits, storage_options=storage_options, what="the archive")
+        spool.seek(0)
+        return _extract(spool, dest, _Budget(max_bytes, settings[0]), fetch.shown(job_url), replace)
+
+
+def _spool(dest: Path, shown: str) -> IO[bytes]:
+    """An unnamed temporary file (0600) next to ``dest``, for the download."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(prefix=f".{dest.name}.download-", dir=dest.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot download {shown} into {dest}: {one_line(exc)}") from exc
 
 
 def extract(
@@ -103,20 +127,26 @@ def extract(
     max_bytes: int = DEFAULT_MAX_BYTES,
     source: str = "the archive",
     replace: bool = False,
+    bytes_setting: str = "max_bytes",
 ) -> list[str]:
-    """Extract archive bytes into ``dest_dir``; see :func:`fetch_and_extract` (``source`` names it)."""
+    """Extract archive bytes into ``dest_dir``; see :func:`fetch_and_extract` (``source`` names it,
+    ``bytes_setting`` names ``max_bytes`` in messages)."""
     if max_bytes <= 0:
         raise UsageError(f"max_bytes must be positive, got {max_bytes}")
     dest = Path(dest_dir).absolute()
     _check_dest(dest, replace)
-    shown = fetch.shown(source)
+    return _extract(io.BytesIO(data), dest, _Budget(max_bytes, bytes_setting), fetch.shown(source), replace)
+
+
+def _extract(data: BinaryIO, dest: Path, budget: _Budget, shown: str, replace: bool) -> list[str]:
+    """Extract the archive ``data`` (a seekable file) into ``dest`` (checked)."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
     except OSError as exc:
         raise StorageError(f"cannot extract {shown} into {dest}: {one_line(exc)}") from exc
     try:
-        names = _extract_into(data, work, max_bytes, shown)
+        names = _extract_into(data, work, budget, shown)
         work.chmod(0o755)
         _publish(work, dest, replace)
     except BaseException as exc:
@@ -159,7 +189,7 @@ def _publish(work: Path, dest: Path, replace: bool) -> None:
             old.unlink(missing_ok=True)
 
 
-def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[str]:
+def _extract_into(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[str]:
     """Check every member, write them, then verify links; returns the names in archive order."""
     kind = _detect(data, shown)
     try:
@@ -188,9 +218,9 @@ def _extract_into(data: bytes, root: Path, max_bytes: int, shown: str) -> list[s
     return list(seen)
 
 
-def _extract_zip(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+def _extract_zip(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """Folders and files first (no link exists yet, none is followed), then symbolic links."""
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    with zipfile.ZipFile(data) as zf:
         checked = _check_members(zf.infolist(), max_bytes, shown)
         written = 0
         for member in checked:
@@ -206,14 +236,14 @@ def _extract_zip(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_M
     return checked
 
 
-def _extract_tar(data: bytes, root: Path, max_bytes: int, shown: str) -> list[_Member]:
+def _extract_tar(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
     """The checked members, written by tarfile through its ``"data"`` filter (modes 0644 / 0755).
 
     A tar writes exactly the sizes its headers declare, so the declared total bounds the bytes
     written; a hard link costs nothing, except where the file system makes no hard links and tarfile
     copies the file instead: then it counts as a copy.
     """
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+    with tarfile.open(fileobj=data, mode="r:*") as tar:
         checked = _check_members(tar, max_bytes, shown, hard_links_copy=not _hard_links_work(root))
         by_info = {id(member.source): member for member in checked}
 
@@ -267,8 +297,11 @@ def _corrupt(shown: str, exc: BaseException) -> DataError:
     )
 
 
-def _detect(data: bytes, shown: str) -> str:
-    """``"zip"`` or ``"tar"`` from the bytes themselves; anything else is refused, saying what it is."""
+def _detect(source: BinaryIO, shown: str) -> str:
+    """``"zip"`` or ``"tar"`` from the bytes themselves; anything else is refused, saying what it is.
+    ``source`` is left at its start."""
+    data = source.read(_HEAD)
+    source.seek(0)
     if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
     if data[257:262] == b"ustar":
@@ -279,7 +312,9 @@ def _detect(data: bytes, shown: str) -> str:
             return "tar"
         what = f"{compression}-compressed {_describe(head)}, not a tar archive"
         raise DataError(f"{shown}: not a zip or tar archive: found {what}; {_ARCHIVE_HINT}")
-    if zipfile.is_zipfile(io.BytesIO(data)):  # e.g. a self-extracting zip
+    found = zipfile.is_zipfile(source)  # e.g. a self-extracting zip
+    source.seek(0)
+    if found:
         return "zip"
     raise DataError(f"{shown}: not a zip or tar archive: found {_describe(data)}; {_ARCHIVE_HINT}")
 
@@ -297,9 +332,9 @@ def _decompressed_head(data: bytes, shown: str) -> tuple[str, bytes]:
         return "", b""
     try:
         if name == "gzip":
-            head = decompressor.decompress(data[: 1 << 20], 1024)
+            head = decompressor.decompress(data, 1024)
         else:
-            head = decompressor.decompress(data[: 1 << 20], max_length=1024)
+            head = decompressor.decompress(data, max_length=1024)
     except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as exc:
         raise _corrupt(shown, exc) from None
     if len(head) < 512 and not decompressor.eof:
@@ -310,20 +345,33 @@ def _decompressed_head(data: bytes, shown: str) -> tuple[str, bytes]:
 _ARCHIVE_HINT = "check the URL: it must serve a .zip, .tar.gz or .tar archive"
 
 
+#: Formats told by their first bytes when a download is not an archive.
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF": "a PDF document",
+    b"\x7fELF": "an ELF program",
+}
+
+
 def _describe(data: bytes) -> str:
+    """What ``data`` looks like, never quoting it (it may be a secret served by mistake)."""
     if not data:
         return "an empty file"
     head = data[:512]
     start = head.lstrip()[:15].lower()
     if start.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
         return "an HTML or XML page (an error or login page?)"
+    for magic, name in _MAGIC.items():
+        if data.startswith(magic):
+            return name
     try:
-        text = head.decode("utf-8")
+        head.decode("utf-8")
     except UnicodeDecodeError:
-        return f"binary data starting with {data[:8].hex(' ')}"
+        return "binary data"
     if start[:1] in (b"{", b"["):
         return "JSON or other text"
-    return f"text starting with {text.strip()[:40]!r}"
+    return "text"
 
 
 ReadMember = Callable[[Any], IO[bytes]]
@@ -396,7 +444,7 @@ def _special(mode: int) -> str:
 
 
 def _check_members(
-    raw_members: Iterable[Any], max_bytes: int, shown: str, *, hard_links_copy: bool = False
+    raw_members: Iterable[Any], max_bytes: _Budget, shown: str, *, hard_links_copy: bool = False
 ) -> list[_Member]:
     """Every member checked before anything is written (names, kinds, link targets, sizes).
 
@@ -429,10 +477,10 @@ def _check_members(
             target = _check_hard_link(raw, target, kinds, shown)
             size = file_sizes[target] if hard_links_copy else 0
         declared += size
-        if declared > max_bytes:
+        if declared > max_bytes.size:
             raise DataError(
                 f"{shown}: member {raw!r} brings the declared size to {declared:,} bytes, over the "
-                f"{max_bytes:,} allowed; refused (raise max_bytes if you trust the archive)"
+                f"{max_bytes.size:,} allowed; refused (raise {max_bytes.setting} if you trust the archive)"
             )
         previous = kinds.get(name)
         if previous is not None and not (previous == kind and kind in ("dir", "file")):
@@ -497,7 +545,7 @@ def _mkdir(root: Path, member: _Member, shown: str) -> None:
 
 
 def _write_file(
-    root: Path, member: _Member, read: ReadMember, written: int, max_bytes: int, shown: str
+    root: Path, member: _Member, read: ReadMember, written: int, max_bytes: _Budget, shown: str
 ) -> int:
     """Write one file (no link exists yet in the tree, and none is followed); returns bytes so far."""
     dest = _path(root, member)
@@ -510,10 +558,10 @@ def _write_file(
     with os.fdopen(fd, "wb") as out, read(member.source) as src:
         while chunk := src.read(_CHUNK):
             written += len(chunk)
-            if written > max_bytes:
+            if written > max_bytes.size:
                 raise DataError(
-                    f"{shown}: member {member.name!r} takes the extracted size past the {max_bytes:,} bytes "
-                    "allowed (more than its header declared); refused"
+                    f"{shown}: member {member.name!r} takes the extracted size past the {max_bytes.size:,} "
+                    f"bytes allowed by {max_bytes.setting} (more than its header declared); refused"
                 )
             out.write(chunk)
         os.fchmod(out.fileno(), 0o755 if member.executable else 0o644)

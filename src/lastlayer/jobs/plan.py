@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lastlayer.storage import write_atomic
+from lastlayer.jobs.secret_store import write_private
 
 PENDING, STARTING, RUNNING, COMPLETE, ERROR = "PENDING", "STARTING", "RUNNING", "COMPLETE", "ERROR"
 #: (phase name, task group key in the options file, task name prefix)
@@ -103,6 +103,10 @@ class Plan:
                 lines.append(f"{'   ' if last_phase else '│  '}{branch} {step.name}:[node] ({step.status})")
         return "\n".join(lines)
 
+    def reasons(self) -> list[str]:
+        """``"worker-0: why it failed"``, one line for each step in ERROR."""
+        return [f"{s.name}: {s.message or 'failed'}" for s in self.steps if s.status == ERROR]
+
     def to_json(self) -> str:
         """JSON for ``plan.json``."""
         return json.dumps({"name": self.name, "phases": [asdict(p) for p in self.phases]}, indent=1)
@@ -114,8 +118,8 @@ class Plan:
         return cls([Phase(p["name"], [Step(**s) for s in p["steps"]]) for p in raw["phases"]], raw["name"])
 
     def save(self, path: Path) -> None:
-        """Write atomically (a second shell may be reading it)."""
-        write_atomic(str(path), self.to_json().encode())
+        """Write atomically (a second shell may be reading it), owner-only."""
+        write_private(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: Path) -> Plan:

@@ -23,6 +23,8 @@ ENV_VAR = "LASTLAYER_SECRETS_DIR"
 BASE64_PREFIX = "__dcos_base64__"
 _TEMP_PREFIX = ".tmp-secret-"
 _LISTED = 20  # names shown when a secret is missing
+#: Largest secret value, bytes (a keytab is a few KiB).
+MAX_SECRET_BYTES = 1 << 20
 
 
 def store_dir(store: str | os.PathLike[str] | None = None) -> Path:
@@ -68,7 +70,12 @@ def read_secret(name: str, store: str | os.PathLike[str] | None = None) -> bytes
         os.close(fd)
         raise
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read()
+        data = handle.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise UsageError(
+            f"secret {name!r}: {path} holds more than {MAX_SECRET_BYTES:,} bytes, too many for a secret; "
+            "store the right file"
+        )
     if not is_base64_name(name):
         return data
     try:
@@ -114,6 +121,32 @@ def write_secret(
     _make_private_dirs(path.parent)
     write_private(path, data)
     return path
+
+
+def read_value_file(path: str) -> bytes:
+    """The bytes of ``path``, the file holding a secret's value to store (a regular file of at most
+    :data:`MAX_SECRET_BYTES`).
+
+    Raises:
+        UsageError: missing, unreadable, not a regular file, or too large (one line each).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {path}: {exc.strerror}; give the file holding the secret's value"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file; give the file holding the secret's value")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise UsageError(
+            f"{path} holds more than {MAX_SECRET_BYTES:,} bytes, too many for a secret; give the file "
+            "holding the secret's value (e.g. the keytab)"
+        )
+    return data
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -19,13 +19,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
 
-from lastlayer import fields, storage
-from lastlayer.errors import UsageError
+from lastlayer import fields
+from lastlayer.errors import DataError, UsageError
+from lastlayer.fetch import Limits, fetch, shown
 from lastlayer.fields import LOG_LEVELS, option
 from lastlayer.storage import StorageOptions
 
 _SERVICE_NAME_RE = re.compile(r"/?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 _MODULE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Largest options file read, bytes, and the longest wait for one (e.g. given as a URL), seconds.
+MAX_OPTIONS_BYTES = 1 << 20
+OPTIONS_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +70,14 @@ class HdfsSpec:
     config_uri: str = option(
         "", "Base URL serving core-site.xml and hdfs-site.xml (e.g. the HDFS service's endpoints)."
     )
+    config_max_bytes: int = option(
+        4 * 1024 * 1024,
+        "Largest core-site.xml or hdfs-site.xml accepted from config_uri, bytes (lastlayer's own).",
+        minimum=1,
+    )
+    config_timeout: float = option(
+        30.0, "Seconds allowed to download each file from config_uri (lastlayer's own).", above=0
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,22 +88,27 @@ class ServiceSpec:
         "tensorflow", "Name of the service (lower-case letters, digits, '-', '/' for folders)."
     )
     user: str = option(
-        "root",
-        "User the tasks run as.",
-        unsupported="the tasks run as the user who deploys the job (running them as another user is not "
-        "supported yet); leave service.user out",
+        "",
+        "User the tasks (and TensorBoard) run as; another user than the deploying one needs a service "
+        "running as root (default: the user who deploys the job).",
     )
     log_level: str = option("INFO", "Log level of the job.", choices=LOG_LEVELS)
     job_url: str = option(doc="URL of the job archive (zip or tar.gz), e.g. a GitHub master.zip.")
+    job_url_max_bytes: int = option(
+        512 * 1024 * 1024,
+        "Largest job archive, bytes: what is downloaded from job_url and what it extracts to "
+        "(lastlayer's own).",
+        minimum=1,
+    )
+    job_url_timeout: float = option(600.0, "Seconds allowed to download job_url (lastlayer's own).", above=0)
     job_path: str = option("", "Folder inside the extracted archive that holds the job's Python file.")
     job_name: str = option(doc="Name of the job's Python file without .py (e.g. poets for poets.py).")
     job_context: str = option("{}", "A JSON object, as a string, handed to the job (e.g. its args).")
     shared_filesystem: str = option("", "URL of the job's shared folder; replaces {{shared_filesystem}}.")
     use_tensorboard: bool = option(
         False,
-        "Run TensorBoard on the shared folder's summaries.",
-        unsupported="no TensorBoard is started (not supported yet); run `tensorboard --logdir` on the "
-        "job's summaries folder yourself",
+        "Run TensorBoard on the job's log_dir (its summaries) while the job runs, on 127.0.0.1; "
+        "`job plan show` and `job tasks` print its URL.",
     )
     hdfs: HdfsSpec = option(doc="HDFS client settings.", factory=HdfsSpec)
     security: SecuritySpec = option(doc="Security settings.", factory=SecuritySpec)
@@ -146,15 +163,25 @@ class JobSpec:
 
     @classmethod
     def load(
-        cls, path_or_url: str, storage_options: StorageOptions | None = None
+        cls, path_or_url: str, storage_options: StorageOptions | None = None, *, seconds: float | None = None
     ) -> tuple[JobSpec, list[str]]:
         """Read a JSON options file (local path or fsspec URL); returns ``(spec, warning lines)``.
 
+        The read is bounded: at most :data:`MAX_OPTIONS_BYTES`, within ``seconds`` (the deploy's
+        ``--timeout`` left; default :data:`OPTIONS_TIMEOUT_S`).
+
         Raises:
-            StorageError: the file cannot be read.
-            UsageError: it is not JSON (with line and column) or its options are wrong.
+            StorageError: the file cannot be read in time.
+            UsageError: it is too large, not JSON (with line and column) or its options are wrong.
         """
-        raw = storage.read_bytes(path_or_url, storage_options)
+        limits = Limits(MAX_OPTIONS_BYTES, seconds or OPTIONS_TIMEOUT_S, "", "--timeout")
+        try:
+            raw = fetch(path_or_url, limits, storage_options=storage_options, what="the options file")
+        except DataError:
+            raise UsageError(
+                f"{shown(path_or_url)}: more than {MAX_OPTIONS_BYTES:,} bytes, too large for an options file "
+                "(a small JSON file): check the path"
+            ) from None
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -384,15 +411,21 @@ def _type_ok(kind: Any, value: Any) -> bool:
     return isinstance(value, kind)
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a service name (DC/OS's rules), or ``None`` when it is one."""
+    if _SERVICE_NAME_RE.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a service name: use lower-case letters, digits and '-' (not at either end), "
+        "with '/' between folder levels, e.g. tensorflow or dev/poets"
+    )
+
+
 def _check_service(spec: ServiceSpec, path: str) -> list[str]:
     problems: list[str] = []
-    if not _SERVICE_NAME_RE.fullmatch(spec.name):
-        problems.append(
-            f"{_join(path, 'name')}: {spec.name!r} is not a service name: use lower-case letters, digits "
-            "and '-' (not at either end), with '/' between folder levels, e.g. tensorflow or dev/poets"
-        )
-    if not spec.user:
-        problems.append(f"{_join(path, 'user')}: must not be empty; name the user the tasks run as")
+    problem = name_problem(spec.name)
+    if problem:
+        problems.append(f"{_join(path, 'name')}: {problem}")
     if not spec.job_url.strip():
         problems.append(f"{_join(path, 'job_url')}: must not be empty; give the URL of the job archive")
     if not _MODULE_NAME_RE.fullmatch(spec.job_name):

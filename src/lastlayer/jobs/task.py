@@ -2,12 +2,15 @@
 
 The supervisor starts ``python -m lastlayer.jobs.task`` with a :class:`TaskDescription` as JSON in the
 ``LASTLAYER_TASK`` environment variable. Before the tasks start, preparation asks the job module how
-its workers should run with ``python -m lastlayer.jobs.task --executors ANSWER.json`` (same
-description): a job module may define ``executors(context) -> str | None``; ``"spark"`` makes the
-workers Spark executors driven by worker-0, ``None`` (or no such function) keeps one process per
-worker; the module is imported once more for that question, so importing it and answering should be
-quick and free of side effects. This module is the task's edge: it configures logging and prints
-its own errors.
+its workers should run with ``python -m lastlayer.jobs.task --executors FD`` (same description; the
+answer goes to the open file descriptor FD): a job module may define ``executors(context) -> str |
+None``; ``"spark"`` makes the workers Spark executors driven by worker-0, ``None`` (or no such
+function) keeps one process per worker; the module is imported once more for that question, so
+importing it and answering should be quick and free of side effects. ``--tensorboard`` runs
+TensorBoard on the description's ``log_dir`` (``service.use_tensorboard``). Each mode first becomes
+``service.user`` when that is another user (:func:`lastlayer.jobs.user.become`), before any job code
+is imported. This module is the task's edge: it configures logging, sets ``HOME`` and prints its own
+errors.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, NoReturn
 
 from lastlayer.errors import LastlayerError
 from lastlayer.fetch import one_line
-from lastlayer.storage import write_atomic
+from lastlayer.jobs.user import become, run_as
 
 TASK_ENV = "LASTLAYER_TASK"
 #: Exit code of a task whose job module or ``main`` cannot be found, or whose description is wrong.
@@ -68,6 +71,9 @@ class TaskDescription:
         log_dir: the job's shared folder (``service.shared_filesystem``) or its persistent folder.
         context: ``service.job_context``, parsed.
         log_level: ``service.log_level``.
+        user: ``service.user``: the account the task becomes before it imports the job's code
+            (``""``: the supervisor's own).
+        cores: the CPUs the task keeps to (its affinity, set first; empty: all).
     """
 
     cluster: dict[str, list[str]]
@@ -78,6 +84,8 @@ class TaskDescription:
     log_dir: str
     context: dict[str, Any]
     log_level: str = "INFO"
+    user: str = ""
+    cores: list[int] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         """The description as JSON (:meth:`from_json` reads it back)."""
@@ -101,9 +109,14 @@ class TaskDescription:
             and all(isinstance(a, list) and all(isinstance(x, str) for x in a) for a in cluster.values()),
             "index": isinstance(data["index"], int) and not isinstance(data["index"], bool),
             "context": isinstance(data["context"], dict),
+            "cores": isinstance(data["cores"], list)
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in data["cores"]),
         }
         checks.update(
-            {n: isinstance(data[n], str) for n in ("role", "module_dir", "module", "log_dir", "log_level")}
+            {
+                n: isinstance(data[n], str)
+                for n in ("role", "module_dir", "module", "log_dir", "log_level", "user")
+            }
         )
         wrong = sorted(name for name, ok in checks.items() if not ok)
         if wrong:
@@ -132,6 +145,19 @@ def _description() -> TaskDescription:
         return TaskDescription.from_json(text)
     except ValueError as exc:
         _fail(f"{TASK_ENV} is not a task description: {one_line(exc)}")
+
+
+def _become(task: TaskDescription) -> None:
+    """Become ``task.user`` (groups, gid, uid, then ``HOME``, ``USER``, ``LOGNAME``) when it is not
+    this process's user; exits with a message when that fails, before any job code is imported."""
+    try:
+        account = run_as(task.user)
+        if account is None:
+            return
+        become(account)
+    except (LastlayerError, OSError) as exc:
+        _fail(f"cannot run the task as service.user {task.user!r}: {one_line(exc)}")
+    os.environ.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
 
 
 def _contents(folder: Path) -> str:
@@ -178,6 +204,9 @@ def run() -> int:
         stream=sys.stderr,
     )
     server = task.server()
+    if task.cores:
+        os.sched_setaffinity(0, task.cores)  # before any thread starts, so every pool follows
+    _become(task)
     main = _load_main(_load_module(Path(task.module_dir), task.module))
     logging.getLogger(__name__).info(
         "Task %s: running %s.main (log_dir %s)", server.task_name, task.module, task.log_dir
@@ -193,10 +222,12 @@ def run() -> int:
     return result if isinstance(result, int) else 0
 
 
-def answer_executors(answer: Path) -> int:
-    """Write ``{"executors": <the job module's executors(context), or null>}`` to ``answer``, or
+def answer_executors(answer: int) -> int:
+    """Write ``{"executors": <the job module's executors(context), or null>}`` to the file
+    descriptor ``answer`` (opened by the asker, so the task's user need not reach its folder), or
     ``{"error": "..."}`` when that function fails; nothing when the module cannot be loaded."""
     task = _description()
+    _become(task)
     module = _load_module(Path(task.module_dir), task.module)
     ask = getattr(module, "executors", None)
     try:
@@ -204,11 +235,26 @@ def answer_executors(answer: Path) -> int:
         json.dumps(result)
     except Exception as exc:
         result = {"error": f"{exc.__class__.__name__}: {one_line(exc)}"}
-    write_atomic(str(answer), json.dumps(result).encode())  # the asker reads a whole answer or none
+    with os.fdopen(answer, "wb") as out:  # one write; the asker reads it once this process ended
+        out.write(json.dumps(result).encode())
+    return 0
+
+
+def tensorboard() -> int:
+    """Run TensorBoard on the task's ``log_dir``, on 127.0.0.1 and a free port, as ``user``."""
+    task = _description()
+    from tensorboard import main as tensorboard_main  # the test extra; the supervisor checked it
+
+    _become(task)  # after importing TensorBoard (no job code), so its files need not be the user's
+
+    sys.argv = ["tensorboard", "--logdir", task.log_dir, "--host", "127.0.0.1", "--port", "0"]
+    tensorboard_main.run_main()
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--executors"] and len(sys.argv) == 3:
-        sys.exit(answer_executors(Path(sys.argv[2])))
+    if sys.argv[1:2] == ["--executors"] and len(sys.argv) == 3 and sys.argv[2].isdigit():
+        sys.exit(answer_executors(int(sys.argv[2])))
+    if sys.argv[1:] == ["--tensorboard"]:
+        sys.exit(tensorboard())
     sys.exit(run())
