@@ -22,7 +22,7 @@ from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.train import Classifier
-from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, load_feature_model, resolve
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_feature_model, resolve
 
 DIM = 8
 
@@ -57,10 +57,10 @@ class ClassFeatures(Engine):
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> FeatureModel:
-    """A FeatureModel that is never run (the stand-in engine computes the features)."""
+def tiny_model() -> Backbones:
+    """A network that is never run (the stand-in engine computes the features)."""
     preprocessing = resolve(DEFAULT_ARCHITECTURE)[1].preprocessing
-    return FeatureModel("tiny", b"", preprocessing, DIM, "0" * 64)
+    return Backbones((FeatureModel("tiny", b"", preprocessing, DIM, "0" * 64),))
 
 
 def run_for(tmp_path, image_dir, **training) -> pipeline.Run:
@@ -174,7 +174,7 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
 
 
 def test_export_writes_a_model_that_label_reads_back(tmp_path, model_dir):
-    model = load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))
+    model = Backbones((load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir)),))
     clf = Classifier(np.zeros((model.feature_size, 2), np.float32), np.array([0.0, 1.0], np.float32))
     outputs = OutputConfig(output_graph=str(tmp_path / "m.onnx"), output_labels=str(tmp_path / "l.txt"))
     pipeline.export(model, clf, ("cat", "dog"), outputs, 5, None)
