@@ -23,6 +23,7 @@ from lastlayer.errors import UsageError
 from lastlayer.evaluate import balanced_accuracy, folds, largest_share, macro_f1
 from lastlayer.features import compute_bottlenecks, distortion_key
 from lastlayer.inference import RetrainedModel
+from lastlayer.preprocess import decode
 from lastlayer.train import Classifier, Sampler, Standardizer, TrainConfig, draw_counts, train
 from lastlayer.zoo import load_backbones, load_feature_model
 from lastlayer.zoo.backbones import split_architecture
@@ -188,3 +189,17 @@ def test_distorted_variants_are_only_those_training_draws(tmp_path, model_dir, c
     folder = tmp_path / "b" / model.key[:16] / distortion_key(training.distortions)
     assert len(FeatureStore(str(folder), model.feature_size)) == expected
     assert summary.cache.computed == len(images.files)
+
+
+def test_block_features_extend_the_plain_features_in_the_same_pass(model_dir, shapes_dir):
+    plain = load_feature_model("mobilenet_v2_1.0_128", str(model_dir))
+    blocks = load_feature_model("mobilenet_v2_1.0_128", str(model_dir), block_features=True)
+    assert blocks.feature_size == 1280 + 712 and blocks.key != plain.key
+    photo = next(shapes_dir.rglob("*.jpg")).read_bytes()
+    x = decode(photo, plain.preprocessing)[None]
+    (a,) = plain.session().run([contract.FEATURES], {contract.IMAGE: x})
+    (b,) = blocks.session().run([contract.FEATURES], {contract.IMAGE: x})
+    assert b.shape == (1, 1992) and np.array_equal(a, b[:, :1280])
+    again = load_feature_model("mobilenet_v2_1.0_128", str(model_dir), block_features=True)
+    assert again.feature_size == 1992 and again.key == blocks.key  # from the cache
+    assert len({p.name for p in model_dir.glob("mobilenet_v2_1.0_128-*.onnx")}) == 2

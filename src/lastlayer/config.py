@@ -79,6 +79,11 @@ class TrainingConfig:
         special=(0,),
         rule="must be 0 (off) or at least 2",
     )
+    block_features: bool = option(
+        False,
+        "Add each block group's average-pooled output to the features of the shipped networks (the "
+        "same network pass; helps most on images unlike ImageNet's, such as greyscale industrial ones).",
+    )
     flip_left_right: bool = option(False, "Randomly flip half of the training images horizontally.")
     random_crop: float = option(
         0,

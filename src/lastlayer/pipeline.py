@@ -148,7 +148,9 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     image_dir = run.image_dir or _demo()
     seed = run.training.random_seed if run.training.random_seed is not None else secrets.randbits(32)
     log.info("Random seed: %d", seed)
-    model = load_model(run.architecture, run.cache.model_dir, run.storage_options)
+    model = load_model(
+        run.architecture, run.cache.model_dir, run.storage_options, run.training.block_features
+    )
     run.lap("model_s")
     images = scan_images(image_dir, run.training, run.storage_options)
     run.lap("scan_s")
@@ -182,9 +184,14 @@ def _demo() -> str:
 
 
 # -- stages -------------------------------------------------------------------------------------
-def load_model(architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None) -> Backbones:
+def load_model(
+    architecture: str,
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None,
+    block_features: bool = False,
+) -> Backbones:
     """The feature network(s) of ``architecture`` (each built and cached in ``model_dir`` on first use)."""
-    models = load_backbones(architecture, model_dir, storage_options)
+    models = load_backbones(architecture, model_dir, storage_options, block_features)
     for model in models:
         if model.warning:
             log.warning("%s", model.warning)

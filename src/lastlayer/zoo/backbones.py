@@ -74,10 +74,13 @@ def split_architecture(architecture: str) -> list[str]:
 
 
 def load_backbones(
-    architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None = None
+    architecture: str,
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None = None,
+    block_features: bool = False,
 ) -> Backbones:
     """The networks of ``--architecture`` (see :func:`split_architecture`), each loaded with
-    :func:`~lastlayer.zoo.load_feature_model`.
+    :func:`~lastlayer.zoo.load_feature_model` (``block_features`` passed on).
 
     Raises:
         UsageError: a bad list, or an unknown name.
