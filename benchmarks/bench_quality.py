@@ -95,11 +95,11 @@ def head(standardize: bool, balance: bool, steps: int, seed: int) -> Fit:
 
 
 def features(
-    images_dir: Path, architecture: str, bottleneck_dir: str, model_dir: str
+    images_dir: Path, architecture: str, bottleneck_dir: str, model_dir: str, blocks: bool
 ) -> tuple[pipeline.TrainingData, int]:
     """The cached (else computed) features of every image, as the run's training data."""
     images = scan(str(images_dir), 10, 10)
-    models = load_backbones(architecture, model_dir)
+    models = load_backbones(architecture, model_dir, block_features=blocks)
     run = pipeline.Run(
         str(images_dir),
         architecture,
@@ -121,7 +121,9 @@ def accuracy(args: argparse.Namespace) -> None:
         print("|---|---|---|---|---|---|")
         base: np.ndarray | None = None
         for architecture in args.architectures:
-            data, n_classes = features(images_dir, architecture, args.bottleneck_dir, args.model_dir)
+            data, n_classes = features(
+                images_dir, architecture, args.bottleneck_dir, args.model_dir, args.block_features
+            )
             for name in args.heads:
                 standardize, balance = HEADS[name]
                 confusions = [
@@ -141,7 +143,8 @@ def accuracy(args: argparse.Namespace) -> None:
                     for s in (cv.accuracy, cv.balanced_accuracy, cv.macro_f1)
                 ]
                 paired = f"{d.mean():+.1f} (se {d.std() / np.sqrt(len(d)):.1f})"
-                print(f"| {architecture} | {name} | {' | '.join(cells)} | {paired} |", flush=True)
+                shown = architecture + (" (block features)" if args.block_features else "")
+                print(f"| {shown} | {name} | {' | '.join(cells)} | {paired} |", flush=True)
         print(f"largest class share: {100 * cv.largest_class_share:.1f}%")
 
 
@@ -175,6 +178,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block-features", action="store_true", help="as retrain's --block_features")
     parser.add_argument("--bottleneck-dir", default="/tmp/quality-bottlenecks")
     parser.add_argument("--model-dir", default="/tmp/quality-models")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,7 +86,7 @@ class CacheNeed:
     plain: KeyLookup
     distorted: KeyLookup | None
     variants: int
-    draws: np.ndarray | None = None
+    draws: np.ndarray | None = field(default=None, compare=False)
 
     def wanted(self, index: int) -> int:
         """Distorted variants wanted for the training image at position ``index``."""

@@ -419,7 +419,8 @@ def fit(
     if not len(data.labels[VALIDATION]):
         log.warning("The validation set is empty: no validation accuracy (raise --validation_percentage)")
     with train_writer, validation_writer:
-        clf = _train(data, len(labels), _train_config(run.training, seed), on_eval, on_checkpoint)
+        saving = on_checkpoint if outputs.intermediate_store_frequency > 0 else None
+        clf = _train(data, len(labels), _train_config(run.training, seed), on_eval, saving)
     return clf, (last[0] if last else None)
 
 
