@@ -29,7 +29,6 @@ import numpy_reference
 from lastlayer.errors import ModelError, UsageError
 from lastlayer.preprocess import Preprocessing, to_input
 from lastlayer.zoo import (
-    DEFAULT_ARCHITECTURE,
     ZOO,
     FeatureModel,
     attach_preprocessing,
