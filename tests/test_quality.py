@@ -203,3 +203,8 @@ def test_block_features_extend_the_plain_features_in_the_same_pass(model_dir, sh
     again = load_feature_model("mobilenet_v2_1.0_128", str(model_dir), block_features=True)
     assert again.feature_size == 1992 and again.key == blocks.key  # from the cache
     assert len({p.name for p in model_dir.glob("mobilenet_v2_1.0_128-*.onnx")}) == 2
+
+
+def test_block_features_reach_every_network_of_an_ensemble(model_dir):
+    models = load_backbones("mobilenet_v2_1.0_128+mobilenet_v2_1.0_160", str(model_dir), block_features=True)
+    assert [m.feature_size for m in models] == [1992, 1992] and models.feature_size == 3984

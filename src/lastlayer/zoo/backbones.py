@@ -88,6 +88,7 @@ def load_backbones(
     """
     return Backbones(
         tuple(
-            load_feature_model(name, model_dir, storage_options) for name in split_architecture(architecture)
+            load_feature_model(name, model_dir, storage_options, block_features)
+            for name in split_architecture(architecture)
         )
     )
