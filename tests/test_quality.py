@@ -19,7 +19,7 @@ from lastlayer.cache import FeatureStore
 from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.engines.local import LocalEngine
-from lastlayer.errors import UsageError
+from lastlayer.errors import DataError, UsageError
 from lastlayer.evaluate import balanced_accuracy, folds, largest_share, macro_f1
 from lastlayer.features import compute_bottlenecks, distortion_key
 from lastlayer.inference import RetrainedModel
@@ -208,3 +208,18 @@ def test_block_features_extend_the_plain_features_in_the_same_pass(model_dir, sh
 def test_block_features_reach_every_network_of_an_ensemble(model_dir):
     models = load_backbones("mobilenet_v2_1.0_128+mobilenet_v2_1.0_160", str(model_dir), block_features=True)
     assert [m.feature_size for m in models] == [1992, 1992] and models.feature_size == 3984
+
+
+def test_more_folds_than_images_is_a_data_error(tmp_path, model_dir):
+    data = make_dataset(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    with pytest.raises(
+        DataError, match=r"--cross_validation=50 needs at least 50 usable images, and there are 12"
+    ):
+        pipeline.retrain(
+            str(data),
+            architecture="mobilenet_v2_1.0_128",
+            training=TrainingConfig(how_many_training_steps=2, cross_validation=50),
+            cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
+            outputs=OutputConfig(output_graph=str(out / "g.onnx"), summaries_dir=str(out / "s")),
+        )

@@ -363,7 +363,7 @@ class TrainingData:
         the plain features."""
         b = self.bottlenecks
         train_rows, plain = b.rows[self.index[TRAINING]], b.plain
-        if b.variant_rows is None or b.distorted is None:
+        if b.variant_rows is None or b.distorted is None or not len(b.distorted):
             return lambda pos, rng: plain[train_rows[pos]]
         variant_rows, distorted = b.variant_rows[self.index[TRAINING]], b.distorted
         variant_rows = np.take_along_axis(
@@ -465,10 +465,19 @@ def cross_validate(
     data: TrainingData, labels: tuple[str, ...], training: TrainingConfig, seed: int
 ) -> CrossValidation:
     """Refit the last layer ``--cross_validation`` K times, each on all usable images but one fold
-    (stratified, seeded) with the run's settings, and score it on that fold; log the summary."""
+    (stratified, seeded) with the run's settings, and score it on that fold; log the summary.
+
+    Raises:
+        DataError: fewer usable images than folds.
+    """
     k = training.cross_validation
     positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
     truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
+    if len(truth) < k:
+        raise DataError(
+            f"--cross_validation={k} needs at least {k} usable images, and there are {len(truth)}: "
+            "lower --cross_validation or add images"
+        )
     fold_of = folds(truth, k, seed)
     config = _train_config(training, seed, log_steps=False)
     confusions = []
