@@ -129,7 +129,7 @@ def ensemble_run(tmp_path_factory, model_dir):
 def test_an_ensemble_model_reproduces_the_training_features(ensemble_run, model_dir):
     tmp, data, summary = ensemble_run
     assert summary.architecture == ENSEMBLE
-    models = load_backbones(ENSEMBLE, str(model_dir))
+    models = load_backbones(ENSEMBLE, str(model_dir), block_features=True)  # as the run, by default
     images = scan(str(data), 10, 10)
     cached = np.hstack(
         [(b := compute_bottlenecks(images, m, str(tmp / "b"), LocalEngine())).plain[b.rows] for m in models]
@@ -185,7 +185,7 @@ def test_distorted_variants_are_only_those_training_draws(tmp_path, model_dir, c
     config = TrainConfig(steps=2, train_batch_size=3, seed=4)
     expected = int(np.minimum(draw_counts(labels, 3, config), 5).sum())
     assert 0 < expected <= 6
-    model = load_feature_model("mobilenet_v2_1.0_128", str(model_dir))
+    model = load_feature_model("mobilenet_v2_1.0_128", str(model_dir), block_features=True)
     folder = tmp_path / "b" / model.key[:16] / distortion_key(training.distortions)
     assert len(FeatureStore(str(folder), model.feature_size)) == expected
     assert summary.cache.computed == len(images.files)

@@ -188,7 +188,7 @@ def load_model(
     architecture: str,
     model_dir: str,
     storage_options: Mapping[str, Any] | None,
-    block_features: bool = False,
+    block_features: bool,
 ) -> Backbones:
     """The feature network(s) of ``architecture`` (each built and cached in ``model_dir`` on first use)."""
     models = load_backbones(architecture, model_dir, storage_options, block_features)
