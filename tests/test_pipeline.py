@@ -163,6 +163,9 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
     n_test = len(data.index[TESTING])
     assert scores.test_accuracy == 1.0 and scores.test_n == n_test
     assert f"Final test accuracy = 100.0% (N={n_test})" in caplog.text
+    share = np.bincount(data.labels[TESTING]).max() / n_test
+    assert f"Balanced accuracy = 100.0%, macro-F1 = 100.0% (N={n_test}); always answering" in caplog.text
+    assert f"would score {100 * share:.1f}%" in caplog.text and scores.largest_share == pytest.approx(share)
     assert scores.accuracy_all == {TRAINING: 1.0, VALIDATION: 1.0, TESTING: 1.0, "held_out": 1.0}
     assert np.array_equal(np.diag(scores.confusion), np.bincount(data.labels[TESTING], minlength=3))
     wrong = Classifier(np.roll(np.eye(DIM, 3, dtype=np.float32), 1, axis=1), np.zeros(3, np.float32))

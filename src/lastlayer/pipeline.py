@@ -555,22 +555,7 @@ def evaluate(
     val_x, val_y = data.x(VALIDATION), data.labels[VALIDATION]
     held_out_y = np.concatenate([val_y, full_y])
     confusion = confusion_matrix(full_y, clf.predict(full_x), len(images.labels))
-    balanced, f1, largest = (
-        balanced_accuracy(confusion),
-        macro_f1(confusion),
-        largest_share(full_y, len(images.labels)),
-    )
-    biggest = int(np.argmax(confusion.sum(axis=1))) if len(full_y) else None
-    if balanced is not None and f1 is not None and largest is not None and biggest is not None:
-        log.info(
-            "Balanced accuracy = %.1f%%, macro-F1 = %.1f%% (N=%d); always answering the largest class "
-            "(%s) would score %.1f%%",
-            balanced * 100,
-            f1 * 100,
-            len(full_y),
-            images.labels[biggest],
-            largest * 100,
-        )
+    balanced, f1, biggest, largest = _class_balance(confusion, images.labels)
     return Scores(
         test_accuracy,
         len(test_y),
@@ -587,6 +572,29 @@ def evaluate(
         biggest,
         largest,
     )
+
+
+def _class_balance(
+    confusion: np.ndarray, labels: tuple[str, ...]
+) -> tuple[float | None, float | None, int | None, float | None]:
+    """Balanced accuracy, macro-F1, the most frequent class and its share on the split of
+    ``confusion`` (all ``None`` when it is empty); logged beside the accuracy."""
+    support = confusion.sum(axis=1)
+    if not support.any():
+        return None, None, None, None
+    balanced, f1 = balanced_accuracy(confusion), macro_f1(confusion)
+    biggest = int(np.argmax(support))
+    share = float(support[biggest] / support.sum())
+    log.info(
+        "Balanced accuracy = %.1f%%, macro-F1 = %.1f%% (N=%d); always answering the largest class "
+        "(%s) would score %.1f%%",
+        100 * (balanced or 0.0),
+        100 * (f1 or 0.0),
+        support.sum(),
+        labels[biggest],
+        100 * share,
+    )
+    return balanced, f1, biggest, share
 
 
 def export(
