@@ -15,7 +15,8 @@ accuracy and macro-F1, and the paired difference in accuracy to the first row (s
 
 ``throughput`` times a cold run (empty cache) of each network on the images, interleaved over rounds
 so that the machine's drift hits every network alike, and prints images/s end-to-end (files on disk
-to the cache, as benchmarks/bench.py's (a) measures it): median and range over the rounds.
+to the cache, as benchmarks/bench.py's (a) measures it): median and range over the rounds, and the
+median over rounds of each network's rate relative to the first one's (robust to a busy machine).
 
 Prepare the data sets with benchmarks/make_datasets.py (Fashion-MNIST, ELPV) under /tmp.
 """
@@ -161,9 +162,13 @@ def throughput(args: argparse.Namespace) -> None:
                     rate(summary["cache"]["computed"], summary["timings"]["bottlenecks_s"])
                 )
                 print(f"round {r + 1}: {architecture} {rates[architecture][-1]:.0f} img/s", flush=True)
-    print("\n| architecture | end-to-end images/s: median (range) |\n|---|---|")
+    first = np.array(rates[args.architectures[0]])
+    print(
+        f"\n| architecture | images/s: median (range) | relative to {args.architectures[0]} |\n|---|---|---|"
+    )
     for architecture, values in rates.items():
-        print(f"| {architecture} | {np.median(values):.0f} ({min(values):.0f}-{max(values):.0f}) |")
+        spread = f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+        print(f"| {architecture} | {spread} | {np.median(np.array(values) / first):.2f} |")
 
 
 def main() -> int:
