@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install lastlayer and run the main job on the embedded defaults: the bundled demo images, local files,
-# the local engine, MobileNetV2. Outputs land in /tmp as retrain.py's defaults say. Ends with the report
-# to open and the one line that serves the model.
+# the local engine, EfficientNet-Lite0. Outputs land in /tmp as retrain.py's defaults say. Ends with the
+# report to open and the one line that serves the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh

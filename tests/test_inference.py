@@ -14,7 +14,7 @@ from lastlayer.export import build_classifier
 from lastlayer.inference import BATCH, label
 from lastlayer.preprocess import decode
 from lastlayer.train import Classifier
-from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def classifier(feature_model):
 def graph(tmp_path_factory, feature_model, classifier):
     path = tmp_path_factory.mktemp("m") / "m.onnx"
     path.write_bytes(
-        build_classifier(feature_model, classifier, ("a", "b", "c"), "final_result", {"seed": "1"})
+        build_classifier(
+            Backbones((feature_model,)), classifier, ("a", "b", "c"), "final_result", {"seed": "1"}
+        )
     )
     return path
 

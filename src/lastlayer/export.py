@@ -2,9 +2,13 @@
 
 The feature network, then ``softmax(features @ W + b)``: input :data:`~lastlayer.contract.IMAGE`
 ``uint8 [N, S, S, 3]`` RGB, prepared as :mod:`lastlayer.preprocess` describes (the spec is in the
-metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilities. Metadata
-(:mod:`lastlayer.contract`): labels (JSON list), preprocessing (JSON), architecture,
-final_tensor_name, version and any extra entries (model_key, seed).
+metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilities. An ensemble
+(``--architecture a+b``) has one input per network, ``image_0``, ``image_1``, ... (see
+:func:`lastlayer.contract.input_name`), each prepared with its own network's preprocessing, and
+their features concatenated before the softmax layer. Metadata (:mod:`lastlayer.contract`): labels
+(JSON list), preprocessing (JSON, the first input's), inputs (JSON: each input's name,
+architecture and preprocessing), architecture, final_tensor_name, version and any extra entries
+(model_key, seed).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import json
 from collections.abc import Mapping, Sequence
 
 import onnx
+import onnx.compose
 from onnx import helper, numpy_helper
 
 from lastlayer import __version__, contract
 from lastlayer.contract import FEATURES
 from lastlayer.errors import ModelError
 from lastlayer.train import Classifier
-from lastlayer.zoo import FeatureModel
+from lastlayer.zoo import Backbones, FeatureModel
 
 
 def _prune(graph: onnx.GraphProto, keep: str) -> None:
@@ -40,19 +45,50 @@ def _prune(graph: onnx.GraphProto, keep: str) -> None:
     graph.initializer.extend(kept_inits)
 
 
+def _features_graph(model: FeatureModel) -> onnx.ModelProto:
+    """``model``'s graph reduced to ``image -> features``."""
+    proto = onnx.load_from_string(model.onnx_bytes)
+    if FEATURES not in {o.name for o in proto.graph.output}:
+        raise ModelError(f"the feature model of {model.architecture} has no {FEATURES!r} output")
+    _prune(proto.graph, FEATURES)
+    return proto
+
+
+def _branches(models: Backbones) -> onnx.ModelProto:
+    """One graph of every branch: inputs named by :func:`contract.input_name`, output ``features``
+    (the branches' features concatenated)."""
+    if len(models) == 1:
+        return _features_graph(models.models[0])
+    parts = [onnx.compose.add_prefix(_features_graph(m), f"branch{i}/") for i, m in enumerate(models)]
+    proto = parts[0]
+    graph = proto.graph
+    for part in parts[1:]:
+        graph.node.extend(part.graph.node)
+        graph.initializer.extend(part.graph.initializer)
+        graph.input.extend(part.graph.input)
+    outputs = [part.graph.output[0].name for part in parts]
+    graph.node.append(helper.make_node("Concat", outputs, [FEATURES], name="concat_features", axis=1))
+    for i, value in enumerate(graph.input):
+        old, value.name = value.name, contract.input_name(i, len(parts))
+        for node in graph.node:
+            node.input[:] = [value.name if name == old else name for name in node.input]
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, [None, models.feature_size])
+    )
+    return proto
+
+
 def build_classifier(
-    model: FeatureModel,
+    model: Backbones,
     classifier: Classifier,
     labels: Sequence[str],
     final_tensor_name: str = "final_result",
     extra_metadata: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Serialized ONNX model: ``model``'s feature extractor, then ``softmax(x W + b)``."""
-    proto = onnx.load_from_string(model.onnx_bytes)
+    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``."""
+    proto = _branches(model)
     graph = proto.graph
-    if FEATURES not in {o.name for o in graph.output}:
-        raise ModelError(f"the feature model of {model.architecture} has no {FEATURES!r} output")
-    _prune(graph, FEATURES)
     graph.initializer.extend(
         [
             numpy_helper.from_array(classifier.weights.astype("float32"), "final_weights"),
@@ -69,9 +105,18 @@ def build_classifier(
     graph.output.append(
         helper.make_tensor_value_info(final_tensor_name, onnx.TensorProto.FLOAT, [None, len(labels)])
     )
+    inputs = [
+        {
+            "name": contract.input_name(i, len(model)),
+            "architecture": m.architecture,
+            "preprocessing": m.preprocessing.to_json(),
+        }
+        for i, m in enumerate(model)
+    ]
     meta = {
         contract.LABELS: json.dumps(list(labels), ensure_ascii=False),
-        contract.PREPROCESSING: model.preprocessing.to_json(),
+        contract.PREPROCESSING: model.models[0].preprocessing.to_json(),
+        contract.INPUTS: json.dumps(inputs),
         contract.ARCHITECTURE: model.architecture,
         contract.FINAL_TENSOR_NAME: final_tensor_name,
         contract.VERSION: __version__,

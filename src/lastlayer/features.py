@@ -1,15 +1,21 @@
 """Bottlenecks for an image set: what the cache has, what an engine must compute, and the result.
 
 :func:`compute_bottlenecks` returns row indices into the cache's feature matrices rather than copies,
-so the feature matrix exists once in memory.
+so the feature matrix exists once in memory; :func:`combine` joins the bottlenecks of several
+networks (an ensemble) into one matrix.
+
+With distortions on, a training image needs at most ``variants`` distorted variants, and only as many
+as training will draw it (``draws``, replayed from the seeded sampler by
+:func:`lastlayer.train.draw_counts`): the network passes are at most ``min(steps x batch size,
+variants x training images)``, never more than retrain.py's one pass per drawn image.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,25 +78,35 @@ class CacheNeed:
     Attributes:
         plain: the plain features' folder.
         distorted: the distorted variants' folder, or ``None`` without distortions.
-        variants: distorted variants wanted per training image.
+        variants: distorted variants wanted at most per training image.
+        draws: ``int64 [N]`` how often training draws each image (by position in the image set), or
+            ``None`` for ``variants`` each.
     """
 
     plain: KeyLookup
     distorted: KeyLookup | None
     variants: int
+    draws: np.ndarray | None = field(default=None, compare=False)
+
+    def wanted(self, index: int) -> int:
+        """Distorted variants wanted for the training image at position ``index``."""
+        return self.variants if self.draws is None else min(self.variants, int(self.draws[index]))
 
     def __call__(self, task: Task, content: str) -> Need:
         if self.plain.error(content) is not None:
             return Need(False)
         missing: tuple[int, ...] = ()
         if self.distorted is not None and task.training:
-            missing = tuple(v for v in range(self.variants) if not self.distorted.has(content, v))
+            missing = tuple(v for v in range(self.wanted(task.index)) if not self.distorted.has(content, v))
         return Need(not self.plain.has(content), missing)
 
     def portable(self) -> CacheNeed:
         """The same test over picklable copies of the stores' keys (for Spark executors)."""
         return CacheNeed(
-            self.plain.keys(), None if self.distorted is None else self.distorted.keys(), self.variants
+            self.plain.keys(),
+            None if self.distorted is None else self.distorted.keys(),
+            self.variants,
+            self.draws,
         )
 
 
@@ -124,6 +140,7 @@ def compute_bottlenecks(
     *,
     distortions: Distortions = NO_DISTORTIONS,
     variants: int = 1,
+    draws: np.ndarray | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -131,7 +148,9 @@ def compute_bottlenecks(
     """Load cached features for ``images`` and compute the missing ones with ``engine``.
 
     Args:
-        variants: distorted variants cached per training image (used when distortions are on).
+        variants: distorted variants cached at most per training image (when distortions are on).
+        draws: ``int64 [N]``: how often training draws each image; an image gets
+            ``min(variants, draws)`` variants (default: ``variants`` each).
         progress: called with ``(done, total)`` images while computing.
         shard: ``(index, count)``: compute only the images of this shard (see :func:`in_shard`);
             missing images of other shards are counted in :attr:`Bottlenecks.pending`.
@@ -143,7 +162,7 @@ def compute_bottlenecks(
         if distortions.enabled
         else None
     )
-    need = CacheNeed(plain, distorted, variants if distorted is not None else 0)
+    need = CacheNeed(plain, distorted, variants if distorted is not None else 0, draws)
     tasks, contents, pending = _plan(images, plain, need, shard)
     computed = 0
     if tasks:
@@ -164,7 +183,7 @@ def compute_bottlenecks(
             if store is not None:
                 store.flush()
                 store.compact()
-    return _assemble(images, plain, distorted, need.variants, contents, pending, computed)
+    return _assemble(images, plain, distorted, need, contents, pending, computed)
 
 
 def _plan(
@@ -214,14 +233,16 @@ def _assemble(
     images: ImageSet,
     plain: FeatureStore,
     distorted: FeatureStore | None,
-    n_variants: int,
+    need: CacheNeed,
     contents: list[str | None],
     pending: set[int],
     computed: int,
 ) -> Bottlenecks:
-    """Row indices of every image into the stores' matrices, and what was skipped."""
+    """Row indices of every image into the stores' matrices (-1 past the variants wanted), and what
+    was skipped."""
     rows = np.full(len(images.files), -1, np.int64)
-    variant_rows = np.full((len(images.files), n_variants), -1, np.int64) if distorted is not None else None
+    shape = (len(images.files), need.variants)
+    variant_rows = np.full(shape, -1, np.int64) if distorted is not None else None
     skipped: list[tuple[str, str]] = []
     for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
         if i in pending:
@@ -233,7 +254,8 @@ def _assemble(
             continue
         rows[i] = plain.row(content)
         if variant_rows is not None and distorted is not None and f.split == TRAINING:
-            variant_rows[i] = [distorted.row(content, v) for v in range(n_variants)]
+            for v in range(need.wanted(i)):
+                variant_rows[i, v] = distorted.row(content, v)
     return Bottlenecks(
         plain=plain.features,
         rows=rows,
@@ -244,4 +266,40 @@ def _assemble(
         reused=len(images.files) - len(skipped) - len(pending) - computed,
         damaged_files=plain.damaged + (distorted.damaged if distorted is not None else 0),
         pending=len(pending),
+    )
+
+
+def combine(parts: Sequence[Bottlenecks]) -> Bottlenecks:
+    """The bottlenecks of an ensemble: each image's features of every network side by side.
+
+    An image is usable when every network could use it; a distorted variant is there when every
+    network has it. One part is returned as it is (no copy).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    usable = np.logical_and.reduce([p.rows >= 0 for p in parts])
+    rows = np.where(usable, np.cumsum(usable) - 1, -1)
+    plain = np.hstack([p.plain[p.rows[usable]] for p in parts])
+    distorted = variant_rows = None
+    variants = [(p.distorted, p.variant_rows) for p in parts]
+    if all(d is not None and v is not None for d, v in variants):
+        present = np.logical_and.reduce([v >= 0 for _, v in variants])
+        variant_rows = np.where(present, np.cumsum(present).reshape(present.shape) - 1, -1)
+        distorted = np.hstack([d[v[present]] for d, v in variants])
+    skipped: dict[str, str] = {}
+    for part in parts:
+        for path, reason in part.skipped:
+            skipped.setdefault(path, reason)
+    computed = max(p.computed for p in parts)
+    pending = max(p.pending for p in parts)
+    return Bottlenecks(
+        plain=plain,
+        rows=rows,
+        distorted=distorted,
+        variant_rows=variant_rows,
+        skipped=list(skipped.items()),
+        computed=computed,
+        reused=len(rows) - len(skipped) - pending - computed,
+        damaged_files=sum(p.damaged_files for p in parts),
+        pending=pending,
     )

@@ -18,11 +18,14 @@ import onnxruntime as ort
 from lastlayer import contract, storage
 from lastlayer.engines.base import available_cores
 from lastlayer.errors import DataError, ModelError, StorageError
-from lastlayer.preprocess import decode
+from lastlayer.preprocess import Preprocessing, decode
 
 log = logging.getLogger(__name__)
 
 BATCH = 32
+
+#: One image made ready for a model: one ``uint8 [S, S, 3]`` array per image input.
+Prepared = tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -106,21 +109,27 @@ class RetrainedModel:
             )
         return cls(graph, info, names, output, session)
 
-    def prepare(self, data: bytes) -> np.ndarray:
-        """An image's bytes as the model's input: ``uint8 [S, S, 3]``.
+    def prepare(self, data: bytes) -> Prepared:
+        """An image's bytes as the model's inputs: one ``uint8 [S, S, 3]`` per image input, each
+        decoded with its own network's preprocessing, as in training.
 
         Raises:
             DataError: the bytes are not an image this package can decode.
         """
-        return decode(data, self.info.preprocessing)
+        done: dict[Preprocessing, np.ndarray] = {}
+        for _, prep in self.info.inputs:
+            if prep not in done:
+                done[prep] = decode(data, prep)
+        return tuple(done[prep] for _, prep in self.info.inputs)
 
-    def probabilities(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        """``float32 [N, C]`` class probabilities of prepared inputs (see :meth:`prepare`).
+    def probabilities(self, inputs: Sequence[Prepared]) -> np.ndarray:
+        """``float32 [N, C]`` class probabilities of prepared images (see :meth:`prepare`).
 
         Raises:
             ModelError: the model gives NaN or infinite scores (its training diverged).
         """
-        (probs,) = self.session.run([self.output], {contract.IMAGE: np.stack(inputs)})
+        feed = {name: np.stack([x[i] for x in inputs]) for i, (name, _) in enumerate(self.info.inputs)}
+        (probs,) = self.session.run([self.output], feed)
         if not np.isfinite(probs).all():
             raise ModelError(
                 f"{self.source} gives scores that are not numbers (NaN or infinite): its training "
@@ -158,7 +167,7 @@ def label(
         graph, labels=labels, threads=threads, output_layer=output_layer, storage_options=storage_options
     )
     results: dict[int, Prediction] = {}
-    ready: list[tuple[int, np.ndarray]] = []
+    ready: list[tuple[int, Prepared]] = []
 
     def run() -> None:
         if ready:

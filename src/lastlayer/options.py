@@ -36,6 +36,7 @@ class RetrainOptions:
         DEFAULT_ARCHITECTURE,
         "Network: mobilenet_v2_1.0_<224|192|160|128>, efficientnet_lite<0|1|2>, a codelab name "
         "(mobilenet_<1.0|0.75|0.50|0.25>_<size>, inception_v3: substituted, with a warning), "
+        "several of these joined by '+' (their features concatenated in one model), "
         "or the path or URL of your own ONNX feature extractor (see docs/custom-models.md).",
     )
     training: TrainingConfig = option(factory=TrainingConfig)

@@ -1,7 +1,8 @@
 """``retrain``: from an image folder to a model, labels, summaries and a run summary, as named stages.
 
-:func:`retrain` runs :func:`load_model` → :func:`scan_images` → :func:`extract` (→
-:func:`wait_for_shards`) → :func:`fit` → :func:`evaluate` → :func:`export` → :func:`summarize`. Each
+:func:`retrain` runs :func:`load_model` → :func:`scan_images` → (:func:`plan_variants` →)
+:func:`extract` (→ :func:`wait_for_shards`) → (:func:`cross_validate` →) :func:`fit` →
+:func:`evaluate` → :func:`export` → :func:`summarize`. Each
 stage is a function of its inputs that returns a typed value; they log retrain.py's lines through
 ``logging`` and print nothing. Every output is written atomically.
 """
@@ -24,9 +25,18 @@ from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.engines.base import Engine
 from lastlayer.errors import DataError, UsageError
-from lastlayer.evaluate import accuracy, confusion_matrix, per_class_scores
+from lastlayer.evaluate import (
+    CrossValidation,
+    accuracy,
+    balanced_accuracy,
+    confusion_matrix,
+    folds,
+    largest_share,
+    macro_f1,
+    per_class_scores,
+)
 from lastlayer.export import build_classifier
-from lastlayer.features import Bottlenecks, compute_bottlenecks
+from lastlayer.features import Bottlenecks, combine, compute_bottlenecks
 from lastlayer.summaries import SummaryWriter
 from lastlayer.summary import (
     MAX_MISCLASSIFIED,
@@ -41,8 +51,16 @@ from lastlayer.summary import (
     ShardResult,
     finite,
 )
-from lastlayer.train import Classifier, Evaluation, TrainConfig, softmax_cross_entropy, train
-from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, load_feature_model
+from lastlayer.train import (
+    Classifier,
+    Evaluation,
+    Standardizer,
+    TrainConfig,
+    draw_counts,
+    softmax_cross_entropy,
+    train,
+)
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones
 
 if TYPE_CHECKING:
     from lastlayer.hadoop import HadoopLogin
@@ -154,17 +172,24 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     image_dir = run.image_dir or _demo()
     seed = run.training.random_seed if run.training.random_seed is not None else secrets.randbits(32)
     log.info("Random seed: %d", seed)
-    model = load_model(run.architecture, run.cache.model_dir, run.storage_options)
+    model = load_model(
+        run.architecture, run.cache.model_dir, run.storage_options, run.training.block_features
+    )
     run.lap("model_s")
     images = scan_images(image_dir, run.training, run.storage_options)
     run.lap("scan_s")
-    bottlenecks = extract(images, model, run, engine, progress)
+    draws = plan_variants(images, run, seed)
+    bottlenecks = extract(images, model, run, engine, progress, draws)
     if run.engine.worker_index > 0:
         return _shard_result(run.engine, model, bottlenecks)
     computed = bottlenecks.computed
-    bottlenecks = wait_for_shards(images, model, run, engine, bottlenecks)
+    bottlenecks = wait_for_shards(images, model, run, engine, bottlenecks, draws)
     run.lap("bottlenecks_s")
     data = TrainingData.of(images, bottlenecks)
+    folded = None
+    if run.training.cross_validation:
+        folded = cross_validate(data, images.labels, run.training, seed)
+        run.lap("cross_validation_s")
     classifier, last = fit(data, model, images.labels, run, seed)
     run.lap("training_s")
     scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
@@ -172,7 +197,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     run.lap("export_s")
     run.total()
     wrong = misclassified(classifier, data, images)
-    summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores, wrong)
+    summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores, wrong, folded)
     storage.write_atomic(run.outputs.summary_url, summary.to_json().encode(), run.storage_options)
     if run.outputs.report:
         write_report(summary, run.storage_options)
@@ -212,18 +237,24 @@ def check_outputs(
         seen[url] = flag
 
 
-def load_model(architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None) -> FeatureModel:
-    """The feature network (built and cached in ``model_dir`` on first use)."""
-    model = load_feature_model(architecture, model_dir, storage_options)
-    if model.warning:
-        log.warning("%s", model.warning)
-    log.info(
-        "Architecture: %s (%d features, %d px input)",
-        model.architecture,
-        model.feature_size,
-        model.preprocessing.size,
-    )
-    return model
+def load_model(
+    architecture: str,
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None,
+    block_features: bool,
+) -> Backbones:
+    """The feature network(s) of ``architecture`` (each built and cached in ``model_dir`` on first use)."""
+    models = load_backbones(architecture, model_dir, storage_options, block_features)
+    for model in models:
+        if model.warning:
+            log.warning("%s", model.warning)
+        log.info(
+            "Architecture: %s (%d features, %d px input)",
+            model.architecture,
+            model.feature_size,
+            model.preprocessing.size,
+        )
+    return models
 
 
 def scan_images(
@@ -237,22 +268,53 @@ def scan_images(
     return images
 
 
+def plan_variants(images: ImageSet, run: Run, seed: int) -> np.ndarray | None:
+    """With distortions on: ``int64 [N]`` how often training will draw each image (replayed from the
+    seeded sampler), so that only the distorted variants it draws are computed. ``None`` (every
+    variant) without distortions, or when several workers share the work without ``--random_seed``
+    (each would draw its own seed, hence its own plan)."""
+    if not run.training.distortions.enabled:
+        return None
+    if run.engine.worker_count > 1 and run.training.random_seed is None:
+        return None
+    positions = images.indices(TRAINING)
+    labels = np.array([images.files[i].label_index for i in positions], np.int64)
+    draws = np.zeros(len(images.files), np.int64)
+    draws[positions] = draw_counts(labels, len(images.labels), _train_config(run.training, seed))
+    return draws
+
+
 def extract(
-    images: ImageSet, model: FeatureModel, run: Run, engine: Engine, progress: Progress | None
+    images: ImageSet,
+    model: Backbones,
+    run: Run,
+    engine: Engine,
+    progress: Progress | None,
+    draws: np.ndarray | None = None,
 ) -> Bottlenecks:
-    """The bottlenecks of this worker's shard: from the cache, else computed by ``engine``."""
-    bottlenecks = _bottlenecks(images, model, run, engine, progress)
-    log.info(
-        "Bottlenecks: %d computed, %d from the cache, %d skipped",
-        bottlenecks.computed,
-        bottlenecks.reused,
-        len(bottlenecks.skipped),
-    )
-    return bottlenecks
+    """The bottlenecks of this worker's shard, each network's from its cache, else computed by
+    ``engine``; several networks' side by side (:func:`~lastlayer.features.combine`)."""
+    parts = []
+    for branch in model:
+        part = _bottlenecks(images, branch, run, engine, progress, draws)
+        log.info(
+            "Bottlenecks: %d computed, %d from the cache, %d skipped%s",
+            part.computed,
+            part.reused,
+            len(part.skipped),
+            f" ({branch.architecture})" if len(model) > 1 else "",
+        )
+        parts.append(part)
+    return combine(parts)
 
 
 def _bottlenecks(
-    images: ImageSet, model: FeatureModel, run: Run, engine: Engine, progress: Progress | None
+    images: ImageSet,
+    model: FeatureModel,
+    run: Run,
+    engine: Engine,
+    progress: Progress | None,
+    draws: np.ndarray | None,
 ) -> Bottlenecks:
     return compute_bottlenecks(
         images,
@@ -261,13 +323,14 @@ def _bottlenecks(
         engine,
         distortions=run.training.distortions,
         variants=run.cache.distorted_variants,
+        draws=draws,
         storage_options=run.storage_options,
         progress=progress,
         shard=(run.engine.worker_index, run.engine.worker_count),
     )
 
 
-def _shard_result(config: EngineConfig, model: FeatureModel, bottlenecks: Bottlenecks) -> ShardResult:
+def _shard_result(config: EngineConfig, model: Backbones, bottlenecks: Bottlenecks) -> ShardResult:
     log.info(
         "Worker %d of %d: its shard of the bottlenecks is cached; worker 0 trains",
         config.worker_index,
@@ -278,7 +341,12 @@ def _shard_result(config: EngineConfig, model: FeatureModel, bottlenecks: Bottle
 
 
 def wait_for_shards(
-    images: ImageSet, model: FeatureModel, run: Run, engine: Engine, bottlenecks: Bottlenecks
+    images: ImageSet,
+    model: Backbones,
+    run: Run,
+    engine: Engine,
+    bottlenecks: Bottlenecks,
+    draws: np.ndarray | None = None,
 ) -> Bottlenecks:
     """Worker 0: look at the cache every :data:`SHARD_POLL_SECONDS` until the other workers' shards
     are in it; at most ``engine.shard_wait_seconds``.
@@ -298,7 +366,7 @@ def wait_for_shards(
             "Waiting for the other workers: %d images of their shards not cached yet", bottlenecks.pending
         )
         time.sleep(SHARD_POLL_SECONDS)
-        bottlenecks = _bottlenecks(images, model, run, engine, None)
+        bottlenecks = combine([_bottlenecks(images, branch, run, engine, None, draws) for branch in model])
     return bottlenecks
 
 
@@ -343,20 +411,38 @@ class TrainingData:
         return self.bottlenecks.plain[self.bottlenecks.rows[self.index[split]]]
 
     def sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-        """Features of training positions ``[B]`` → ``float32 [B, D]``: one random cached distorted
-        variant each when distortions are on, else the plain features."""
+        """Features of training positions ``[B]`` → ``float32 [B, D]``: with distortions on, one of
+        the image's cached distorted variants at random (its plain features when it has none), else
+        the plain features."""
         b = self.bottlenecks
-        if b.variant_rows is not None and b.distorted is not None:
-            variant_rows, distorted = b.variant_rows[self.index[TRAINING]], b.distorted
-            return lambda pos, rng: distorted[
-                variant_rows[pos, rng.integers(0, variant_rows.shape[1], len(pos))]
-            ]
         train_rows, plain = b.rows[self.index[TRAINING]], b.plain
-        return lambda pos, rng: plain[train_rows[pos]]
+        if b.variant_rows is None or b.distorted is None or not len(b.distorted):
+            return lambda pos, rng: plain[train_rows[pos]]
+        variant_rows, distorted = b.variant_rows[self.index[TRAINING]], b.distorted
+        variant_rows = np.take_along_axis(
+            variant_rows, np.argsort(variant_rows < 0, axis=1, kind="stable"), 1
+        )
+        available = (variant_rows >= 0).sum(axis=1)
+
+        def sample(pos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            n = available[pos]
+            rows = variant_rows[pos, (rng.random(len(pos)) * n).astype(np.int64)]
+            return np.where((n > 0)[:, None], distorted[np.maximum(rows, 0)], plain[train_rows[pos]])
+
+        return sample
+
+    def fold(self, train: np.ndarray, test: np.ndarray) -> TrainingData:
+        """The same features with ``train`` and ``test`` positions (into :attr:`index`'s image set)
+        as the training and test splits and no validation split."""
+        labels = np.zeros(len(self.bottlenecks.rows), np.int64)
+        for split, positions in self.index.items():
+            labels[positions] = self.labels[split]
+        index = {TRAINING: train, VALIDATION: np.zeros(0, np.int64), TESTING: test}
+        return TrainingData(index, {split: labels[idx] for split, idx in index.items()}, self.bottlenecks)
 
 
 def fit(
-    data: TrainingData, model: FeatureModel, labels: tuple[str, ...], run: Run, seed: int
+    data: TrainingData, model: Backbones, labels: tuple[str, ...], run: Run, seed: int
 ) -> tuple[Classifier, Evaluation | None]:
     """Train the softmax layer, writing TensorBoard summaries and intermediate models as it goes;
     return it and its last evaluation point."""
@@ -385,28 +471,93 @@ def fit(
 
     if not len(data.labels[VALIDATION]):
         log.warning("The validation set is empty: no validation accuracy (raise --validation_percentage)")
-    t = run.training
-    config = TrainConfig(
+    with train_writer, validation_writer:
+        saving = on_checkpoint if outputs.intermediate_store_frequency > 0 else None
+        with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported just below
+            clf = _train(data, len(labels), _train_config(run.training, seed), on_eval, saving)
+    if not (np.isfinite(clf.weights).all() and np.isfinite(clf.biases).all()):
+        raise DataError(
+            f"training diverged (the last layer's weights are not numbers) with --learning_rate="
+            f"{run.training.learning_rate:g}: lower --learning_rate; no model was written"
+        )
+    return clf, (last[0] if last else None)
+
+
+def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -> TrainConfig:
+    t = training
+    return TrainConfig(
         t.how_many_training_steps,
         t.learning_rate,
         t.train_batch_size,
         t.eval_step_interval,
         t.validation_batch_size,
         seed,
+        t.balance_classes,
+        log_steps,
     )
-    with train_writer, validation_writer:
-        clf = train(
-            data.sampler(),
-            data.labels[TRAINING],
-            data.x(VALIDATION),
-            data.labels[VALIDATION],
-            model.feature_size,
-            len(labels),
-            config,
-            on_eval,
-            on_checkpoint,
+
+
+def _train(
+    data: TrainingData,
+    n_classes: int,
+    config: TrainConfig,
+    on_eval: Callable[[Evaluation], None] | None = None,
+    on_checkpoint: Callable[[int, Classifier], None] | None = None,
+) -> Classifier:
+    """:func:`~lastlayer.train.train` on ``data``'s training split, standardized with its statistics."""
+    train_x = data.x(TRAINING)
+    return train(
+        data.sampler(),
+        data.labels[TRAINING],
+        data.x(VALIDATION),
+        data.labels[VALIDATION],
+        train_x.shape[1],
+        n_classes,
+        config,
+        on_eval,
+        on_checkpoint,
+        Standardizer.of(train_x),
+    )
+
+
+def cross_validate(
+    data: TrainingData, labels: tuple[str, ...], training: TrainingConfig, seed: int
+) -> CrossValidation:
+    """Refit the last layer ``--cross_validation`` K times, each on all usable images but one fold
+    (stratified, seeded) with the run's settings, and score it on that fold; log the summary.
+
+    Raises:
+        DataError: fewer usable images than folds.
+    """
+    k = training.cross_validation
+    positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
+    truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
+    if len(truth) < k:
+        raise DataError(
+            f"--cross_validation={k} needs at least {k} usable images, and there are {len(truth)}: "
+            "lower --cross_validation or add images"
         )
-    return clf, (last[0] if last else None)
+    fold_of = folds(truth, k, seed)
+    config = _train_config(training, seed, log_steps=False)
+    confusions = []
+    for f in range(k):
+        part = data.fold(positions[fold_of != f], positions[fold_of == f])
+        clf = _train(part, len(labels), config)
+        confusions.append(confusion_matrix(part.labels[TESTING], clf.predict(part.x(TESTING)), len(labels)))
+    result = CrossValidation.of(confusions, largest_share(truth, len(labels)) or 0.0)
+    log.info(
+        "Cross-validation, %d folds of %d images: accuracy %.1f%% ± %.1f, balanced accuracy %.1f%% ± %.1f, "
+        "macro-F1 %.1f%% ± %.1f (always answering the largest class: %.1f%%)",
+        k,
+        result.images,
+        *(
+            100 * v
+            for s in (result.accuracy, result.balanced_accuracy, result.macro_f1)
+            for v in (s.mean, s.std)
+        ),
+        100 * result.largest_class_share,
+    )
+    return result
 
 
 @dataclass(frozen=True)
@@ -418,6 +569,8 @@ class Scores:
         accuracy_all: split to accuracy on the whole split; ``"held_out"`` for validation + test.
         held_out_n: validation + test images.
         confusion: ``int64 [C, C]`` on the whole test split.
+        balanced_accuracy, macro_f1: on the whole test split.
+        largest_class, largest_share: the whole test split's most frequent class and its share.
     """
 
     test_accuracy: float | None
@@ -425,6 +578,10 @@ class Scores:
     accuracy_all: dict[str, float | None]
     held_out_n: int
     confusion: np.ndarray
+    balanced_accuracy: float | None
+    macro_f1: float | None
+    largest_class: int | None
+    largest_share: float | None
 
 
 def evaluate(
@@ -456,6 +613,8 @@ def evaluate(
                 log.info("%70s  %s", f.url, images.labels[pred])
     val_x, val_y = data.x(VALIDATION), data.labels[VALIDATION]
     held_out_y = np.concatenate([val_y, full_y])
+    confusion = confusion_matrix(full_y, clf.predict(full_x), len(images.labels))
+    balanced, f1, biggest, largest = _class_balance(confusion, images.labels)
     return Scores(
         test_accuracy,
         len(test_y),
@@ -466,12 +625,39 @@ def evaluate(
             "held_out": accuracy(clf, np.concatenate([val_x, full_x]), held_out_y),
         },
         len(held_out_y),
-        confusion_matrix(full_y, clf.predict(full_x), len(images.labels)),
+        confusion,
+        balanced,
+        f1,
+        biggest,
+        largest,
     )
 
 
+def _class_balance(
+    confusion: np.ndarray, labels: tuple[str, ...]
+) -> tuple[float | None, float | None, int | None, float | None]:
+    """Balanced accuracy, macro-F1, the most frequent class and its share on the split of
+    ``confusion`` (all ``None`` when it is empty); logged beside the accuracy."""
+    support = confusion.sum(axis=1)
+    if not support.any():
+        return None, None, None, None
+    balanced, f1 = balanced_accuracy(confusion), macro_f1(confusion)
+    biggest = int(np.argmax(support))
+    share = float(support[biggest] / support.sum())
+    log.info(
+        "Balanced accuracy = %.1f%%, macro-F1 = %.1f%% (N=%d); always answering the largest class "
+        "(%s) would score %.1f%%",
+        100 * (balanced or 0.0),
+        100 * (f1 or 0.0),
+        support.sum(),
+        labels[biggest],
+        100 * share,
+    )
+    return balanced, f1, biggest, share
+
+
 def export(
-    model: FeatureModel,
+    model: Backbones,
     clf: Classifier,
     labels: tuple[str, ...],
     outputs: OutputConfig,
@@ -525,7 +711,7 @@ def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None)
 def summarize(
     run: Run,
     image_dir: str,
-    model: FeatureModel,
+    model: Backbones,
     seed: int,
     images: ImageSet,
     data: TrainingData,
@@ -533,6 +719,7 @@ def summarize(
     last: Evaluation | None,
     scores: Scores,
     wrong: list[Misclassified],
+    cross_validation: CrossValidation | None = None,
 ) -> RunSummary:
     """The run summary: what was found, used, skipped and scored, and where it went."""
     precision, recall = per_class_scores(scores.confusion)
@@ -565,6 +752,11 @@ def summarize(
             test_accuracy_all=scores.accuracy_all[TESTING],
             validation_and_test_accuracy=scores.accuracy_all["held_out"],
             validation_and_test_n=scores.held_out_n,
+            test_balanced_accuracy=_rounded(scores.balanced_accuracy),
+            test_macro_f1=_rounded(scores.macro_f1),
+            largest_class=None if scores.largest_class is None else images.labels[scores.largest_class],
+            largest_class_share=_rounded(scores.largest_share),
+            cross_validation=cross_validation,
         ),
         confusion_matrix=Confusion(TESTING, "true label", "predicted label", scores.confusion.tolist()),
         per_class={
@@ -599,3 +791,7 @@ def learning_curve(history: list[Evaluation]) -> LearningCurve:
         column([ev.validation_accuracy for ev in history]),
         column([ev.validation_cross_entropy for ev in history]),
     )
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else finite(x)

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lastlayer.evaluate import CrossValidation
+
 #: The most misclassified test images a run summary lists.
 MAX_MISCLASSIFIED = 100
 
@@ -30,6 +32,13 @@ class Metrics:
             ``test_n``; retrain.py's "Final test accuracy".
         train_accuracy_all, validation_accuracy_all, test_accuracy_all: on each whole split.
         validation_and_test_accuracy: on validation and test together, N = ``validation_and_test_n``.
+        test_balanced_accuracy, test_macro_f1: on the whole test split (mean recall and mean F1 over
+            its classes).
+        largest_class, largest_class_share: the test split's most frequent class and its share: the
+            accuracy of always answering it.
+        cross_validation: with ``--cross_validation K``: ``folds``, ``images``, ``accuracy``,
+            ``balanced_accuracy`` and ``macro_f1`` (each ``{"mean", "std"}`` over the folds) and
+            ``largest_class_share``; else ``None``.
     """
 
     steps: int
@@ -43,6 +52,11 @@ class Metrics:
     test_accuracy_all: float | None
     validation_and_test_accuracy: float | None
     validation_and_test_n: int
+    test_balanced_accuracy: float | None = None
+    test_macro_f1: float | None = None
+    largest_class: str | None = None
+    largest_class_share: float | None = None
+    cross_validation: CrossValidation | None = None
 
 
 @dataclass(frozen=True)

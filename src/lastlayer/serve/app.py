@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from lastlayer import __version__, contract
 from lastlayer.errors import DataError
-from lastlayer.inference import RetrainedModel
+from lastlayer.inference import Prepared, RetrainedModel
 from lastlayer.options import ServeOptions
 from lastlayer.serve.batcher import Batcher, Busy
 
@@ -133,13 +133,17 @@ class Service:
 
     async def model_metadata(self, request: Request) -> Response:
         served = self.served(request)
-        info, size = served.model.info, served.model.info.preprocessing.size
+        info = served.model.info
+        inputs = [
+            {"name": name, "datatype": "UINT8", "shape": [-1, prep.size, prep.size, 3]}
+            for name, prep in info.inputs
+        ]
         return JSONResponse(
             {
                 "name": served.name,
                 "versions": [],
                 "platform": "onnxruntime_onnx",
-                "inputs": [{"name": contract.IMAGE, "datatype": "UINT8", "shape": [-1, size, size, 3]}],
+                "inputs": inputs,
                 "outputs": [
                     {"name": served.model.output, "datatype": "FP32", "shape": [-1, len(served.model.labels)]}
                 ],
@@ -202,41 +206,47 @@ class Service:
             reply["id"] = payload["id"]
         return JSONResponse(reply)
 
-    async def inputs(self, served: Served, payload: Any) -> list[np.ndarray]:
-        """The prepared images of a v2 request (its one input, ``image``)."""
+    async def inputs(self, served: Served, payload: Any) -> list[Prepared]:
+        """The prepared images of a v2 request: one ``BYTES`` input named ``image`` holding image
+        files, or one ``UINT8`` pixel tensor per model input (``image``; ``image_0``, ``image_1``, ...
+        for a model of several networks)."""
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
         _check_outputs(payload.get("outputs"), served.model.output)
-        if len(payload["inputs"]) != 1 or not isinstance(payload["inputs"][0], dict):
-            raise Problem(400, f'send exactly one input, "{contract.IMAGE}"')
-        tensor = payload["inputs"][0]
-        if tensor.get("name") != contract.IMAGE:
-            raise Problem(
-                400, f'the input is named {tensor.get("name")!r}; this model takes "{contract.IMAGE}"'
-            )
-        shape, datatype = tensor.get("shape"), tensor.get("datatype")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise Problem(400, f"shape {shape!r} is not a list of sizes")
-        if shape[0] > self.options.max_queue:
-            raise Problem(
-                400, f"{shape[0]} images in one request, more than --max_queue={self.options.max_queue}"
-            )
-        if datatype == "BYTES":
-            files = _encoded_images(tensor, shape)
+        tensors = payload["inputs"]
+        names = [name for name, _ in served.model.info.inputs]
+        if not tensors or not all(isinstance(t, dict) for t in tensors):
+            raise Problem(400, f"send the input(s) {', '.join(names)} as objects")
+        for tensor in tensors:
+            _check_shape(tensor.get("shape"), self.options.max_queue)
+        if len(tensors) == 1 and tensors[0].get("datatype") == "BYTES":
+            _check_name(tensors[0], contract.IMAGE)
+            files = _encoded_images(tensors[0], tensors[0]["shape"])
             with served.batcher.announced(len(files)):
                 return [await self.prepare(served, raw) for raw in files]
-        if datatype == "UINT8":
-            return list(_pixels(tensor, shape, served.model.info.preprocessing.size))
-        raise Problem(400, f"datatype {datatype!r}: send UINT8 pixels or BYTES (base64 image files)")
+        if len(tensors) != len(names):
+            raise Problem(400, f"send {len(names)} UINT8 input(s), {', '.join(names)}, or one BYTES input")
+        pixels = []
+        for tensor, (name, prep) in zip(tensors, served.model.info.inputs, strict=True):
+            _check_name(tensor, name)
+            if tensor.get("datatype") != "UINT8":
+                raise Problem(
+                    400,
+                    f"datatype {tensor.get('datatype')!r}: send UINT8 pixels or BYTES (base64 image files)",
+                )
+            pixels.append(_pixels(tensor, tensor["shape"], prep.size))
+        if len({p.shape[0] for p in pixels}) != 1:
+            raise Problem(400, "every UINT8 input must hold the same number of images")
+        return [tuple(p[i] for p in pixels) for i in range(pixels[0].shape[0])]
 
-    async def prepare(self, served: Served, data: bytes) -> np.ndarray:
+    async def prepare(self, served: Served, data: bytes) -> Prepared:
         """The network input of an image file, decoded off the event loop; 400 when it is no image."""
         try:
             return await run_in_threadpool(_prepare, served.model, data, self.options.max_pixels)
         except DataError as exc:
             raise Problem(400, f"not an image this server can read: {exc}") from None
 
-    async def probabilities(self, served: Served, images: list[np.ndarray]) -> np.ndarray:
+    async def probabilities(self, served: Served, images: list[Prepared]) -> np.ndarray:
         """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
         futures: list[asyncio.Future[np.ndarray]] = []
         try:
@@ -287,7 +297,7 @@ async def _read(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(model: RetrainedModel, data: bytes, max_pixels: int) -> np.ndarray:
+def _prepare(model: RetrainedModel, data: bytes, max_pixels: int) -> Prepared:
     """``model.prepare(data)`` after checking the image's declared size against ``max_pixels``.
 
     Raises:
@@ -332,6 +342,18 @@ def _encoded_images(tensor: Mapping[str, Any], shape: list[int]) -> list[bytes]:
         return [base64.b64decode(item, validate=True) for item in data]
     except (binascii.Error, TypeError, ValueError) as exc:
         raise Problem(400, f"BYTES input: an element is not base64 ({exc})") from None
+
+
+def _check_shape(shape: Any, max_queue: int) -> None:
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise Problem(400, f"shape {shape!r} is not a list of sizes")
+    if shape[0] > max_queue:
+        raise Problem(400, f"{shape[0]} images in one request, more than --max_queue={max_queue}")
+
+
+def _check_name(tensor: Mapping[str, Any], name: str) -> None:
+    if tensor.get("name") != name:
+        raise Problem(400, f'the input is named {tensor.get("name")!r}; this model takes "{name}"')
 
 
 def _pixels(tensor: Mapping[str, Any], shape: list[int], size: int) -> np.ndarray:

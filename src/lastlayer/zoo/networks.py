@@ -4,7 +4,9 @@ Batch-norm is folded into the preceding convolution (weights and a bias), so a g
 ``Conv``, ``Clip`` (ReLU6), ``Add`` (residuals), ``GlobalAveragePool``, ``Flatten`` and ``Gemm``.
 A core graph takes ``input``: float32 ``[N, 3, S, S]`` (already scaled) and returns ``features``:
 float32 ``[N, 1280]`` (the pooled vector before the classifier) and ``logits``: float32 ``[N, 1000]``
-(the ImageNet head).
+(the ImageNet head). With ``blocks``, ``features`` also holds the average-pooled output of each block
+group (``Concat``; 712 more values for MobileNetV2, 784 for EfficientNet-Lite0): the same pass, and
+features that transfer better to images unlike ImageNet's.
 """
 
 from __future__ import annotations
@@ -188,17 +190,26 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node("Add", [a, b], [out], name=f"{name}/residual"))
         return out
 
-    def head(self, x: str, fc_weight: np.ndarray, fc_bias: np.ndarray) -> int:
-        """Global average pool to ``features`` ``[N, C]``, then the classifier to ``logits``.
+    def pool(self, x: str, name: str) -> str:
+        """Global average pool of ``x`` ``[N, C, H, W]`` to ``[N, C]``."""
+        self.nodes.append(helper.make_node("GlobalAveragePool", [x], [f"{name}.4d"], name=f"{name}/pool"))
+        self.nodes.append(helper.make_node("Flatten", [f"{name}.4d"], [name], name=f"{name}/flatten", axis=1))
+        return name
+
+    def head(self, x: str, fc_weight: np.ndarray, fc_bias: np.ndarray, taps: list[str]) -> int:
+        """Global average pool to ``features`` ``[N, C]`` (with the pooled ``taps`` after it, if any),
+        then the classifier on the pooled ``x`` to ``logits``.
 
         Returns:
             The number of classes.
         """
-        self.nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
-        self.nodes.append(helper.make_node("Flatten", ["pooled"], [FEATURES], name="flatten", axis=1))
+        pooled = self.pool(x, "pooled" if taps else FEATURES)
+        if taps:
+            extra = [self.pool(t, f"{t}.pooled") for t in taps]
+            self.nodes.append(helper.make_node("Concat", [pooled, *extra], [FEATURES], name="blocks", axis=1))
         w = self.constant("classifier.weight", fc_weight)
         b = self.constant("classifier.bias", fc_bias)
-        self.nodes.append(helper.make_node("Gemm", [FEATURES, w, b], [LOGITS], name="classifier", transB=1))
+        self.nodes.append(helper.make_node("Gemm", [pooled, w, b], [LOGITS], name="classifier", transB=1))
         return int(fc_weight.shape[0])
 
     def model(self, name: str, size: int, feature_size: int, classes: int) -> onnx.ModelProto:
@@ -235,9 +246,11 @@ def _check_no_more(sd: StateDict, prefix: str) -> None:
         )
 
 
-def mobilenet_v2(sd: StateDict, size: int) -> onnx.ModelProto:
-    """torchvision MobileNetV2 (width 1.0) at ``size`` px: symmetric padding, BN eps 1e-5, ReLU6."""
+def mobilenet_v2(sd: StateDict, size: int, blocks: bool = False) -> onnx.ModelProto:
+    """torchvision MobileNetV2 (width 1.0) at ``size`` px: symmetric padding, BN eps 1e-5, ReLU6;
+    ``blocks``: each block group's pooled output in ``features`` too."""
     g = _GraphBuilder(sd, MOBILENET_V2_BN_EPS)
+    taps: list[tuple[str, int]] = []
     x = g.conv_bn(INPUT, "features.0.0", "features.0.1", stride=2, pads=[1, 1, 1, 1])
     channels = conv_weight(sd, "features.0.0.weight").shape[0]
     index = 1
@@ -264,24 +277,28 @@ def mobilenet_v2(sd: StateDict, size: int) -> onnx.ModelProto:
                 x = g.add(block_in, x, f"features.{index}")
             channels = c
             index += 1
+        taps.append((x, c))
     x = g.conv_bn(x, f"features.{index}.0", f"features.{index}.1")
     _check_no_more(sd, f"features.{index + 1}.")
     feature_size = conv_weight(sd, f"features.{index}.0.weight").shape[0]
-    classes = g.head(x, *_classifier(sd, "classifier.1", feature_size))
-    return g.model("mobilenet_v2", size, feature_size, classes)
+    taps = taps if blocks else []
+    classes = g.head(x, *_classifier(sd, "classifier.1", feature_size), [t for t, _ in taps])
+    return g.model("mobilenet_v2", size, feature_size + sum(c for _, c in taps), classes)
 
 
-def efficientnet_lite(sd: StateDict, size: int, depth: float) -> onnx.ModelProto:
+def efficientnet_lite(sd: StateDict, size: int, depth: float, blocks: bool = False) -> onnx.ModelProto:
     """EfficientNet-Lite (EfficientNet-PyTorch layout) at ``size`` px with depth coefficient ``depth``.
 
     TensorFlow "SAME" padding (explicit pads for the fixed size), BN eps 1e-3, ReLU6, no
-    squeeze-excite. Channel counts and kernel sizes come from the weights.
+    squeeze-excite. Channel counts and kernel sizes come from the weights. ``blocks``: each block
+    group's pooled output in ``features`` too.
     """
     g = _GraphBuilder(sd, EFFICIENTNET_BN_EPS)
     pads, spatial = same_pads(size, conv_weight(sd, "_conv_stem.weight").shape[2], 2)
     x = g.conv_bn(INPUT, "_conv_stem", "_bn0", stride=2, pads=pads)
     layout = efficientnet_lite_layout(depth)
     _check_no_more(sd, f"_blocks.{len(layout)}.")
+    taps: list[tuple[str, int]] = []
     for i, (expand, kernel, stride) in enumerate(layout):
         p = f"_blocks.{i}"
         block_in = x
@@ -301,7 +318,10 @@ def efficientnet_lite(sd: StateDict, size: int, depth: float) -> onnx.ModelProto
         channels_out = conv_weight(sd, f"{p}._project_conv.weight").shape[0]
         if stride == 1 and channels_in == channels_out:
             x = g.add(block_in, x, p)
+        if i + 1 == len(layout) or layout[i + 1][2] != 1 or layout[i + 1][:2] != (expand, kernel):
+            taps.append((x, channels_out))  # a group ends where the next block's settings change
     x = g.conv_bn(x, "_conv_head", "_bn1")
     feature_size = conv_weight(sd, "_conv_head.weight").shape[0]
-    classes = g.head(x, *_classifier(sd, "_fc", feature_size))
-    return g.model("efficientnet_lite", size, feature_size, classes)
+    taps = taps if blocks else []
+    classes = g.head(x, *_classifier(sd, "_fc", feature_size), [t for t, _ in taps])
+    return g.model("efficientnet_lite", size, feature_size + sum(c for _, c in taps), classes)
