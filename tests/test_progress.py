@@ -58,7 +58,7 @@ def test_on_a_terminal_step_lines_give_way_to_the_status_line(terminal_log):
         "Training [############............] step 10/20, train accuracy 90.0%, validation 80.0% (N=5)" in text
     )
     # the log record is written over the status line, which is drawn again below it
-    assert "\r\x1b[2KINFO:lastlayer.pipeline:Save final result to : m.onnx\n\r\x1b[2KTraining [" in text
+    assert "\r\x1b[2KINFO:lastlayer.retrain:Save final result to : m.onnx\n\r\x1b[2KTraining [" in text
     assert text.endswith(
         "step 20/20, train accuracy 100.0%, validation 87.5% (N=8), cross entropy 0.100, in 0:00\n"
     )
@@ -140,6 +140,6 @@ def test_retrain_on_a_terminal_and_into_a_file(tmp_path, model_dir):
     assert [int(s) for s in STEP_LINE.findall(text)] == [*range(0, 30, 10), 29]
     lines = text.splitlines()
     assert (
-        lines[-1] == f"INFO:lastlayer.pipeline:Save report to : {tmp_path / 'file' / 'out' / 'm.report.html'}"
+        lines[-1] == f"INFO:lastlayer.retrain:Save report to : {tmp_path / 'file' / 'out' / 'm.report.html'}"
     )
-    assert lines[-2].startswith("INFO:lastlayer.pipeline:Save final result to : ")
+    assert lines[-2].startswith("INFO:lastlayer.retrain:Save final result to : ")

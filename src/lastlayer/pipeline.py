@@ -65,7 +65,8 @@ from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_ba
 if TYPE_CHECKING:
     from lastlayer.hadoop import HadoopLogin
 
-log = logging.getLogger(__name__)
+#: The run's lines keep the logger name they always had (``INFO:lastlayer.retrain:Final test accuracy``).
+log = logging.getLogger("lastlayer.retrain")
 
 #: ``(done, total)`` images while bottlenecks are computed.
 Progress = Callable[[int, int], None]
