@@ -50,7 +50,7 @@ def test_on_a_terminal_step_lines_give_way_to_the_status_line(terminal_log):
     bar = progress.TrainingProgress(terminal_log, steps=20)
     train_log.info("%s: Step %d: Train accuracy = %.1f%%", "now", 9, 90.0)
     bar(Evaluation(9, 0.9, 0.25, 0.8, 0.4, 5))
-    logging.getLogger("lastlayer.pipeline").info("Save final result to : %s", "m.onnx")
+    logging.getLogger("lastlayer.retrain").info("Save final result to : %s", "m.onnx")
     bar(Evaluation(19, 1.0, 0.1, 0.875, 0.3, 8))
     text = terminal_log.getvalue()
     assert "Step 9" not in text
