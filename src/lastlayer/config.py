@@ -235,7 +235,7 @@ def _cross_problems(config: Any) -> Iterable[tuple[str, Any, str]]:
             yield (
                 "device",
                 config.device,
-                f"must be {CPU} with --engine=spark: the Spark engine runs the network on the executors' CPUs",
+                f"must be {CPU} with --engine=spark: Spark runs the network on the executors' CPUs",
             )
         if config.engine == "spark" and config.worker_count != 1:
             yield (
