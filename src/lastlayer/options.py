@@ -157,12 +157,16 @@ class LabelOptions:
 class UploadOptions:
     """What ``lastlayer upload`` takes besides its source and destination."""
 
-    threads: int = option(8, "Files copied at once.")
+    threads: int = option(
+        0,
+        "Files copied at once; 0 = as many as the destination's latency calls for (8, doubled while "
+        "the rate of finished files keeps rising, up to 256).",
+    )
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        if self.threads < 1:
-            raise UsageError(f"--threads={self.threads}: must be at least 1")
+        if self.threads < 0:
+            raise UsageError(f"--threads={self.threads}: must be 0 (adapt) or more")
 
 
 @dataclass
