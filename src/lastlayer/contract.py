@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 
 import onnx
@@ -83,9 +84,11 @@ def gpu_problem() -> str | None:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        started = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=[_CUDA_PROVIDER, _CPU_PROVIDER]
-        ).get_providers()
+        with warnings.catch_warnings():  # onnxruntime warns when it falls back: the answer says so
+            warnings.simplefilter("ignore")
+            started = ort.InferenceSession(
+                probe.SerializeToString(), options, providers=[_CUDA_PROVIDER, _CPU_PROVIDER]
+            ).get_providers()
     except Exception as exc:  # onnxruntime raises its own exception types
         return f"onnxruntime's CUDA provider did not start: {' '.join(str(exc).split())[:300]}"
     if started[0] != _CUDA_PROVIDER:
@@ -128,12 +131,14 @@ def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -
     Raises:
         UsageError: negative ``threads``, another ``device``, or :data:`CUDA` where onnxruntime
             cannot use a GPU (see :func:`gpu_problem`).
-        ModelError: onnxruntime cannot load the model.
+        ModelError: onnxruntime cannot load the model, or puts it on the CPU after all.
     """
     if threads < 0:
         raise UsageError(f"threads must be 0 (default) or positive, not {threads}")
     if device not in (CPU, CUDA):
         raise UsageError(f"device must be {CPU} or {CUDA}, not {device!r}")
+    if device == CUDA and (problem := gpu_problem()):
+        raise UsageError(f"--device=cuda: {problem}; or use --device=cpu or auto")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -147,8 +152,7 @@ def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"onnxruntime cannot load {what}: {exc}") from exc
     if device == CUDA and loaded.get_providers()[0] != _CUDA_PROVIDER:  # onnxruntime fell back to the CPU
-        why = gpu_problem() or "onnxruntime did not start its CUDA provider"
-        raise UsageError(f"--device=cuda: {why}; or use --device=cpu or auto")
+        raise ModelError(f"onnxruntime put {what} on the CPU, not the GPU: its CUDA provider did not start")
     return loaded
 
 
