@@ -159,6 +159,8 @@ class _Supervisor:
             "MESOS_SANDBOX": str(folder / "sandbox"),
             "OMP_NUM_THREADS": str(len(cores)),
         }
+        if role == "gpuworker":
+            env["CUDA_VISIBLE_DEVICES"] = gpus_of(int(index), group.gpus, env.get("CUDA_VISIBLE_DEVICES"))
         with open(folder / "stdout", "ab") as out, open(folder / "stderr", "ab") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lastlayer.jobs.task"],
@@ -227,6 +229,14 @@ class _Supervisor:
         for name, proc in list(self.procs.items()):
             _terminate(proc)
             self.finish(self.plan.step(name), status, proc.returncode, message)
+
+
+def gpus_of(index: int, gpus: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of GPU worker ``index`` with ``gpus`` each: its own slice of the GPUs
+    this machine shows (of ``visible`` when the service runs with one), in task order."""
+    first = index * gpus
+    devices = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(first + gpus)]
+    return ",".join(devices[first : first + gpus])
 
 
 def _free_port() -> int:

@@ -1,8 +1,9 @@
-"""int8 zoo networks (built from the float graph, calibrated on images made in the package, cached) and
-the device choice (cpu / cuda / auto) on a machine without a GPU."""
+"""int8 zoo networks (built from the float graph, calibrated on images made in the package, cached), the
+device choice (cpu / cuda / auto) on a machine without a GPU, and the job service's GPU workers."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from lastlayer.demo import demo_image_dir
 from lastlayer.engines.base import Need, Task
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import UsageError
+from lastlayer.jobs.supervisor import gpus_of
+from lastlayer.jobs.task import Server
 from lastlayer.preprocess import decode, to_input
 from lastlayer.zoo import ZOO, FeatureModel, load_feature_model, quantize, resolve
 from lastlayer.zoo.catalog import INT8_SUFFIX, read_weights
 from lastlayer.zoo.loader import build_network
 from lastlayer.zoo.pth import read_state_dict
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = "mobilenet_v2_1.0_128"  # the quickest network to quantize
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 
@@ -224,3 +228,32 @@ def test_on_a_gpu_every_thread_feeds_one_session_in_large_batches(pair, monkeypa
     cpu = {r.task.index: r.plain for r in LocalEngine(2).extract(tasks, float_model, need)}
     assert set(made) == {contract.CPU}
     assert all(np.allclose(gpu[i], cpu[i], atol=1e-5) for i in cpu)
+
+
+# -- the job service's GPU workers ---------------------------------------------------------------
+
+
+def test_each_gpu_worker_gets_its_own_gpus():
+    assert [gpus_of(i, 1, None) for i in range(3)] == ["0", "1", "2"]
+    assert [gpus_of(i, 2, None) for i in range(2)] == ["0,1", "2,3"]
+    assert [gpus_of(i, 1, "3, 5") for i in range(3)] == ["3", "5", ""]  # no GPU left: --device=cuda says so
+
+
+@pytest.mark.parametrize(
+    ("role", "index", "expected"),
+    [
+        ("worker", 0, ("cpu", 0, 3)),
+        ("worker", 1, ("cpu", 1, 3)),
+        ("gpuworker", 0, ("cuda", 2, 3)),
+    ],
+)
+def test_the_poets_job_gives_gpu_workers_a_shard_and_the_gpu(monkeypatch, role, index, expected):
+    spec = importlib.util.spec_from_file_location("poets", ROOT / "examples" / "poets" / "poets.py")
+    poets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(poets)
+    seen = []
+    monkeypatch.setattr(lastlayer, "retrain", lambda **kwargs: seen.append(kwargs["engine"]))
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"], "gpuworker": ["127.0.0.1:3"]}
+    poets.main(Server(cluster, role, index, "grpc://x"), "/tmp", {"args": {"--how_many_training_steps": 5}})
+    (engine,) = seen
+    assert (engine.device, engine.worker_index, engine.worker_count) == expected
