@@ -93,7 +93,7 @@ def test_the_int8_network_is_cached_and_its_key_follows_the_quantizer(pair, mode
     cached = sorted(p.name for p in model_dir.glob(f"{SMALL}{INT8_SUFFIX}-*.onnx"))
     assert cached == [f"{SMALL}{INT8_SUFFIX}-{int8_model.key[:16]}.onnx"]
     monkeypatch.setattr(quantize, "VERSION", "test")
-    monkeypatch.setattr(quantize, "quantize", lambda model, prep: pytest.fail("built again"))
+    monkeypatch.setattr(quantize, "quantize", lambda model, prep, network: pytest.fail("built again"))
     with pytest.raises(pytest.fail.Exception, match="built again"):  # a new quantizer: a new key
         load_feature_model(SMALL + INT8_SUFFIX, str(model_dir))
 

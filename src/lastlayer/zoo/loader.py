@@ -165,7 +165,7 @@ def _int8(entry: ZooEntry, model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     from lastlayer.zoo import quantize
 
-    return quantize.quantize(model, entry.preprocessing)
+    return quantize.quantize(model, entry.preprocessing, entry.network)
 
 
 def _load_user(url: str, options: Mapping[str, Any] | None) -> FeatureModel:
