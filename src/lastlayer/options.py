@@ -33,7 +33,8 @@ class RetrainOptions:
     image_dir: str = option("", "Folder of class sub-folders of images (default: the bundled demo set).")
     architecture: str = option(
         DEFAULT_ARCHITECTURE,
-        "Network: mobilenet_v2_1.0_<224|192|160|128>, efficientnet_lite<0|1|2>, a codelab name "
+        "Network: mobilenet_v2_1.0_<224|192|160|128>, efficientnet_lite<0|1|2> (each also as <name>_int8, "
+        "its int8 version), a codelab name "
         "(mobilenet_<1.0|0.75|0.50|0.25>_<size>, inception_v3: substituted, with a warning), "
         "or the path or URL of your own ONNX feature extractor (see docs/custom-models.md).",
     )
