@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -53,34 +55,51 @@ def test_upload_errors(tmp_path: Path, capsys):
 # -- many files in flight -------------------------------------------------------------------------
 
 
-def simulate(window: Window, latency: float, capacity: float, files: int = 5000) -> list[int]:
-    """Feed ``window`` the finishing times of a storage where ``c`` files in flight finish at
-    ``min(c / latency, capacity)`` files/s (Little's law, up to a capacity); the limits it took."""
-    now, limits = 0.0, [window.limit]
+def simulate(
+    window: Window, rate: Callable[[int, float], float], files: int = 20000
+) -> tuple[list[int], Counter[int]]:
+    """Feed ``window`` the finishing times of a storage that finishes ``rate(in flight, now)`` files/s;
+    the limits it took, and how many files finished at each."""
+    now, limits, at = 0.0, [window.limit], Counter[int]()
     for _ in range(files):
-        now += 1 / min(window.limit / latency, capacity)
+        now += 1 / rate(window.limit, now)
+        at[window.limit] += 1
         window.finished(now)
         if window.limit != limits[-1]:
             limits.append(window.limit)
-    return limits
+    return limits, at
 
 
-def test_the_window_doubles_while_the_rate_rises_then_keeps_the_best():
+def little(latency: float, capacity: float) -> Callable[[int, float], float]:
+    """``c`` files in flight finish at ``min(c / latency, capacity)`` files/s (Little's law, capped)."""
+    return lambda c, now: min(c / latency, capacity)
+
+
+def test_the_window_doubles_while_the_rate_rises_and_holds_the_best():
     window = Window()
-    limits = simulate(window, latency=0.1, capacity=500)  # 8: 80/s, 16: 160/s, 32: 320/s, 64+: 500/s
-    assert limits == [START_IN_FLIGHT, 16, 32, 64, 128, 64]
-    assert not window.adapting and window.limit == 64
+    limits, at = simulate(window, little(0.1, 500))  # 8: 80/s, 16: 160/s, 32: 320/s, 64+: 500/s
+    assert limits[:6] == [START_IN_FLIGHT, 16, 32, 64, 128, 64]
+    assert at.most_common(1)[0][0] == 64 and set(limits) == {8, 16, 32, 64, 128}  # 128: tried again
 
 
 def test_the_window_stops_at_its_most_when_the_storage_never_saturates():
     window = Window()
-    assert simulate(window, latency=0.5, capacity=float("inf"))[-1] == MOST_IN_FLIGHT
-    assert not window.adapting
+    limits, at = simulate(window, little(0.5, float("inf")))
+    assert limits[-1] == MOST_IN_FLIGHT and at.most_common(1)[0][0] == MOST_IN_FLIGHT
+
+
+def test_one_unlucky_measurement_does_not_fix_the_window():
+    """The machine is busy for the first 3 s (30 files/s whatever is in flight), then the storage
+    answers as Little's law says: the window finds the knee afterwards."""
+    window = Window()
+    limits, at = simulate(window, lambda c, now: 30.0 if now < 3 else min(c / 0.1, 500))
+    assert limits[:2] == [START_IN_FLIGHT, 16] and 8 in limits[2:]  # the first doubling was undone ...
+    assert at.most_common(1)[0][0] == 64  # ... and tried again once the machine was free
 
 
 def test_a_fixed_window_never_changes():
     window = Window(fixed=3)
-    assert simulate(window, latency=0.1, capacity=500) == [3] and not window.adapting
+    assert simulate(window, little(0.1, 500))[0] == [3] and not window.adapting
 
 
 def test_files_in_flight_and_a_failure_that_does_not_stop_the_others(tmp_path: Path):

@@ -10,27 +10,30 @@ pipeline and a close that waits for the NameNode to see the block (~0.1-0.5 s), 
 So many files are in flight at once: without ``threads``, :class:`Window` starts with
 :data:`START_IN_FLIGHT` and doubles the number while the measured rate of finished files keeps
 rising (by Little's law, while the latency does not grow as fast as the files in flight), up to
-:data:`MOST_IN_FLIGHT`. ``hdfs://`` and ``viewfs://`` destinations go through hdfs-native's
-asynchronous client (one event loop, no thread per file); other storage through a thread per file
-in flight. File data is read :data:`CHUNK` bytes at a time, so at most ``MOST_IN_FLIGHT x CHUNK``
-bytes are held at once.
+:data:`MOST_IN_FLIGHT`, and backs off a doubling that did not pay. Each file in flight is a
+thread's: on ``hdfs://`` and ``viewfs://`` it calls hdfs-native's client directly (create, write,
+close, size, rename: no other round trip), which releases the GIL while it waits; other storage goes
+through fsspec. (hdfs-native's asynchronous client was tried first: under load, an upload through it
+stalled for minutes, a Python thread and a tokio thread each waiting for the other.) File data is
+read :data:`CHUNK` bytes at a time, so at most ``MOST_IN_FLIGHT x CHUNK`` bytes (64 MiB) of it are
+held at once, plus, on storage other than HDFS, the write buffer fsspec's backend keeps per open file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import posixpath
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from hdfs_native import Client, WriteOptions
+
 from lastlayer import storage
 from lastlayer.errors import StorageError
-from lastlayer.hadoop.fs import HdfsFileSystem  # registers the hdfs:// adapter, which has async_client()
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,10 @@ START_IN_FLIGHT, MOST_IN_FLIGHT = 8, 256
 GAIN = 1.15
 #: Shortest measurement of the rate at one number of files in flight, seconds.
 MEASURE_SECONDS = 0.5
-#: Longest time one file may take: this much, plus its size at 1 MB/s.
-FILE_SECONDS = 300.0
+#: Phases at one number of files in flight before doubling it is tried again.
+HOLD_PHASES = 4
+#: Longest wait for the next file to finish, seconds.
+STALL_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -70,20 +75,24 @@ class UploadReport:
 class Window:
     """How many files may be in flight: a fixed number, or one that adapts to the storage.
 
-    Adapting, it measures the rate of finished files over at least twice the files in flight and
-    :data:`MEASURE_SECONDS`, and doubles the number while each doubling raises the rate by
-    :data:`GAIN`; the first doubling that does not is undone, and the number stays.
+    Adapting, it measures the rate of finished files in phases of at least twice the files in flight
+    and :data:`MEASURE_SECONDS`. It doubles the number while each doubling raises the rate by
+    :data:`GAIN`, and halves it back after a doubling that did not; then it holds, and after
+    :data:`HOLD_PHASES` phases tries doubling again, so that one unlucky measurement on a busy
+    machine does not fix the number for the rest of the upload.
 
     Attributes:
         limit: files that may be in flight now.
-        adapting: whether the limit may still change.
+        adapting: whether the limit may change.
     """
 
     def __init__(self, fixed: int = 0, start: int = START_IN_FLIGHT, most: int = MOST_IN_FLIGHT) -> None:
         self.limit = fixed or start
         self.adapting = not fixed
-        self.most = most
-        self._best = (0.0, self.limit)  # (rate, limit)
+        self.least, self.most = start, most
+        self._rate: float | None = None  # of the last phase, files/s
+        self._climbed = False  # whether the last change doubled the limit
+        self._held = 0  # phases since the last change
         self._since: float | None = None
         self._finished = 0
 
@@ -99,17 +108,22 @@ class Window:
         if self._finished < 2 * self.limit or elapsed < MEASURE_SECONDS:
             return
         rate = self._finished / elapsed
-        best_rate = self._best[0]
-        if rate >= best_rate * GAIN and self.limit < self.most:
-            self._best = (rate, self.limit)
-            self.limit = min(self.most, 2 * self.limit)
-        else:  # the last doubling bought less than GAIN (or no more may be tried): undo it
-            if rate > best_rate * GAIN:
-                self._best = (rate, self.limit)
-            self.limit = self._best[1]
-            self.adapting = False
-            log.debug("upload: %d files in flight (%.0f files/s measured)", self.limit, self._best[0])
         self._since, self._finished = now, 0
+        previous, self._rate = self._rate, rate
+        if previous is not None and self._climbed and rate < previous * GAIN:
+            self._change(self.limit // 2, climb=False)  # the doubling did not pay: undo it
+        elif previous is None or self._climbed or self._held >= HOLD_PHASES:
+            self._change(self.limit * 2, climb=True)
+        else:
+            self._held += 1
+
+    def _change(self, limit: int, climb: bool) -> None:
+        limit = max(self.least, min(self.most, limit))
+        if limit != self.limit:
+            log.debug("upload: %d files in flight (was %d, %.0f files/s)", limit, self.limit, self._rate)
+        self._climbed = climb and limit > self.limit
+        self._held = 0
+        self.limit = limit
 
 
 def _listing(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, int]:
@@ -161,7 +175,8 @@ def upload(
         len(sources) - len(todo),
     )
     copier = _Copier(src, dst, sources, storage_options)
-    copied, in_flight = _run_loop(copier.run(todo, Window(threads), progress))
+    copier.folders(todo)
+    copied, in_flight = _schedule(todo, copier.copy, Window(threads), progress)
     after = _listing(dst, storage_options)
     wrong = [rel for rel, size in sources.items() if after.get(rel) != size]
     if wrong:
@@ -171,23 +186,8 @@ def upload(
     return UploadReport(len(sources), copied, len(sources) - len(todo), done_bytes, seconds, in_flight)
 
 
-def _run_loop(work: Awaitable[tuple[int, int]]) -> tuple[int, int]:
-    """Run ``work`` on an event loop of its own (in a thread when the caller already runs one, as
-    a notebook does)."""
-
-    async def main() -> tuple[int, int]:
-        return await work
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    with ThreadPoolExecutor(1, thread_name_prefix="lastlayer-upload-loop") as pool:
-        return pool.submit(asyncio.run, main()).result()
-
-
 class _Copier:
-    """Copies files from a local (or fsspec) folder to a destination folder, many at once."""
+    """Copies files from a local (or fsspec) folder to a destination folder, one file a call."""
 
     def __init__(
         self, src: str, dst: str, sizes: Mapping[str, int], storage_options: Mapping[str, Any] | None
@@ -199,70 +199,53 @@ class _Copier:
         self.dst_root = dst_root.rstrip("/")
         self.sizes = sizes
         self.storage_options = storage_options
-        self.native = isinstance(self.dst_fs, HdfsFileSystem)
+        self.native = isinstance(getattr(self.dst_fs, "client", None), Client)  # hdfs://, viewfs://
 
-    async def run(
-        self, todo: list[str], window: Window, progress: Callable[[int, int], None] | None
-    ) -> tuple[int, int]:
-        """Copy ``todo`` with at most ``window.limit`` files in flight; return the files copied and
-        the most that were in flight at once.
+    def folders(self, todo: Iterable[str]) -> None:
+        """Make every destination folder of ``todo`` once, before the files."""
+        for folder in sorted({posixpath.dirname(posixpath.join(self.dst_root, rel)) for rel in todo}):
+            try:
+                self.dst_fs.makedirs(folder, exist_ok=True)
+            except Exception as exc:
+                raise storage.describe(exc, self.dst, "write") from exc
 
-        Raises:
-            StorageError: the first failure, once the files in flight have finished.
-        """
-        if self.native:
-            client = self.dst_fs.async_client()
-            await self._folders(todo, lambda path: client.mkdirs(path, create_parent=True))
-            return await _schedule(todo, lambda rel: self._native(client, rel), window, progress)
-        with ThreadPoolExecutor(window.most if window.adapting else window.limit) as pool:
-            loop = asyncio.get_running_loop()
-            return await _schedule(
-                todo, lambda rel: loop.run_in_executor(pool, self._with_fsspec, rel), window, progress
-            )
+    def copy(self, rel: str) -> int:
+        """Copy one file (in a worker thread); return its size."""
+        return self._native(rel) if self.native else self._with_fsspec(rel)
 
-    async def _folders(self, todo: Iterable[str], mkdirs: Callable[[str], Awaitable[Any]]) -> None:
-        """Make every destination folder of ``todo`` once, all at the same time."""
-        folders = {posixpath.dirname(posixpath.join(self.dst_root, rel)) for rel in todo}
-        try:
-            await asyncio.gather(*(mkdirs(folder) for folder in sorted(folders)))
-        except Exception as exc:
-            raise storage.describe(exc, self.dst, "write") from exc
-
-    def _chunks(self, rel: str) -> Iterable[bytes]:
+    def _chunks(self, rel: str) -> Iterator[bytes]:
         with self.src_fs.open(posixpath.join(self.src_root, rel), "rb") as fin:
             while chunk := fin.read(CHUNK):
                 yield chunk
 
-    async def _native(self, client: Any, rel: str) -> int:
-        """Copy one file with hdfs-native's asynchronous client: write a temporary file, check its
-        size, rename it over the target (HDFS's rename with overwrite is atomic)."""
-        from hdfs_native import WriteOptions
-
+    def _native(self, rel: str) -> int:
+        """Copy one file with hdfs-native's client: write a temporary file, check its size, rename it
+        over the target (HDFS's rename with overwrite is atomic)."""
+        client = self.dst_fs.client
         target = posixpath.join(self.dst_root, rel)
         folder, name = posixpath.split(target)
         tmp = posixpath.join(folder, f"{storage.TEMP_PREFIX}{uuid.uuid4().hex}_{name}")
         size = self.sizes[rel]
         try:
-            async with asyncio.timeout(FILE_SECONDS + size / 1e6):
-                writer = await client.create(tmp, WriteOptions(overwrite=False))
-                try:
-                    for chunk in self._chunks(rel):  # local reads of CHUNK bytes are quick
-                        await writer.write(chunk)
-                finally:
-                    await writer.close()
-                written = (await client.get_file_info(tmp)).length
-                if written != size:
-                    raise StorageError(f"size of {self.dst}/{rel} is {written} after copying, not {size}")
-                await client.rename(tmp, target, overwrite=True)
+            with client.create(tmp, WriteOptions(overwrite=False)) as writer:
+                for chunk in self._chunks(rel):
+                    writer.write(chunk)
+            written = client.get_file_info(tmp).length
+            if written != size:
+                raise StorageError(f"size of {self.dst}/{rel} is {written} after copying, not {size}")
+            client.rename(tmp, target, overwrite=True)
         except BaseException as exc:
-            await _forget(client, tmp)
+            try:
+                client.delete(tmp)
+            except Exception:  # the copy's own error is the one to report; a re-run ignores the file
+                log.debug("could not remove the temporary file %s", tmp)
             if isinstance(exc, Exception):
                 raise storage.describe(exc, f"{self.dst}/{rel}", "write") from exc
             raise
         return size
 
     def _with_fsspec(self, rel: str) -> int:
-        """Copy one file through fsspec (any storage), in a worker thread."""
+        """Copy one file through fsspec (any storage)."""
         target = storage.join(self.dst, rel)
         with storage.atomic_path(target, self.storage_options) as (fs, tmp):
             with fs.open(tmp, "wb") as fout:
@@ -274,46 +257,45 @@ class _Copier:
         return self.sizes[rel]
 
 
-async def _forget(client: Any, tmp: str) -> None:
-    """Remove a temporary file after a failure (best effort: a re-run ignores it anyway)."""
-    try:
-        async with asyncio.timeout(30):
-            await client.delete(tmp)
-    except Exception:  # the copy's own error is the one to report
-        log.debug("could not remove the temporary file %s", tmp)
-
-
-async def _schedule(
+def _schedule(
     todo: list[str],
-    copy: Callable[[str], Awaitable[int]],
+    copy: Callable[[str], int],
     window: Window,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[int, int]:
-    """Keep up to ``window.limit`` copies in flight until ``todo`` is done or one fails; return the
-    files copied and the most in flight at once.
+    """Keep up to ``window.limit`` copies in flight, each in a thread, until ``todo`` is done or one
+    fails; return the files copied and the most in flight at once.
 
     Raises:
-        StorageError: the first failure, after the copies in flight have finished.
+        StorageError: the first failure (after the copies in flight have finished), or no file
+            finished for :data:`STALL_SECONDS`.
     """
     names = iter(todo)
-    pending: set[asyncio.Future[int]] = set()
+    pending: set[Future[int]] = set()
     copied = peak = 0
     failure: BaseException | None = None
-    while True:
-        while failure is None and len(pending) < window.limit and (rel := next(names, None)) is not None:
-            pending.add(asyncio.ensure_future(copy(rel)))
-        peak = max(peak, len(pending))
-        if not pending:
-            break
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for future in done:
-            if future.exception() is not None:
-                failure = failure or future.exception()
-                continue
-            copied += 1
-            window.finished(time.monotonic())
-            if progress is not None:
-                progress(copied, len(todo))
+    pool = ThreadPoolExecutor(window.most if window.adapting else window.limit, "lastlayer-upload")
+    try:
+        while True:
+            while failure is None and len(pending) < window.limit and (rel := next(names, None)) is not None:
+                pending.add(pool.submit(copy, rel))
+            peak = max(peak, len(pending))
+            if not pending:
+                break
+            done, pending = wait(pending, STALL_SECONDS, FIRST_COMPLETED)
+            if not done:
+                failure = StorageError(f"no file finished in {STALL_SECONDS:.0f} s: the storage stalls")
+                break
+            for future in done:
+                if (error := future.exception()) is not None:
+                    failure = failure or error
+                    continue
+                copied += 1
+                window.finished(time.monotonic())
+                if progress is not None:
+                    progress(copied, len(todo))
+    finally:  # nothing left in flight, unless the storage stalled or the caller was interrupted
+        pool.shutdown(wait=not pending, cancel_futures=True)
     if failure is not None:
         raise failure if isinstance(failure, StorageError) else StorageError(f"upload failed: {failure}")
     return copied, peak

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import make_dataset
 from lastlayer import storage
+from lastlayer.errors import StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.transfer import START_IN_FLIGHT, upload
 
@@ -118,3 +119,8 @@ def test_a_killed_upload_leaves_only_whole_files_and_a_re_run_completes_it(
     report = upload(str(photos), f"hdfs://{folder}", storage_options=tensorflow.storage_options())
     assert (report.copied, report.skipped) == (len(want) - len(whole), len(whole))
     assert visible(listing(tensorflow, folder)) == want
+
+
+def test_a_refused_upload_says_so_in_hadoop_s_words(photos, upload_dir, tensorflow):
+    with pytest.raises(StorageError, match=r"Permission denied: user=tensorflow, access=WRITE"):
+        upload(str(photos), "hdfs:///not-tensorflows/photos", storage_options=tensorflow.storage_options())

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
-from hdfs_native import AsyncClient, Client
+from hdfs_native import Client
 from hdfs_native.fsspec import HdfsFileSystem as _NativeHdfs
 
 
@@ -52,19 +52,14 @@ class HdfsFileSystem(_NativeHdfs):
         )
         self.host, self.port = host, port
         url = f"{self.protocol}://{host or ''}{f':{port}' if host and port else ''}"
-        self._client_args: tuple[Any, ...] = (url, {key: str(value) for key, value in config.items()})
-        self._client_kwargs: dict[str, Any] = {
-            "config_dir": hadoop_conf_dir or None,
-            "kerberos_principal": kerberos_principal or None,
-            "kerberos_keytab": kerberos_keytab or None,
-            "kerberos_cache": kerberos_cache or None,
-        }
-        self.client = Client(*self._client_args, **self._client_kwargs)
-
-    def async_client(self) -> AsyncClient:
-        """hdfs-native's asynchronous client for the same cluster, configuration and login (for
-        many operations in flight from one event loop, e.g. :func:`lastlayer.transfer.upload`)."""
-        return AsyncClient(*self._client_args, **self._client_kwargs)
+        self.client = Client(
+            url,
+            {key: str(value) for key, value in config.items()},
+            hadoop_conf_dir or None,
+            kerberos_principal=kerberos_principal or None,
+            kerberos_keytab=kerberos_keytab or None,
+            kerberos_cache=kerberos_cache or None,
+        )
 
 
 class ViewfsFileSystem(HdfsFileSystem):
