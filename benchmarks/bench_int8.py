@@ -10,10 +10,11 @@ For each zoo network (default: all of them) and its ``<name>_int8`` version, on 
   bottleneck cache with the local engine. Both in ``--rounds`` interleaved rounds; the ratio
   int8 / float is the median of the rounds, with its range.
 - cosine similarity of each image's int8 features to its float features (target: mean >= 0.99).
-- accuracy by ``--folds``-fold cross-validation (stratified, the same folds for both) of the softmax
-  layer lastlayer trains (retrain.py's 4000 steps, learning rate 0.01, batches of 100) on the cached
-  features: float, int8, and the float-trained layer on int8 features (what
-  ``--quantize_output_graph`` ships). Target: int8 within 0.5 points of float.
+- accuracy by ``--folds``-fold cross-validation, repeated ``--repeats`` times with other folds
+  (stratified, the same folds for both), of the softmax layer lastlayer trains (retrain.py's 4000
+  steps, learning rate 0.01, batches of 100) on the cached features: float, int8, and the
+  float-trained layer on int8 features (what ``--quantize_output_graph`` ships). Target: int8 within
+  0.5 points of float; the change is the mean over the folds, with its standard error.
 - sizes: the network, and the retrained model ``--output_graph`` (5 classes) in float and in int8.
 
 Cross-validation is written here because ``retrain --cross_validation`` (issue 10) is not on main yet.
@@ -76,9 +77,9 @@ def end_to_end(images, model, work: Path) -> tuple[float, np.ndarray]:
     return found.computed / seconds, found.plain[found.rows]
 
 
-def folds(labels: np.ndarray, k: int) -> list[np.ndarray]:
-    """``k`` stratified folds: each class's positions shuffled (seed 0) and dealt round-robin."""
-    rng = np.random.default_rng(0)
+def folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` stratified folds: each class's positions shuffled (``seed``) and dealt round-robin."""
+    rng = np.random.default_rng(seed)
     out: list[list[int]] = [[] for _ in range(k)]
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
@@ -92,11 +93,13 @@ def fit(x: np.ndarray, y: np.ndarray, classes: int) -> Classifier:
     return train(lambda pos, rng: x[pos], y, empty, np.zeros(0, np.int64), x.shape[1], classes, TrainConfig())
 
 
-def cross_validate(float_x: np.ndarray, int8_x: np.ndarray, y: np.ndarray, k: int) -> dict[str, list[float]]:
+def cross_validate(
+    float_x: np.ndarray, int8_x: np.ndarray, y: np.ndarray, k: int, repeats: int
+) -> dict[str, list[float]]:
     """Per-fold accuracy (%) of: float, int8, and the float-trained layer on int8 features."""
     classes = int(y.max()) + 1
     scores: dict[str, list[float]] = {"float": [], "int8": [], "float layer on int8": []}
-    for held in folds(y, k):
+    for held in (fold for seed in range(repeats) for fold in folds(y, k, seed)):
         train_at = np.setdiff1d(np.arange(len(y)), held)
         on_float = fit(float_x[train_at], y[train_at], classes)
         on_int8 = fit(int8_x[train_at], y[train_at], classes)
@@ -127,6 +130,7 @@ def main() -> int:
     parser.add_argument("--architectures", default=",".join(floats), help="float zoo names, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="cross-validations, each with other folds")
     parser.add_argument("--inputs", type=int, default=256, help="decoded images for the network-alone rate")
     args = parser.parse_args()
     if not args.images.is_dir():
@@ -167,19 +171,20 @@ def main() -> int:
         int8 = name + INT8_SUFFIX
         f, q = features[name], features[int8]
         cosine = (f * q).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(q, axis=1)
-        scores = cross_validate(f, q, labels, args.folds)
+        scores = cross_validate(f, q, labels, args.folds, args.repeats)
         change = np.array(scores["int8"]) - np.array(scores["float"])
         shipped = np.array(scores["float layer on int8"]) - np.array(scores["float"])
         net_ratio = [b / a for a, b in zip(net[name], net[int8], strict=True)]
         e2e_ratio = [b / a for a, b in zip(e2e[name], e2e[int8], strict=True)]
         cos_ok, acc_ok = cosine.mean() >= 0.99, abs(change.mean()) <= 0.5
+        error = change.std(ddof=1) / np.sqrt(len(change))
         print(
             f"{int8}: speed-up network alone {spread(net_ratio)}x, end-to-end {spread(e2e_ratio)}x "
             f"(median, range of {args.rounds} rounds)\n"
             f"  feature cosine to float: mean {cosine.mean():.4f}, min {cosine.min():.4f} "
             f"[target mean >= 0.99] {'ok' if cos_ok else 'MISSED'}\n"
-            f"  {args.folds}-fold CV accuracy: float {np.mean(scores['float']):.2f}%, int8 "
-            f"{np.mean(scores['int8']):.2f}%: change {change.mean():+.2f} points (per fold "
+            f"  {args.folds}-fold CV x {args.repeats}: accuracy float {np.mean(scores['float']):.2f}%, int8 "
+            f"{np.mean(scores['int8']):.2f}%: change {change.mean():+.2f} +- {error:.2f} points (per fold "
             f"{change.min():+.2f}..{change.max():+.2f}) [target within 0.5] {'ok' if acc_ok else 'MISSED'}; "
             f"float layer on int8 features {shipped.mean():+.2f} points\n"
             f"  size: network {len(models[name].onnx_bytes) / 2**20:.1f} -> "
