@@ -218,8 +218,8 @@ def exported_network(model: FeatureModel, run: Run) -> FeatureModel:
         UsageError: ``--quantize_output_graph`` with a user model (only zoo networks have int8 versions).
     """
     name = model.architecture
-    if not run.outputs.quantize_output_graph or name.endswith(INT8_SUFFIX):
-        return model
+    if not run.outputs.quantize_output_graph or name.endswith(INT8_SUFFIX) or run.engine.worker_index > 0:
+        return model  # (a shard worker exports nothing)
     if is_user_model(name):
         raise UsageError(
             f"--quantize_output_graph: {name} is your own model and has no int8 version here; quantize "
