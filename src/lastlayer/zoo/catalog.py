@@ -169,7 +169,7 @@ def resolve(architecture: str) -> tuple[str, ZooEntry | None, str | None]:
     if match:
         width, size, quantized = match.groups()
         name = f"mobilenet_v2_1.0_{size}"
-        extra = "; no quantized variant is offered, so the float network is used" if quantized else ""
+        extra = f"; for a quantized network ask for {name}{INT8_SUFFIX}" if quantized else ""
         return (
             name,
             ZOO[name],
