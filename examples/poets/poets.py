@@ -4,7 +4,8 @@ The DC/OS TensorFlow service (and ``lastlayer job deploy``) import this module a
 ``main(server, log_dir, context)``. ``context["args"]`` holds retrain flags; every
 ``{{shared_filesystem}}`` in a value becomes ``log_dir``, and a path under ``/mnt/mesos/sandbox``
 (the task's persistent volume on DC/OS) is placed in the task's sandbox (``MESOS_SANDBOX``).
-With several workers, each computes its shard of the bottlenecks and worker 0 trains; with
+With several workers, each computes its shard of the bottlenecks and worker 0 trains; GPU workers
+(``gpu_worker`` in the options file) take shards too, with the network on their GPU; with
 ``--engine spark`` in the context, :func:`executors` tells the job service so: it maps the workers'
 count, cpus and mem onto Spark executors, worker 0 drives them, and the other workers have nothing
 to do. It uses only lastlayer's public API.
@@ -57,11 +58,20 @@ def main(server: Any, log_dir: str, context: dict[str, Any]) -> None:
     opts = lastlayer.RetrainOptions.from_namespace(flags)
     opts.validate()
     engine = opts.engine
-    workers = getattr(server, "cluster", {}).get("worker", [])
-    index = getattr(server, "task_index", 0)
-    if engine.engine == "spark" and index > 0:
-        log.info("Worker %d: Spark's executors do the workers' share; worker 0 drives them", index)
+    role, index = getattr(server, "job_name", "worker"), getattr(server, "task_index", 0)
+    pool = shard_pool(getattr(server, "cluster", {}))
+    position = pool.index((role, index)) if (role, index) in pool else 0
+    if engine.engine == "spark" and position > 0:
+        log.info("Worker %d: Spark's executors do the workers' share; worker 0 drives them", position)
         return
-    if engine.engine != "spark" and getattr(server, "job_name", "worker") == "worker" and len(workers) > 1:
-        engine = dataclasses.replace(engine, worker_index=index, worker_count=len(workers))
+    if engine.engine != "spark" and role == "gpuworker":
+        engine = dataclasses.replace(engine, device="cuda")  # the GPUs the job service gave this task
+    if engine.engine != "spark" and (role, index) in pool and len(pool) > 1:
+        engine = dataclasses.replace(engine, worker_index=position, worker_count=len(pool))
     lastlayer.retrain(**{**opts.api_kwargs(), "engine": engine})
+
+
+def shard_pool(cluster: dict[str, list[str]]) -> list[tuple[str, int]]:
+    """The tasks sharing the bottleneck work, as ``(role, index)``: the workers, then the GPU workers
+    (whose network runs on their GPU); the first one trains."""
+    return [(role, i) for role in ("worker", "gpuworker") for i in range(len(cluster.get(role, [])))]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lastlayer import fields
+from lastlayer.contract import CPU, DEVICES
 from lastlayer.engines import ENGINE_NAMES
 from lastlayer.errors import UsageError
 from lastlayer.fields import option
@@ -152,6 +153,11 @@ class OutputConfig:
         rule="must be 0 (off) or more",
     )
     final_tensor_name: str = option("final_result", "Name of the output of the retrained model.")
+    quantize_output_graph: bool = option(
+        False,
+        "Write --output_graph with the int8 version of the network (a zoo network's <name>_int8: about "
+        "a third of the size, for small devices); training still uses --architecture's features.",
+    )
     print_misclassified_test_images: bool = option(False, "Log every misclassified test image.")
     report: bool = option(
         True,
@@ -195,6 +201,20 @@ class EngineConfig:
         "Threads for decoding and for the network; 0 = one per core.",
         minimum=0,
         rule="must be 0 (one per core) or more",
+    )
+    device: str = option(
+        CPU,
+        "Where the network runs: cpu, cuda (onnxruntime's CUDA execution provider; needs pip install "
+        "'lastlayer[gpu]' and an NVIDIA GPU) or auto (cuda when a GPU answers, else cpu, with a log line).",
+        choices=DEVICES,
+        upper_choices=False,
+        rule=f"must be one of {', '.join(DEVICES)}",
+    )
+    gpu_batch_size: int = option(
+        64,
+        "With the network on a GPU: images per network call (the CPU cores decode, the GPU runs batches).",
+        minimum=1,
+        rule=_AT_LEAST_1,
     )
     worker_index: int = option(
         0, "This worker's index when --worker_count workers share the bottleneck work."
@@ -241,6 +261,12 @@ def _cross_problems(config: Any) -> Iterable[tuple[str, Any, str]]:
     if isinstance(config, EngineConfig):
         if not 0 <= config.worker_index < config.worker_count:
             yield "worker_index", config.worker_index, "must be in [0, --worker_count)"
+        if config.engine == "spark" and config.device != CPU:
+            yield (
+                "device",
+                config.device,
+                f"must be {CPU} with --engine=spark: Spark runs the network on the executors' CPUs",
+            )
         if config.engine == "spark" and config.worker_count != 1:
             yield (
                 "worker_count",

@@ -34,7 +34,8 @@ class RetrainOptions:
     image_dir: str = option("", "Folder of class sub-folders of images (default: the bundled demo set).")
     architecture: str = option(
         DEFAULT_ARCHITECTURE,
-        "Network: mobilenet_v2_1.0_<224|192|160|128>, efficientnet_lite<0|1|2>, a codelab name "
+        "Network: mobilenet_v2_1.0_<224|192|160|128>, efficientnet_lite<0|1|2> (each also as <name>_int8, "
+        "its int8 version), a codelab name "
         "(mobilenet_<1.0|0.75|0.50|0.25>_<size>, inception_v3: substituted, with a warning), "
         "several of these joined by '+' (their features concatenated in one model), "
         "or the path or URL of your own ONNX feature extractor (see docs/custom-models.md).",
@@ -232,12 +233,16 @@ class ServeOptions:
 class UploadOptions:
     """What ``lastlayer upload`` takes besides its source and destination."""
 
-    threads: int = option(8, "Files copied at once.")
+    threads: int = option(
+        0,
+        "Files copied at once; 0 = as many as the destination's latency calls for (8, doubled while "
+        "the rate of finished files keeps rising, up to 256).",
+    )
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        if self.threads < 1:
-            raise UsageError(f"--threads={self.threads}: must be at least 1")
+        if self.threads < 0:
+            raise UsageError(f"--threads={self.threads}: must be 0 (adapt) or more")
 
 
 @dataclass

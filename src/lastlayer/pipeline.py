@@ -60,7 +60,8 @@ from lastlayer.train import (
     softmax_cross_entropy,
     train,
 )
-from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones
+from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones, load_feature_model
+from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
 if TYPE_CHECKING:
     from lastlayer.hadoop import HadoopLogin
@@ -176,6 +177,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     model = load_model(
         run.architecture, run.cache.model_dir, run.storage_options, run.training.block_features
     )
+    network = exported_network(model, run)
     run.lap("model_s")
     images = scan_images(image_dir, run.training, run.storage_options)
     run.lap("scan_s")
@@ -194,7 +196,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     classifier, last = fit(data, model, images.labels, run, seed)
     run.lap("training_s")
     scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
-    export(model, classifier, images.labels, run.outputs, seed, run.storage_options)
+    export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
     run.lap("export_s")
     run.total()
     wrong = misclassified(classifier, data, images)
@@ -256,6 +258,36 @@ def load_model(
             model.preprocessing.size,
         )
     return models
+
+
+def exported_network(models: Backbones, run: Run) -> Backbones:
+    """The network(s) ``--output_graph`` carries: ``models``, or with ``--quantize_output_graph`` their
+    int8 versions (built and cached now, before the long stages).
+
+    Raises:
+        UsageError: ``--quantize_output_graph`` with a user model (only zoo networks have int8 versions).
+    """
+    if not run.outputs.quantize_output_graph or run.engine.worker_index > 0:
+        return models  # (a shard worker exports nothing)
+    int8 = []
+    for model in models:
+        name = model.architecture
+        if name.endswith(INT8_SUFFIX):
+            int8.append(model)
+            continue
+        if is_user_model(name):
+            raise UsageError(
+                f"--quantize_output_graph: {name} is your own model and has no int8 version here; quantize "
+                "it with onnxruntime's tools and pass that file as --architecture, or leave the flag out"
+            )
+        int8.append(
+            load_feature_model(
+                name + INT8_SUFFIX, run.cache.model_dir, run.storage_options, run.training.block_features
+            )
+        )
+    network = Backbones(tuple(int8))
+    log.info("The output graph will carry %s", network.architecture)
+    return network
 
 
 def scan_images(
@@ -664,10 +696,16 @@ def export(
     outputs: OutputConfig,
     seed: int,
     storage_options: Mapping[str, Any] | None,
+    network: Backbones | None = None,
 ) -> None:
-    """Write the retrained model (carrying its labels and preprocessing) and the labels file."""
+    """Write the retrained model (carrying its labels and preprocessing) and the labels file.
+
+    Args:
+        model: the network(s) whose features trained ``clf`` (their key goes into the metadata).
+        network: the network(s) the model carries, when not ``model`` (``--quantize_output_graph``).
+    """
     extra = {"model_key": model.key, "seed": str(seed)}
-    model_bytes = build_classifier(model, clf, labels, outputs.final_tensor_name, extra)
+    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra)
     storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
     log.info("Save final result to : %s", outputs.output_graph)
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from lastlayer import storage
+from lastlayer import contract, storage
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.engines.base import (
     Engine,
@@ -113,13 +113,17 @@ def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_s
 
 
 class _Worker:
-    """Per-thread state: one single-threaded onnxruntime session."""
+    """The sessions the worker threads run: on the CPU one single-threaded session per thread, on a
+    GPU one session that every thread feeds (onnxruntime sessions take concurrent runs)."""
 
-    def __init__(self, model: FeatureModel) -> None:
+    def __init__(self, model: FeatureModel, device: str) -> None:
         self.model = model
         self.local = threading.local()
+        self.shared = model.session(0, device) if device == contract.CUDA else None
 
     def session(self) -> ort.InferenceSession:
+        if self.shared is not None:
+            return self.shared
         session = getattr(self.local, "session", None)
         if session is None:
             session = self.local.session = self.model.session(1)
@@ -136,22 +140,32 @@ class LocalEngine(Engine):
     Attributes:
         threads: worker threads (0: one per core).
         batch_size: images per network call.
+        device: where the network runs, :data:`~lastlayer.contract.CPU` or
+            :data:`~lastlayer.contract.CUDA` (``auto`` is resolved when the engine is made).
     """
 
     name = "local"
 
     def __init__(
-        self, threads: int = 0, batch_size: int = 4, storage_options: Mapping[str, Any] | None = None
+        self,
+        threads: int = 0,
+        batch_size: int = 4,
+        storage_options: Mapping[str, Any] | None = None,
+        device: str = contract.CPU,
     ) -> None:
         self.threads = threads or available_cores()
         self.batch_size = batch_size
         self.storage_options = storage_options
+        self.device = contract.resolve_device(device)
 
     @classmethod
     def from_config(
         cls, config: EngineConfig, storage_options: Mapping[str, Any] | None, spark_conf: Mapping[str, str]
     ) -> LocalEngine:
-        return cls(config.num_threads, config.batch_size, storage_options)
+        engine = cls(config.num_threads, config.batch_size, storage_options, config.device)
+        if engine.device == contract.CUDA:
+            engine.batch_size = config.gpu_batch_size
+        return engine
 
     def extract(
         self,
@@ -164,8 +178,9 @@ class LocalEngine(Engine):
         """Each of :attr:`threads` workers takes :attr:`batch_size` tasks at a time, reads and decodes
         them and runs its own single-threaded onnxruntime session on them. With as many workers as
         cores, one worker's decoding overlaps another's network pass without oversubscribing the
-        cores, and no thread ever waits at a parallel-for barrier."""
-        worker = _Worker(model)
+        cores, and no thread ever waits at a parallel-for barrier. On a GPU the workers decode on
+        every core and take turns with one session on the GPU."""
+        worker = _Worker(model, self.device)
 
         def job(chunk: list[Task]) -> list[Result]:
             prepared = [

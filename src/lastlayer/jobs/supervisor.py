@@ -231,6 +231,8 @@ class _Supervisor:
             "MESOS_SANDBOX": str(folder / "sandbox"),
             "OMP_NUM_THREADS": str(len(cores)),
         }
+        if role == "gpuworker":
+            env["CUDA_VISIBLE_DEVICES"] = gpus_of(int(index), group.gpus, env.get("CUDA_VISIBLE_DEVICES"))
         out = os.open(folder / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         err = os.open(folder / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -307,6 +309,14 @@ class _Supervisor:
         for name, proc in list(self.procs.items()):
             _terminate(proc)
             self.finish(self.plan.step(name), status, proc.returncode, message)
+
+
+def gpus_of(index: int, gpus: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of GPU worker ``index`` with ``gpus`` each: its own slice of the GPUs
+    this machine shows (of ``visible`` when the service runs with one), in task order."""
+    first = index * gpus
+    devices = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(first + gpus)]
+    return ",".join(devices[first : first + gpus])
 
 
 def _free_port() -> int:

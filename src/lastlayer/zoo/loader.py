@@ -50,9 +50,9 @@ class FeatureModel:
     key: str
     warning: str | None = None
 
-    def session(self, threads: int = 0) -> ort.InferenceSession:
-        """A CPU onnxruntime session of this network (see :func:`lastlayer.contract.session`)."""
-        return contract.session(self.onnx_bytes, self.architecture, threads)
+    def session(self, threads: int = 0, device: str = contract.CPU) -> ort.InferenceSession:
+        """An onnxruntime session of this network (see :func:`lastlayer.contract.session`)."""
+        return contract.session(self.onnx_bytes, self.architecture, threads, device)
 
 
 def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str:
@@ -144,7 +144,7 @@ def _load_zoo(
     blocks: bool,
 ) -> FeatureModel:
     prep = entry.preprocessing
-    key = model_key(entry.weights_sha256, name + BLOCKS_SUFFIX * blocks, prep)
+    key = model_key(_source_sha256(entry), name + BLOCKS_SUFFIX * blocks, prep)
     url = storage.join(model_dir, f"{name}-{key[:16]}.onnx")
     if storage.exists(url, options):
         data = storage.read_bytes(url, options)
@@ -155,7 +155,7 @@ def _load_zoo(
         log.warning("rebuilding %s: the cached model %s is unusable: %s", name, url, problem)
     started = time.perf_counter()
     core = build_network(entry, read_state_dict(read_weights(entry)), prep.size, blocks)
-    data = _finish(attach_preprocessing(core, prep, "NCHW"), name, prep, key, full_check=True)
+    data = _finish(_int8(entry, attach_preprocessing(core, prep, "NCHW")), name, prep, key, full_check=True)
     storage.write_atomic(url, data, options)
     log.info("built %s in %.1f s and cached it at %s", name, time.perf_counter() - started, url)
     return FeatureModel(name, data, prep, _width(data, entry, blocks), key, warning)
@@ -167,6 +167,24 @@ def _width(data: bytes, entry: ZooEntry, blocks: bool) -> int:
         return entry.feature_size
     output = next(o for o in onnx.load_from_string(data).graph.output if o.name == FEATURES)
     return output.type.tensor_type.shape.dim[1].dim_value
+
+
+def _source_sha256(entry: ZooEntry) -> str:
+    """What the network is built from: the weights' hash, and the quantizer's version for int8."""
+    if not entry.int8:
+        return entry.weights_sha256
+    from lastlayer.zoo import quantize  # onnxruntime.quantization: imported when it is needed
+
+    return f"{entry.weights_sha256}:int8-{quantize.VERSION}"
+
+
+def _int8(entry: ZooEntry, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as it is, or quantized for an int8 entry."""
+    if not entry.int8:
+        return model
+    from lastlayer.zoo import quantize
+
+    return quantize.quantize(model, entry.preprocessing, entry.network)
 
 
 def _load_user(url: str, options: Mapping[str, Any] | None) -> FeatureModel:
