@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lastlayer import storage
-from lastlayer.cache import CachedKeys, FeatureStore, Row
+from lastlayer.cache import CachedKeys, CacheFolders, FeatureStore
 from lastlayer.dataset import TRAINING, ImageSet
 from lastlayer.engines import local
 from lastlayer.engines.base import Engine, Need, Result, Task
@@ -154,7 +154,7 @@ def compute_bottlenecks(
             model.architecture,
         )
         report = None if progress is None else (lambda done: progress(done, len(tasks)))
-        results = engine.extract(tasks, model, need, distortions, report)
+        results = _extract(engine, tasks, model, need, distortions, report, plain, distorted)
         try:
             computed = _store(results, plain, distorted, contents)
         except BaseException:
@@ -162,6 +162,8 @@ def compute_bottlenecks(
             raise
         for store in (plain, distorted):
             if store is not None:
+                if engine.writes_cache:
+                    store.refresh()
                 store.flush()
                 store.compact()
     return _assemble(images, plain, distorted, need.variants, contents, pending, computed)
@@ -187,26 +189,39 @@ def _plan(
     return tasks, contents, pending
 
 
+def _extract(
+    engine: Engine,
+    tasks: list[Task],
+    model: FeatureModel,
+    need: CacheNeed,
+    distortions: Distortions,
+    report: Callable[[int], None] | None,
+    plain: FeatureStore,
+    distorted: FeatureStore | None,
+) -> Iterable[Result]:
+    """The engine's results; an engine that writes the cache itself is told where."""
+    if not engine.writes_cache:
+        return engine.extract(tasks, model, need, distortions, report)
+    folders = CacheFolders(
+        plain.url, None if distorted is None else distorted.url, plain.dim, plain.storage_options
+    )
+    return engine.extract(tasks, model, need, distortions, report, cache=folders)
+
+
 def _store(
     results: Iterable[Result], plain: FeatureStore, distorted: FeatureStore | None, contents: list[str | None]
 ) -> int:
-    """Add the engine's results to the stores; fill ``contents``; return the images computed."""
+    """Add the engine's results to the stores (unless the engine stored them); fill ``contents``;
+    return the images computed."""
     computed = 0
     for result in results:
-        task = result.task
-        contents[task.index] = result.content or None
-        if not result.content:
-            continue
-        if result.plain is not None or result.error is not None:
-            plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
-        elif task.stamp is not None:
-            plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
-        if result.variants and distorted is not None:
-            distorted.add(
-                Row(result.content, v, task.relpath, None, vec, None) for v, vec in result.variants.items()
-            )
-        if result.plain is not None or result.variants:
-            computed += 1
+        contents[result.task.index] = result.content or None
+        if not result.stored:
+            plain_rows, variant_rows = result.rows()
+            plain.add(plain_rows)
+            if variant_rows and distorted is not None:
+                distorted.add(variant_rows)
+        computed += result.computed
     return computed
 
 

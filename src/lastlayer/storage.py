@@ -135,6 +135,15 @@ def _publish(fs: AbstractFileSystem, tmp: str, path: str) -> None:
     fs.mv(tmp, path)
 
 
+def rename(source: str, target: str, storage_options: StorageOptions | None = None) -> None:
+    """Rename the file ``source`` onto ``target`` (same filesystem), replacing an existing file."""
+    fs, path = url_to_fs(source, storage_options)
+    try:
+        _publish(fs, path, url_to_fs(target, storage_options)[1])
+    except Exception as exc:
+        raise describe(exc, source, f"move into place as {target}") from exc
+
+
 @contextmanager
 def atomic_path(
     url: str, storage_options: StorageOptions | None = None
