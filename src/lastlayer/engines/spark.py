@@ -65,7 +65,7 @@ WAVE_PER_CORE = 2048
 #: each task writes a part file per folder, so a wave of 2048 images per core writes about one file
 #: per 1,000 images.
 PARTITIONS_PER_CORE = 2
-MIN_TASK_IMAGES = 16
+MIN_TASK_IMAGES = 64
 #: Network batches a task's reading and decoding thread may run ahead of its network.
 PREFETCH_BATCHES = 2
 #: Staging folders of runs older than this are removed when a run starts (a killed driver's).
