@@ -35,7 +35,7 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,12 @@ def key_digests(contents: Sequence[str], variants: int | Sequence[int] | np.ndar
     Two of n keys share a digest with odds of about n² / 2⁹⁷ (10⁻¹⁴ for 6·10⁷ keys, ten million
     images with five variants each): exact in practice, with no Python object per key.
     """
-    raw = content_bytes(contents)
+    return fold_keys(content_bytes(contents), variants)
+
+
+def fold_keys(raw: np.ndarray, variants: int | Sequence[int] | np.ndarray) -> np.ndarray:
+    """:func:`key_digests` of content keys given as bytes, ``uint8 [n, 32]`` or ``V32 [n]``."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, 32)
     out = np.zeros((len(raw), 16), np.uint8)
     out[:, :12] = raw[:, :12] ^ raw[:, 12:24]
     out[:, :8] ^= raw[:, 24:]
@@ -132,17 +137,44 @@ def key_digests(contents: Sequence[str], variants: int | Sequence[int] | np.ndar
     return out.view(KEY).reshape(-1)
 
 
+def _lookup(keys: np.ndarray, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the sorted ``keys`` of ``probes`` (meaningless where missing), and where found."""
+    if not len(keys):
+        return np.zeros(len(probes), np.int64), np.zeros(len(probes), bool)
+    at = np.minimum(np.searchsorted(keys, probes), len(keys) - 1)
+    return at, keys[at] == probes
+
+
+def _errors_among(contents: np.ndarray, errors: Mapping[str, str]) -> np.ndarray:
+    """``bool [n]``: which of the ``V32 [n]`` content keys have a cached decode error."""
+    if not errors:
+        return np.zeros(len(contents), bool)
+    failed = {bytes.fromhex(c) for c in errors}
+    return np.fromiter((c.tobytes() in failed for c in contents), bool, len(contents))
+
+
 def key_digest(content: str, variant: int = 0) -> bytes:
-    """The digest of one key (see :func:`key_digests`)."""
-    return key_digests([content], variant)[0].tobytes()
+    """The digest of one key: :func:`key_digests` of one key, in plain Python (numpy costs tens of
+    microseconds per call, and the need test asks this for every image and variant).
+
+    Raises:
+        ValueError: ``content`` is not 64 hex digits.
+    """
+    raw = bytes.fromhex(content)
+    if len(content) != 64:
+        raise ValueError("a content key is not 64 hex digits")
+    folded = int.from_bytes(raw[:12]) ^ int.from_bytes(raw[12:24]) ^ (int.from_bytes(raw[24:]) << 32)
+    return folded.to_bytes(12) + variant.to_bytes(4)
+
+
+def stamp_digest(path: str, stamp: str) -> bytes:
+    """The first 16 bytes of the SHA-256 of ``path``, NUL, ``stamp``."""
+    return hashlib.sha256(f"{path}\0{stamp}".encode()).digest()[:16]
 
 
 def stamp_digests(paths: Sequence[str], stamps: Sequence[str]) -> np.ndarray:
-    """``V16 [n]``: the first 16 bytes of the SHA-256 of each ``path``, NUL, ``stamp``."""
-    joined = b"".join(
-        hashlib.sha256(f"{p}\0{s}".encode()).digest()[:16] for p, s in zip(paths, stamps, strict=True)
-    )
-    return np.frombuffer(joined, STAMP)
+    """``V16 [n]``: :func:`stamp_digest` of each path and stamp."""
+    return np.frombuffer(b"".join(map(stamp_digest, paths, stamps)), STAMP)
 
 
 class DigestMap:
@@ -196,8 +228,8 @@ class DigestMap:
         self._merge()
         if not len(self.keys):
             return np.zeros(len(digests), self.values.dtype), np.zeros(len(digests), bool)
-        at = np.minimum(np.searchsorted(self.keys, digests), len(self.keys) - 1)
-        return self.values[at], self.keys[at] == digests
+        at, found = _lookup(self.keys, digests)
+        return self.values[at], found
 
     def _spill(self) -> None:
         if self._recent:
@@ -244,9 +276,11 @@ class CachedKeys:
         """Whether ``(content, variant)`` is cached (as features or as a decode error)."""
         if content in self.errors:
             return True
-        probe = key_digests([content], variant)
-        i = int(np.searchsorted(self.digests, probe)[0])
-        return i < len(self.digests) and self.digests[i] == probe[0]
+        return bool(_lookup(self.digests, np.frombuffer(key_digest(content, variant), KEY))[1][0])
+
+    def has_many(self, contents: np.ndarray, variant: int = 0) -> np.ndarray:
+        """:meth:`has` of each of the ``V32 [n]`` content keys: ``bool [n]``."""
+        return _lookup(self.digests, fold_keys(contents, variant))[1] | _errors_among(contents, self.errors)
 
     def error(self, content: str) -> str | None:
         """Why this image could not be decoded, if that is what is cached."""
@@ -255,6 +289,32 @@ class CachedKeys:
     def keys(self) -> CachedKeys:
         """Itself: it is already a copy."""
         return self
+
+
+class ContentKeys:
+    """The content keys of N images, each known or not: 33 bytes per image, no Python string.
+
+    Attributes:
+        keys: ``V32 [N]`` the keys' bytes (meaningless where unknown).
+        known: ``bool [N]`` whether each is known.
+    """
+
+    def __init__(self, keys: np.ndarray, known: np.ndarray) -> None:
+        self.keys, self.known = keys, known
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def __getitem__(self, i: int) -> str | None:
+        return self.keys[i].tobytes().hex() if self.known[i] else None
+
+    def __setitem__(self, i: int, content: str | None) -> None:
+        self.known[i] = content is not None
+        if content is not None:
+            self.keys[i] = np.frombuffer(bytes.fromhex(content), CONTENT)[0]
+
+    def __iter__(self) -> Iterator[str | None]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass(frozen=True)
@@ -275,7 +335,8 @@ class CacheFolders:
 
 
 # -- part files --------------------------------------------------------------------------------
-def _schema(dim: int) -> pa.Schema:
+def part_schema(dim: int) -> pa.Schema:
+    """The columns of a part file with feature size ``dim``."""
     return pa.schema(
         [
             ("content", pa.string()),
@@ -303,7 +364,7 @@ def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
             "feature": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim, mask=mask),
             "error": [r.error for r in rows],
         },
-        schema=_schema(dim),
+        schema=part_schema(dim),
     )
     return _encode_table(table)
 
@@ -461,7 +522,7 @@ class FeatureStore:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowException, OSError):
             return None
-        if not table.schema.equals(_schema(self.dim)):
+        if not table.schema.equals(part_schema(self.dim)):
             return None
         return table
 
@@ -513,12 +574,34 @@ class FeatureStore:
         """The content key last seen at ``relpath`` with this size and mtime, if any."""
         if stamp is None:
             return None
-        found = self._stamps.get(stamp_digests([relpath], [stamp])[0].tobytes())
+        found = self._stamps.get(stamp_digest(relpath, stamp))
         return None if found is None else bytes(found).hex()  # bytes of an np.void or of bytes
 
     def has(self, content: str, variant: int = 0) -> bool:
         """Whether ``(content, variant)`` is cached (as features or as a decode error)."""
         return content in self._errors or self._keys.get(key_digest(content, variant)) is not None
+
+    def has_many(self, contents: np.ndarray, variant: int = 0) -> np.ndarray:
+        """:meth:`has` of each of the ``V32 [n]`` content keys: ``bool [n]``."""
+        return self._keys.get_many(fold_keys(contents, variant))[1] | _errors_among(contents, self._errors)
+
+    def contents_for_many(self, paths: pa.Array, stamps: pa.Array) -> ContentKeys:
+        """:meth:`content_for` of each path and stamp (Arrow string arrays of one length)."""
+        keys = np.zeros(len(paths), CONTENT)
+        known = np.zeros(len(paths), bool)
+        for start in range(0, len(paths), 65536):
+            rel = paths.slice(start, 65536).to_pylist()
+            marks = stamps.slice(start, 65536).to_pylist()
+            stamped = np.array([m is not None for m in marks], bool)
+            digests = stamp_digests(
+                [r for r, m in zip(rel, marks, strict=True) if m is not None],
+                [m for m in marks if m is not None],
+            )
+            found_keys, found = self._stamps.get_many(digests)
+            at = start + np.flatnonzero(stamped)
+            keys[at[found]] = found_keys[found]
+            known[at[found]] = True
+        return ContentKeys(keys, known)
 
     def error(self, content: str) -> str | None:
         """Why this image could not be decoded, if that is what is cached."""
@@ -573,7 +656,7 @@ class FeatureStore:
 
     def _put_stamp(self, row: Row) -> None:
         assert row.stamp is not None
-        self._stamps.put(stamp_digests([row.path], [row.stamp])[0].tobytes(), bytes.fromhex(row.content))
+        self._stamps.put(stamp_digest(row.path, row.stamp), bytes.fromhex(row.content))
 
     def flush(self) -> None:
         """Write pending rows as one part file and make :attr:`features` cover every row."""
