@@ -201,7 +201,6 @@ def main() -> int:
         print(json.dumps(child(args.child, args.classes, args.variants)))
         return 0
     print(f"bytes per image held by the driver ({args.classes} classes, {args.variants} distorted variants)")
-    last: dict[str, float] = {}
     for n in args.images:
         start = time.perf_counter()
         argv = [sys.executable, __file__, "--child", str(n), "--classes", str(args.classes)]
@@ -210,19 +209,23 @@ def main() -> int:
         )
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
-        last = json.loads(done.stdout.strip().splitlines()[-1])
+        m = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"\n{n:,} images ({time.perf_counter() - start:.0f} s):")
-        for name, per_image in last.items():
+        for name, per_image in m.items():
             print(f"  {name:<16} {per_image:8.1f} B/image")
-        total = last["listing"] + last["cache keys"] + max(last["plan (warm)"], last["plan (cold)"])
-        print(f"  {'held in all':<16} {total:8.1f} B/image (listing + cache keys + the larger plan)")
-    total = last["listing"] + last["cache keys"] + max(last["plan (warm)"], last["plan (cold)"])
-    peak = max(last["listing peak"], last["cache keys peak"], last["plan peak"])
-    print(
-        f"\nprojection to 10^7 images: {total * TEN_MILLION / 2**30:.2f} GiB held, "
-        f"{(total + peak) * TEN_MILLION / 2**30:.2f} GiB at the largest peak; "
-        f"broadcast to each Python worker {last['broadcast'] * TEN_MILLION / 2**30:.2f} GiB"
-    )
+        held = m["listing"] + m["cache keys"] + max(m["plan (warm)"], m["plan (cold)"])
+        peak = max(
+            m["listing peak"],
+            m["listing"] + m["cache keys peak"],
+            m["listing"] + m["cache keys"] + m["plan peak"],
+        )
+        print(f"  {'held in all':<16} {held:8.1f} B/image (listing, cache keys and the larger plan)")
+        print(f"  {'peak':<16} {peak:8.1f} B/image (the largest stage's peak on top of what it keeps)")
+        gib = TEN_MILLION / 2**30
+        print(
+            f"  projection to 10^7 images: {held * gib:.2f} GiB held, {peak * gib:.2f} GiB at the peak; "
+            f"broadcast to each Python worker {m['broadcast'] * gib:.2f} GiB"
+        )
     return 0
 
 
