@@ -238,20 +238,29 @@ class DigestMap:
             self._recent = {}
 
     def _merge(self) -> None:
+        """Sort everything added into the arrays; each intermediate array is let go as soon as it is
+        used, so the peak is about twice the arrays."""
         self._spill()
         if not self._chunks:
             return
-        keys = np.concatenate([self.keys, *(k for k, _ in self._chunks)])
-        values = np.concatenate([self.values, *(v for _, v in self._chunks)])
-        self._chunks = []
+        parts, self._chunks = [(self.keys, self.values), *self._chunks], []
+        keys = np.concatenate([k for k, _ in parts])
+        values = np.concatenate([v for _, v in parts])
+        del parts
+        self.keys, self.values = self.keys[:0], self.values[:0]
         order = np.argsort(keys, kind="stable")
-        keys, values = keys[order], values[order]
+        keys = keys[order]
+        values = values[order]
+        del order
         keep = np.ones(len(keys), bool)
         if self.first:
             keep[1:] = keys[1:] != keys[:-1]
         else:
             keep[:-1] = keys[:-1] != keys[1:]
-        self.keys, self.values = keys[keep], values[keep]
+        if keep.all():
+            self.keys, self.values = keys, values
+        else:
+            self.keys, self.values = keys[keep], values[keep]
 
 
 @dataclass(frozen=True)
