@@ -247,7 +247,7 @@ class DigestMap:
         keys = np.concatenate([k for k, _ in parts])
         values = np.concatenate([v for _, v in parts])
         del parts
-        self.keys, self.values = self.keys[:0], self.values[:0]
+        self.keys, self.values = np.zeros(0, self.keys.dtype), np.zeros(0, self.values.dtype)
         order = np.argsort(keys, kind="stable")
         keys = keys[order]
         values = values[order]
