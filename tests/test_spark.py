@@ -125,6 +125,22 @@ def test_one_engine_resumes_from_the_other_s_cache(engines, model, tmp_path):
     assert np.array_equal(again.plain[again.rows], rest.plain[rest.rows])
 
 
+def test_a_damaged_file_the_executors_wrote_is_detected_and_recomputed(engines, model, tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=45)
+    images = scan(str(data), 10, 10)
+    cache = str(tmp_path / "cache")
+    assert compute_bottlenecks(images, model, cache, engines["spark"]).computed == 135
+    (root,) = (tmp_path / "cache").iterdir()
+    files = sorted(root.glob("part-*.parquet"))
+    assert len(files) >= 2  # one per task
+    lost = pq.read_metadata(files[0]).num_rows
+    damaged = bytearray(files[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(damaged))
+    again = compute_bottlenecks(images, model, cache, engines["local"])
+    assert again.damaged_files == 1 and again.computed == lost and again.reused == 135 - lost
+
+
 def failing_first_attempt(real, marker: Path):
     """``_extract`` that, on each partition's first attempt, takes its images in reverse order (so its
     part files differ from the retry's), writes them, records their names and dies."""
