@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,11 +119,13 @@ def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_s
     return [p.result for p in prepared]
 
 
-def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate ``items`` in a thread of its own, at most ``depth`` items ahead of the consumer, so that
-    producing the next items (reading, hashing, decoding: PIL releases the GIL) overlaps consuming
-    this one (the network). The producer's exception is raised in the consumer; closing the iterator
-    stops the producer after its current item."""
+@contextmanager
+def prefetch(items: Iterable[T], depth: int) -> Iterator[Iterator[T]]:
+    """Iterate ``items`` in a thread of its own, started at once and at most ``depth`` items ahead of
+    the consumer, so that producing the next items (reading, hashing, decoding: PIL releases the GIL)
+    overlaps consuming this one (the network). Yields the iterator of the items; the producer's
+    exception is raised in the consumer; leaving the block stops the producer after its current item.
+    """
     buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
     stop = threading.Event()
     end = object()
@@ -145,9 +148,7 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
         except BaseException as exc:  # handed to the consumer, which raises it
             put((False, exc))
 
-    thread = threading.Thread(target=produce, name="lastlayer-prefetch", daemon=True)
-    thread.start()
-    try:
+    def handover() -> Iterator[T]:
         while True:
             try:
                 ok, item = buffer.get(timeout=PREFETCH_POLL_S)
@@ -160,6 +161,11 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
             if item is end:
                 return
             yield item
+
+    thread = threading.Thread(target=produce, name="lastlayer-prefetch", daemon=True)
+    thread.start()
+    try:
+        yield handover()
     finally:
         stop.set()
         thread.join(PREFETCH_POLL_S)
