@@ -48,11 +48,14 @@ from lastlayer import storage
 log = logging.getLogger(__name__)
 
 PART_RE = re.compile(r"^part-([0-9a-f]{64})\.parquet$")
-#: More part files of fewer than :data:`FLUSH_ROWS` rows than this in one folder are merged into
-#: files of about :data:`FLUSH_ROWS` rows at the end of a run.
+#: More *small* part files (fewer rows than :data:`SMALL_PART_ROWS`) than this in one folder are
+#: merged into files of about :data:`FLUSH_ROWS` rows at the end of a run. Larger parts (a Spark
+#: task's, of about a thousand rows, 5 MB of features) are left alone: merging them would only read
+#: them all through the driver.
 COMPACT_ABOVE = 8
 #: A part file is written per this many new rows, or per this many seconds of work.
 FLUSH_ROWS = 4096
+SMALL_PART_ROWS = FLUSH_ROWS // 8
 FLUSH_SECONDS = 60.0
 #: Listings of a folder whose files another process removed while this one read them.
 LOAD_ATTEMPTS = 3
@@ -683,14 +686,14 @@ class FeatureStore:
         log.debug("wrote %s", name)
 
     def compact(self) -> None:
-        """When more than :data:`COMPACT_ABOVE` part files hold fewer than :data:`FLUSH_ROWS` rows
-        each, merge those into files of about :data:`FLUSH_ROWS` rows, dropping repeated keys.
+        """When more than :data:`COMPACT_ABOVE` part files hold fewer than :data:`SMALL_PART_ROWS`
+        rows each, merge those into files of about :data:`FLUSH_ROWS` rows, dropping repeated keys.
 
         A merged file is written before the files it replaces are removed, so a crash in between
         leaves duplicates (ignored when loading), never a loss.
         """
         self.flush()
-        small = [name for name, rows in self._parts.items() if rows < FLUSH_ROWS]
+        small = [name for name, rows in self._parts.items() if rows < SMALL_PART_ROWS]
         if len(small) <= COMPACT_ABOVE:
             return
         fs, root = storage.url_to_fs(self.url, self.storage_options)
