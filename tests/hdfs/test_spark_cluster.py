@@ -33,6 +33,8 @@ BASE = "/tensorflow/spark_cluster"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 420.0
+#: An audit line of a rename out of a staging folder (the driver's commit).
+COMMIT = re.compile(r"cmd=rename[^\t]*\tsrc=\S*/_staging/\S*\tdst=(?!\S*/_staging/)")
 
 
 def free_port() -> int:
@@ -175,9 +177,7 @@ def test_executors_of_a_standalone_cluster_write_the_cache_with_a_delegation_tok
     reads = audit(secure_hdfs, f"cmd=open\tsrc={INPUT}/")
     cache = audit(secure_hdfs, f"{BASE}/bottlenecks/")
     staged = [line for line in cache if "cmd=create" in line]
-    moved = [
-        line for line in cache if re.search(r"cmd=rename[^\t]*\tsrc=\S*/_staging/\S*\tdst=(?!\S*/_staging/)", line)
-    ]
+    moved = [line for line in cache if COMMIT.search(line)]
     assert len({re.search(r"src=([^\t]+)", line).group(1) for line in reads}) == 36
     assert all("ugi=tensorflow@LOCAL (auth:TOKEN)" in line for line in reads)
     assert staged and all("ugi=tensorflow@LOCAL (auth:TOKEN)" in line for line in staged)
