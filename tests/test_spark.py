@@ -273,9 +273,8 @@ def test_settings_carry_the_keytab_login_to_spark(tmp_path):
     conf = spark.settings("local[2]", login.spark_conf())
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
-    krb5 = f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
-    assert conf["spark.driver.extraJavaOptions"] == f"{spark.LOCAL_JVM_OPTIONS} {krb5}"
-    assert spark.settings("yarn", login.spark_conf())["spark.driver.extraJavaOptions"] == krb5
+    assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
+    assert conf["spark.driver.defaultJavaOptions"] == spark.LOCAL_JVM_OPTIONS
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")

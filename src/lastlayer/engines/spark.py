@@ -121,9 +121,10 @@ def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str,
     """The settings lastlayer gives a Spark session it starts for ``master``.
 
     Local masters listen on 127.0.0.1 only, without the web UI, and their JVM starts with
-    :data:`LOCAL_JVM_OPTIONS`. ``cluster`` adds the login's settings
+    :data:`LOCAL_JVM_OPTIONS` (as ``spark.driver.defaultJavaOptions``, which Spark puts before any
+    ``spark.driver.extraJavaOptions``). ``cluster`` adds the login's settings
     (:meth:`lastlayer.hadoop.HadoopLogin.spark_conf`: Spark logs in from the same keytab, the JVMs use
-    the same krb5.conf and Hadoop configuration); JVM options are appended to lastlayer's.
+    the same krb5.conf and Hadoop configuration).
     """
     conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
     if master.startswith("local"):
@@ -132,12 +133,10 @@ def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str,
                 "spark.driver.host": "127.0.0.1",
                 "spark.driver.bindAddress": "127.0.0.1",
                 "spark.ui.enabled": "false",
-                "spark.driver.extraJavaOptions": LOCAL_JVM_OPTIONS,
+                "spark.driver.defaultJavaOptions": LOCAL_JVM_OPTIONS,
             }
         )
-    java = "spark.driver.extraJavaOptions"
-    for key, value in (cluster or {}).items():
-        conf[key] = f"{conf[key]} {value}" if key == java and key in conf else value
+    conf.update(cluster or {})
     return conf
 
 
