@@ -109,34 +109,39 @@ def main() -> int:
             args.images = repeated_copy(args.images, Path(copies), args.copies)
         rounds = [measure(args, r) for r in range(args.rounds)]
     print()
-    report("Spark steady state / local", [r[1] for r in rounds], 0.95)
-    report("Spark (start-up included) / local", [r[0] for r in rounds], 0.75)
-    print(f"Spark steady state per core: {float(np.median([r[2] for r in rounds])):.0f} img/s")
+    local = [(r["before"] + r["after"]) / 2 for r in rounds]
+    best_local = min(t for r in rounds for t in (r["before"], r["after"]))
+    steady, first = [r["steady"] for r in rounds], [r["start"] + r["first"] for r in rounds]
+    report("Spark steady state / local", [a / b for a, b in zip(local, steady, strict=True)], 0.95)
+    report("Spark (start-up included) / local", [a / b for a, b in zip(local, first, strict=True)], 0.75)
+    print(
+        f"best of rounds (the least disturbed by other load): steady {best_local / min(steady):.3f}, "
+        f"start-up included {best_local / min(first):.3f}"
+    )
+    per_core = [rounds[0]["images"] / r["steady"] / r["cores"] for r in rounds]
+    print(f"Spark steady state per core: {float(np.median(per_core)):.0f} img/s")
     return 0
 
 
-def measure(args: argparse.Namespace, r: int) -> tuple[float, float, float]:
-    """One round: the ratios (start-up included, steady) and Spark's steady images/s per core. The
-    local engine runs before and after the Spark engine, and their mean is the reference, so that the
-    machine's drift during the round weighs on both sides."""
+def measure(args: argparse.Namespace, r: int) -> dict[str, float]:
+    """One round's seconds: the local engine ``before`` and ``after`` the Spark engine's ``start``,
+    ``first`` and ``steady`` extractions (so that the machine's drift weighs on both sides)."""
     with tempfile.TemporaryDirectory() as tmp:
         before = run_child("local", args, Path(tmp) / "before")
         remote = run_child("spark", args, Path(tmp))
         after = run_child("local", args, Path(tmp) / "after")
     n = before["computed"]
-    local_s = (before["extract_s"] + after["extract_s"]) / 2
-    local_rate = n / local_s
-    with_start = n / (remote["start_s"] + remote["first_s"])
-    steady = n / remote["steady_s"]
-    spark_s = f"{remote['start_s']:.2f} s + first extraction {remote['first_s']:.2f} s"
+    times = {"before": before["extract_s"], "after": after["extract_s"], "start": remote["start_s"]}
+    times |= {"first": remote["first_s"], "steady": remote["steady_s"], "cores": remote["cores"], "images": n}
+    spark_s = f"{times['start']:.2f} s + first extraction {times['first']:.2f} s"
     print(
-        f"round {r + 1}: {n} images; local engine {before['extract_s']:.2f} s before, "
-        f"{after['extract_s']:.2f} s after = {local_rate:.0f} img/s; Spark start-up {spark_s} = "
-        f"{with_start:.0f} img/s; steady (same session, new cache) {remote['steady_s']:.2f} s = "
-        f"{steady:.0f} img/s ({steady / remote['cores']:.0f} img/s per core)",
+        f"round {r + 1}: {n} images; local engine {times['before']:.2f} s before, {times['after']:.2f} s "
+        f"after = {2 * n / (times['before'] + times['after']):.0f} img/s; Spark start-up {spark_s} = "
+        f"{n / (times['start'] + times['first']):.0f} img/s; steady (same session, new cache) "
+        f"{times['steady']:.2f} s = {n / times['steady']:.0f} img/s",
         flush=True,
     )
-    return with_start / local_rate, steady / local_rate, steady / remote["cores"]
+    return times
 
 
 def report(what: str, ratios: list[float], target: float) -> None:
