@@ -12,8 +12,10 @@ the local engine again (the reference is the mean of its two runs). Prints image
     Spark images/s, steady state / local images/s              [target >= 0.95]
     Spark images/s (start-up included) / local images/s        [target >= 0.75]
 
-as the median over rounds with their spread (the machine's speed drifts), plus the Spark images/s
-per core that docs/spark.md projects from.
+as the median over rounds with their spread (the machine's speed drifts), the same ratios of the
+best rounds, the CPU seconds per image of each engine (all the processes of the run: on a machine
+shared with other work, the figure least moved by it), and the Spark images/s per core that
+docs/spark.md projects from.
 """
 
 from __future__ import annotations
@@ -36,8 +38,28 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
 CHILD_TIMEOUT_S = 900
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its live descendants (for Spark: the JVM,
+    the Python daemon and its reused workers)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+        cpu[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        tree, grew = tree | more, bool(more)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
 def child(engine: str, images: str, model_dir: str, master: str, work: str) -> dict:
-    """One measurement in this (fresh) process; returns its timings."""
+    """One measurement in this (fresh) process; returns its timings and the CPU seconds of its last
+    extraction."""
     start = time.perf_counter()
     from lastlayer.dataset import scan
     from lastlayer.engines.local import LocalEngine
@@ -48,9 +70,10 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
     image_set = scan(images, 10, 10)
     out: dict = {"images": len(image_set.files)}
     if engine == "local":
-        tick = time.perf_counter()
+        tick, cpu = time.perf_counter(), tree_cpu_s(os.getpid())
         done = compute_bottlenecks(image_set, model, os.path.join(work, "local"), LocalEngine())
         out["computed"], out["extract_s"] = done.computed, time.perf_counter() - tick
+        out["cpu_s"] = tree_cpu_s(os.getpid()) - cpu
         return out
     tick = time.perf_counter()
     from lastlayer.engines import spark
@@ -60,9 +83,10 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
         session.sparkContext.setLogLevel("ERROR")
         out["start_s"] = time.perf_counter() - tick
         for name in ("first", "steady"):
-            tick = time.perf_counter()
+            tick, cpu = time.perf_counter(), tree_cpu_s(os.getpid())
             done = compute_bottlenecks(image_set, model, os.path.join(work, name), engine)
             out[f"{name}_s"], out["computed"] = time.perf_counter() - tick, done.computed
+            out["cpu_s"] = tree_cpu_s(os.getpid()) - cpu
         out["cores"] = session.sparkContext.defaultParallelism
         out["process_s"] = time.perf_counter() - start
     return out
@@ -118,7 +142,15 @@ def main() -> int:
         f"best of rounds (the least disturbed by other load): steady {best_local / min(steady):.3f}, "
         f"start-up included {best_local / min(first):.3f}"
     )
-    per_core = [rounds[0]["images"] / r["steady"] / r["cores"] for r in rounds]
+    n = rounds[0]["images"]
+    local_cpu = float(np.median([r["local_cpu"] for r in rounds]))
+    spark_cpu = float(np.median([r["spark_cpu"] for r in rounds]))
+    print(
+        f"CPU per image, median of rounds (hardly moved by other load): local engine "
+        f"{1000 * local_cpu / n:.2f} ms, Spark steady state {1000 * spark_cpu / n:.2f} ms (driver, JVM "
+        f"and Python workers); local / Spark {local_cpu / spark_cpu:.3f}"
+    )
+    per_core = [n / r["steady"] / r["cores"] for r in rounds]
     print(f"Spark steady state per core: {float(np.median(per_core)):.0f} img/s")
     return 0
 
@@ -133,6 +165,7 @@ def measure(args: argparse.Namespace, r: int) -> dict[str, float]:
     n = before["computed"]
     times = {"before": before["extract_s"], "after": after["extract_s"], "start": remote["start_s"]}
     times |= {"first": remote["first_s"], "steady": remote["steady_s"], "cores": remote["cores"], "images": n}
+    times |= {"local_cpu": (before["cpu_s"] + after["cpu_s"]) / 2, "spark_cpu": remote["cpu_s"]}
     spark_s = f"{times['start']:.2f} s + first extraction {times['first']:.2f} s"
     print(
         f"round {r + 1}: {n} images; local engine {times['before']:.2f} s before, {times['after']:.2f} s "
