@@ -531,7 +531,9 @@ class FeatureStore:
         if hashlib.sha256(data).hexdigest() != digest:
             return None
         try:
-            table = pq.read_table(io.BytesIO(data))
+            # the bytes are in memory already: no read-ahead, and no Arrow thread that a process
+            # could exit under (seen: "terminate called" in writer processes at exit, under load)
+            table = pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
         except (pa.ArrowException, OSError):
             return None
         if not table.schema.equals(part_schema(self.dim)):
@@ -716,7 +718,9 @@ class FeatureStore:
         table = pa.concat_tables([t for _, t in group])
         digests = key_digests(table.column("content").to_pylist(), table.column("variant").to_numpy())
         record = np.asarray(table.column("feature").is_null()) & np.asarray(table.column("error").is_null())
-        table = table.take(np.union1d(np.flatnonzero(record), _first_of_each_key(digests, ~record)))
+        keep = np.union1d(np.flatnonzero(record), _first_of_each_key(digests, ~record))
+        if len(keep) < table.num_rows:
+            table = table.take(keep)
         name, data = _encode_table(table)
         self._write(name, data)
         self._parts[name] = table.num_rows
