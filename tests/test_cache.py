@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
-from lastlayer.cache import COMPACT_ABOVE, FeatureStore, Row
+from lastlayer.cache import (
+    COMPACT_ABOVE,
+    STAGING,
+    DigestMap,
+    FeatureStore,
+    Row,
+    commit,
+    discard_stale,
+    key_digest,
+    key_digests,
+    new_run,
+    part_schema,
+    stage_part,
+)
 
 
 def rows(n: int, start: int = 0, dim: int = 4) -> list[Row]:
@@ -68,3 +87,68 @@ def test_alias_rows_record_a_new_path_without_a_second_feature(tmp_path: Path):
     again = FeatureStore(str(tmp_path), 4)
     assert len(again) == 2
     assert again.content_for("moved/1.jpg", "10:99") == f"{1:064x}"
+
+
+def test_one_key_digest_equals_the_many_keys_one_and_no_two_test_keys_collide():
+    keys = [f"{i:064x}" for i in range(2000)] + [hashlib.sha256(bytes([i])).hexdigest() for i in range(256)]
+    many = key_digests(keys, 3)
+    assert [key_digest(k, 3) for k in keys] == [d.tobytes() for d in many]
+    assert len(set(many.tolist())) == len(keys)
+    with pytest.raises(ValueError):
+        key_digests(["not hex" * 8], 0)
+
+
+def test_a_digest_map_keeps_the_first_or_the_last_value_across_merges():
+    first, last = DigestMap(16, np.int64, first=True), DigestMap(16, np.int64, first=False)
+    digests = key_digests([f"{i:064x}" for i in range(100)], 0)
+    for m in (first, last):
+        m.put_many(digests[:60], np.arange(60))
+        m.put(digests[10].tobytes(), 1000)
+        m.put_many(digests[50:], np.arange(50, 100) + 2000)
+    assert first.get(digests[10].tobytes()) == 10 and last.get(digests[10].tobytes()) == 1000
+    assert first.get(digests[55].tobytes()) == 55 and last.get(digests[55].tobytes()) == 2055
+    values, found = first.get_many(key_digests([f"{i:064x}" for i in (5, 99, 100)], 0))
+    assert found.tolist() == [True, True, False] and values[:2].tolist() == [5, 2099]
+
+
+def test_staged_parts_of_a_failed_attempt_never_reach_the_folder(tmp_path: Path):
+    run = new_run()
+    first = stage_part(str(tmp_path), run, rows(5), 4)  # an attempt that wrote, then died
+    second = stage_part(str(tmp_path), run, rows(5)[::-1], 4)  # the retry: same rows, other bytes
+    assert first != second
+    commit(str(tmp_path), run, [second])
+    assert [p.name for p in parts(tmp_path)] == [second] and not (tmp_path / STAGING / run).exists()
+    store = FeatureStore(str(tmp_path), 4)
+    assert len(store) == 5 and store.damaged == 0
+    stage_part(str(tmp_path), run, rows(3, start=10), 4)
+    store.refresh()  # nothing committed: nothing new
+    assert len(store) == 5
+
+
+def test_only_stale_staging_folders_are_removed(tmp_path: Path):
+    old, recent = f"{int(time.time()) - 3600}-old", new_run()
+    for run in (old, recent):
+        stage_part(str(tmp_path), run, rows(2), 4)
+    discard_stale(str(tmp_path), 600)
+    assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == [recent]
+
+
+def test_the_keys_of_a_store_cost_bytes_not_objects_per_row(tmp_path: Path):
+    n = 50_000
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+    features = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n, np.float32)), 1)
+    table = pa.table(
+        {"content": keys, "variant": pa.array([0] * n, pa.int32()), "path": [f"c/{i}.jpg" for i in range(n)],
+         "stamp": [f"9:{i}" for i in range(n)], "feature": features, "error": pa.nulls(n, pa.string())},
+        schema=part_schema(1),
+    )  # fmt: skip
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="none")
+    data = sink.getvalue().to_pybytes()
+    (tmp_path / f"part-{hashlib.sha256(data).hexdigest()}.parquet").write_bytes(data)
+    tracemalloc.start()
+    store = FeatureStore(str(tmp_path), 1)
+    assert store.has(keys[123]) and store.content_for("c/77.jpg", "9:77") == keys[77]
+    held = tracemalloc.get_traced_memory()[0] - store.features.nbytes
+    tracemalloc.stop()
+    assert held / n < 100  # 24 bytes of key and row, 48 of stamp and content (a dict: ~600)

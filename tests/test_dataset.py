@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from pathlib import Path
 
+import fsspec
+import pyarrow as pa
 import pytest
 
 from helpers import make_dataset
@@ -70,3 +73,40 @@ def test_two_folders_with_one_label_are_refused(tmp_path: Path):
     )
     with pytest.raises(DataError, match="both give the label"):
         scan(str(tmp_path), 10, 10)
+
+
+def test_every_listing_finds_the_same_images_in_the_same_order(tmp_path: Path):
+    data = make_dataset(tmp_path / "d", per_class=5)
+    (data / "blue_squares" / "deeper" / "x").mkdir(parents=True)
+    (data / "blue_squares" / "deeper" / "x" / "b.png").write_bytes(b"png")
+    (data / "blue_squares" / "deeper" / "a.jpg").write_bytes(b"jpg")
+    memory = fsspec.filesystem("memory")
+    for path in data.rglob("*"):
+        if path.is_file():
+            memory.pipe_file(f"/listing/{path.relative_to(data)}", path.read_bytes())
+    local, other = scan(str(data), 20, 20), scan("memory:///listing", 20, 20)  # os.walk; fsspec's walk
+    assert [(f.relpath, f.label_index, f.split) for f in local.files] == [
+        (f.relpath, f.label_index, f.split) for f in other.files
+    ]
+    assert local.files[5].relpath == "blue_squares/deeper/a.jpg" and local.files[6].relpath.endswith(
+        "x/b.png"
+    )
+    assert local.files[-1] == list(local.files)[-1] and local.files[0].stamp.startswith(
+        f"{(data / local.files[0].relpath).stat().st_size}:"
+    )
+    assert {s: int(n) for s, n in ((s, len(local.indices(s))) for s in (TRAINING, VALIDATION, TESTING))} == {
+        s: sum(c[s] for c in local.counts().values()) for s in (TRAINING, VALIDATION, TESTING)
+    }
+
+
+def test_an_image_set_holds_columns_not_an_object_per_image(tmp_path: Path):
+    for k in range(3):
+        (tmp_path / f"class_{k}").mkdir()
+        for i in range(3000):
+            (tmp_path / f"class_{k}" / f"image_{i:05d}.jpg").touch()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes()
+    images = scan(str(tmp_path), 10, 10)
+    held = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes() - before
+    tracemalloc.stop()
+    assert len(images.files) == 9000 and held / 9000 < 120  # a tuple of ImageFile objects: ~350

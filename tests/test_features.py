@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 
@@ -45,7 +46,7 @@ class Recorder(Engine):
             if "gone" in task.relpath:
                 yield Result(task, "", error="file vanished while the run was reading it")
                 continue
-            content = f"{task.relpath:0>64}"[-64:]
+            content = hashlib.sha256(task.relpath.encode()).hexdigest()
             wanted = need(task, content)
             self.needs[task.relpath] = wanted
             if "bad" in task.relpath:

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import make_dataset
+from helpers import make_dataset
 from lastlayer import contract, pipeline
 from lastlayer.cache import FeatureStore
 from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig

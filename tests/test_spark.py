@@ -1,10 +1,13 @@
-"""The Spark engine on ``local[2,2]``: same features and model as the local engine, one shared cache,
-retries without duplicate rows, resuming after a failed job, and clear refusals."""
+"""The Spark engine on ``local[2,2]``: same features and model as the local engine, one shared cache
+written by the executors, retries without duplicate rows, resuming after a failed job, and clear
+refusals."""
 
 from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +16,12 @@ import pytest
 from PIL import Image
 
 from helpers import make_dataset
-from lastlayer.cache import CachedKeys
+from lastlayer.cache import CachedKeys, CacheFolders, FeatureStore
 from lastlayer.cli import main
 from lastlayer.dataset import scan
 from lastlayer.engines import spark
 from lastlayer.engines.base import Task, available_cores
-from lastlayer.engines.local import LocalEngine
+from lastlayer.engines.local import PREFETCH_POLL_S, LocalEngine, prefetch
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.features import CacheNeed, compute_bottlenecks
 from lastlayer.preprocess import Distortions
@@ -124,17 +127,37 @@ def test_one_engine_resumes_from_the_other_s_cache(engines, model, tmp_path):
     assert np.array_equal(again.plain[again.rows], rest.plain[rest.rows])
 
 
-def failing_first_attempt(real, marker: Path):
-    """``_extract_rows`` that dies after its first result on each partition's first attempt."""
+def test_a_damaged_file_the_executors_wrote_is_detected_and_recomputed(engines, model, tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=45)
+    images = scan(str(data), 10, 10)
+    cache = str(tmp_path / "cache")
+    assert compute_bottlenecks(images, model, cache, engines["spark"]).computed == 135
+    (root,) = (tmp_path / "cache").iterdir()
+    files = sorted(root.glob("part-*.parquet"))
+    assert len(files) >= 2  # one per task
+    lost = pq.read_metadata(files[0]).num_rows
+    damaged = bytearray(files[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(damaged))
+    again = compute_bottlenecks(images, model, cache, engines["local"])
+    assert again.damaged_files == 1 and again.computed == lost and again.reused == 135 - lost
 
-    def flaky(rows, **kwargs):
+
+def failing_first_attempt(real, marker: Path):
+    """``_extract`` that, on each partition's first attempt, takes its images in reverse order (so its
+    part files differ from the retry's), writes them, records their names and dies."""
+
+    def flaky(tasks, **kwargs):
         from pyspark import TaskContext
 
-        for n, result in enumerate(real(rows, **kwargs)):
-            if n == 1 and TaskContext.get().attemptNumber() == 0:
-                marker.joinpath(f"failed-{TaskContext.get().partitionId()}").write_text("")
-                raise RuntimeError("executor lost (test)")
-            yield result
+        context = TaskContext.get()
+        if context.attemptNumber() > 0:
+            yield from real(tasks, **kwargs)
+            return
+        for outcome in real(list(tasks)[::-1], **kwargs):
+            if outcome.part is not None:
+                marker.joinpath(outcome.part).write_text(str(context.partitionId()))
+        raise RuntimeError("executor lost after writing its part files (test)")
 
     return flaky
 
@@ -143,12 +166,13 @@ def test_a_retried_task_adds_no_duplicate_rows(engines, model, tmp_path, monkeyp
     data = make_dataset(tmp_path / "data", per_class=12)
     marker = tmp_path / "markers"
     marker.mkdir()
-    monkeypatch.setattr(spark, "_extract_rows", failing_first_attempt(spark._extract_rows, marker))
+    monkeypatch.setattr(spark, "_extract", failing_first_attempt(spark._extract, marker))
     images = scan(str(data), 10, 10)
     b = compute_bottlenecks(
         images, model, str(tmp_path / "cache"), engines["spark"], distortions=DISTORT, variants=2
     )
-    assert list(marker.iterdir())  # first attempts did fail, and were retried
+    failed = {p.name for p in marker.iterdir()}
+    assert len(failed) >= 2  # first attempts did write, and were retried
     assert b.computed == 36 and not b.skipped
     (root,) = (tmp_path / "cache").iterdir()
     plain = parquet_rows(root)
@@ -156,6 +180,9 @@ def test_a_retried_task_adds_no_duplicate_rows(engines, model, tmp_path, monkeyp
     variants = parquet_rows(dist)
     assert len(plain) == len(set(plain)) == 36
     assert len(variants) == len(set(variants)) == 2 * int((b.variant_rows[:, 0] >= 0).sum())
+    written = {p.name for folder in (root, dist) for p in folder.iterdir()}
+    assert not failed & written  # the failed attempts' files never reached the cache
+    assert not list(root.rglob("_staging/*")) and not list(dist.rglob("_staging/*"))
 
 
 def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(engines, model, tmp_path, monkeypatch):
@@ -163,18 +190,18 @@ def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(engines, mode
     images = scan(str(data), 10, 10)
     monkeypatch.setattr(spark, "WAVE_MIN", 12)
     monkeypatch.setattr(spark, "WAVE_PER_CORE", 1)
-    real = spark._extract_rows
+    real = spark._extract
 
-    def broken_after_the_first_wave(rows, **kwargs):
-        for result in real(rows, **kwargs):
-            if result.task.index >= 12:
+    def broken_after_the_first_wave(tasks, **kwargs):
+        for outcome in real(tasks, **kwargs):
+            if outcome.index >= 12:
                 raise OSError("disk full (test)")
-            yield result
+            yield outcome
 
-    monkeypatch.setattr(spark, "_extract_rows", broken_after_the_first_wave)
+    monkeypatch.setattr(spark, "_extract", broken_after_the_first_wave)
     with pytest.raises(EngineError, match="disk full"):
         compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
-    monkeypatch.setattr(spark, "_extract_rows", real)
+    monkeypatch.setattr(spark, "_extract", real)
     rerun = compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
     assert rerun.reused == 12 and rerun.computed == 24
 
@@ -183,11 +210,14 @@ def test_a_file_that_vanished_after_the_scan_is_skipped(engines, model, tmp_path
     data = make_dataset(tmp_path / "data", per_class=3)
     tasks = [Task(0, str(data / "gone.jpg"), "x/gone.jpg", None, False)]
     tasks += [Task(1, str(data / "blue_squares" / "img_000.jpg"), "blue_squares/img_000.jpg", None, False)]
-    need = CacheNeed(CachedKeys(frozenset(), {}), None, 0)
-    results = list(engines["spark"].extract(tasks, model, need, Distortions()))
+    need = CacheNeed(CachedKeys.empty(), None, 0)
+    folders = CacheFolders(str(tmp_path / "cache"), None, model.feature_size)
+    results = list(engines["spark"].extract(tasks, model, need, Distortions(), cache=folders))
     by_index = {r.task.index: r for r in results}
     assert by_index[0].error == "file vanished while the run was reading it"
-    assert by_index[1].plain is not None and by_index[1].plain.shape == (model.feature_size,)
+    assert by_index[1].stored == 1 and by_index[1].plain is None  # in the cache, not sent back
+    store = FeatureStore(str(tmp_path / "cache"), model.feature_size)
+    assert len(store) == 1 and store.has(by_index[1].content)
 
 
 def test_without_pyspark_the_engine_is_a_one_line_usage_error(monkeypatch, capsys, tmp_path, shapes_dir):
@@ -203,24 +233,23 @@ def test_without_pyspark_the_engine_is_a_one_line_usage_error(monkeypatch, capsy
     )
 
 
-def test_spark_refuses_what_hadoop_cannot_read_and_shards():
+def test_spark_refuses_what_executors_cannot_read_and_shards():
     with pytest.raises(UsageError, match="memory://"):
-        spark.hadoop_uri("memory://photos/a.jpg")
+        spark.check_url("memory://photos/a.jpg")
     code = main(["retrain", "--engine=spark", "--worker_count=2"])
     assert code == 2
 
 
-@pytest.mark.parametrize(
-    ("url", "key"),
-    [
-        ("hdfs:///in/a b.jpg", "/in/a b.jpg"),
-        ("hdfs://127.0.0.1:9000/in/a b.jpg", "/in/a b.jpg"),
-        ("file:///tmp//x/a.jpg", "/tmp/x/a.jpg"),
-        ("/tmp/x/%20#.jpg", "/tmp/x/%20#.jpg"),
-    ],
-)
-def test_binaryfile_rows_find_their_task(url, key):
-    assert spark.path_key(spark.hadoop_uri(url)) == key
+def test_executors_on_a_cluster_use_their_own_credentials_and_the_login_s_hadoop_settings():
+    login = {"kerberos_principal": "tf@LOCAL", "kerberos_cache": "FILE:/d/cc", "hadoop_conf_dir": "/d/conf"}
+    hdfs = {**login, "dfs.replication": "1"}
+    driver = {"hdfs": hdfs, "viewfs": hdfs, "webhdfs": {"kerberos": True}}
+    cluster = {"spark.hadoop.fs.defaultFS": "hdfs://nn:8020", "spark.kerberos.principal": "tf@LOCAL"}
+    assert spark.executor_options(driver, "local[2]", cluster) == driver  # this machine: the same login
+    remote = spark.executor_options(driver, "spark://127.0.0.1:7077", cluster)
+    assert remote["hdfs"] == remote["viewfs"] == {"fs.defaultFS": "hdfs://nn:8020", "dfs.replication": "1"}
+    assert remote["webhdfs"] == {"kerberos": True}
+    assert spark.executor_options(None, "yarn", {}) == {}
 
 
 def test_the_master_comes_from_the_flag_then_spark_s_configuration_then_the_cores(tmp_path, monkeypatch):
@@ -245,6 +274,31 @@ def test_settings_carry_the_keytab_login_to_spark(tmp_path):
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
     assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
+    assert conf["spark.driver.defaultJavaOptions"] == spark.LOCAL_JVM_OPTIONS
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")
+
+
+def test_prefetch_keeps_order_hands_over_errors_and_stops_its_thread():
+    with prefetch(iter(range(50)), 2) as ready:
+        assert list(ready) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("read failed (test)")
+
+    with pytest.raises(OSError, match="read failed"), prefetch(broken(), 2) as ready:
+        list(ready)
+    produced: list[int] = []
+
+    def counted():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    with prefetch(counted(), 2) as ready:
+        assert next(ready) == 0
+    time.sleep(2 * PREFETCH_POLL_S)
+    assert len(produced) <= 5  # the producer stopped when the block was left
+    assert not [t for t in threading.enumerate() if t.name == "lastlayer-prefetch"]

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.implementations.local import LocalFileSystem
+from hdfs_native.fsspec import HdfsFileSystem
 
 from lastlayer import storage
 from lastlayer.errors import DataError
@@ -26,6 +33,8 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "webp"})
 MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
 #: Fewer images than this in a class earns a warning, as in retrain.py.
 MIN_IMAGES_PER_CLASS = 20
+#: Listed images gathered into one Arrow array at a time (bounds the Python objects of a listing).
+CHUNK = 65536
 
 TRAINING, VALIDATION, TESTING = "training", "validation", "testing"
 SPLITS = (TRAINING, VALIDATION, TESTING)
@@ -50,24 +59,85 @@ class ImageFile:
     stamp: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageSet:
-    """All images of ``image_dir`` with their labels (sorted by folder name) and split."""
+    """All images of ``image_dir`` with their labels (sorted by folder name) and split, kept as columns:
+    about 80 bytes per image and no Python object per image (:attr:`files` makes them on access).
+
+    Attributes:
+        relpaths: ``large_string [N]`` each image's path relative to ``image_dir``.
+        label_index: ``int32 [N]`` index into :attr:`labels`.
+        split_index: ``int8 [N]`` index into :data:`SPLITS`.
+        stamps: ``large_string [N]`` ``"<size>:<mtime>"`` as listed, null when the filesystem gives
+            no mtime.
+    """
 
     image_dir: str
     labels: tuple[str, ...]
-    files: tuple[ImageFile, ...]
+    relpaths: pa.Array
+    label_index: np.ndarray
+    split_index: np.ndarray
+    stamps: pa.Array
 
-    def indices(self, split: str) -> list[int]:
-        """Positions in :attr:`files` of the images in ``split``."""
-        return [i for i, f in enumerate(self.files) if f.split == split]
+    @property
+    def files(self) -> ImageFiles:
+        """The images as a sequence of :class:`ImageFile`."""
+        return ImageFiles(self)
+
+    def indices(self, split: str) -> np.ndarray:
+        """``int64 [N_split]`` positions in :attr:`files` of the images in ``split``."""
+        return np.flatnonzero(self.split_index == SPLITS.index(split))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{label: {split: number of images}}``."""
-        out = {label: dict.fromkeys(SPLITS, 0) for label in self.labels}
-        for f in self.files:
-            out[self.labels[f.label_index]][f.split] += 1
-        return out
+        both = np.bincount(
+            self.label_index.astype(np.int64) * len(SPLITS) + self.split_index, minlength=len(self.labels) * 3
+        ).reshape(len(self.labels), len(SPLITS))
+        return {
+            label: dict(zip(SPLITS, map(int, row), strict=True))
+            for label, row in zip(self.labels, both, strict=True)
+        }
+
+
+class ImageFiles(Sequence[ImageFile]):
+    """The images of an :class:`ImageSet` as :class:`ImageFile` s, made when read."""
+
+    def __init__(self, images: ImageSet) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.label_index)
+
+    @overload
+    def __getitem__(self, i: int) -> ImageFile: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ImageFile]: ...
+    def __getitem__(self, i: int | slice) -> ImageFile | list[ImageFile]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        m = self.images
+        return self._file(
+            m.relpaths[i].as_py(), int(m.label_index[i]), int(m.split_index[i]), m.stamps[i].as_py()
+        )
+
+    def __iter__(self) -> Iterator[ImageFile]:
+        return self.at(np.arange(len(self)))
+
+    def at(self, positions: np.ndarray) -> Iterator[ImageFile]:
+        """The images at ``positions`` (``int64 [K]``), read :data:`CHUNK` at a time."""
+        m = self.images
+        for start in range(0, len(positions), CHUNK):
+            chunk = positions[start : start + CHUNK]
+            rel = m.relpaths.take(chunk).to_pylist()
+            stamps = m.stamps.take(chunk).to_pylist()
+            yield from map(
+                self._file, rel, m.label_index[chunk].tolist(), m.split_index[chunk].tolist(), stamps
+            )
+
+    def _file(self, relpath: str, label: int, split: int, stamp: str | None) -> ImageFile:
+        return ImageFile(storage.join(self.images.image_dir, relpath), relpath, label, SPLITS[split], stamp)
 
 
 def label_for(folder: str) -> str:
@@ -100,6 +170,56 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name
 
 
+def _walk_files(fs: Any, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every file under ``path`` with its size and mtime as the filesystem lists them, streamed:
+    hdfs-native lists the whole tree a page at a time and a local folder is read one name at a time,
+    so a folder of millions of files never sits in memory as a listing; other filesystems go one
+    folder at a time (fsspec's ``walk``)."""
+    if isinstance(fs, HdfsFileSystem):
+        for status in fs.client.list_status(path, True):
+            if not status.isdir:
+                yield status.path, {"size": status.length, "modification_time": status.modification_time}
+    elif isinstance(fs, LocalFileSystem):
+        for folder, _, names in os.walk(path, followlinks=True):
+            for name in names:
+                full = os.path.join(folder, name)
+                try:
+                    info = os.stat(full)
+                except FileNotFoundError:  # gone since the folder was read, or a broken link
+                    continue
+                yield full, {"size": info.st_size, "mtime": info.st_mtime}
+    else:
+        for _, _, files in fs.walk(path, detail=True):
+            for info in files.values():
+                if info.get("type") == "file":
+                    yield info["name"], info
+
+
+def _list_class(fs: Any, root: str, path: str) -> tuple[pa.Array, pa.Array]:
+    """The images under the class folder ``path``: relative paths (sorted) and stamps, as arrays."""
+    rel: list[pa.Array] = []
+    stamps: list[pa.Array] = []
+    names: list[str] = []
+    marks: list[str | None] = []
+    prefix = root + "/"
+    try:
+        for p, info in _walk_files(fs, path):
+            if _is_image(posixpath.basename(p)):
+                names.append(p[len(prefix) :] if p.startswith(prefix) else posixpath.relpath(p, root))
+                marks.append(_stamp(info))
+            if len(names) >= CHUNK:
+                rel.append(pa.array(names, pa.large_string()))
+                stamps.append(pa.array(marks, pa.large_string()))
+                names, marks = [], []
+    except Exception as exc:
+        raise storage.describe(exc, path, "list") from exc
+    rel.append(pa.array(names, pa.large_string()))
+    stamps.append(pa.array(marks, pa.large_string()))
+    relpaths = pa.concat_arrays(rel)
+    order = pc.sort_indices(relpaths)
+    return relpaths.take(order), pa.concat_arrays(stamps).take(order)
+
+
 def scan(
     image_dir: str,
     testing_percentage: float,
@@ -128,20 +248,12 @@ def scan(
         if e["type"] == "directory" and not posixpath.basename(e["name"].rstrip("/")).startswith(".")
     )
     labels: list[str] = []
-    files: list[ImageFile] = []
+    classes: list[tuple[pa.Array, pa.Array]] = []
     seen_labels: dict[str, str] = {}
     for folder, path in folders:
         label = label_for(folder)
-        try:
-            found = fs.find(path, detail=True)
-        except Exception as exc:
-            raise storage.describe(exc, path, "list") from exc
-        images = sorted(
-            (p, info)
-            for p, info in found.items()
-            if info.get("type") == "file" and _is_image(posixpath.basename(p))
-        )
-        if not images:
+        relpaths, stamps = _list_class(fs, root, path)
+        if not len(relpaths):
             log.warning("No images found in %s: skipped", folder)
             continue
         if not label:
@@ -152,23 +264,12 @@ def scan(
                 "rename one"
             )
         seen_labels[label] = folder
-        if len(images) < MIN_IMAGES_PER_CLASS:
+        if len(relpaths) < MIN_IMAGES_PER_CLASS:
             log.warning(
                 "Folder %s has less than %d images, which may cause issues.", folder, MIN_IMAGES_PER_CLASS
             )
-        index = len(labels)
         labels.append(label)
-        for p, info in images:
-            rel = posixpath.relpath(p, root)
-            files.append(
-                ImageFile(
-                    storage.join(image_dir, rel),
-                    rel,
-                    index,
-                    which_set(rel, testing_percentage, validation_percentage),
-                    _stamp(info),
-                )
-            )
+        classes.append((relpaths, stamps))
     if not labels:
         raise DataError(f"no valid folders of images found at {image_dir}: it needs one sub-folder per class")
     if len(labels) == 1:
@@ -176,4 +277,17 @@ def scan(
             f"only one valid folder of images found at {image_dir}: "
             "multiple classes are needed for classification"
         )
-    return ImageSet(image_dir, tuple(labels), tuple(files))
+    relpaths = pa.concat_arrays([r for r, _ in classes])
+    splits = [
+        SPLITS.index(which_set(rel, testing_percentage, validation_percentage))
+        for start in range(0, len(relpaths), CHUNK)
+        for rel in relpaths.slice(start, CHUNK).to_pylist()
+    ]
+    return ImageSet(
+        image_dir,
+        tuple(labels),
+        relpaths,
+        np.concatenate([np.full(len(r), i, np.int32) for i, (r, _) in enumerate(classes)]),
+        np.array(splits, np.int8),
+        pa.concat_arrays([t for _, t in classes]),
+    )

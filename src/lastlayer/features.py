@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from lastlayer import storage
-from lastlayer.cache import CachedKeys, FeatureStore, Row
-from lastlayer.dataset import TRAINING, ImageSet
+from lastlayer.cache import CachedKeys, CacheFolders, ContentKeys, FeatureStore
+from lastlayer.dataset import SPLITS, TRAINING, ImageFile, ImageSet
 from lastlayer.engines import local
 from lastlayer.engines.base import Engine, Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
@@ -63,6 +63,8 @@ class KeyLookup(Protocol):
 
     def has(self, content: str, variant: int = 0) -> bool: ...
 
+    def has_many(self, contents: np.ndarray, variant: int = 0) -> np.ndarray: ...
+
     def error(self, content: str) -> str | None: ...
 
     def keys(self) -> CachedKeys: ...
@@ -99,6 +101,21 @@ class CacheNeed:
         if self.distorted is not None and task.training:
             missing = tuple(v for v in range(self.wanted(task.index)) if not self.distorted.has(content, v))
         return Need(not self.plain.has(content), missing)
+
+    def complete(self, contents: np.ndarray, training: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``bool [K]``: where, for the ``V32 [K]`` content keys of the images at ``positions`` whose
+        training flags are ``training``, :meth:`__call__` would surely ask for nothing (the same test
+        for many images at once; where it says ``False``, ask :meth:`__call__`)."""
+        done = self.plain.has_many(contents, 0)
+        if self.distorted is not None:
+            wanted = (
+                np.full(len(positions), self.variants)
+                if self.draws is None
+                else np.minimum(self.variants, self.draws[positions])
+            )
+            for v in range(self.variants):
+                done &= ~(training & (wanted > v)) | self.distorted.has_many(contents, v)
+        return done
 
     def portable(self) -> CacheNeed:
         """The same test over picklable copies of the stores' keys (for Spark executors)."""
@@ -173,7 +190,7 @@ def compute_bottlenecks(
             model.architecture,
         )
         report = None if progress is None else (lambda done: progress(done, len(tasks)))
-        results = engine.extract(tasks, model, need, distortions, report)
+        results = _extract(engine, tasks, model, need, distortions, report, plain, distorted)
         try:
             computed = _store(results, plain, distorted, contents)
         except BaseException:
@@ -181,51 +198,98 @@ def compute_bottlenecks(
             raise
         for store in (plain, distorted):
             if store is not None:
+                if engine.writes_cache:
+                    store.refresh()
                 store.flush()
                 store.compact()
     return _assemble(images, plain, distorted, need, contents, pending, computed)
 
 
+class Tasks(Sequence[Task]):
+    """The tasks of the images of an :class:`ImageSet` at some positions, made when read (no
+    :class:`Task` object per image waits in memory)."""
+
+    def __init__(self, images: ImageSet, positions: np.ndarray) -> None:
+        self.images, self.positions = images, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @overload
+    def __getitem__(self, i: int) -> Task: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Task]: ...
+    def __getitem__(self, i: int | slice) -> Task | list[Task]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        position = int(self.positions[i])
+        return _task(position, self.images.files[position])
+
+    def __iter__(self) -> Iterator[Task]:
+        return map(_task, self.positions.tolist(), self.images.files.at(self.positions))
+
+
+def _task(i: int, f: ImageFile) -> Task:
+    return Task(i, f.url, f.relpath, f.stamp, f.split == TRAINING)
+
+
 def _plan(
     images: ImageSet, plain: FeatureStore, need: CacheNeed, shard: tuple[int, int]
-) -> tuple[list[Task], list[str | None], set[int]]:
+) -> tuple[Tasks, ContentKeys, np.ndarray]:
     """The tasks of this shard that lack something, each image's content key as far as the cache
-    knows it, and the positions of other shards' images that lack something."""
-    contents: list[str | None] = []
-    tasks: list[Task] = []
-    pending: set[int] = set()
-    for i, f in enumerate(images.files):
-        task = Task(i, f.url, f.relpath, f.stamp, f.split == TRAINING)
-        content = plain.content_for(f.relpath, f.stamp)
-        contents.append(content)
-        if content is None or not need(task, content).nothing:
+    knows it, and ``bool [N]`` whether each is an image of other shards that lacks something.
+
+    The images whose path and stamp the cache knows and that lack nothing are found for all images
+    at once; the per-image test runs for the others."""
+    contents = plain.contents_for_many(images.relpaths, images.stamps)
+    known = np.flatnonzero(contents.known)
+    complete = need.complete(contents.keys[known], images.split_index[known] == SPLITS.index(TRAINING), known)
+    unsure = np.sort(np.concatenate([np.flatnonzero(~contents.known), known[~complete]]))
+    todo = np.zeros(len(images.files), bool)
+    pending = np.zeros(len(images.files), bool)
+    for i, f in zip(unsure.tolist(), images.files.at(unsure), strict=True):
+        content = contents[i]
+        if content is None or not need(_task(i, f), content).nothing:
             if in_shard(f.relpath, shard):
-                tasks.append(task)
+                todo[i] = True
             else:
-                pending.add(i)
-    return tasks, contents, pending
+                pending[i] = True
+    return Tasks(images, np.flatnonzero(todo)), contents, pending
+
+
+def _extract(
+    engine: Engine,
+    tasks: Tasks,
+    model: FeatureModel,
+    need: CacheNeed,
+    distortions: Distortions,
+    report: Callable[[int], None] | None,
+    plain: FeatureStore,
+    distorted: FeatureStore | None,
+) -> Iterable[Result]:
+    """The engine's results; an engine that writes the cache itself is told where."""
+    if not engine.writes_cache:
+        return engine.extract(tasks, model, need, distortions, report)
+    folders = CacheFolders(
+        plain.url, None if distorted is None else distorted.url, plain.dim, plain.storage_options
+    )
+    return engine.extract(tasks, model, need, distortions, report, cache=folders)
 
 
 def _store(
-    results: Iterable[Result], plain: FeatureStore, distorted: FeatureStore | None, contents: list[str | None]
+    results: Iterable[Result], plain: FeatureStore, distorted: FeatureStore | None, contents: ContentKeys
 ) -> int:
-    """Add the engine's results to the stores; fill ``contents``; return the images computed."""
+    """Add the engine's results to the stores (unless the engine stored them); fill ``contents``;
+    return the images computed."""
     computed = 0
     for result in results:
-        task = result.task
-        contents[task.index] = result.content or None
-        if not result.content:
-            continue
-        if result.plain is not None or result.error is not None:
-            plain.add([Row(result.content, 0, task.relpath, task.stamp, result.plain, result.error)])
-        elif task.stamp is not None:
-            plain.add([Row(result.content, 0, task.relpath, task.stamp, None, None)])
-        if result.variants and distorted is not None:
-            distorted.add(
-                Row(result.content, v, task.relpath, None, vec, None) for v, vec in result.variants.items()
-            )
-        if result.plain is not None or result.variants:
-            computed += 1
+        contents[result.task.index] = result.content or None
+        if not result.stored:
+            plain_rows, variant_rows = result.rows()
+            plain.add(plain_rows)
+            if variant_rows and distorted is not None:
+                distorted.add(variant_rows)
+        computed += result.computed
     return computed
 
 
@@ -234,8 +298,8 @@ def _assemble(
     plain: FeatureStore,
     distorted: FeatureStore | None,
     need: CacheNeed,
-    contents: list[str | None],
-    pending: set[int],
+    contents: ContentKeys,
+    pending: np.ndarray,
     computed: int,
 ) -> Bottlenecks:
     """Row indices of every image into the stores' matrices (-1 past the variants wanted), and what
@@ -245,7 +309,7 @@ def _assemble(
     variant_rows = np.full(shape, -1, np.int64) if distorted is not None else None
     skipped: list[tuple[str, str]] = []
     for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
-        if i in pending:
+        if pending[i]:
             continue
         reason = local.VANISHED if content is None else plain.error(content)
         if reason is not None or content is None:
@@ -263,9 +327,9 @@ def _assemble(
         variant_rows=variant_rows,
         skipped=skipped,
         computed=computed,
-        reused=len(images.files) - len(skipped) - len(pending) - computed,
+        reused=len(images.files) - len(skipped) - int(pending.sum()) - computed,
         damaged_files=plain.damaged + (distorted.damaged if distorted is not None else 0),
-        pending=len(pending),
+        pending=int(pending.sum()),
     )
 
 

@@ -156,6 +156,15 @@ def file_problem(url: str, storage_options: StorageOptions | None = None) -> str
     return None
 
 
+def rename(source: str, target: str, storage_options: StorageOptions | None = None) -> None:
+    """Rename the file ``source`` onto ``target`` (same filesystem), replacing an existing file."""
+    fs, path = url_to_fs(source, storage_options)
+    try:
+        _publish(fs, path, url_to_fs(target, storage_options)[1])
+    except Exception as exc:
+        raise describe(exc, source, f"move into place as {target}") from exc
+
+
 @contextmanager
 def atomic_path(
     url: str, storage_options: StorageOptions | None = None

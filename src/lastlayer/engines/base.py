@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from lastlayer.cache import Row
 from lastlayer.preprocess import Distortions
 
 if TYPE_CHECKING:
     from typing import Self
 
+    from lastlayer.cache import CacheFolders
     from lastlayer.config import EngineConfig
     from lastlayer.zoo import FeatureModel
 
@@ -78,6 +80,8 @@ class Result:
         plain: ``float32 [D]`` plain features, when they were needed and the image decoded.
         variants: distorted variant number to ``float32 [D]``.
         error: why the image could not be decoded, or ``None``.
+        stored: feature vectors (plain and variants) the engine computed and wrote to the cache
+            itself (:attr:`Engine.writes_cache`); such a result carries no features.
     """
 
     task: Task
@@ -85,6 +89,27 @@ class Result:
     plain: np.ndarray | None = None
     variants: dict[int, np.ndarray] = field(default_factory=dict)
     error: str | None = None
+    stored: int = 0
+
+    @property
+    def computed(self) -> bool:
+        """Whether the network ran for this image."""
+        return self.plain is not None or bool(self.variants) or self.stored > 0
+
+    def rows(self) -> tuple[list[Row], list[Row]]:
+        """The cache rows of this result: for the plain folder (features, the decode error, or, for an
+        image whose content was already cached, a record of its path and stamp) and for the
+        distorted variants' folder."""
+        task = self.task
+        plain: list[Row] = []
+        if not self.content:
+            return plain, []
+        if self.plain is not None or self.error is not None:
+            plain.append(Row(self.content, 0, task.relpath, task.stamp, self.plain, self.error))
+        elif task.stamp is not None:
+            plain.append(Row(self.content, 0, task.relpath, task.stamp, None, None))
+        variants = [Row(self.content, v, task.relpath, None, vec, None) for v, vec in self.variants.items()]
+        return plain, variants
 
 
 def content_key(data: bytes) -> str:
@@ -112,9 +137,12 @@ class Engine(ABC):
 
     Attributes:
         name: the ``--engine`` value that selects it.
+        writes_cache: whether :meth:`extract` takes ``cache`` and writes the rows there itself, where
+            it computes them; its results then carry no features (:attr:`Result.stored`).
     """
 
     name: ClassVar[str]
+    writes_cache: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -132,11 +160,14 @@ class Engine(ABC):
         need: NeedTest,
         distortions: Distortions,
         progress: Callable[[int], None] | None = None,
+        cache: CacheFolders | None = None,
     ) -> Iterator[Result]:
         """Compute what ``need`` asks for, for each task; yield one :class:`Result` per task.
 
         Args:
             progress: called with the number of tasks finished so far.
+            cache: for an engine that :attr:`writes_cache`: where it writes each result's rows, in
+                part files, before it yields the result (others are not given it).
         """
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not an abstract method

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -32,11 +34,12 @@ from lastlayer.engines.base import (
     content_key,
     variant_rng,
 )
-from lastlayer.errors import DataError, StorageError
+from lastlayer.errors import DataError, EngineError, StorageError
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions, Preprocessing, distort, open_image, to_input
 from lastlayer.zoo import FeatureModel
 
 if TYPE_CHECKING:
+    from lastlayer.cache import CacheFolders
     from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: Why an image listed by the scan gave no bytes.
 VANISHED = "file vanished while the run was reading it"
+#: Seconds between looks at the other thread while one thread of :func:`prefetch` waits.
+PREFETCH_POLL_S = 1.0
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,6 +119,58 @@ def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_s
     return [p.result for p in prepared]
 
 
+@contextmanager
+def prefetch(items: Iterable[T], depth: int) -> Iterator[Iterator[T]]:
+    """Iterate ``items`` in a thread of its own, started at once and at most ``depth`` items ahead of
+    the consumer, so that producing the next items (reading, hashing, decoding: PIL releases the GIL)
+    overlaps consuming this one (the network). Yields the iterator of the items; the producer's
+    exception is raised in the consumer; leaving the block stops the producer after its current item.
+    """
+    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=PREFETCH_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, end))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((False, exc))
+
+    def handover() -> Iterator[T]:
+        while True:
+            try:
+                ok, item = buffer.get(timeout=PREFETCH_POLL_S)
+            except queue.Empty:
+                if not thread.is_alive():
+                    raise EngineError("the decoding thread ended without handing over its work") from None
+                continue
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+
+    thread = threading.Thread(target=produce, name="lastlayer-prefetch", daemon=True)
+    thread.start()
+    try:
+        yield handover()
+    finally:
+        stop.set()
+        thread.join(PREFETCH_POLL_S)
+
+
 class _Worker:
     """The sessions the worker threads run: on the CPU one single-threaded session per thread, on a
     GPU one session that every thread feeds (onnxruntime sessions take concurrent runs)."""
@@ -174,6 +233,7 @@ class LocalEngine(Engine):
         need: NeedTest,
         distortions: Distortions = NO_DISTORTIONS,
         progress: Callable[[int], None] | None = None,
+        cache: CacheFolders | None = None,
     ) -> Iterator[Result]:
         """Each of :attr:`threads` workers takes :attr:`batch_size` tasks at a time, reads and decodes
         them and runs its own single-threaded onnxruntime session on them. With as many workers as

@@ -1,28 +1,31 @@
 """The Spark engine: feature extraction on Spark executors, for collections beyond one machine.
 
-The driver (this process) keeps the cache bookkeeping; Spark runs one job per *wave* of images:
+The driver (this process) keeps the cache bookkeeping; Spark runs one job per *wave* of images, and
+receives from it only what each image was found to be (content key, decode error) and the names of
+the part files the tasks wrote:
 
-* **Reading.** Each wave's files go to Spark's ``binaryFile`` source, so the executors read the bytes
-  through Hadoop's own FileSystem: ``hdfs://`` with the Kerberos credentials and delegation tokens Spark
-  manages (``spark.kerberos.principal`` / ``keytab``), with HDFS data locality; local paths; object
-  stores. Spark's file sources never return empty files or names that start with ``_`` or ``.``:
-  those, and files gone since the scan, go to a second job whose tasks read their own bytes through
-  :mod:`lastlayer.storage`, so they are reported exactly as by the local engine.
+* **Each task** reads its images, decodes them and runs the network exactly as the local engine does
+  (:func:`~lastlayer.engines.local.read_task`, :func:`~lastlayer.engines.local.prepare`,
+  :func:`~lastlayer.engines.local.run_network`: same hashing, decoding, preprocessing, distorted
+  variants and network, hence the same features and the same skipped images), with a thread that
+  reads and decodes the next images while the network runs (:func:`~lastlayer.engines.local.prefetch`).
 * **The model** is broadcast once: Spark ships a broadcast to each executor once, and each Python
   worker builds its onnxruntime session on first use and keeps it for its next tasks.
-* **Per image**, a partition runs the local engine's :func:`~lastlayer.engines.local.prepare` and
-  :func:`~lastlayer.engines.local.run_network`: the same hashing, decoding, preprocessing, distorted
-  variants and network, hence the same features.
-* **Results** are collected by the driver and written through the same
-  :class:`~lastlayer.cache.FeatureStore` as the local engine's. Spark returns the output of exactly one
-  successful attempt of each partition, so a retried (or speculative) task never adds rows twice, and
-  rows are keyed by content anyway. Each finished wave goes to the store, which writes a part file per
-  4,096 rows or minute of work (and all it holds when the run fails): a killed job loses little more
-  than the wave in flight.
+* **The cache.** Each task writes its rows as part files into the staging folder of its wave
+  (:func:`lastlayer.cache.stage_part`); when the wave's job has succeeded, the driver moves the files
+  of the one successful attempt of each task into the cache folder and removes the staging folder
+  with whatever failed, retried or speculative attempts left there (:func:`lastlayer.cache.commit`):
+  no row is added twice, none is lost, and a killed run loses at most the wave in flight.
+* **Storage** on the executors goes through :mod:`lastlayer.storage`, as on the driver. On a local
+  master the executors are this machine and use the driver's login; on a cluster they use their own
+  credentials: on a Kerberized HDFS the delegation tokens of ``HADOOP_TOKEN_FILE_LOCATION`` (which
+  YARN gives every container of a Spark application that logs in with ``spark.kerberos.*``), with the
+  Hadoop configuration of the login (``spark.hadoop.*``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -33,22 +36,23 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import onnxruntime as ort
 
-from lastlayer import storage
+from lastlayer.cache import FLUSH_ROWS, Row, commit, discard, discard_stale, new_run, stage_part
 from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
-from lastlayer.engines.local import Prepared, prepare, read_task, run_network
+from lastlayer.engines.local import Prepared, prefetch, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
+from lastlayer.hadoop import fs as _hdfs  # noqa: F401  (registers hdfs:// and viewfs:// in executors too)
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
-    from pyspark.rdd import RDD
-    from pyspark.sql import Row, SparkSession
+    from pyspark.sql import SparkSession
 
+    from lastlayer.cache import CacheFolders
     from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -56,16 +60,23 @@ log = logging.getLogger(__name__)
 INSTALL = "pip install 'lastlayer[spark]'"
 #: Images of one Spark job: at least this many, and :data:`WAVE_PER_CORE` per core of the cluster.
 WAVE_MIN = 4096
-WAVE_PER_CORE = 64
-#: Partitions of a wave per core (load balance), each of at least :data:`MIN_TASK_IMAGES` images.
+WAVE_PER_CORE = 2048
+#: Partitions of a wave per core (load balance), each of at least :data:`MIN_TASK_IMAGES` images;
+#: each task writes a part file per folder, so a wave of 2048 images per core writes about one file
+#: per 1,000 images.
 PARTITIONS_PER_CORE = 2
-MIN_TASK_IMAGES = 16
-#: URL schemes Spark reads through a Hadoop FileSystem (a plain path is a local file).
-HADOOP_SCHEMES = frozenset(
-    {"file", "hdfs", "viewfs", "webhdfs", "swebhdfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs", "ofs"}
-)
-_SCHEME_AND_HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//[^/]*)?")
-_GLOB_CHARS = re.compile(r"([\\{}\[\]*?])")
+MIN_TASK_IMAGES = 64
+#: Network batches a task's reading and decoding thread may run ahead of its network.
+PREFETCH_BATCHES = 2
+#: Staging folders of runs older than this are removed when a run starts (a killed driver's).
+STALE_STAGING_S = 7 * 24 * 3600.0
+#: Storage options of the ``hdfs``/``viewfs`` groups that name the driver's own login and files.
+DRIVER_LOGIN = frozenset({"kerberos_principal", "kerberos_keytab", "kerberos_cache", "hadoop_conf_dir"})
+#: JVM options of a local master's JVM, which only schedules tasks (the executors' work is Python): the
+#: quick compiler alone and the serial collector start it about 2 s sooner on 2 cores.
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+#: Storage that lives inside one process, which executors cannot reach.
+PROCESS_LOCAL = ("memory://",)
 
 # One onnxruntime session per model in each Python worker, kept between tasks (workers are reused).
 _sessions: dict[str, ort.InferenceSession] = {}
@@ -109,9 +120,11 @@ def resolve_master(master: str = "") -> str:
 def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings lastlayer gives a Spark session it starts for ``master``.
 
-    Local masters listen on 127.0.0.1 only, without the web UI. ``cluster`` adds the login's
-    settings (:meth:`lastlayer.hadoop.HadoopLogin.spark_conf`: Spark logs in from the same keytab,
-    the JVMs use the same krb5.conf and Hadoop configuration).
+    Local masters listen on 127.0.0.1 only, without the web UI, and their JVM starts with
+    :data:`LOCAL_JVM_OPTIONS` (as ``spark.driver.defaultJavaOptions``, which Spark puts before any
+    ``spark.driver.extraJavaOptions``). ``cluster`` adds the login's settings
+    (:meth:`lastlayer.hadoop.HadoopLogin.spark_conf`: Spark logs in from the same keytab, the JVMs use
+    the same krb5.conf and Hadoop configuration).
     """
     conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
     if master.startswith("local"):
@@ -120,8 +133,7 @@ def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str,
                 "spark.driver.host": "127.0.0.1",
                 "spark.driver.bindAddress": "127.0.0.1",
                 "spark.ui.enabled": "false",
-                # the driver is the executor: list the wave's files in place, not in a Spark job
-                "spark.sql.sources.parallelPartitionDiscovery.threshold": str(2**31 - 1),
+                "spark.driver.defaultJavaOptions": LOCAL_JVM_OPTIONS,
             }
         )
     conf.update(cluster or {})
@@ -188,37 +200,63 @@ def hadoop_user(spark: SparkSession) -> str:
     return f"{ugi.getUserName()} ({ugi.getAuthenticationMethod().toString()}{source})"
 
 
-# -- paths ------------------------------------------------------------------------------------
-def hadoop_uri(url: str) -> str:
-    """``url`` as a Hadoop path: a plain path becomes an absolute ``file:`` URI.
+def check_url(url: str) -> None:
+    """Refuse an image URL the executors cannot reach (storage inside this process).
 
     Raises:
-        UsageError: for a scheme no Hadoop FileSystem serves (``memory://``, ...).
+        UsageError: naming the URL and what to do.
     """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if not scheme:
-        return "file:" + os.path.abspath(url)
-    if scheme not in HADOOP_SCHEMES:
+    if url.startswith(PROCESS_LOCAL):
         raise UsageError(
-            f"--engine=spark reads images through Hadoop's file systems, which cannot read {url}: "
-            f"use a local path or one of {', '.join(sorted(HADOOP_SCHEMES))}:// (or --engine=local)"
+            f"--engine=spark runs on executors in other processes, which cannot read {url}: "
+            "use a local path, hdfs:// or another shared storage (or --engine=local)"
         )
-    return "file:" + url[len("file://") :] if scheme == "file" else url
 
 
-def path_key(uri: str) -> str:
-    """The path part of a Hadoop URI (scheme and host dropped, repeated slashes merged): how a row of
-    ``binaryFile`` (``hdfs://nn:8020/a/b.jpg``) finds its task (``hdfs:///a/b.jpg``)."""
-    return re.sub("/+", "/", _SCHEME_AND_HOST.sub("", uri, count=1))
+def executor_options(
+    storage_options: Mapping[str, Any] | None, master: str, cluster: Mapping[str, str]
+) -> dict[str, Any]:
+    """The storage options of the executors.
 
-
-def hidden_from_spark(uri: str) -> bool:
-    """Whether Spark's file listing skips this file (names starting with ``_`` or ``.``)."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+    On a local master they are the driver's (the executors are this machine). Elsewhere the
+    ``hdfs``/``viewfs`` groups lose what names the driver's own login and files
+    (:data:`DRIVER_LOGIN`) and get the Hadoop properties of ``cluster`` (``spark.hadoop.*``), so the
+    executors' HDFS client takes its credentials from their environment: the delegation tokens of
+    ``HADOOP_TOKEN_FILE_LOCATION`` on a Kerberized cluster.
+    """
+    options = dict(storage_options or {})
+    if master.startswith("local"):
+        return options
+    hadoop = {k.removeprefix("spark.hadoop."): v for k, v in cluster.items() if k.startswith("spark.hadoop.")}
+    for protocol in ("hdfs", "viewfs"):
+        group = options.get(protocol)
+        if isinstance(group, Mapping) or hadoop:
+            own = {k: v for k, v in (group or {}).items() if k not in DRIVER_LOGIN}
+            options[protocol] = {**hadoop, **own}
+    return options
 
 
 # -- what runs on the executors ---------------------------------------------------------------
+class Outcome(NamedTuple):
+    """What a task reports to the driver: one per image, and one per part file it wrote.
+
+    Attributes:
+        index: the image's :attr:`Task.index`, or -1 for a part file.
+        content: the image's content key ("" when it vanished).
+        error: why it could not be used, or ``None``.
+        stored: feature vectors computed and written for it.
+        part: the name of a part file written to the staging folder, or ``None``.
+        distorted: whether that part file goes to the distorted variants' folder.
+    """
+
+    index: int
+    content: str
+    error: str | None
+    stored: int
+    part: str | None = None
+    distorted: bool = False
+
+
 def _session_for(model: FeatureModel, threads: int) -> ort.InferenceSession:
     key = f"{model.key}:{threads}"
     if key not in _sessions:
@@ -226,104 +264,113 @@ def _session_for(model: FeatureModel, threads: int) -> ort.InferenceSession:
     return _sessions[key]
 
 
+def _network_batches(prepared: Iterable[Prepared], batch_size: int) -> Iterator[list[Prepared]]:
+    """``prepared`` grouped into lists of at least ``batch_size`` network inputs (the last: fewer)."""
+    chunk: list[Prepared] = []
+    for item in prepared:
+        chunk.append(item)
+        if sum(len(p.inputs) for p in chunk) >= batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Staging:
+    """A task's rows on their way to the cache: a part file per folder per
+    :data:`~lastlayer.cache.FLUSH_ROWS` rows, and at the end of the task, in the staging folder of
+    ``run``."""
+
+    def __init__(self, folders: CacheFolders, run: str) -> None:
+        self.folders, self.run = folders, run
+        self.rows: tuple[list[Row], list[Row]] = ([], [])
+
+    def add(self, result: Result) -> Iterator[Outcome]:
+        """Keep the rows of ``result``; yield the part files written."""
+        for rows, more in zip(self.rows, result.rows(), strict=True):
+            rows.extend(more)
+        if max(len(rows) for rows in self.rows) >= FLUSH_ROWS:
+            yield from self.close()
+
+    def close(self) -> Iterator[Outcome]:
+        """Write what is kept; yield the part files written."""
+        for distorted, rows in enumerate(self.rows):
+            folder = self.folders.distorted if distorted else self.folders.plain
+            if rows and folder is not None:
+                name = stage_part(folder, self.run, rows, self.folders.dim, self.folders.storage_options)
+                yield Outcome(-1, "", None, 0, name, bool(distorted))
+            rows.clear()
+
+
 def _extract(
-    items: Iterable[tuple[Task, bytes | None]],
+    tasks: Iterable[Task],
     model_bc: Broadcast[FeatureModel],
     need_bc: Broadcast[NeedFn],
+    folders: CacheFolders,
+    run: str,
     distortions: Distortions,
     batch_size: int,
-) -> Iterator[Result]:
-    """Prepare each ``(task, bytes)`` and run the network, ``batch_size`` inputs at a time."""
+) -> Iterator[Outcome]:
+    """One partition: read, decode and prepare its images in one thread, run the network in this one,
+    stage the rows; an outcome per image and per part file."""
     from pyspark import TaskContext
 
     context = TaskContext.get()
     model, need = model_bc.value, need_bc.value
-    network = _session_for(model, int(context.cpus()) if context is not None else 1)
-    chunk: list[Prepared] = []
-    for task, data in items:
-        chunk.append(prepare(task, data, need, model.preprocessing, distortions))
-        if sum(len(p.inputs) for p in chunk) >= batch_size:
-            yield from run_network(network, chunk, batch_size)
-            chunk = []
-    yield from run_network(network, chunk, batch_size)
-
-
-def _extract_rows(
-    rows: Iterable[Row], tasks_bc: Broadcast[dict[str, Task]], **kwargs: Any
-) -> Iterator[Result]:
-    """A partition of ``binaryFile`` rows (``path``, ``content``)."""
-    tasks = tasks_bc.value
-    return _extract(((tasks[path_key(r.path)], bytes(r.content)) for r in rows), **kwargs)
-
-
-def _extract_tasks(
-    tasks: Iterable[Task], storage_options: Mapping[str, Any] | None, **kwargs: Any
-) -> Iterator[Result]:
-    """A partition of tasks that read their own bytes (what Spark's listing does not return)."""
-    return _extract(((t, read_task(t, storage_options)) for t in tasks), **kwargs)
+    prepared = (
+        prepare(t, read_task(t, folders.storage_options), need, model.preprocessing, distortions)
+        for t in tasks
+    )
+    staging = _Staging(folders, run)
+    with prefetch(_network_batches(prepared, batch_size), PREFETCH_BATCHES) as ready:
+        network = _session_for(model, int(context.cpus()) if context is not None else 1)  # while it decodes
+        for chunk in ready:
+            for result in run_network(network, chunk, batch_size):
+                stored = int(result.plain is not None) + len(result.variants)
+                yield Outcome(result.task.index, result.content, result.error, stored)
+                yield from staging.add(result)
+    yield from staging.close()
 
 
 # -- the driver -------------------------------------------------------------------------------
-def _listed_by_spark(
-    spark: SparkSession, wave: list[Task], tasks_bc: Broadcast[dict[str, Task]], **kwargs: Any
-) -> RDD[Result]:
-    frame = (
-        spark.read.format("binaryFile")
-        .option("ignoreMissingFiles", "true")
-        .load([_GLOB_CHARS.sub(r"\\\1", hadoop_uri(t.url)) for t in wave])
-        .select("path", "content")
-    )
-    # few, large partitions: a Python task costs tens of ms before it does anything
-    slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * spark.sparkContext.defaultParallelism)
-    return frame.coalesce(max(1, slices)).rdd.mapPartitions(
-        functools.partial(_extract_rows, tasks_bc=tasks_bc, **kwargs)
-    )
-
-
-def _collect(rdd: RDD[Result]) -> list[Result]:
-    try:
-        return rdd.collect()
-    except Exception as exc:  # py4j / pyspark errors: a stage failed after Spark's retries
-        raise EngineError(f"the Spark job failed: {_reason(exc)}") from exc
-
-
-def _run_wave(
-    spark: SparkSession, wave: list[Task], storage_options: Mapping[str, Any] | None, **kwargs: Any
-) -> list[Result]:
-    """One Spark job over the ``binaryFile`` rows of ``wave``, then one over the tasks it did not
-    return (names Spark hides, empty files, files gone since the scan), which read their own bytes."""
-    from pyspark.errors import AnalysisException
-
-    sc = spark.sparkContext
-    listed = [t for t in wave if not hidden_from_spark(hadoop_uri(t.url))]
-    results: list[Result] = []
-    while listed:
-        tasks_bc = sc.broadcast({path_key(hadoop_uri(t.url)): t for t in listed})
-        try:
-            results = _collect(_listed_by_spark(spark, listed, tasks_bc, **kwargs))
-            break
-        except AnalysisException as exc:  # a file vanished between the scan and Spark's listing
-            gone = [t for t in listed if not storage.exists(t.url, storage_options)]
-            if not gone:
-                raise EngineError(f"Spark cannot read the images: {str(exc).splitlines()[0]}") from exc
-            listed = [t for t in listed if t not in gone]
-        finally:
-            tasks_bc.destroy()
-    seen = {r.task.index for r in results}
-    rest = [t for t in wave if t.index not in seen]
-    if rest:
-        own = sc.parallelize(rest, min(len(rest), sc.defaultParallelism)).mapPartitions(
-            functools.partial(_extract_tasks, storage_options=storage_options, **kwargs)
-        )
-        results += _collect(own)
-    return results
-
-
 def _reason(exc: BaseException) -> str:
     """The most telling line of a Spark failure (the Python exception of a failed task, if any)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     python = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln) and "py4j" not in ln]
     return (python[-1] if python else lines[0] if lines else exc.__class__.__name__)[:500]
+
+
+def _run_wave(
+    spark: SparkSession,
+    wave: list[Task],
+    folders: CacheFolders,
+    remote: CacheFolders,
+    run: str,
+    **kwargs: Any,
+) -> list[Result]:
+    """One Spark job over ``wave``, whose tasks write to ``remote`` (``folders`` as the executors
+    reach them); its part files committed to ``folders``; a result per task."""
+    sc = spark.sparkContext
+    slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * sc.defaultParallelism)
+    job = sc.parallelize(wave, max(1, slices)).mapPartitions(
+        functools.partial(_extract, folders=remote, run=run, **kwargs)
+    )
+    places = [
+        (folder, d) for d, folder in enumerate((folders.plain, folders.distorted)) if folder is not None
+    ]
+    try:
+        outcomes: list[Outcome] = job.collect()
+    except Exception as exc:  # py4j / pyspark errors: a stage failed after Spark's retries
+        for folder, _ in places:
+            discard(folder, run, folders.storage_options)
+        raise EngineError(f"the Spark job failed: {_reason(exc)}") from exc
+    for folder, distorted in places:
+        names = [o.part for o in outcomes if o.part is not None and o.distorted == bool(distorted)]
+        commit(folder, run, names, folders.storage_options)
+    by_index = {t.index: t for t in wave}
+    return [
+        Result(by_index[o.index], o.content, error=o.error, stored=o.stored) for o in outcomes if o.index >= 0
+    ]
 
 
 class SparkEngine(Engine):
@@ -336,6 +383,7 @@ class SparkEngine(Engine):
     """
 
     name = "spark"
+    writes_cache = True
 
     def __init__(
         self,
@@ -379,34 +427,55 @@ class SparkEngine(Engine):
         need: NeedTest,
         distortions: Distortions = NO_DISTORTIONS,
         progress: Callable[[int], None] | None = None,
+        cache: CacheFolders | None = None,
     ) -> Iterator[Result]:
         """One Spark job per wave of images (see the module doc); ``progress`` after each wave.
 
         Raises:
-            UsageError: an image URL no Hadoop FileSystem reads.
+            UsageError: an image URL the executors cannot reach, or no ``cache`` given.
             EngineError: a stage failed after Spark's retries.
         """
+        if cache is None:
+            raise UsageError(
+                "the Spark engine writes the bottleneck cache itself: pass cache=CacheFolders(...)"
+            )
         if tasks:
-            hadoop_uri(tasks[0].url)  # a scheme Spark cannot read is refused before any job
+            check_url(tasks[0].url)  # refused before any job
         spark = self.spark()
-        sc = spark.sparkContext
         if "spark.kerberos.principal" in self.cluster:
             log.info("Spark reads the images as %s", hadoop_user(spark))
+        yield from self._waves(spark, tasks, model, need, distortions, progress, cache)
+
+    def _waves(
+        self,
+        spark: SparkSession,
+        tasks: Sequence[Task],
+        model: FeatureModel,
+        need: NeedTest,
+        distortions: Distortions,
+        progress: Callable[[int], None] | None,
+        folders: CacheFolders,
+    ) -> Iterator[Result]:
+        sc = spark.sparkContext
+        remote = dataclasses.replace(
+            folders, storage_options=executor_options(folders.storage_options, sc.master, self.cluster)
+        )
+        for folder in (folders.plain, folders.distorted):
+            if folder is not None:
+                discard_stale(folder, STALE_STAGING_S, folders.storage_options)
         model_bc, need_bc = sc.broadcast(model), sc.broadcast(need.portable())
         wave_size = max(WAVE_MIN, WAVE_PER_CORE * sc.defaultParallelism)
-        done = 0
+        run, done = new_run(), 0
         try:
             it = iter(tasks)
-            while wave := list(itertools.islice(it, wave_size)):
+            for number in itertools.count():
+                wave = list(itertools.islice(it, wave_size))
+                if not wave:
+                    break
                 yield from _run_wave(
-                    spark,
-                    wave,
-                    self.storage_options,
-                    model_bc=model_bc,
-                    need_bc=need_bc,
-                    distortions=distortions,
-                    batch_size=self.batch_size,
-                )
+                    spark, wave, folders, remote, f"{run}-{number}", model_bc=model_bc, need_bc=need_bc,
+                    distortions=distortions, batch_size=self.batch_size,
+                )  # fmt: skip
                 done += len(wave)
                 if progress is not None:
                     progress(done)
