@@ -10,7 +10,11 @@ import contextlib
 import functools
 import http.server
 import io
+import re
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +74,66 @@ def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", **kwargs)
     return buf.getvalue()
+
+
+class ServeProcess:
+    """``lastlayer serve`` in a child process: its stderr lines, and its base URL once it is ready."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None, timeout: float) -> None:
+        self.timeout = timeout
+        self.process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        started = threading.Event()
+
+        def read() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if "Serving at" in line:
+                    started.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert started.wait(timeout), self.text
+        found = re.search(r"Serving at (http://127\.0\.0\.1:\d+)/", self.text)
+        assert found is not None, self.text
+        self.base = found.group(1)
+        self._wait_ready()
+
+    @property
+    def text(self) -> str:
+        """Everything it wrote to stderr so far."""
+        return "".join(self.lines)
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        with httpx.Client(timeout=self.timeout) as client:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.base}/v2/health/ready").status_code == 200:
+                        return
+                assert time.monotonic() < deadline, self.text
+                time.sleep(0.1)
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a person stops it; its exit code (killed if it does not stop in time)."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(self.timeout)
+
+
+@contextlib.contextmanager
+def serving(
+    argv: list[str], env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[ServeProcess]:
+    """Run ``argv`` (a ``lastlayer serve`` command) while the block runs; stopped with Ctrl-C after it."""
+    server = ServeProcess(argv, env, timeout)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.interrupt()

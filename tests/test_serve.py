@@ -8,10 +8,7 @@ import base64
 import contextlib
 import io
 import json
-import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +22,7 @@ import pytest
 from PIL import Image
 
 from browser import WAIT_S, chrome, console_errors, full_page_screenshot
-from helpers import jpeg_bytes, shape_image
+from helpers import jpeg_bytes, serving, shape_image
 from lastlayer import pipeline, serve
 from lastlayer.cli import main
 from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
@@ -276,42 +273,13 @@ def test_a_body_that_does_not_arrive_is_a_408(models):
 
 
 def test_the_command_serves_until_interrupted(graph, tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lastlayer", "serve", f"--graph=shapes2={graph}", "--port=0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in process.stderr:
-            lines.append(line)
-            if "Serving at" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert found.wait(START_S), "".join(lines)
-        base = re.search(r"Serving at (http://127\.0\.0\.1:\d+)/", "".join(lines)).group(1)
-        deadline = time.monotonic() + START_S
-        with httpx.Client(timeout=REQUEST_S) as client:
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{base}/v2/health/ready").status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "".join(lines)
-                time.sleep(0.1)
-            reply = client.post(f"{base}/v1/models/shapes2:classify", content=shape_jpeg("stripes"))
-            assert reply.json()["labels"][0]["label"] == "green stripes"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(START_S) in (0, 130)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(START_S)
-    text = "".join(lines)
-    assert f"{base}/v1/models/shapes2:classify" in text and "Application shutdown complete" in text
+    argv = [sys.executable, "-m", "lastlayer", "serve", f"--graph=shapes2={graph}", "--port=0"]
+    with serving(argv, timeout=START_S) as server, httpx.Client(timeout=REQUEST_S) as client:
+        reply = client.post(f"{server.base}/v1/models/shapes2:classify", content=shape_jpeg("stripes"))
+        assert reply.json()["labels"][0]["label"] == "green stripes"
+        assert server.interrupt() in (0, 130)
+    assert f"{server.base}/v1/models/shapes2:classify" in server.text
+    assert "Application shutdown complete" in server.text
 
 
 def test_command_line_mistakes_are_one_line_errors(graph, capsys):

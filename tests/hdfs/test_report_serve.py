@@ -4,22 +4,16 @@ from hdfs:// by `lastlayer serve`, each as the `tensorflow` principal from its k
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
-import time
 
 import fsspec
 import httpx
 import numpy as np
 import pytest
 
-from helpers import jpeg_bytes, shape_image
+from helpers import jpeg_bytes, serving, shape_image
 from lastlayer import storage
 from test_report import SECTIONS, confusable
 
@@ -88,37 +82,8 @@ def test_lastlayer_report_rebuilds_it_on_hdfs(secure_hdfs, trained_on_hdfs, read
 def test_lastlayer_serve_serves_a_model_from_hdfs(secure_hdfs, trained_on_hdfs):
     argv = [sys.executable, "-m", "lastlayer", "serve", f"--graph=hdfs://{BASE}/out/model.onnx", "--port=0"]
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    process = subprocess.Popen(
-        [*argv, *principal_flags(secure_hdfs, "tensorflow")], env=env, stderr=subprocess.PIPE, text=True
-    )
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        for line in process.stderr:
-            lines.append(line)
-            if "Serving at" in line:
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert started.wait(START_S), "".join(lines)
-        base = re.search(r"Serving at (http://127\.0\.0\.1:\d+)/", "".join(lines)).group(1)
-        image = jpeg_bytes(shape_image("square", np.random.default_rng(1)))
-        deadline = time.monotonic() + START_S
-        with httpx.Client(timeout=30) as client:
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{base}/v2/health/ready").status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "".join(lines)
-                time.sleep(0.1)
-            reply = client.post(f"{base}/v1/models/model:classify", content=image)
-        assert reply.status_code == 200 and reply.json()["labels"][0]["label"] == "blue squares"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(START_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(START_S)
+    image = jpeg_bytes(shape_image("square", np.random.default_rng(1)))
+    argv += principal_flags(secure_hdfs, "tensorflow")
+    with serving(argv, env, START_S) as server, httpx.Client(timeout=30) as client:
+        reply = client.post(f"{server.base}/v1/models/model:classify", content=image)
+    assert reply.status_code == 200 and reply.json()["labels"][0]["label"] == "blue squares"
