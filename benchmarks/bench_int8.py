@@ -42,7 +42,7 @@ from lastlayer.export import build_classifier
 from lastlayer.features import compute_bottlenecks
 from lastlayer.preprocess import decode
 from lastlayer.train import Classifier, TrainConfig, train
-from lastlayer.zoo import ZOO, load_feature_model
+from lastlayer.zoo import ZOO, Backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def cross_validate(
 
 def exported_size(model, classes: int = 5) -> int:
     clf = Classifier(np.zeros((model.feature_size, classes), np.float32), np.zeros(classes, np.float32))
-    return len(build_classifier(model, clf, [f"class {i}" for i in range(classes)]))
+    return len(build_classifier(Backbones((model,)), clf, [f"class {i}" for i in range(classes)]))
 
 
 def spread(values: list[float]) -> str:
