@@ -3,6 +3,7 @@ evaluate, export and summarize; and the run summary's shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,6 @@ from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingCo
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.engines.base import Engine, NeedTest, Result, Task
 from lastlayer.errors import DataError, UsageError
-from lastlayer.features import Bottlenecks
 from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
 from lastlayer.summary import RunSummary, ShardResult
@@ -92,7 +92,7 @@ def test_scan_and_extract_stages_cache_what_the_engine_computed(tmp_path, tiny_m
     assert "Bottlenecks: 30 computed, 0 from the cache, 0 skipped" in caplog.text
     again = pipeline.extract(images, tiny_model, run, engine, None)
     assert again.computed == 0 and again.reused == 30 and len(engine.asked) == 30
-    assert np.array_equal(again.plain[again.rows], first.plain[first.rows])
+    assert np.array_equal(again.read(np.arange(30)), first.read(np.arange(30)))
 
 
 def test_a_worker_computes_its_shard_and_worker_0_gives_up_waiting_after_its_limit(tmp_path, tiny_model):
@@ -125,10 +125,10 @@ def stage_inputs(tmp_path, tiny_model, per_class=10, **training):
 def test_training_data_needs_every_class_in_the_training_split(tmp_path, tiny_model):
     _run, images, data = stage_inputs(tmp_path, tiny_model)
     assert sum(len(v) for v in data.index.values()) == 30
-    assert data.x(TRAINING).shape == (len(data.index[TRAINING]), DIM)
-    rows = data.bottlenecks.rows.copy()
-    rows[[f.label_index == 2 for f in images.files]] = -1  # every image of one class unusable
-    broken = Bottlenecks(data.bottlenecks.plain, rows, None, None, [], 0, 0, 0)
+    assert data.bottlenecks.read(data.index[TRAINING]).shape == (len(data.index[TRAINING]), DIM)
+    usable = data.bottlenecks.usable.copy()
+    usable[[f.label_index == 2 for f in images.files]] = False  # every image of one class unusable
+    broken = dataclasses.replace(data.bottlenecks, usable=usable)
     with pytest.raises(DataError, match=r"class\(es\) 'green stripes' have no usable training images"):
         pipeline.TrainingData.of(images, broken)
 
