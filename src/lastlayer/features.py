@@ -394,7 +394,8 @@ def _assemble(
     variant_images, variant_locations = _variants(distorted, need, contents, wanting)
     where, found = plain.locations(contents.keys)
     lost = np.where(distorting, wanting & (np.bincount(variant_images, minlength=len(training)) == 0), ~found)
-    skipped_at = np.flatnonzero(~pending & ~idle & (~contents.known | failed | lost))
+    # an image known to be unusable stays skipped when training no longer draws it
+    skipped_at = np.flatnonzero(~pending & (failed | (~idle & (~contents.known | lost))))
     skipped: list[tuple[str, str]] = []
     for i, f in zip(skipped_at.tolist(), images.files.at(skipped_at), strict=True):
         content = contents[i]  # (lost: only when a file vanished while the run read the cache)
