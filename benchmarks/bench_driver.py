@@ -4,13 +4,12 @@
 
 For each size N, in a fresh process, on a synthetic listing (N names in ``--classes`` class folders,
 listed a page at a time as hdfs-native lists HDFS; no files exist) and a warm cache of those N images
-(plain features and ``--variants`` distorted variants, feature size 1 so that the feature matrices,
-which the driver does not need to hold, weigh almost nothing), measures with ``tracemalloc`` (numpy
-included) plus Arrow's allocator:
+(plain features and ``--variants`` distorted variants, feature size 1; the driver holds no features),
+measures with ``tracemalloc`` (numpy included) plus Arrow's allocator:
 
 * **listing**: the :class:`~lastlayer.dataset.ImageSet` kept after the scan, and the scan's peak;
-* **cache keys**: the two :class:`~lastlayer.cache.FeatureStore` s' lookups (feature matrices taken
-  out), and their peak while loading;
+* **cache keys**: the two :class:`~lastlayer.cache.FeatureStore` s' lookups (keys and locations),
+  and their peak while loading;
 * **plan**: what :func:`~lastlayer.features.compute_bottlenecks` keeps while the engine runs: each
   image's content key, the tasks, the pending mask (warm: nothing to compute; cold: an empty cache,
   every image a task);
@@ -128,6 +127,7 @@ def write(folder: Path, keys: list[str], variants: list[int], rel: list[str], st
             "stamp": stamps,
             "feature": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(len(keys), np.float32)), 1),
             "error": pa.nulls(len(keys), pa.string()),
+            "has_feature": pa.array(np.ones(len(keys), bool)),
         },
         schema=part_schema(1),
     )
@@ -163,7 +163,6 @@ def child(n: int, classes: int, variants: int) -> dict[str, float]:
             return FeatureStore(tmp, 1), FeatureStore(str(Path(tmp) / distortion_key(DISTORT)), 1)
 
         (plain, distorted), keys, keys_peak = held(load)
-        keys -= plain.features.nbytes + distorted.features.nbytes
         need = CacheNeed(plain, distorted, variants)
         (warm, _, _), plan, plan_peak = held(lambda: features._plan(images, plain, need, (0, 1)))
         assert len(warm) == 0

@@ -67,7 +67,7 @@ def end_to_end(images, model, engine, work: Path) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     found = compute_bottlenecks(images, model, str(work), engine)
     seconds = time.perf_counter() - start
-    return found.computed / seconds, found.plain[found.rows]
+    return found.computed / seconds, found.read(np.flatnonzero(found.usable))
 
 
 def main() -> int:

@@ -65,7 +65,8 @@ def cache_benchmark(cluster, n: int) -> None:
     start = time.perf_counter()
     loaded = FeatureStore(f"{base}/parquet", DIM)
     parquet_load = time.perf_counter() - start
-    assert len(loaded) == n and np.array_equal(loaded.features[loaded.row(keys[7])], features[7])
+    found = loaded.source().rows(np.array([loaded.location(keys[7])]))[0]
+    assert len(loaded) == n and np.array_equal(found, features[7])
 
     start = time.perf_counter()
     fs.makedirs("/bench/text/c", exist_ok=True)

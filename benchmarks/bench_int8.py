@@ -73,8 +73,8 @@ def end_to_end(images, model, work: Path) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     found = compute_bottlenecks(images, model, str(work), LocalEngine())
     seconds = time.perf_counter() - start
-    assert found.computed == len(images.files) and (found.rows >= 0).all()
-    return found.computed / seconds, found.plain[found.rows]
+    assert found.computed == len(images.files) and found.usable.all()
+    return found.computed / seconds, found.read(np.arange(len(images.files)))
 
 
 def folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:

@@ -56,49 +56,49 @@ HEADS = {
     "standardized": (True, False),
 }
 
-Fit = Callable[[pipeline.TrainingData, int], np.ndarray]
+#: (training features, training classes, test features, classes) -> predicted classes of the test features
+Fit = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def fold_confusions(
-    data: pipeline.TrainingData, n_classes: int, k: int, seed: int, fit: Fit
+    x: np.ndarray, truth: np.ndarray, n_classes: int, k: int, seed: int, fit: Fit
 ) -> list[np.ndarray]:
     """One confusion matrix per fold of a stratified K-fold split of every usable image."""
-    positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
-    truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
     fold_of = folds(truth, k, seed)
     out = []
     for f in range(k):
-        part = data.fold(positions[fold_of != f], positions[fold_of == f])
-        out.append(confusion_matrix(part.labels[TESTING], fit(part, n_classes), n_classes))
+        train_at, test_at = fold_of != f, fold_of == f
+        predicted = fit(x[train_at], truth[train_at], x[test_at], n_classes)
+        out.append(confusion_matrix(truth[test_at], predicted, n_classes))
     return out
 
 
 def head(standardize: bool, balance: bool, steps: int, seed: int) -> Fit:
     """Train on a fold's training split as ``retrain`` does, with or without standardization."""
 
-    def fit(part: pipeline.TrainingData, n_classes: int) -> np.ndarray:
-        x = part.x(TRAINING)
+    def fit(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, n_classes: int) -> np.ndarray:
         config = TrainConfig(steps=steps, seed=seed, balance_classes=balance, log_steps=False)
         scaler = Standardizer.of(x) if standardize else None
         clf = train(
-            part.sampler(),
-            part.labels[TRAINING],
-            x[:0],
-            part.labels[TRAINING][:0],
+            lambda pos, _rng: x[pos],
+            y,
+            lambda pos: x[:0],
+            y[:0],
             x.shape[1],
             n_classes,
             config,
             standardizer=scaler,
         )
-        return clf.predict(part.x(TESTING))
+        return clf.predict(test_x)
 
     return fit
 
 
 def features(
     images_dir: Path, architecture: str, bottleneck_dir: str, model_dir: str, blocks: bool
-) -> tuple[pipeline.TrainingData, int]:
-    """The cached (else computed) features of every image, as the run's training data."""
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The cached (else computed) features of every usable image (``float32 [n, D]``, read at once:
+    the sets here are small), their classes, and the number of classes."""
     images = scan(str(images_dir), 10, 10)
     models = load_backbones(architecture, model_dir, block_features=blocks)
     run = pipeline.Run(
@@ -112,7 +112,10 @@ def features(
     )
     with LocalEngine() as engine:
         bottlenecks = pipeline.extract(images, models, run, engine, None)
-    return pipeline.TrainingData.of(images, bottlenecks), len(images.labels)
+    data = pipeline.TrainingData.of(images, bottlenecks)
+    positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
+    truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
+    return bottlenecks.read(positions), truth, len(images.labels)
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -122,7 +125,7 @@ def accuracy(args: argparse.Namespace) -> None:
         print("|---|---|---|---|---|---|")
         base: np.ndarray | None = None
         for architecture in args.architectures:
-            data, n_classes = features(
+            x, truth, n_classes = features(
                 images_dir, architecture, args.bottleneck_dir, args.model_dir, args.block_features
             )
             for name in args.heads:
@@ -131,13 +134,12 @@ def accuracy(args: argparse.Namespace) -> None:
                     c
                     for r in range(args.repeats)
                     for c in fold_confusions(
-                        data, n_classes, args.folds, r, head(standardize, balance, args.steps, r)
+                        x, truth, n_classes, args.folds, r, head(standardize, balance, args.steps, r)
                     )
                 ]
                 acc = np.array([np.trace(c) / c.sum() for c in confusions])
                 base = acc if base is None else base
                 d = (acc - base) * 100
-                truth = np.concatenate(list(data.labels.values()))
                 cv = CrossValidation.of(confusions, largest_share(truth, n_classes) or 0.0)
                 cells = [
                     f"{100 * s.mean:.1f} ± {100 * s.std:.1f}"

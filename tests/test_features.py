@@ -77,7 +77,7 @@ def test_rows_point_into_the_cache_and_errors_are_cached_and_skipped(tmp_path, m
     assert b.skipped == [("Red Circles/bad.jpg", "cannot decode (test)")]
     for i, f in enumerate(images.files):
         if "bad" not in f.relpath:
-            assert b.plain[b.rows[i]][0] == i
+            assert b.read(np.array([i]))[0][0] == i
     again_engine = Recorder()
     again = compute_bottlenecks(images, model, str(tmp_path / "c"), again_engine)
     assert again.computed == 0 and again.reused == 12 and not again_engine.needs  # nothing asked
@@ -92,8 +92,8 @@ def test_variants_are_asked_for_training_images_only_and_kept_per_distortion(tmp
     training = [f.relpath for f in images.files if f.split == "training"]
     assert {p for p, n in engine.needs.items() if n.variants == (0, 1, 2)} == set(training)
     assert all(n.variants == () for p, n in engine.needs.items() if p not in training)
-    rows = b.variant_rows[[i for i, f in enumerate(images.files) if f.split == "training"]]
-    assert (rows >= 0).all() and b.distorted[rows[0, 2]][0] >= 3000
+    start, count = b.variant_range(np.array([i for i, f in enumerate(images.files) if f.split == "training"]))
+    assert (count == 3).all() and b.read(len(images.files) + start[:1] + 2)[0][0] >= 3000
     folder = next((tmp_path / "c").iterdir()) / distortion_key(DISTORT)
     assert folder.is_dir()
     more = Recorder()
@@ -109,7 +109,7 @@ def test_shards_split_the_work_and_count_the_rest_as_pending(tmp_path, model):
     mine = [f for f in images.files if in_shard(f.relpath, (1, 3))]
     b = compute_bottlenecks(images, model, str(tmp_path / "c"), Recorder(), shard=(1, 3))
     assert b.computed == len(mine) and b.pending == 18 - len(mine)
-    assert int((b.rows >= 0).sum()) == len(mine)
+    assert int(b.usable.sum()) == int((b.plain >= 0).sum()) == len(mine)
 
 
 def test_a_vanished_file_is_skipped_with_its_reason(tmp_path, model):

@@ -3,12 +3,15 @@ evaluate, export and summarize; and the run summary's shape."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import make_dataset
@@ -17,7 +20,6 @@ from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingCo
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.engines.base import Engine, NeedTest, Result, Task
 from lastlayer.errors import DataError, UsageError
-from lastlayer.features import Bottlenecks
 from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
 from lastlayer.summary import RunSummary, ShardResult
@@ -92,7 +94,7 @@ def test_scan_and_extract_stages_cache_what_the_engine_computed(tmp_path, tiny_m
     assert "Bottlenecks: 30 computed, 0 from the cache, 0 skipped" in caplog.text
     again = pipeline.extract(images, tiny_model, run, engine, None)
     assert again.computed == 0 and again.reused == 30 and len(engine.asked) == 30
-    assert np.array_equal(again.plain[again.rows], first.plain[first.rows])
+    assert np.array_equal(again.read(np.arange(30)), first.read(np.arange(30)))
 
 
 def test_a_worker_computes_its_shard_and_worker_0_gives_up_waiting_after_its_limit(tmp_path, tiny_model):
@@ -125,10 +127,10 @@ def stage_inputs(tmp_path, tiny_model, per_class=10, **training):
 def test_training_data_needs_every_class_in_the_training_split(tmp_path, tiny_model):
     _run, images, data = stage_inputs(tmp_path, tiny_model)
     assert sum(len(v) for v in data.index.values()) == 30
-    assert data.x(TRAINING).shape == (len(data.index[TRAINING]), DIM)
-    rows = data.bottlenecks.rows.copy()
-    rows[[f.label_index == 2 for f in images.files]] = -1  # every image of one class unusable
-    broken = Bottlenecks(data.bottlenecks.plain, rows, None, None, [], 0, 0, 0)
+    assert data.bottlenecks.read(data.index[TRAINING]).shape == (len(data.index[TRAINING]), DIM)
+    usable = data.bottlenecks.usable.copy()
+    usable[[f.label_index == 2 for f in images.files]] = False  # every image of one class unusable
+    broken = dataclasses.replace(data.bottlenecks, usable=usable)
     with pytest.raises(DataError, match=r"class\(es\) 'green stripes' have no usable training images"):
         pipeline.TrainingData.of(images, broken)
 
@@ -286,3 +288,31 @@ def test_a_run_that_diverges_fails_and_writes_no_model(tmp_path, shapes_dir, mod
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lastlayer: error: training diverged") and "lower --learning_rate" in err[-1]
     assert not (out / "g.onnx").exists()
+
+
+def test_a_part_found_damaged_when_streamed_sends_its_images_back_to_extraction(
+    tmp_path, tiny_model, monkeypatch, caplog
+):
+    from lastlayer import cache
+
+    monkeypatch.setattr(cache, "WHOLE_READ_BYTES", 0)  # keys load from their columns alone
+    data = make_dataset(tmp_path / "data", per_class=10)
+    run = run_for(tmp_path, data)
+    images = pipeline.scan_images(str(data), run.training, None)
+    engine = ClassFeatures()
+    pipeline.extract(images, tiny_model, run, engine, None)
+    (part,) = (tmp_path / "cache").rglob("part-*")
+    metadata = pq.read_metadata(part).row_group(0).column(cache.part_schema(DIM).names.index("feature"))
+    data_bytes = bytearray(part.read_bytes())
+    data_bytes[metadata.data_page_offset + metadata.total_compressed_size // 2] ^= 0xFF
+    part.write_bytes(bytes(data_bytes))
+    bottlenecks = pipeline.extract(images, tiny_model, run, engine, None)
+    assert bottlenecks.computed == 0 and bottlenecks.damaged_files == 0  # its keys still load
+    with caplog.at_level(logging.WARNING):
+        loaded = pipeline.load(images, tiny_model, run, engine, bottlenecks, None, 3)
+    assert "damaged bottleneck cache file" in caplog.text
+    assert hashlib.sha256(part.read_bytes()).hexdigest() in part.name  # written again, whole
+    assert loaded.bottlenecks.computed == 30 and loaded.bottlenecks.damaged_files == 1
+    clf, _ = pipeline.fit(loaded, tiny_model, images.labels, run, seed=3)
+    assert pipeline.evaluate(clf, loaded, images, -1, 3, run.outputs).accuracy_all[TRAINING] == 1.0
+    loaded.close()

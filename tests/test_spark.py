@@ -79,14 +79,13 @@ def test_features_and_skipped_images_equal_the_local_engine_s(engines, odd_dir, 
     assert remote.skipped == local.skipped and len(local.skipped) == 3
     # the executors see the cache as it was, so the two copies of one image are both computed there
     assert remote.computed == local.computed + 2 and remote.computed + remote.reused == 27
-    assert np.array_equal(remote.rows >= 0, local.rows >= 0)
-    used = local.rows >= 0
-    assert np.abs(remote.plain[remote.rows[used]] - local.plain[local.rows[used]]).max() <= 1e-5
-    training = local.variant_rows[:, 0] >= 0
-    assert training.sum() > 10
-    a = remote.distorted[remote.variant_rows[training]]
-    b = local.distorted[local.variant_rows[training]]
-    assert np.abs(a - b).max() <= 1e-5
+    assert np.array_equal(remote.usable, local.usable) and np.array_equal(remote.plain >= 0, local.plain >= 0)
+    used = np.flatnonzero(local.plain[:, 0] >= 0)  # (validation and test: training images have variants)
+    assert np.abs(remote.read(used) - local.read(used)).max() <= 1e-5
+    assert np.array_equal(remote.variant_images, local.variant_images)
+    assert len(np.unique(local.variant_images)) > 10
+    variants = len(images.files) + np.arange(len(local.variant_images))
+    assert np.abs(remote.read(variants) - local.read(variants)).max() <= 1e-5
 
 
 def retrain_argv(tmp: Path, image_dir: Path, model_dir: Path, *extra: str) -> list[str]:
@@ -124,7 +123,7 @@ def test_one_engine_resumes_from_the_other_s_cache(engines, model, tmp_path):
     assert rest.computed == 18 - half.computed and rest.reused == half.computed
     again = compute_bottlenecks(images, model, cache, engines["local"])
     assert again.computed == 0 and again.reused == 18
-    assert np.array_equal(again.plain[again.rows], rest.plain[rest.rows])
+    assert np.array_equal(again.read(np.arange(18)), rest.read(np.arange(18)))
 
 
 def test_a_damaged_file_the_executors_wrote_is_detected_and_recomputed(engines, model, tmp_path):
@@ -179,7 +178,9 @@ def test_a_retried_task_adds_no_duplicate_rows(engines, model, tmp_path, monkeyp
     (dist,) = root.glob("distorted-*")
     variants = parquet_rows(dist)
     assert len(plain) == len(set(plain)) == 36
-    assert len(variants) == len(set(variants)) == 2 * int((b.variant_rows[:, 0] >= 0).sum())
+    assert (
+        len(variants) == len(set(variants)) == len(b.variant_images) == 2 * len(np.unique(b.variant_images))
+    )
     written = {p.name for folder in (root, dist) for p in folder.iterdir()}
     assert not failed & written  # the failed attempts' files never reached the cache
     assert not list(root.rglob("_staging/*")) and not list(dist.rglob("_staging/*"))

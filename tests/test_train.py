@@ -26,7 +26,7 @@ def run(seed: int, steps: int = 200, **kw):
     clf = train(
         lambda pos, _rng: x[pos],
         y,
-        vx,
+        lambda pos: vx[pos],
         vy,
         8,
         3,

@@ -2,18 +2,33 @@
 
 Layout under ``bottleneck_dir``::
 
-    <model key>/part-<sha256 of the file>.parquet                  plain features
-    <model key>/distorted-<distortion key>/part-<sha256>.parquet   distorted variants
-    <folder>/_staging/<run>/part-<sha256>.parquet                  written by Spark tasks, not yet committed
+    <model key>/part-<sha256 of the file>.v2.parquet                 plain features
+    <model key>/distorted-<distortion key>/part-<sha256>.v2.parquet  distorted variants
+    <folder>/_staging/<run>/part-<sha256>.v2.parquet                 written by Spark tasks, uncommitted
 
 A row is keyed by the SHA-256 of the image bytes (``content``) and a ``variant`` number (0 for plain
 features); ``path`` and ``stamp`` (size and mtime as listed) let a warm run find an image's content
 key without reading it. An image that cannot be decoded is cached too, with its ``error``, so it
-is reported on every run but decoded once. Each file is named by the hash of its own bytes: a file
-whose bytes do not match its name, or that does not parse, is reported, removed and its images are
-computed again. Files are written atomically, one per ``flush_rows`` new rows or ``flush_seconds``
-of work (whichever comes first, so a killed run keeps most of its work), never one per image
-(the small-files problem on HDFS), and small ones are merged when they grow numerous.
+is reported on every run but decoded once. Files are written atomically, one per ``flush_rows`` new
+rows or ``flush_seconds`` of work (whichever comes first, so a killed run keeps most of its work),
+never one per image (the small-files problem on HDFS), and small ones are merged when they grow
+numerous.
+
+**No feature matrix in memory.** A store loads only the keys of its files (every column but
+``feature``; ``has_feature`` says which rows have one), so its memory does not grow with the feature
+size; an image's features are found by their *location*, the part's number in the store and the row
+in it packed in an int64 (:func:`pack`), and read a part at a time by a :class:`FeatureSource`.
+
+**Damage.** Each file is named by the SHA-256 of its own bytes, and its pages carry CRC checksums. A
+small file (up to :data:`WHOLE_READ_BYTES`) is read whole when its keys are loaded and checked against
+its name; of a larger one only the key columns are read, their pages checked, and the whole file is
+checked against its name when its features are first streamed (:meth:`FeatureSource.read`). A file
+found damaged either way is reported and removed, and its images are computed again.
+
+**Formats.** Files written since the feature matrix left memory are ``part-<sha256>.v2.parquet``
+with the ``has_feature`` column and page checksums; the older ``part-<sha256>.parquet`` files (no
+``has_feature``) are still read (whole, when their keys are loaded) and merged into new ones when
+compacted. Versions before this one ignore ``.v2`` files instead of taking them for damaged ones.
 
 Engines that compute on other machines write there: each task writes its rows as part files into
 a staging folder of its run (:func:`stage_part`), and the driver moves the files of the one
@@ -21,8 +36,8 @@ successful attempt of each task into place and removes the staging folder with w
 speculative attempts left in it (:func:`commit`), so a retried task never adds a row twice.
 
 In memory a store keeps no Python object per row: its keys are sorted arrays of 16-byte digests
-(:func:`key_digests`), its stamps 16-byte digests of path and stamp (:func:`stamp_digests`) next
-to 32-byte content keys.
+(:func:`key_digests`) with their locations, its stamps 16-byte digests of path and stamp
+(:func:`stamp_digests`) next to 32-byte content keys.
 """
 
 from __future__ import annotations
@@ -41,13 +56,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lastlayer import storage
 
 log = logging.getLogger(__name__)
 
-PART_RE = re.compile(r"^part-([0-9a-f]{64})\.parquet$")
+#: A part file's name: the SHA-256 of its bytes, ``.v2`` for the current format (see the module doc).
+PART_RE = re.compile(r"^part-([0-9a-f]{64})(\.v2)?\.parquet$")
 #: More *small* part files (fewer rows than :data:`SMALL_PART_ROWS`) than this in one folder are
 #: merged into files of about :data:`FLUSH_ROWS` rows at the end of a run. Larger parts (a Spark
 #: task's, of about a thousand rows, 5 MB of features) are left alone: merging them would only read
@@ -63,6 +80,13 @@ LOAD_ATTEMPTS = 3
 STAGING = "_staging"
 #: Single additions kept in a dict before they are merged into a store's sorted arrays.
 RECENT_MAX = 65536
+#: A part file up to this size is read whole (one request, and its hash checked) when its keys are
+#: loaded; of a larger one only the key columns are read.
+WHOLE_READ_BYTES = 1 << 20
+#: Bits of a location (see :func:`pack`) that hold the row in its part.
+ROW_BITS = 32
+#: The columns of a part file that a store loads (all but ``feature``).
+KEY_COLUMNS = ("content", "variant", "path", "stamp", "error", "has_feature")
 
 #: A key digest (see :func:`key_digests`), a stamp digest and a content key, as numpy types.
 KEY = np.dtype("V16")
@@ -234,6 +258,12 @@ class DigestMap:
         at, found = _lookup(self.keys, digests)
         return self.values[at], found
 
+    def set_many(self, digests: np.ndarray, values: np.ndarray) -> None:
+        """Give the ``digests`` that are present these ``values`` (those absent are ignored)."""
+        self._merge()
+        at, found = _lookup(self.keys, digests)
+        self.values[at[found]] = np.asarray(values, self.values.dtype)[found]
+
     def _spill(self) -> None:
         if self._recent:
             keys = np.frombuffer(b"".join(self._recent), self.keys.dtype)
@@ -298,6 +328,10 @@ class CachedKeys:
         """Why this image could not be decoded, if that is what is cached."""
         return self.errors.get(content)
 
+    def failed_many(self, contents: np.ndarray) -> np.ndarray:
+        """``bool [n]``: which of the ``V32 [n]`` content keys have a cached decode error."""
+        return _errors_among(contents, self.errors)
+
     def keys(self) -> CachedKeys:
         """Itself: it is already a copy."""
         return self
@@ -347,18 +381,18 @@ class CacheFolders:
 
 
 # -- part files --------------------------------------------------------------------------------
-def part_schema(dim: int) -> pa.Schema:
-    """The columns of a part file with feature size ``dim``."""
-    return pa.schema(
-        [
-            ("content", pa.string()),
-            ("variant", pa.int32()),
-            ("path", pa.string()),
-            ("stamp", pa.string()),
-            ("feature", pa.list_(pa.float32(), dim)),
-            ("error", pa.string()),
-        ]
-    )
+def part_schema(dim: int, legacy: bool = False) -> pa.Schema:
+    """The columns of a part file with feature size ``dim`` (``legacy``: of the files written before
+    the ``has_feature`` column)."""
+    fields = [
+        ("content", pa.string()),
+        ("variant", pa.int32()),
+        ("path", pa.string()),
+        ("stamp", pa.string()),
+        ("feature", pa.list_(pa.float32(), dim)),
+        ("error", pa.string()),
+    ]
+    return pa.schema(fields if legacy else [*fields, ("has_feature", pa.bool_())])
 
 
 def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
@@ -366,15 +400,18 @@ def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
     features = np.stack(
         [np.zeros(dim, np.float32) if r.feature is None else r.feature.astype(np.float32) for r in rows]
     )
-    mask = pa.array([r.feature is None for r in rows], pa.bool_())
+    present = np.array([r.feature is not None for r in rows], bool)
     table = pa.table(
         {
             "content": [r.content for r in rows],
             "variant": pa.array([r.variant for r in rows], pa.int32()),
             "path": [r.path for r in rows],
             "stamp": [r.stamp for r in rows],
-            "feature": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim, mask=mask),
+            "feature": pa.FixedSizeListArray.from_arrays(
+                pa.array(features.reshape(-1)), dim, mask=pa.array(~present)
+            ),
             "error": [r.error for r in rows],
+            "has_feature": pa.array(present),
         },
         schema=part_schema(dim),
     )
@@ -383,9 +420,125 @@ def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
 
 def _encode_table(table: pa.Table) -> tuple[str, bytes]:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="none")  # features do not compress; reads stay fast
+    # features do not compress; reads stay fast. Page checksums let a reader of some columns trust them.
+    pq.write_table(table, sink, compression="none", write_page_checksum=True)
     data = sink.getvalue()
-    return f"part-{hashlib.sha256(data).hexdigest()}.parquet", data
+    return f"part-{hashlib.sha256(data).hexdigest()}.v2.parquet", data
+
+
+def _current(table: pa.Table) -> pa.Table:
+    """A part's table in the current format (a legacy table gains ``has_feature``)."""
+    if "has_feature" in table.column_names:
+        return table
+    return table.append_column("has_feature", pc.invert(table.column("feature").is_null()))
+
+
+def _parse(data: bytes, dim: int, columns: Sequence[str] | None = None) -> pa.Table | None:
+    """The table (``columns`` of it) of a part file's bytes, in the current format; ``None`` when the
+    bytes are not a part file of feature size ``dim``."""
+    try:
+        # one thread: Arrow's reader threads can outlive the interpreter and abort the process at
+        # exit (apache/arrow#34314: 8 of 30 short runs of a cache writer died with SIGABRT)
+        parquet = pq.ParquetFile(io.BytesIO(data), page_checksum_verification=True, pre_buffer=False)
+        if parquet.schema_arrow not in (part_schema(dim), part_schema(dim, legacy=True)):
+            return None
+        if columns is not None and "has_feature" in parquet.schema_arrow.names:
+            return parquet.read(columns=list(columns), use_threads=False)
+        table = _current(parquet.read(use_threads=False))
+    except (pa.ArrowException, OSError):
+        return None
+    return table if columns is None else table.select(list(columns))
+
+
+def pack(parts: np.ndarray | int, rows: np.ndarray | int) -> np.ndarray:
+    """``int64``: the locations of ``rows`` of the store's parts numbered ``parts``."""
+    return (np.asarray(parts, np.int64) << ROW_BITS) | np.asarray(rows, np.int64)
+
+
+def unpack(locations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The parts and rows of ``locations`` (``int64``)."""
+    return locations >> ROW_BITS, locations & ((1 << ROW_BITS) - 1)
+
+
+class UnreadablePart(Exception):
+    """A part file that a :class:`FeatureSource` could not read.
+
+    Attributes:
+        url: the file.
+        vanished: whether it is gone (another process merged it) rather than damaged.
+    """
+
+    def __init__(self, url: str, vanished: bool) -> None:
+        super().__init__(f"{url}: {'gone' if vanished else 'damaged'}")
+        self.url, self.vanished = url, vanished
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where the features of a store's rows are: its folder and its part files by number. Picklable,
+    a few bytes per part; reads one part at a time.
+
+    Attributes:
+        url: the cache folder.
+        dim: feature size D.
+        names: each part's file name, by its number in locations (``None``: merged into another).
+        storage_options: for the folder.
+    """
+
+    url: str
+    dim: int
+    names: tuple[str | None, ...]
+    storage_options: Mapping[str, Any] | None = None
+
+    def read(self, part: int, verify: bool = False) -> np.ndarray:
+        """``float32 [rows, D]``: the features of every row of part ``part`` (zeros where a row has
+        none). The file's pages are checked against their checksums, and with ``verify`` its bytes
+        against its name.
+
+        Raises:
+            UnreadablePart: the file is gone or damaged.
+            StorageError: it cannot be read (storage down, no permission).
+        """
+        name = self.names[part]
+        url = storage.join(self.url, name or "")
+        fs, path = storage.url_to_fs(url, self.storage_options)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise UnreadablePart(url, vanished=True) from exc
+        except Exception as exc:
+            raise storage.describe(exc, url, "read the bottleneck cache file") from exc
+        match = PART_RE.match(name or "")
+        if match is None or (verify and hashlib.sha256(data).hexdigest() != match.group(1)):
+            raise UnreadablePart(url, vanished=False)
+        table = _parse(data, self.dim, ["feature"])
+        del data
+        if table is None:
+            raise UnreadablePart(url, vanished=False)
+        feats = table.column("feature").combine_chunks()
+        values = feats.values.to_numpy(zero_copy_only=False) if len(feats) else np.zeros(0, np.float32)
+        return np.asarray(values, np.float32).reshape(-1, self.dim)
+
+    def rows(self, locations: np.ndarray) -> np.ndarray:
+        """``float32 [n, D]``: the features at ``locations``, read a part at a time."""
+        out = np.zeros((len(locations), self.dim), np.float32)
+        parts, rows = unpack(locations)
+        for part in np.unique(parts).tolist():
+            at = np.flatnonzero(parts == part)
+            out[at] = self.read(part)[rows[at]]
+        return out
+
+
+def remove_damaged(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Report and remove the damaged part file ``url`` (its images are computed again)."""
+    log.warning("damaged bottleneck cache file %s: ignored and removed; its images are computed again", url)
+    fs, path = storage.url_to_fs(url, storage_options)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.warning("could not remove %s: %s", url, exc)
 
 
 def new_run() -> str:
@@ -443,12 +596,12 @@ def discard_stale(folder: str, older_than_s: float, storage_options: Any = None)
 # -- the store ---------------------------------------------------------------------------------
 @dataclass
 class FeatureStore:
-    """The rows of one cache folder, loaded in memory, plus the rows added since loading.
+    """The keys of one cache folder's rows, loaded in memory, plus the rows added since loading; the
+    features stay in the files (:meth:`source` reads them).
 
     Attributes:
         url: the cache folder.
         dim: feature size D.
-        features: ``float32 [M, D]`` of every row (zeros for failed images).
         damaged: number of part files found damaged and removed while loading.
     """
 
@@ -457,115 +610,134 @@ class FeatureStore:
     storage_options: Mapping[str, Any] | None = None
     flush_rows: int = field(default_factory=lambda: FLUSH_ROWS)
     flush_seconds: float = field(default_factory=lambda: FLUSH_SECONDS)
-    features: np.ndarray = field(init=False)
     damaged: int = field(init=False, default=0)
     _keys: DigestMap = field(init=False, default_factory=lambda: DigestMap(16, np.int64, first=True))
     _stamps: DigestMap = field(init=False, default_factory=lambda: DigestMap(16, CONTENT, first=False))
     _errors: dict[str, str] = field(init=False, default_factory=dict)
     _pending: list[Row] = field(init=False, default_factory=list)
+    #: each part's file name by its number in locations (a merged part keeps its number)
+    _names: list[str] = field(init=False, default_factory=list)
+    #: the rows of each part file in the folder
     _parts: dict[str, int] = field(init=False, default_factory=dict)
-    _chunks: list[np.ndarray] = field(init=False, default_factory=list)
-    _rows: int = field(init=False, default=0)
+    _count: int = field(init=False, default=0)
     _last_flush: float = field(init=False, default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.features = np.zeros((0, self.dim), np.float32)
         self.refresh()
 
     # -- reading ---------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Read the part files this store has not read yet (all of them at first; later those that
-        Spark tasks or other processes wrote meanwhile). Another process may compact the folder
-        meanwhile (its merged file is written before the parts it replaces are removed): a part that
-        vanished is skipped and the folder listed again, up to :data:`LOAD_ATTEMPTS` times."""
+        """Load the keys of the part files this store has not read yet (all of them at first; later
+        those that Spark tasks or other processes wrote meanwhile), after writing its pending rows.
+        Another process may compact the folder meanwhile (its merged file is written before the parts
+        it replaces are removed): a part that vanished is skipped and the folder listed again, up to
+        :data:`LOAD_ATTEMPTS` times."""
+        self.flush()
         fs, root = storage.url_to_fs(self.url, self.storage_options)
-        seen: set[str] = set(self._parts)
+        seen: set[str] = set(self._names)
         for _ in range(LOAD_ATTEMPTS):
             vanished = False
-            for name in self._list(fs, root):
+            for name, size in self._list(fs, root):
                 if name in seen:
                     continue
                 seen.add(name)
-                digest = PART_RE.match(name).group(1)  # type: ignore[union-attr]
-                table = self._read_part(fs, posixpath.join(root, name), digest)
+                table = self._key_table(fs, posixpath.join(root, name), size)
                 if table is _VANISHED:
                     vanished = True
-                elif table is None or not self._add_table(table):
-                    self._remove_damaged(fs, root, name)
-                else:
-                    self._parts[name] = table.num_rows
+                elif table is None or not self._add_keys(table, name):
+                    self.damaged += 1
+                    remove_damaged(storage.join(self.url, name), self.storage_options)
             if not vanished:
                 break
-        self._consolidate()
 
-    def _list(self, fs: Any, root: str) -> list[str]:
-        """The part files of the folder, sorted."""
+    def _list(self, fs: Any, root: str) -> list[tuple[str, int | None]]:
+        """The part files of the folder and their sizes, sorted."""
         try:
-            names = fs.ls(root, detail=False) if fs.isdir(root) else []
+            entries = fs.ls(root, detail=True) if fs.isdir(root) else []
         except FileNotFoundError:
             return []
         except Exception as exc:
             raise storage.describe(exc, self.url, "list the bottleneck cache") from exc
-        return sorted(n for n in (posixpath.basename(p) for p in names) if PART_RE.match(n))
+        named = ((posixpath.basename(e["name"]), e.get("size")) for e in entries)
+        return sorted((n, size) for n, size in named if PART_RE.match(n))
 
-    def _remove_damaged(self, fs: Any, root: str, name: str) -> None:
-        self.damaged += 1
-        log.warning(
-            "damaged bottleneck cache file %s: ignored and removed; its images are computed again",
-            storage.join(self.url, name),
-        )
-        try:
-            fs.rm_file(posixpath.join(root, name))
-        except Exception as exc:
-            log.warning("could not remove %s: %s", posixpath.join(root, name), exc)
-
-    def _read_part(self, fs: Any, path: str, digest: str) -> pa.Table | None:
-        """The part's table; ``None`` when it is damaged; :data:`_VANISHED` when another process
-        removed it since it was listed."""
+    def _read_part(self, fs: Any, path: str) -> pa.Table | None:
+        """The part's whole table (current format) after checking its bytes against its name; ``None``
+        when it is damaged; :data:`_VANISHED` when another process removed it since it was listed."""
         try:
             data = fs.cat_file(path)
         except FileNotFoundError:
             return _VANISHED
         except Exception as exc:
             raise storage.describe(exc, path, "read the bottleneck cache file") from exc
-        if hashlib.sha256(data).hexdigest() != digest:
+        if hashlib.sha256(data).hexdigest() != PART_RE.match(posixpath.basename(path)).group(1):  # type: ignore[union-attr]
             return None
-        try:
-            # one thread: Arrow's reader threads can outlive the interpreter and abort the process at
-            # exit (apache/arrow#34314: 8 of 30 short runs of a cache writer died with SIGABRT)
-            table = pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
-        except (pa.ArrowException, OSError):
-            return None
-        if not table.schema.equals(part_schema(self.dim)):
-            return None
-        return table
+        return _parse(data, self.dim)
 
-    def _add_table(self, table: pa.Table) -> bool:
-        """Add a part's rows (the first row of each key wins); ``False`` if its keys are not content
-        keys (a damaged or foreign file), which adds nothing."""
+    def _key_table(self, fs: Any, path: str, size: int | None) -> pa.Table | None:
+        """The part's :data:`KEY_COLUMNS` (as :meth:`_read_part` says what it found): a small or
+        legacy file read whole, else the footer and the key columns' byte ranges alone."""
+        if size is None or size <= WHOLE_READ_BYTES:
+            table = self._read_part(fs, path)
+            return table if table is None or table is _VANISHED else table.select(list(KEY_COLUMNS))
+        buffer = bytearray(size)  # only the ranges read are touched (and resident)
+        tail = max(0, size - 65536)
+        try:
+            self._fetch(fs, path, buffer, [(tail, size)])
+            footer = size - 8 - int.from_bytes(buffer[-8:-4], "little")
+            if footer < tail and not self._fetch(fs, path, buffer, [(footer, tail)]):
+                return None
+            metadata = pq.ParquetFile(io.BytesIO(buffer)).metadata
+            if "has_feature" not in metadata.schema.to_arrow_schema().names:
+                table = self._read_part(fs, path)
+                return table if table is None or table is _VANISHED else table.select(list(KEY_COLUMNS))
+            if not self._fetch(fs, path, buffer, _column_ranges(metadata, KEY_COLUMNS)):
+                return None
+        except FileNotFoundError:
+            return _VANISHED
+        except (pa.ArrowException, OSError, ValueError):
+            return None
+        return _parse(buffer, self.dim, KEY_COLUMNS)
+
+    def _fetch(self, fs: Any, path: str, buffer: bytearray, ranges: list[tuple[int, int]]) -> bool:
+        """Read the byte ranges of ``path`` into ``buffer``; ``False`` for a range outside the file (a
+        damaged footer).
+
+        Raises:
+            FileNotFoundError: the file is gone.
+        """
+        for start, end in ranges:
+            if not 0 <= start < end <= len(buffer):
+                return False
+            try:
+                buffer[start:end] = fs.cat_file(path, start=start, end=end)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise storage.describe(exc, path, "read the bottleneck cache file") from exc
+        return True
+
+    def _add_keys(self, table: pa.Table, name: str) -> bool:
+        """Add the keys of part file ``name`` (the first row of each key wins); ``False`` if its keys
+        are not content keys (a damaged or foreign file), which adds nothing."""
         contents = table.column("content").to_pylist()
         try:
             digests = key_digests(contents, table.column("variant").to_numpy())
         except ValueError:
             return False
-        feats = table.column("feature").combine_chunks()
-        values = feats.values.to_numpy(zero_copy_only=False) if len(feats) else np.zeros(0, np.float32)
-        matrix = np.asarray(values, np.float32).reshape(-1, self.dim)
-        nulls = np.asarray(feats.is_null()) if feats.null_count else np.zeros(len(feats), bool)
-        if feats.null_count:
-            matrix = matrix.copy()
-            matrix[nulls] = 0.0
+        number = len(self._names)
+        self._names.append(name)
+        self._parts[name] = table.num_rows
         errors = table.column("error").to_pylist()
-        self._add_stamps(table, contents)
         has_error = np.array([e is not None for e in errors], bool)
-        keep = _first_of_each_key(digests, ~(nulls & ~has_error))
+        has_feature = table.column("has_feature").fill_null(False).to_numpy(zero_copy_only=False)
+        self._add_stamps(table, contents)
+        keep = _first_of_each_key(digests, has_feature | has_error)
         keep = keep[~self._keys.get_many(digests[keep])[1]]
-        self._keys.put_many(digests[keep], self._rows + np.arange(len(keep)))
+        self._keys.put_many(digests[keep], pack(number, keep))
         for i in keep[has_error[keep]]:
             self._errors[contents[i]] = errors[i]
-        if len(keep):
-            self._chunks.append(matrix[keep])
-            self._rows += len(keep)
+        self._count += len(keep)
         return True
 
     def _add_stamps(self, table: pa.Table, contents: list[str]) -> None:
@@ -577,11 +749,6 @@ class FeatureStore:
                 stamp_digests([paths[i] for i in with_stamp], [stamps[i] for i in with_stamp]),
                 content_bytes([contents[i] for i in with_stamp]).view(CONTENT).reshape(-1),
             )
-
-    def _consolidate(self) -> None:
-        if self._chunks:
-            self.features = np.concatenate([self.features, *self._chunks])
-            self._chunks = []
 
     # -- lookups ---------------------------------------------------------------------------
     def content_for(self, relpath: str, stamp: str | None) -> str | None:
@@ -621,8 +788,13 @@ class FeatureStore:
         """Why this image could not be decoded, if that is what is cached."""
         return self._errors.get(content)
 
-    def row(self, content: str, variant: int = 0) -> int:
-        """Row of ``(content, variant)`` in :attr:`features` (call :meth:`flush` first for new rows).
+    def failed_many(self, contents: np.ndarray) -> np.ndarray:
+        """``bool [n]``: which of the ``V32 [n]`` content keys have a cached decode error."""
+        return _errors_among(contents, self._errors)
+
+    def location(self, content: str, variant: int = 0) -> int:
+        """Where the features of ``(content, variant)`` are (see :func:`pack`; a pending row's
+        location holds once :meth:`flush` has written it).
 
         Raises:
             KeyError: the key is not cached.
@@ -632,8 +804,18 @@ class FeatureStore:
             raise KeyError((content, variant))
         return int(found)
 
+    def locations(self, contents: np.ndarray, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`location` of each of the ``V32 [n]`` content keys (meaningless where missing), and
+        ``bool [n]`` where each is cached."""
+        return self._keys.get_many(fold_keys(contents, variant))
+
+    def source(self) -> FeatureSource:
+        """Where this store's features are, after writing its pending rows."""
+        self.flush()
+        return FeatureSource(self.url, self.dim, tuple(self._names), self.storage_options)
+
     def __len__(self) -> int:
-        return self._rows
+        return self._count
 
     def keys(self) -> CachedKeys:
         """A picklable copy of what is cached now (see :class:`CachedKeys`)."""
@@ -651,14 +833,10 @@ class FeatureStore:
                     self._pending.append(row)
                     self._put_stamp(row)
                 continue
+            # the pending rows become the next part, in this order (refresh and compact flush first)
+            self._keys.put(digest, int(pack(len(self._names), len(self._pending))))
             self._pending.append(row)
-            self._keys.put(digest, self._rows)
-            self._rows += 1
-            self._chunks.append(
-                np.zeros((1, self.dim), np.float32)
-                if row.feature is None
-                else row.feature.reshape(1, self.dim)
-            )
+            self._count += 1
             if row.error is not None:
                 self._errors[row.content] = row.error
             if row.stamp is not None:
@@ -673,13 +851,13 @@ class FeatureStore:
         self._stamps.put(stamp_digest(row.path, row.stamp), bytes.fromhex(row.content))
 
     def flush(self) -> None:
-        """Write pending rows as one part file and make :attr:`features` cover every row."""
-        self._consolidate()
+        """Write the pending rows as one part file."""
         self._last_flush = time.monotonic()
         if not self._pending:
             return
         name, data = encode_rows(self._pending, self.dim)
         self._write(name, data)
+        self._names.append(name)
         self._parts[name] = len(self._pending)
         self._pending = []
 
@@ -701,7 +879,7 @@ class FeatureStore:
         fs, root = storage.url_to_fs(self.url, self.storage_options)
         groups: list[list[tuple[str, pa.Table]]] = [[]]
         for name in small:
-            table = self._read_part(fs, posixpath.join(root, name), PART_RE.match(name).group(1))  # type: ignore[union-attr]
+            table = self._read_part(fs, posixpath.join(root, name))
             if table is None or table is _VANISHED:  # a vanished part was merged elsewhere
                 del self._parts[name]
                 continue
@@ -714,22 +892,48 @@ class FeatureStore:
 
     def _merge_group(self, fs: Any, root: str, group: list[tuple[str, pa.Table]]) -> int:
         """Write the tables of ``group`` as one file (path records, and the first row of each key),
-        then remove their files; the number of files merged."""
+        point the keys that were in them at it, then remove their files; the number of files merged."""
         table = pa.concat_tables([t for _, t in group])
         digests = key_digests(table.column("content").to_pylist(), table.column("variant").to_numpy())
-        record = np.asarray(table.column("feature").is_null()) & np.asarray(table.column("error").is_null())
+        has_feature = table.column("has_feature").fill_null(False).to_numpy(zero_copy_only=False)
+        record = ~has_feature & np.asarray(table.column("error").is_null())
         keep = np.union1d(np.flatnonzero(record), _first_of_each_key(digests, ~record))
         if len(keep) < table.num_rows:
             table = table.take(keep)
         name, data = _encode_table(table)
         self._write(name, data)
+        old = {n for n, _ in group}
+        numbers = [i for i, n in enumerate(self._names) if n in old]
+        self._names.append(name)
         self._parts[name] = table.num_rows
-        for old, _ in group:
-            if old != name:
-                del self._parts[old]
-                with contextlib.suppress(FileNotFoundError):  # another process merged and removed it
-                    fs.rm_file(posixpath.join(root, old))
+        keyed = np.flatnonzero(~record[keep])
+        now, found = self._keys.get_many(digests[keep][keyed])
+        moved = found & np.isin(unpack(now)[0], numbers)
+        self._keys.set_many(digests[keep][keyed][moved], pack(len(self._names) - 1, keyed[moved]))
+        for name_old in old - {name}:
+            del self._parts[name_old]
+            with contextlib.suppress(FileNotFoundError):  # another process merged and removed it
+                fs.rm_file(posixpath.join(root, name_old))
         return len(group)
+
+
+def _column_ranges(metadata: pq.FileMetaData, columns: Sequence[str]) -> list[tuple[int, int]]:
+    """The byte ranges of ``columns``' chunks in a Parquet file, adjacent ones joined."""
+    spans = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] in columns:
+                start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+                spans.append((start, start + chunk.total_compressed_size))
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if joined and start <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(end, joined[-1][1]))
+        else:
+            joined.append((start, end))
+    return joined
 
 
 def _first_of_each_key(digests: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastlayer.train import Classifier
 
-
-def accuracy(clf: Classifier, x: np.ndarray, y: np.ndarray) -> float | None:
-    """Share of rows of ``x`` ``[N, D]`` whose predicted class is ``y`` ``[N]``; ``None`` when N = 0."""
-    return float(np.mean(clf.predict(x) == y)) if len(y) else None
+def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float | None:
+    """Share of the ``predicted`` classes ``[N]`` that are the ``truth`` ``[N]``; ``None`` when N = 0."""
+    return float(np.mean(predicted == truth)) if len(truth) else None
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:

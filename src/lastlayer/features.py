@@ -1,13 +1,22 @@
-"""Bottlenecks for an image set: what the cache has, what an engine must compute, and the result.
+"""Bottlenecks for an image set: what the cache has, what an engine must compute, and where each
+image's features are.
 
-:func:`compute_bottlenecks` returns row indices into the cache's feature matrices rather than copies,
-so the feature matrix exists once in memory; :func:`combine` joins the bottlenecks of several
-networks (an ensemble) into one matrix.
+:func:`compute_bottlenecks` returns where in the cache each image's features are (their locations,
+:func:`lastlayer.cache.pack`) and each cache folder's :class:`~lastlayer.cache.FeatureSource`, not
+the features: the passes of :mod:`lastlayer.stream` read them a part file at a time, so no feature
+matrix is ever held. :func:`combine` joins the bottlenecks of several networks (an ensemble): an
+image's features are then every network's side by side.
 
 With distortions on, a training image needs at most ``variants`` distorted variants, and only as many
 as training will draw it (``draws``, replayed from the seeded sampler by
-:func:`lastlayer.train.draw_counts`): the network passes are at most ``min(steps x batch size,
-variants x training images)``, never more than retrain.py's one pass per drawn image.
+:func:`lastlayer.train.draw_counts`); its plain features are not computed (training, the
+standardization statistics, the training split's accuracy and cross-validation use its variants), and
+an image training never draws is not even read. The network passes are at most ``min(steps x batch
+size, variants x training images)`` plus one per validation and test image, never more than
+retrain.py's one pass per drawn image plus its plain passes of the validation and test images.
+
+Rows of features are named by *ids*: ``i < N`` is the plain features of image ``i``, ``N + k`` the
+``k``-th distorted variant of :attr:`Bottlenecks.variant_images`.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any, Protocol, overload
 import numpy as np
 
 from lastlayer import storage
-from lastlayer.cache import CachedKeys, CacheFolders, ContentKeys, FeatureStore
+from lastlayer.cache import CachedKeys, CacheFolders, ContentKeys, FeatureSource, FeatureStore
 from lastlayer.dataset import SPLITS, TRAINING, ImageFile, ImageSet
 from lastlayer.engines import local
 from lastlayer.engines.base import Engine, Need, Result, Task
@@ -33,29 +42,89 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Bottlenecks:
-    """Features of every image of an :class:`ImageSet`, by reference into the cache.
+    """Where the features of every image of an :class:`ImageSet` are in the cache, for B networks
+    (one, unless an ensemble).
 
     Attributes:
-        plain: ``float32 [M, D]`` plain feature matrix of the cache.
-        rows: ``int64 [N]`` row in ``plain`` of each image, -1 for an image that could not be used.
-        distorted: ``float32 [M', D]`` distorted-variant matrix, or ``None`` without distortions.
-        variant_rows: ``int64 [N, V]`` rows in ``distorted`` (-1 for non-training images), or ``None``.
+        sources: each network's plain features.
+        variant_sources: each network's distorted variants (empty without distortions).
+        plain: ``int64 [N, B]`` location of each image's plain features, -1 where it has none (an
+            image that could not be used, or a training image with distortions on).
+        variant_images: ``int64 [M]`` the image of each distorted variant, sorted (an image's
+            variants in the order of their numbers).
+        variants: ``int64 [M, B]`` the variants' locations.
+        usable: ``bool [N]`` images that training may use (neither skipped nor pending).
         skipped: ``(relative path, reason)`` of each image that could not be used.
         computed: images decoded and run through the network in this call.
-        reused: usable images whose features all came from the cache.
+        reused: usable images whose features all came from the cache (or that need none).
         damaged_files: cache files found damaged (and recomputed).
-        pending: images of other shards that are not in the cache yet (their rows are -1).
+        pending: images of other shards that are not in the cache yet.
     """
 
+    sources: tuple[FeatureSource, ...]
+    variant_sources: tuple[FeatureSource, ...]
     plain: np.ndarray
-    rows: np.ndarray
-    distorted: np.ndarray | None
-    variant_rows: np.ndarray | None
+    variant_images: np.ndarray
+    variants: np.ndarray
+    usable: np.ndarray
     skipped: list[tuple[str, str]]
     computed: int
     reused: int
     damaged_files: int
     pending: int = 0
+
+    @property
+    def dim(self) -> int:
+        """Feature size D: every network's side by side."""
+        return sum(s.dim for s in self.sources)
+
+    def variant_range(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``int64``: the first variant (index into :attr:`variants`) of each image at ``positions``,
+        and how many it has."""
+        start = np.searchsorted(self.variant_images, positions)
+        return start, np.searchsorted(self.variant_images, positions, "right") - start
+
+    def representation(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of the rows that stand for the images at ``positions`` in training: each image's
+        distorted variants, or its plain features when it has none (nothing when it has neither);
+        and for each id, the index in ``positions`` of its image."""
+        start, count = self.variant_range(positions)
+        plain = (count == 0) & (self.plain[positions, 0] >= 0)
+        per = np.where(plain, 1, count)
+        owner = np.repeat(np.arange(len(positions)), per)
+        ordinal = np.arange(len(owner)) - np.repeat(np.cumsum(per) - per, per)
+        ids = np.where(plain[owner], positions[owner], len(self.plain) + start[owner] + ordinal)
+        return ids.astype(np.int64), owner
+
+    def first_rows(self, positions: np.ndarray) -> np.ndarray:
+        """``int64``: the id of the first row that stands for each image at ``positions`` (its first
+        variant, else its plain features), -1 for an image with neither."""
+        start, count = self.variant_range(positions)
+        plain = np.where(self.plain[positions, 0] >= 0, positions, -1)
+        return np.where(count > 0, len(self.plain) + start, plain)
+
+    def locations(self, ids: np.ndarray) -> np.ndarray:
+        """``int64 [n, B]``: where the rows ``ids`` are, in :attr:`sources` (plain) or
+        :attr:`variant_sources` (variants)."""
+        n = len(self.plain)
+        out = np.empty((len(ids), len(self.sources)), np.int64)
+        plain = ids < n
+        out[plain] = self.plain[ids[plain]]
+        out[~plain] = self.variants[ids[~plain] - n]
+        return out
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """``float32 [n, D]``: the features of the rows ``ids`` (read at once: for a few rows; passes
+        over many go through :mod:`lastlayer.stream`)."""
+        locations, plain = self.locations(ids), ids < len(self.plain)
+        blocks = []
+        for b, source in enumerate(self.sources):
+            block = np.zeros((len(ids), source.dim), np.float32)
+            block[plain] = source.rows(locations[plain, b])
+            if (~plain).any():
+                block[~plain] = self.variant_sources[b].rows(locations[~plain, b])
+            blocks.append(block)
+        return np.hstack(blocks)
 
 
 class KeyLookup(Protocol):
@@ -67,6 +136,8 @@ class KeyLookup(Protocol):
 
     def error(self, content: str) -> str | None: ...
 
+    def failed_many(self, contents: np.ndarray) -> np.ndarray: ...
+
     def keys(self) -> CachedKeys: ...
 
 
@@ -75,7 +146,8 @@ class CacheNeed:
     """The need test of the cache: what an image with these bytes still lacks.
 
     Over live stores for the local engine; over :meth:`FeatureStore.keys` copies (picklable) for
-    engines that run it on other machines.
+    engines that run it on other machines. With distortions on, a training image needs its wanted
+    variants and no plain features.
 
     Attributes:
         plain: the plain features' folder.
@@ -94,28 +166,36 @@ class CacheNeed:
         """Distorted variants wanted for the training image at position ``index``."""
         return self.variants if self.draws is None else min(self.variants, int(self.draws[index]))
 
+    def idle(self, training: np.ndarray) -> np.ndarray:
+        """``bool [N]``: the images that need nothing whatever their bytes (with distortions on, the
+        training images that training never draws), given ``training`` ``bool [N]``."""
+        if self.distorted is None or self.draws is None:
+            return np.zeros(len(training), bool)
+        return training & (self.draws == 0)
+
     def __call__(self, task: Task, content: str) -> Need:
         if self.plain.error(content) is not None:
             return Need(False)
-        missing: tuple[int, ...] = ()
         if self.distorted is not None and task.training:
-            missing = tuple(v for v in range(self.wanted(task.index)) if not self.distorted.has(content, v))
-        return Need(not self.plain.has(content), missing)
+            wanted = range(self.wanted(task.index))
+            return Need(False, tuple(v for v in wanted if not self.distorted.has(content, v)))
+        return Need(not self.plain.has(content))
 
     def complete(self, contents: np.ndarray, training: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``bool [K]``: where, for the ``V32 [K]`` content keys of the images at ``positions`` whose
         training flags are ``training``, :meth:`__call__` would surely ask for nothing (the same test
         for many images at once; where it says ``False``, ask :meth:`__call__`)."""
-        done = self.plain.has_many(contents, 0)
-        if self.distorted is not None:
-            wanted = (
-                np.full(len(positions), self.variants)
-                if self.draws is None
-                else np.minimum(self.variants, self.draws[positions])
-            )
-            for v in range(self.variants):
-                done &= ~(training & (wanted > v)) | self.distorted.has_many(contents, v)
-        return done
+        if self.distorted is None:
+            return self.plain.has_many(contents, 0)
+        done = training | self.plain.has_many(contents, 0)
+        wanted = (
+            np.full(len(positions), self.variants)
+            if self.draws is None
+            else np.minimum(self.variants, self.draws[positions])
+        )
+        for v in range(self.variants):
+            done &= ~(training & (wanted > v)) | self.distorted.has_many(contents, v)
+        return done | self.plain.failed_many(contents)
 
     def portable(self) -> CacheNeed:
         """The same test over picklable copies of the stores' keys (for Spark executors)."""
@@ -162,7 +242,7 @@ def compute_bottlenecks(
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> Bottlenecks:
-    """Load cached features for ``images`` and compute the missing ones with ``engine``.
+    """Find ``images`` in the cache and compute what it lacks with ``engine``.
 
     Args:
         variants: distorted variants cached at most per training image (when distortions are on).
@@ -200,7 +280,6 @@ def compute_bottlenecks(
             if store is not None:
                 if engine.writes_cache:
                     store.refresh()
-                store.flush()
                 store.compact()
     return _assemble(images, plain, distorted, need, contents, pending, computed)
 
@@ -240,11 +319,14 @@ def _plan(
     knows it, and ``bool [N]`` whether each is an image of other shards that lacks something.
 
     The images whose path and stamp the cache knows and that lack nothing are found for all images
-    at once; the per-image test runs for the others."""
+    at once, and those that need nothing whatever their bytes are left out; the per-image test runs
+    for the others."""
     contents = plain.contents_for_many(images.relpaths, images.stamps)
-    known = np.flatnonzero(contents.known)
-    complete = need.complete(contents.keys[known], images.split_index[known] == SPLITS.index(TRAINING), known)
-    unsure = np.sort(np.concatenate([np.flatnonzero(~contents.known), known[~complete]]))
+    training = images.split_index == SPLITS.index(TRAINING)
+    idle = need.idle(training)
+    known = np.flatnonzero(contents.known & ~idle)
+    complete = need.complete(contents.keys[known], training[known], known)
+    unsure = np.sort(np.concatenate([np.flatnonzero(~contents.known & ~idle), known[~complete]]))
     todo = np.zeros(len(images.files), bool)
     pending = np.zeros(len(images.files), bool)
     for i, f in zip(unsure.tolist(), images.files.at(unsure), strict=True):
@@ -302,29 +384,36 @@ def _assemble(
     pending: np.ndarray,
     computed: int,
 ) -> Bottlenecks:
-    """Row indices of every image into the stores' matrices (-1 past the variants wanted), and what
-    was skipped."""
-    rows = np.full(len(images.files), -1, np.int64)
-    shape = (len(images.files), need.variants)
-    variant_rows = np.full(shape, -1, np.int64) if distorted is not None else None
+    """Where each image's features are (only the variants wanted, no plain features of a training
+    image with distortions on), and what was skipped."""
+    training = images.split_index == SPLITS.index(TRAINING)
+    idle = need.idle(training)
+    failed = contents.known & plain.failed_many(contents.keys)
+    distorting = training if distorted is not None else np.zeros(len(training), bool)
+    wanting = contents.known & ~failed & ~pending & distorting & ~idle
+    variant_images, variant_locations = _variants(distorted, need, contents, wanting)
+    where, found = plain.locations(contents.keys)
+    lost = np.where(distorting, wanting & (np.bincount(variant_images, minlength=len(training)) == 0), ~found)
+    # an image known to be unusable stays skipped when training no longer draws it
+    skipped_at = np.flatnonzero(~pending & (failed | (~idle & (~contents.known | lost))))
     skipped: list[tuple[str, str]] = []
-    for i, (f, content) in enumerate(zip(images.files, contents, strict=True)):
-        if pending[i]:
-            continue
-        reason = local.VANISHED if content is None else plain.error(content)
-        if reason is not None or content is None:
-            skipped.append((f.relpath, reason or "unknown"))
-            log.warning("Skipped %s: %s", f.url, reason)
-            continue
-        rows[i] = plain.row(content)
-        if variant_rows is not None and distorted is not None and f.split == TRAINING:
-            for v in range(need.wanted(i)):
-                variant_rows[i, v] = distorted.row(content, v)
+    for i, f in zip(skipped_at.tolist(), images.files.at(skipped_at), strict=True):
+        content = contents[i]  # (lost: only when a file vanished while the run read the cache)
+        reason = local.VANISHED if content is None else plain.error(content) or "not in the cache"
+        skipped.append((f.relpath, reason))
+        log.warning("Skipped %s: %s", f.url, reason)
+    usable = ~pending
+    usable[skipped_at] = False
+    keep = usable[variant_images]
+    variant_images, variant_locations = variant_images[keep], variant_locations[keep]
+    locations = np.where(usable & ~distorting & found, where, -1)
     return Bottlenecks(
-        plain=plain.features,
-        rows=rows,
-        distorted=None if distorted is None else distorted.features,
-        variant_rows=variant_rows,
+        sources=(plain.source(),),
+        variant_sources=() if distorted is None else (distorted.source(),),
+        plain=locations[:, None],
+        variant_images=variant_images,
+        variants=variant_locations[:, None],
+        usable=usable,
         skipped=skipped,
         computed=computed,
         reused=len(images.files) - len(skipped) - int(pending.sum()) - computed,
@@ -333,23 +422,45 @@ def _assemble(
     )
 
 
+def _variants(
+    distorted: FeatureStore | None, need: CacheNeed, contents: ContentKeys, wanting: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images (``wanting``, ``bool [N]``) of each wanted variant found in the store, sorted, and
+    its location."""
+    if distorted is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    at = np.flatnonzero(wanting)
+    wanted = (
+        np.full(len(at), need.variants) if need.draws is None else np.minimum(need.variants, need.draws[at])
+    )
+    table = np.full((len(at), need.variants), -1, np.int64)
+    for v in range(need.variants):
+        where, found = distorted.locations(contents.keys[at], v)
+        table[:, v] = np.where(found & (wanted > v), where, -1)
+    present = table >= 0
+    return np.repeat(at, present.sum(axis=1)), table[present]
+
+
 def combine(parts: Sequence[Bottlenecks]) -> Bottlenecks:
     """The bottlenecks of an ensemble: each image's features of every network side by side.
 
-    An image is usable when every network could use it; a distorted variant is there when every
-    network has it. One part is returned as it is (no copy).
+    An image is usable when every network could use it; its plain features are there when every
+    network has them, and so is each of its first k variants, k the fewest any network has. One part
+    is returned as it is.
     """
     if len(parts) == 1:
         return parts[0]
-    usable = np.logical_and.reduce([p.rows >= 0 for p in parts])
-    rows = np.where(usable, np.cumsum(usable) - 1, -1)
-    plain = np.hstack([p.plain[p.rows[usable]] for p in parts])
-    distorted = variant_rows = None
-    variants = [(p.distorted, p.variant_rows) for p in parts]
-    if all(d is not None and v is not None for d, v in variants):
-        present = np.logical_and.reduce([v >= 0 for _, v in variants])
-        variant_rows = np.where(present, np.cumsum(present).reshape(present.shape) - 1, -1)
-        distorted = np.hstack([d[v[present]] for d, v in variants])
+    usable = np.logical_and.reduce([p.usable for p in parts])
+    plain = np.hstack([p.plain for p in parts])
+    plain[~(usable & (plain >= 0).all(axis=1))] = -1
+    counts = []
+    for p in parts:
+        count = np.bincount(p.variant_images, minlength=len(usable))
+        counts.append(np.where(usable, count, 0))
+    fewest = np.minimum.reduce(counts)
+    images = np.repeat(np.arange(len(usable)), fewest)
+    ordinal = np.arange(len(images)) - np.repeat(np.cumsum(fewest) - fewest, fewest)
+    variants = np.hstack([p.variants[np.searchsorted(p.variant_images, images) + ordinal] for p in parts])
     skipped: dict[str, str] = {}
     for part in parts:
         for path, reason in part.skipped:
@@ -357,13 +468,15 @@ def combine(parts: Sequence[Bottlenecks]) -> Bottlenecks:
     computed = max(p.computed for p in parts)
     pending = max(p.pending for p in parts)
     return Bottlenecks(
+        sources=tuple(s for p in parts for s in p.sources),
+        variant_sources=tuple(s for p in parts for s in p.variant_sources),
         plain=plain,
-        rows=rows,
-        distorted=distorted,
-        variant_rows=variant_rows,
+        variant_images=images,
+        variants=variants,
+        usable=usable,
         skipped=list(skipped.items()),
         computed=computed,
-        reused=len(rows) - len(skipped) - pending - computed,
+        reused=len(usable) - len(skipped) - pending - computed,
         damaged_files=sum(p.damaged_files for p in parts),
         pending=pending,
     )

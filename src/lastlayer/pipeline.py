@@ -9,6 +9,7 @@ stage is a function of its inputs that returns a typed value; they log retrain.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastlayer import __version__, storage
+from lastlayer import __version__, storage, stream
+from lastlayer.cache import LOAD_ATTEMPTS, remove_damaged
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageFile, ImageSet, scan
 from lastlayer.demo import demo_image_dir
@@ -37,6 +39,7 @@ from lastlayer.evaluate import (
 )
 from lastlayer.export import build_classifier
 from lastlayer.features import Bottlenecks, combine, compute_bottlenecks
+from lastlayer.stream import DamagedCache, Predictions, RowStore
 from lastlayer.summaries import SummaryWriter
 from lastlayer.summary import (
     MAX_MISCLASSIFIED,
@@ -57,8 +60,8 @@ from lastlayer.train import (
     Standardizer,
     TrainConfig,
     draw_counts,
-    softmax_cross_entropy,
     train,
+    validation_draws,
 )
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
@@ -185,22 +188,21 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     bottlenecks = extract(images, model, run, engine, progress, draws)
     if run.engine.worker_index > 0:
         return _shard_result(run.engine, model, bottlenecks)
-    computed = bottlenecks.computed
     bottlenecks = wait_for_shards(images, model, run, engine, bottlenecks, draws)
-    run.lap("bottlenecks_s")
-    data = TrainingData.of(images, bottlenecks)
-    folded = None
-    if run.training.cross_validation:
-        folded = cross_validate(data, images.labels, run.training, seed)
-        run.lap("cross_validation_s")
-    classifier, last = fit(data, model, images.labels, run, seed)
-    run.lap("training_s")
-    scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
+    with load(images, model, run, engine, bottlenecks, draws, seed) as data:
+        run.lap("bottlenecks_s")
+        folded = None
+        if run.training.cross_validation:
+            folded = cross_validate(data, images.labels, run.training, seed)
+            run.lap("cross_validation_s")
+        classifier, last = fit(data, model, images.labels, run, seed)
+        run.lap("training_s")
+        scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
     export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
     run.lap("export_s")
     run.total()
-    wrong = misclassified(classifier, data, images)
-    summary = summarize(run, image_dir, model, seed, images, data, computed, last, scores, wrong, folded)
+    wrong = misclassified(scores, data, images)
+    summary = summarize(run, image_dir, model, seed, images, data, last, scores, wrong, folded)
     storage.write_atomic(run.outputs.summary_url, summary.to_json().encode(), run.storage_options)
     if run.outputs.report:
         write_report(summary, run.storage_options)
@@ -301,17 +303,24 @@ def scan_images(
     return images
 
 
-def plan_variants(images: ImageSet, run: Run, seed: int) -> np.ndarray | None:
+def plan_variants(
+    images: ImageSet, run: Run, seed: int, training: np.ndarray | None = None
+) -> np.ndarray | None:
     """With distortions on: ``int64 [N]`` how often training will draw each image (replayed from the
     seeded sampler), so that only the distorted variants it draws are computed. ``None`` (every
     variant) without distortions, or when several workers share the work without ``--random_seed``
-    (each would draw its own seed, hence its own plan)."""
+    (each would draw its own seed, hence its own plan).
+
+    Args:
+        training: the positions of the training images training will draw from (default: every
+            training image; :func:`load` plans again without those found unusable).
+    """
     if not run.training.distortions.enabled:
         return None
     if run.engine.worker_count > 1 and run.training.random_seed is None:
         return None
-    positions = images.indices(TRAINING)
-    labels = np.array([images.files[i].label_index for i in positions], np.int64)
+    positions = images.indices(TRAINING) if training is None else training
+    labels = images.label_index[positions].astype(np.int64)
     draws = np.zeros(len(images.files), np.int64)
     draws[positions] = draw_counts(labels, len(images.labels), _train_config(run.training, seed))
     return draws
@@ -403,18 +412,156 @@ def wait_for_shards(
     return bottlenecks
 
 
+def load(
+    images: ImageSet,
+    model: Backbones,
+    run: Run,
+    engine: Engine,
+    bottlenecks: Bottlenecks,
+    draws: np.ndarray | None,
+    seed: int,
+) -> TrainingData:
+    """The training data, its pass before training done (:meth:`TrainingData.prepare`) for the final
+    fit and the folds of ``--cross_validation``.
+
+    Goes back to extraction, computing everything missing itself (even other workers' shares), when
+    that pass finds a cache file damaged (removed: its images are computed again) or gone (another
+    process merged it), up to :data:`~lastlayer.cache.LOAD_ATTEMPTS` times; and, with distortions on,
+    when training images found unusable change what training draws (planned again without them).
+
+    Raises:
+        DataError: a class has no usable training image, fewer images than folds, or the cache kept
+            changing under the run.
+    """
+    computed, damaged, attempts = bottlenecks.computed, bottlenecks.damaged_files, 0
+    planned = images.indices(TRAINING)
+    whole = dataclasses.replace(run, engine=dataclasses.replace(run.engine, worker_index=0, worker_count=1))
+    while True:
+        data = TrainingData.of(images, bottlenecks)
+        if draws is not None and not np.array_equal(planned, data.index[TRAINING]):
+            planned = data.index[TRAINING]
+            draws = plan_variants(images, run, seed, planned)
+        else:
+            try:
+                data.prepare([final_fit(data, run.training, seed), *fold_fits(data, run.training, seed)[0]])
+                break
+            except DamagedCache as exc:
+                attempts += 1
+                damaged += _forget(exc, run, attempts)
+        bottlenecks = extract(images, model, whole, engine, None, draws)
+        computed += bottlenecks.computed
+        damaged += bottlenecks.damaged_files
+    found = len(images.files) - len(bottlenecks.skipped) - bottlenecks.pending
+    cache = dataclasses.replace(
+        bottlenecks, computed=computed, reused=found - computed, damaged_files=damaged
+    )
+    return dataclasses.replace(data, bottlenecks=cache)
+
+
+def _forget(exc: DamagedCache, run: Run, attempts: int) -> int:
+    """Remove the damaged files of ``exc`` (their images are computed again); how many.
+
+    Raises:
+        DataError: this was the :data:`~lastlayer.cache.LOAD_ATTEMPTS` th attempt.
+    """
+    if attempts >= LOAD_ATTEMPTS:
+        raise DataError(
+            f"the bottleneck cache in {run.cache.bottleneck_dir} changed {attempts} times while this run "
+            f"read it ({exc}): run again once the other runs sharing it are done"
+        ) from exc
+    damaged = [part for part in exc.parts if not part.vanished]
+    for part in damaged:
+        remove_damaged(part.url, run.storage_options)
+    return len(damaged)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One training of the last layer: its training and validation images and its settings.
+
+    Attributes:
+        name: ``"final"``, or ``"fold F"`` of a cross-validation.
+        positions: ``int64 [n]`` its training images (positions in the image set, the order its
+            sampler draws from).
+        labels: ``int64 [n]`` their classes.
+        val_positions, val_labels: its validation images, likewise.
+        config: its settings.
+    """
+
+    name: str
+    positions: np.ndarray
+    labels: np.ndarray
+    val_positions: np.ndarray
+    val_labels: np.ndarray
+    config: TrainConfig
+
+    @property
+    def key(self) -> tuple[str, TrainConfig]:
+        """What tells it apart from the other fits of a run."""
+        return self.name, self.config
+
+
+def final_fit(data: TrainingData, training: TrainingConfig, seed: int) -> Fit:
+    """The training of the model the run exports: on the training split, validated on the validation
+    split."""
+    return Fit(
+        "final",
+        data.index[TRAINING],
+        data.labels[TRAINING],
+        data.index[VALIDATION],
+        data.labels[VALIDATION],
+        _train_config(training, seed),
+    )
+
+
+def fold_fits(
+    data: TrainingData, training: TrainingConfig, seed: int
+) -> tuple[list[Fit], np.ndarray, np.ndarray, np.ndarray]:
+    """The trainings of ``--cross_validation K`` (none without it), each on every image with features
+    but one stratified, seeded fold; and the images, their classes and the fold of each.
+
+    Raises:
+        DataError: fewer such images than folds.
+    """
+    k = training.cross_validation
+    positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
+    truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
+    if not k:
+        return [], positions[:0], truth[:0], truth[:0]
+    kept = data.bottlenecks.first_rows(positions) >= 0  # (with distortions: the images training draws)
+    positions, truth = positions[kept], truth[kept]
+    if len(truth) < k:
+        raise DataError(
+            f"--cross_validation={k} needs at least {k} usable images, and there are {len(truth)}: "
+            "lower --cross_validation or add images"
+        )
+    fold_of = folds(truth, k, seed)
+    config = _train_config(training, seed, log_steps=False)
+    none = np.zeros(0, np.int64)
+    fits = [
+        Fit(f"fold {f}", positions[fold_of != f], truth[fold_of != f], none, none, config) for f in range(k)
+    ]
+    return fits, positions, truth, fold_of
+
+
 @dataclass(frozen=True)
 class TrainingData:
-    """The usable images of each split as positions into the image set, their labels, and features.
+    """The usable images of each split as positions into the image set, their labels, and where
+    their features are; once :meth:`prepare` d, the statistics and gathered rows of its fits.
 
     Attributes:
         index: split to ``int64 [N_split]`` positions in :attr:`ImageSet.files`.
         labels: split to ``int64 [N_split]`` class indices.
+        classes: the number of classes C.
     """
 
     index: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     bottlenecks: Bottlenecks
+    classes: int
+    _prepared: dict[tuple[str, TrainConfig], tuple[Standardizer, RowStore]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def of(cls, images: ImageSet, bottlenecks: Bottlenecks) -> TrainingData:
@@ -423,13 +570,12 @@ class TrainingData:
         Raises:
             DataError: a class has no usable training image.
         """
-        labels = np.array([f.label_index for f in images.files], np.int64)
-        usable = bottlenecks.rows >= 0
         index = {
-            split: np.array([i for i in images.indices(split) if usable[i]], np.int64)
+            split: images.indices(split)[bottlenecks.usable[images.indices(split)]]
             for split in (TRAINING, VALIDATION, TESTING)
         }
-        data = cls(index, {split: labels[idx] for split, idx in index.items()}, bottlenecks)
+        labels = {split: images.label_index[idx].astype(np.int64) for split, idx in index.items()}
+        data = cls(index, labels, bottlenecks, len(images.labels))
         present = set(data.labels[TRAINING].tolist())
         missing = [label for i, label in enumerate(images.labels) if i not in present]
         if missing:
@@ -439,39 +585,99 @@ class TrainingData:
             )
         return data
 
-    def x(self, split: str) -> np.ndarray:
-        """``float32 [N_split, D]`` plain features."""
-        return self.bottlenecks.plain[self.bottlenecks.rows[self.index[split]]]
+    def prepare(self, fits: list[Fit]) -> None:
+        """The pass before training (:func:`lastlayer.stream.load`) for those of ``fits`` not prepared
+        yet: each one's standardizer, from the rows that stand for its training images (grouped by
+        which fits each image belongs to), the rows its draws and validation batches will read, and a
+        check of every file the evaluations will read.
 
-    def sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+        Raises:
+            DamagedCache: a file is damaged or gone.
+        """
+        todo = [f for f in fits if f.key not in self._prepared]
+        if not todo:
+            return
+        b = self.bottlenecks
+        images = np.unique(np.concatenate([f.positions for f in todo]))
+        member = np.packbits(np.stack([np.isin(images, f.positions) for f in todo], axis=1), axis=1)
+        groups, group_of = np.unique(member, axis=0, return_inverse=True)
+        ids, owner = b.representation(images)
+        gather = np.concatenate([self._read_by(f) for f in todo])
+        usable = np.concatenate(list(self.index.values()))
+        check = b.first_rows(usable)
+        statistics = (ids, group_of.reshape(-1)[owner], len(groups))
+        moments, store = stream.load(b, statistics, gather, check[check >= 0])
+        belongs = np.unpackbits(groups, axis=1)
+        for j, fit in enumerate(todo):
+            mean, std = moments.merged(np.flatnonzero(belongs[:, j]).tolist())
+            self._prepared[fit.key] = (Standardizer.from_statistics(mean, std), store)
+
+    def _read_by(self, fit: Fit) -> np.ndarray:
+        """The ids of the rows training ``fit`` reads: every row standing for an image it draws, and
+        the validation images of its batches."""
+        drawn = draw_counts(fit.labels, self.classes, fit.config) > 0
+        ids, _ = self.bottlenecks.representation(fit.positions[drawn])
+        scored = np.unique(validation_draws(fit.val_labels, self.classes, fit.config))
+        return np.concatenate([ids, fit.val_positions[scored]])
+
+    def train(
+        self,
+        fit: Fit,
+        on_eval: Callable[[Evaluation], None] | None = None,
+        on_checkpoint: Callable[[int, Classifier], None] | None = None,
+    ) -> Classifier:
+        """:func:`~lastlayer.train.train` for ``fit``, on the rows :meth:`prepare` gathered,
+        standardized with its training images' statistics."""
+        self.prepare([fit])
+        standardizer, store = self._prepared[fit.key]
+        return train(
+            self._sampler(fit, store),
+            fit.labels,
+            lambda positions: store.get(fit.val_positions[positions]),
+            fit.val_labels,
+            self.bottlenecks.dim,
+            self.classes,
+            fit.config,
+            on_eval,
+            on_checkpoint,
+            standardizer,
+        )
+
+    def _sampler(self, fit: Fit, store: RowStore) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
         """Features of training positions ``[B]`` → ``float32 [B, D]``: with distortions on, one of
         the image's cached distorted variants at random (its plain features when it has none), else
         the plain features."""
-        b = self.bottlenecks
-        train_rows, plain = b.rows[self.index[TRAINING]], b.plain
-        if b.variant_rows is None or b.distorted is None or not len(b.distorted):
-            return lambda pos, rng: plain[train_rows[pos]]
-        variant_rows, distorted = b.variant_rows[self.index[TRAINING]], b.distorted
-        variant_rows = np.take_along_axis(
-            variant_rows, np.argsort(variant_rows < 0, axis=1, kind="stable"), 1
-        )
-        available = (variant_rows >= 0).sum(axis=1)
+        b, images = self.bottlenecks, fit.positions
+        if not len(b.variant_images):
+            return lambda pos, rng: store.get(images[pos])
+        start, count = b.variant_range(images)
+        n = len(b.plain)
 
         def sample(pos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-            n = available[pos]
-            rows = variant_rows[pos, (rng.random(len(pos)) * n).astype(np.int64)]
-            return np.where((n > 0)[:, None], distorted[np.maximum(rows, 0)], plain[train_rows[pos]])
+            k = (rng.random(len(pos)) * count[pos]).astype(np.int64)
+            return store.get(np.where(count[pos] > 0, n + start[pos] + k, images[pos]))
 
         return sample
 
-    def fold(self, train: np.ndarray, test: np.ndarray) -> TrainingData:
-        """The same features with ``train`` and ``test`` positions (into :attr:`index`'s image set)
-        as the training and test splits and no validation split."""
-        labels = np.zeros(len(self.bottlenecks.rows), np.int64)
-        for split, positions in self.index.items():
-            labels[positions] = self.labels[split]
-        index = {TRAINING: train, VALIDATION: np.zeros(0, np.int64), TESTING: test}
-        return TrainingData(index, {split: labels[idx] for split, idx in index.items()}, self.bottlenecks)
+    def predict(
+        self, classifiers: list[Classifier], positions: np.ndarray, truth: np.ndarray, which: np.ndarray
+    ) -> Predictions:
+        """What ``classifiers[which[i]]`` says of the image at ``positions[i]`` (of class ``truth[i]``),
+        from the first row standing for it (its plain features, or with distortions on, a training
+        image's first variant); every image must have one."""
+        ids = self.bottlenecks.first_rows(positions)
+        return stream.predict(self.bottlenecks, ids, classifiers, which, truth)
+
+    def close(self) -> None:
+        """Remove the gathered rows' temporary files."""
+        for _, store in self._prepared.values():
+            store.close()
+
+    def __enter__(self) -> TrainingData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def fit(
@@ -507,7 +713,7 @@ def fit(
     with train_writer, validation_writer:
         saving = on_checkpoint if outputs.intermediate_store_frequency > 0 else None
         with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported just below
-            clf = _train(data, len(labels), _train_config(run.training, seed), on_eval, saving)
+            clf = data.train(final_fit(data, run.training, seed), on_eval, saving)
     if not (np.isfinite(clf.weights).all() and np.isfinite(clf.biases).all()):
         raise DataError(
             f"training diverged (the last layer's weights are not numbers) with --learning_rate="
@@ -530,53 +736,23 @@ def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -
     )
 
 
-def _train(
-    data: TrainingData,
-    n_classes: int,
-    config: TrainConfig,
-    on_eval: Callable[[Evaluation], None] | None = None,
-    on_checkpoint: Callable[[int, Classifier], None] | None = None,
-) -> Classifier:
-    """:func:`~lastlayer.train.train` on ``data``'s training split, standardized with its statistics."""
-    train_x = data.x(TRAINING)
-    return train(
-        data.sampler(),
-        data.labels[TRAINING],
-        data.x(VALIDATION),
-        data.labels[VALIDATION],
-        train_x.shape[1],
-        n_classes,
-        config,
-        on_eval,
-        on_checkpoint,
-        Standardizer.of(train_x),
-    )
-
-
 def cross_validate(
     data: TrainingData, labels: tuple[str, ...], training: TrainingConfig, seed: int
 ) -> CrossValidation:
     """Refit the last layer ``--cross_validation`` K times, each on all usable images but one fold
-    (stratified, seeded) with the run's settings, and score it on that fold; log the summary.
+    (stratified, seeded) with the run's settings, and score it on that fold; log the summary. With
+    distortions on, the training images are trained and scored on their variants.
 
     Raises:
         DataError: fewer usable images than folds.
     """
-    k = training.cross_validation
-    positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
-    truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
-    if len(truth) < k:
-        raise DataError(
-            f"--cross_validation={k} needs at least {k} usable images, and there are {len(truth)}: "
-            "lower --cross_validation or add images"
-        )
-    fold_of = folds(truth, k, seed)
-    config = _train_config(training, seed, log_steps=False)
-    confusions = []
-    for f in range(k):
-        part = data.fold(positions[fold_of != f], positions[fold_of == f])
-        clf = _train(part, len(labels), config)
-        confusions.append(confusion_matrix(part.labels[TESTING], clf.predict(part.x(TESTING)), len(labels)))
+    fits, positions, truth, fold_of = fold_fits(data, training, seed)
+    k = len(fits)
+    classifiers = [data.train(fit) for fit in fits]
+    predicted = data.predict(classifiers, positions, truth, fold_of).predicted
+    confusions = [
+        confusion_matrix(truth[fold_of == f], predicted[fold_of == f], len(labels)) for f in range(k)
+    ]
     result = CrossValidation.of(confusions, largest_share(truth, len(labels)) or 0.0)
     log.info(
         "Cross-validation, %d folds of %d images: accuracy %.1f%% ± %.1f, balanced accuracy %.1f%% ± %.1f, "
@@ -604,6 +780,7 @@ class Scores:
         confusion: ``int64 [C, C]`` on the whole test split.
         balanced_accuracy, macro_f1: on the whole test split.
         largest_class, largest_share: the whole test split's most frequent class and its share.
+        test: the predictions for the whole test split.
     """
 
     test_accuracy: float | None
@@ -615,6 +792,7 @@ class Scores:
     macro_f1: float | None
     largest_class: int | None
     largest_share: float | None
+    test: Predictions
 
 
 def evaluate(
@@ -626,15 +804,17 @@ def evaluate(
     outputs: OutputConfig,
 ) -> Scores:
     """Score ``clf`` on the test images (retrain.py's "Final test accuracy"), on each whole split and
-    on validation + test; log the misclassified test images when asked."""
-    full_x, full_y = data.x(TESTING), data.labels[TESTING]
-    test_x, test_y = full_x, full_y
+    on validation + test (one pass over the cache); log the misclassified test images when asked.
+    With distortions on, the training split is scored on its images' first variants (those training
+    drew)."""
+    test, predicted = _predict_splits(clf, data)
+    full_y = data.labels[TESTING]
+    test_pred, test_y = test.predicted, full_y
     test_files: list[ImageFile] = [images.files[i] for i in data.index[TESTING]]
     if test_batch_size != -1 and len(test_y):
         pick = np.random.default_rng(seed + 1).integers(0, len(test_y), test_batch_size)
-        test_x, test_y, test_files = test_x[pick], test_y[pick], [test_files[i] for i in pick]
-    test_pred = clf.predict(test_x) if len(test_y) else np.zeros(0, np.int64)
-    test_accuracy = float(np.mean(test_pred == test_y)) if len(test_y) else None
+        test_pred, test_y, test_files = test_pred[pick], test_y[pick], [test_files[i] for i in pick]
+    test_accuracy = accuracy(test_pred, test_y)
     if test_accuracy is None:
         log.warning("The test set is empty: no final test accuracy (raise --testing_percentage)")
     else:
@@ -644,26 +824,38 @@ def evaluate(
         for f, pred, truth in zip(test_files, test_pred, test_y, strict=True):
             if pred != truth:
                 log.info("%70s  %s", f.url, images.labels[pred])
-    val_x, val_y = data.x(VALIDATION), data.labels[VALIDATION]
-    held_out_y = np.concatenate([val_y, full_y])
-    confusion = confusion_matrix(full_y, clf.predict(full_x), len(images.labels))
+    held_out = [np.concatenate([predicted[s][i] for s in (VALIDATION, TESTING)]) for i in (0, 1)]
+    confusion = confusion_matrix(full_y, test.predicted, len(images.labels))
     balanced, f1, biggest, largest = _class_balance(confusion, images.labels)
     return Scores(
         test_accuracy,
         len(test_y),
         {
-            TRAINING: accuracy(clf, data.x(TRAINING), data.labels[TRAINING]),
-            VALIDATION: accuracy(clf, val_x, val_y),
-            TESTING: accuracy(clf, full_x, full_y),
-            "held_out": accuracy(clf, np.concatenate([val_x, full_x]), held_out_y),
+            **{split: accuracy(p, truth) for split, (p, truth) in predicted.items()},
+            "held_out": accuracy(*held_out),
         },
-        len(held_out_y),
+        len(held_out[1]),
         confusion,
         balanced,
         f1,
         biggest,
         largest,
+        test,
     )
+
+
+def _predict_splits(
+    clf: Classifier, data: TrainingData
+) -> tuple[Predictions, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """From one pass: the test split's predictions, and each split's predicted and true classes (of
+    the images with features: with distortions on, the training images that training draws)."""
+    kept = {s: data.bottlenecks.first_rows(data.index[s]) >= 0 for s in (TRAINING, VALIDATION, TESTING)}
+    positions = np.concatenate([data.index[s][kept[s]] for s in kept])
+    truth = np.concatenate([data.labels[s][kept[s]] for s in kept])
+    predictions = data.predict([clf], positions, truth, np.zeros(len(positions), np.int64))
+    bounds = np.cumsum([0, *(int(k.sum()) for k in kept.values())])
+    split = {s: slice(bounds[i], bounds[i + 1]) for i, s in enumerate(kept)}
+    return predictions[split[TESTING]], {s: (predictions.predicted[at], truth[at]) for s, at in split.items()}
 
 
 def _class_balance(
@@ -711,25 +903,20 @@ def export(
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)
 
 
-def misclassified(clf: Classifier, data: TrainingData, images: ImageSet) -> list[Misclassified]:
+def misclassified(scores: Scores, data: TrainingData, images: ImageSet) -> list[Misclassified]:
     """The whole test split's mistakes, worst (lowest probability of the true class) first, at most
     :data:`~lastlayer.summary.MAX_MISCLASSIFIED`."""
-    truth = data.labels[TESTING]
-    if not len(truth):
-        return []
-    probs, _ = softmax_cross_entropy(clf.logits(data.x(TESTING)), truth)
-    predicted = probs.argmax(axis=1)
-    true_scores = probs[np.arange(len(truth)), truth]
-    wrong = np.flatnonzero(predicted != truth)
-    worst = wrong[np.argsort(true_scores[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    truth, test = data.labels[TESTING], scores.test
+    wrong = np.flatnonzero(test.predicted != truth)
+    worst = wrong[np.argsort(test.true_probability[wrong], kind="stable")][:MAX_MISCLASSIFIED]
     positions, labels = data.index[TESTING], images.labels
     return [
         Misclassified(
             images.files[positions[i]].relpath,
             labels[truth[i]],
-            labels[predicted[i]],
-            finite(probs[i, predicted[i]]),
-            finite(true_scores[i]),
+            labels[test.predicted[i]],
+            finite(test.confidence[i]),
+            finite(test.true_probability[i]),
         )
         for i in worst
     ]
@@ -754,7 +941,6 @@ def summarize(
     seed: int,
     images: ImageSet,
     data: TrainingData,
-    computed: int,
     last: Evaluation | None,
     scores: Scores,
     wrong: list[Misclassified],
@@ -774,7 +960,7 @@ def summarize(
         image_counts=images.counts(),
         images={
             "found": len(images.files),
-            "used": int((bottlenecks.rows >= 0).sum()),
+            "used": int(bottlenecks.usable.sum()),
             "skipped": len(bottlenecks.skipped),
             **{split: len(positions) for split, positions in data.index.items()},
         },
@@ -802,7 +988,7 @@ def summarize(
             label: ClassScores(finite(precision[i]), finite(recall[i]), int(scores.confusion[i].sum()))
             for i, label in enumerate(images.labels)
         },
-        cache=CacheStats(computed, bottlenecks.reused, bottlenecks.damaged_files),
+        cache=CacheStats(bottlenecks.computed, bottlenecks.reused, bottlenecks.damaged_files),
         timings=run.timings,
         outputs=Outputs(
             run.outputs.output_graph,

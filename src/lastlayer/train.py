@@ -9,6 +9,10 @@ applies to raw features and the exported model needs no extra op. Every ``eval_s
 steps and at the last step it reports the train accuracy and cross-entropy of that batch and the
 accuracy on a validation batch drawn the same way (``-1``: the whole set).
 
+The training positions and the validation batches come from seeded streams of their own, so that
+:func:`draw_counts` and :func:`validation_draws` can replay them before training: the rows training
+will read are known in advance and gathered from the cache in one pass (:mod:`lastlayer.stream`).
+
 Measured (docs/benchmarks.md, "Model quality"): standardizing makes 500 steps at retrain.py's
 learning rate converge on thousands of images (+2 to +3.7 points by cross-validation where plain
 features under-fit), and drawing images uniformly instead of class-uniformly keeps an imbalanced set
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 #: Second word of the seed of the training-position stream (kept apart from the other draws, so
 #: that :func:`draw_counts` can replay it before the features exist).
 POSITION_STREAM = 1
+#: Second word of the seed of the validation batches' stream (replayed by :func:`validation_draws`).
+VALIDATION_STREAM = 2
 #: A feature whose standard deviation on the training split is below this is only centred.
 MIN_STD = 1e-6
 
@@ -89,9 +95,13 @@ class Standardizer:
     @classmethod
     def of(cls, x: np.ndarray) -> Standardizer:
         """The statistics of ``x`` ``[N, D]`` (accumulated in float64, without a float64 copy)."""
-        std = x.std(axis=0, dtype=np.float64)
+        return cls.from_statistics(x.mean(axis=0, dtype=np.float64), x.std(axis=0, dtype=np.float64))
+
+    @classmethod
+    def from_statistics(cls, mean: np.ndarray, std: np.ndarray) -> Standardizer:
+        """The standardizer of features with this ``mean`` and (population) ``std``, ``[D]`` each."""
         scale = np.where(std < MIN_STD, 1.0, 1.0 / np.maximum(std, MIN_STD))
-        return cls(x.mean(axis=0, dtype=np.float64).astype(np.float32), scale.astype(np.float32))
+        return cls(mean.astype(np.float32), scale.astype(np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``float32 [N, D]`` standardized ``x``."""
@@ -172,6 +182,24 @@ def _positions(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> Call
     return lambda: sampler(config.train_batch_size, rng)
 
 
+def _evaluates(step: int, config: TrainConfig) -> bool:
+    """Whether training evaluates at ``step`` (every ``eval_step_interval`` steps and the last)."""
+    return step % config.eval_step_interval == 0 or step + 1 == config.steps
+
+
+def validation_draws(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.ndarray:
+    """``int64``: the validation positions :func:`train` with ``config`` will score, every
+    evaluation point's batch one after the other (replayed without training)."""
+    sampler = Sampler(val_y, n_classes, config.balance_classes)
+    if not len(val_y):
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng([config.seed, VALIDATION_STREAM])
+    batches = [
+        sampler(config.validation_batch_size, rng) for s in range(config.steps) if _evaluates(s, config)
+    ]
+    return np.concatenate(batches) if batches else np.zeros(0, np.int64)
+
+
 def draw_counts(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.ndarray:
     """``int64 [N_train]``: how often :func:`train` with ``config`` will draw each training image
     (replayed without training, so that only the distorted variants it draws need computing)."""
@@ -185,7 +213,7 @@ def draw_counts(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.
 def train(
     train_x: Callable[[np.ndarray, np.random.Generator], np.ndarray],
     train_y: np.ndarray,
-    val_x: np.ndarray,
+    val_x: Callable[[np.ndarray], np.ndarray],
     val_y: np.ndarray,
     dim: int,
     n_classes: int,
@@ -200,7 +228,8 @@ def train(
         train_x: given positions ``[B]`` into the training set and the run's generator, the
             features ``float32 [B, D]`` to train on (one distorted variant each, when distortions are on).
         train_y: ``int64 [N_train]`` labels of the training set.
-        val_x: ``float32 [N_val, D]`` validation features; ``val_y`` their labels.
+        val_x: given validation positions ``[V]``, their features ``float32 [V, D]``; ``val_y``
+            ``int64 [N_val]`` the validation set's labels.
         dim: feature size D; n_classes: C.
         on_eval: called at every evaluation point.
         on_checkpoint: called with ``(step, classifier)`` after every step (for intermediate graphs).
@@ -216,7 +245,7 @@ def train(
     scaler = standardizer or Standardizer(np.zeros(dim, np.float32), np.ones(dim, np.float32))
     clf = Classifier(_truncated_normal(rng, 0.001, (dim, n_classes)), np.zeros(n_classes, np.float32))
     next_batch = _positions(train_y, n_classes, config)
-    sample_val = Sampler(val_y, n_classes, config.balance_classes)
+    validation = _Validation(val_x, val_y, n_classes, config)
     lr = np.float32(config.learning_rate)
     for step in range(config.steps):
         positions = next_batch()
@@ -228,9 +257,9 @@ def train(
         grad /= len(y)
         clf.weights -= lr * scaler.gradient(x, grad)
         clf.biases -= lr * grad.sum(axis=0)
-        if step % config.eval_step_interval == 0 or step + 1 == config.steps:
+        if _evaluates(step, config):
             folded = scaler.fold(clf, np.float32)
-            evaluation = _evaluate(folded, x, y, val_x, val_y, sample_val, step, config, rng)
+            evaluation = _evaluate(folded, x, y, validation, step, config)
             if on_eval is not None:
                 on_eval(evaluation)
         if on_checkpoint is not None:
@@ -238,16 +267,34 @@ def train(
     return scaler.fold(clf)
 
 
+class _Validation:
+    """The validation batches of :func:`train`: drawn from their own stream, as :func:`validation_draws`
+    replays them."""
+
+    def __init__(
+        self,
+        features: Callable[[np.ndarray], np.ndarray],
+        labels: np.ndarray,
+        n_classes: int,
+        config: TrainConfig,
+    ) -> None:
+        self.features, self.labels, self.size = features, labels, config.validation_batch_size
+        self.sampler = Sampler(labels, n_classes, config.balance_classes)
+        self.rng = np.random.default_rng([config.seed, VALIDATION_STREAM])
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch's features ``[V, D]`` and labels ``[V]``."""
+        positions = self.sampler(self.size, self.rng)
+        return self.features(positions), self.labels[positions]
+
+
 def _evaluate(
     clf: Classifier,
     x: np.ndarray,
     y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
-    sample_val: Sampler,
+    validation: _Validation,
     step: int,
     config: TrainConfig,
-    rng: np.random.Generator,
 ) -> Evaluation:
     """One evaluation point: the step's batch again after the step (as retrain.py does) and a
     validation batch; logged with retrain.py's lines unless ``config.log_steps`` is off."""
@@ -260,12 +307,12 @@ def _evaluate(
         log.info("%s: Step %d: Cross entropy = %f", now, step, cross_entropy)
     val_acc = val_ce = None
     val_n = 0
-    if len(val_y):
-        vpos = sample_val(config.validation_batch_size, rng)
-        vlogits = clf.logits(val_x[vpos])
-        _, val_ce = softmax_cross_entropy(vlogits, val_y[vpos])
-        val_acc = float(np.mean(np.argmax(vlogits, axis=1) == val_y[vpos]))
-        val_n = len(vpos)
+    if len(validation.labels):
+        val_x, val_y = validation.batch()
+        vlogits = clf.logits(val_x)
+        _, val_ce = softmax_cross_entropy(vlogits, val_y)
+        val_acc = float(np.mean(np.argmax(vlogits, axis=1) == val_y))
+        val_n = len(val_y)
         if config.log_steps:
             log.info(
                 "%s: Step %d: Validation accuracy = %.1f%% (N=%d)", datetime.now(), step, val_acc * 100, val_n
