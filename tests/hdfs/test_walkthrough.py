@@ -257,6 +257,7 @@ def test_label_over_webhdfs_with_spnego(secure_hdfs, walkthrough_input, cluster_
     assert capsys.readouterr().out.startswith("red circles (score = ")
 
 
+@pytest.mark.slow
 def test_spark_engine_reads_hdfs_and_writes_the_cache_as_tensorflow(
     secure_hdfs, walkthrough_input, cluster_flags, model_dir, monkeypatch
 ):
