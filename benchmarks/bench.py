@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import lastlayer
+from lastlayer.config import TrainingConfig
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.options import parse_flags
@@ -263,7 +264,10 @@ def main() -> int:
 
         rss1, n1 = peak_rss(options(args.images, work / "rss1", args.model_dir))
         rss4, n4 = peak_rss(options(big, work / "rss4", args.model_dir))
-        dim = model.feature_size
+        # the features of a default run (block features on), not only the last block's
+        dim = load_feature_model(
+            DEFAULT_ARCHITECTURE, str(args.model_dir), block_features=TrainingConfig().block_features
+        ).feature_size
         feat1, feat4 = n1 * dim * 4, n4 * dim * 4
         print(
             f"peak RSS: {rss1 / 2**20:.0f} MiB for {n1} images, {rss4 / 2**20:.0f} MiB for {n4} images "
