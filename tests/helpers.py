@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +56,26 @@ def make_dataset(root: Path, per_class: int = 30, seed: int = 0, fmt: str = "JPE
 
 
 @contextlib.contextmanager
-def serve_folder(folder: Path) -> Iterator[str]:
-    """Serve ``folder`` over HTTP on 127.0.0.1 while the block runs; yields the base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+def serve_http(handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` over HTTP on 127.0.0.1 (a thread per request) while the block runs; yields
+    the base URL, ``http://127.0.0.1:PORT``."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve ``folder`` over HTTP on 127.0.0.1 while the block runs; yields the base URL."""
+    with serve_http(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))) as url:
+        yield url
 
 
 def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:

@@ -10,7 +10,6 @@ import io
 import socket
 import stat
 import tarfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import ClassVar
 
 import pytest
 
+from helpers import serve_http
 from lastlayer.errors import DataError, StorageError, UsageError
 from lastlayer.jobs import archive
 
@@ -288,16 +288,8 @@ def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
         monkeypatch.delenv(name, raising=False)
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serve_http(functools.partial(_QuietHandler, directory=str(root))) as url:
+        yield url, root
 
 
 def test_http_download(http_root: tuple[str, Path], tmp_path: Path):

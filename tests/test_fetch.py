@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import pytest
 
+from helpers import serve_http
 from lastlayer.errors import DataError, StorageError, UsageError
 from lastlayer.fetch import Limits, fetch, shown
 
@@ -63,13 +64,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    thread.join(timeout=10)
+    with serve_http(Handler) as url:
+        yield url.removeprefix("http://")
 
 
 def test_a_trickling_server_is_cut_off_at_the_total_time(server):

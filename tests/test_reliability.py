@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import zipfile
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 
 import lastlayer
-from helpers import make_dataset, serve_folder
+from helpers import make_dataset, serve_folder, serve_http
 from lastlayer.cli import main
 from lastlayer.errors import ModelError, UsageError
 from lastlayer.jobs import secret_store
@@ -78,13 +77,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join(timeout=10)
+    with serve_http(Hostile) as url:
+        yield url
 
 
 # --- tiny jobs -----------------------------------------------------------------------------------
