@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lastlayer.engines.base import Engine
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLOWERS = SHARED / "datasets" / "flower_photos_sample"
 
@@ -146,3 +148,12 @@ def serving(
     finally:
         if server.process.poll() is None:
             server.interrupt()
+
+
+class FakeEngine(Engine):
+    """Base of the tests' engines: made without configuration; subclasses say what ``extract``
+    yields."""
+
+    @classmethod
+    def from_config(cls, config: object, storage_options: object, spark_conf: object) -> FakeEngine:
+        return cls()

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import pytest
 
-from helpers import make_dataset
+from helpers import FakeEngine, make_dataset
 from lastlayer.cache import CachedKeys, FeatureStore, Row
 from lastlayer.dataset import scan
-from lastlayer.engines.base import Engine, Need, NeedTest, Result, Task
+from lastlayer.engines.base import Need, NeedTest, Result, Task
 from lastlayer.features import CacheNeed, compute_bottlenecks, distortion_key, in_shard
 from lastlayer.preprocess import Distortions
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, resolve
@@ -21,7 +21,7 @@ DIM = 4
 DISTORT = Distortions(flip_left_right=True)
 
 
-class Recorder(Engine):
+class Recorder(FakeEngine):
     """Answers every task with fixed features (variants as asked), a decode error for names
     containing 'bad', and a vanished file for names containing 'gone'; records the needs it saw."""
 
@@ -29,10 +29,6 @@ class Recorder(Engine):
 
     def __init__(self) -> None:
         self.needs: dict[str, Need] = {}
-
-    @classmethod
-    def from_config(cls, config, storage_options, spark_conf):
-        return cls()
 
     def extract(
         self,

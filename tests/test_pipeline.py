@@ -14,11 +14,11 @@ import onnx
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import make_dataset
+from helpers import FakeEngine, make_dataset
 from lastlayer import contract, pipeline
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
-from lastlayer.engines.base import Engine, NeedTest, Result, Task
+from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.errors import DataError, UsageError
 from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
@@ -29,7 +29,7 @@ from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_fe
 DIM = 8
 
 
-class ClassFeatures(Engine):
+class ClassFeatures(FakeEngine):
     """A stand-in engine for stage tests: the features of an image are a one-hot of its class folder
     plus noise, so that a softmax separates them; it counts what it was asked to compute."""
 
@@ -37,10 +37,6 @@ class ClassFeatures(Engine):
 
     def __init__(self) -> None:
         self.asked: list[str] = []
-
-    @classmethod
-    def from_config(cls, config, storage_options, spark_conf):
-        return cls()
 
     def extract(
         self,

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import make_dataset
+from helpers import FakeEngine, make_dataset
 from lastlayer import cache, pipeline, stream
 from lastlayer.cache import FeatureStore, Row, part_schema
 from lastlayer.config import TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
-from lastlayer.engines.base import Engine, NeedTest, Result, Task
+from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.features import combine, compute_bottlenecks
 from lastlayer.preprocess import Distortions
 from lastlayer.train import Classifier, Standardizer
@@ -102,7 +102,7 @@ def test_a_large_part_loads_its_keys_alone_and_is_checked_when_streamed(tmp_path
     assert FeatureStore(str(tmp_path), DIM).damaged == 1 and not part.exists()
 
 
-class Counting(Engine):
+class Counting(FakeEngine):
     """Features that tell the classes apart (a one-hot of the class folder plus noise) and distorted
     variants as asked; counts the network passes."""
 
@@ -110,10 +110,6 @@ class Counting(Engine):
 
     def __init__(self, dim: int = DIM) -> None:
         self.dim, self.passes = dim, 0
-
-    @classmethod
-    def from_config(cls, config, storage_options, spark_conf):
-        return cls()
 
     def extract(
         self,
