@@ -17,7 +17,7 @@ For each zoo network (default: all of them) and its ``<name>_int8`` version, on 
   0.5 points of float; the change is the mean over the folds, with its standard error.
 - sizes: the network, and the retrained model ``--output_graph`` (5 classes) in float and in int8.
 
-Cross-validation is written here because ``retrain --cross_validation`` (issue 10) is not on main yet.
+The folds are ``retrain --cross_validation``'s (:func:`lastlayer.evaluate.folds`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
+from lastlayer.evaluate import folds
 from lastlayer.export import build_classifier
 from lastlayer.features import compute_bottlenecks
 from lastlayer.preprocess import decode
@@ -77,17 +78,6 @@ def end_to_end(images, model, work: Path) -> tuple[float, np.ndarray]:
     return found.computed / seconds, found.read(np.arange(len(images.files)))
 
 
-def folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """``k`` stratified folds: each class's positions shuffled (``seed``) and dealt round-robin."""
-    rng = np.random.default_rng(seed)
-    out: list[list[int]] = [[] for _ in range(k)]
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        for i, position in enumerate(members):
-            out[i % k].append(int(position))
-    return [np.array(sorted(f)) for f in out]
-
-
 def fit(x: np.ndarray, y: np.ndarray, classes: int) -> Classifier:
     empty = np.zeros((0, x.shape[1]), np.float32)
     return train(lambda pos, rng: x[pos], y, empty, np.zeros(0, np.int64), x.shape[1], classes, TrainConfig())
@@ -99,7 +89,8 @@ def cross_validate(
     """Per-fold accuracy (%) of: float, int8, and the float-trained layer on int8 features."""
     classes = int(y.max()) + 1
     scores: dict[str, list[float]] = {"float": [], "int8": [], "float layer on int8": []}
-    for held in (fold for seed in range(repeats) for fold in folds(y, k, seed)):
+    fold_of = [folds(y, k, seed) for seed in range(repeats)]
+    for held in (np.flatnonzero(f == i) for f in fold_of for i in range(k)):
         train_at = np.setdiff1d(np.arange(len(y)), held)
         on_float = fit(float_x[train_at], y[train_at], classes)
         on_int8 = fit(int8_x[train_at], y[train_at], classes)

@@ -8,6 +8,18 @@ venv="${LASTLAYER_VENV:-.venv}"
 extra="${1:-}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# apt-install those of the given Debian packages that are not installed yet.
+apt_ensure() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+}
 
 if ! python3 -c "import venv, ensurepip" 2>/dev/null; then
     as_root apt-get update -qq
@@ -20,30 +32,14 @@ if [ "$extra" = test ]; then
     # libkrb5-dev, gcc, python3-dev: requests-kerberos' gssapi dependency is built from source (no wheel)
     hdfs_pkgs=(krb5-kdc krb5-admin-server krb5-user libgssapi-krb5-2 openjdk-17-jdk-headless maven curl
                libkrb5-dev gcc python3-dev)
-    hdfs_missing=()
-    for pkg in "${hdfs_pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || hdfs_missing+=("$pkg")
-    done
-    if [ "${#hdfs_missing[@]}" -gt 0 ]; then
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${hdfs_missing[@]}" >/dev/null
-    fi
+    apt_ensure "${hdfs_pkgs[@]}"
     # Runs `mvn -q -B -f harness/pom.xml -DskipTests package` (offline first) unless already built.
     python3 harness/securehdfs.py build
 fi
 # <<< secure HDFS test harness <<<
 # With `test`: the browser tests (report, serve page) drive Debian's headless Chromium through its driver.
 if [ "$extra" = test ]; then
-    browser_missing=()
-    for pkg in chromium chromium-driver; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || browser_missing+=("$pkg")
-    done
-    if [ "${#browser_missing[@]}" -gt 0 ]; then
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${browser_missing[@]}" >/dev/null
-    fi
+    apt_ensure chromium chromium-driver
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip

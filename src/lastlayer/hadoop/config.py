@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 from lastlayer import storage
 from lastlayer.errors import DataError, StorageError
@@ -62,19 +61,19 @@ def read_folder(conf_dir: str) -> dict[str, str]:
     return props
 
 
-def download(base_url: str, into: str, limits: Limits) -> None:
-    """Download both files from ``base_url`` into the folder ``into``, each checked before it lands.
+def download(base_url: str, into: str, limits: Limits) -> dict[str, str]:
+    """Download both files from ``base_url`` into the folder ``into``, each checked before it lands;
+    their properties, as :func:`read_folder` gives them.
 
     Raises:
         StorageError: unreachable, refused, missing or too slow (naming ``limits.seconds_setting``).
         DataError: larger than ``limits.max_bytes`` (naming its setting), or not a configuration.
     """
+    props: dict[str, str] = {}
     for name in CONFIG_FILES:
         url = storage.join(base_url, name)
         data = fetch(url, limits, what=name)
-        check(data, name, shown(url))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=into)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(into, name))
+        props.update(check(data, name, shown(url)))
+        storage.write_atomic(os.path.join(into, name), data)
     log.info("Hadoop configuration downloaded from %s", shown(base_url))
+    return props

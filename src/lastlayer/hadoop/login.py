@@ -31,14 +31,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 from lastlayer.errors import KerberosError, UsageError
 from lastlayer.fetch import Limits
-from lastlayer.fields import option, problem
+from lastlayer.fields import option, problems
 from lastlayer.hadoop import config as hadoop_config
 from lastlayer.hadoop import fs as _fs  # noqa: F401  (registers the hdfs:// adapter with fsspec)
 
@@ -89,10 +89,8 @@ class ClusterConfig:
         if bool(self.principal) != bool(self.keytab):
             given, missing = ("principal", "keytab") if self.principal else ("keytab", "principal")
             raise UsageError(f"--{given} needs --{missing}: pass both, or neither to use the ticket cache")
-        for f in fields(self):
-            text = problem(f, getattr(self, f.name))
-            if text is not None:
-                raise UsageError(f"--{f.name}={getattr(self, f.name)!r}: {text}")
+        for name, value, why in problems(self):
+            raise UsageError(f"--{name}={value!r}: {why}")
 
     @property
     def download_limits(self) -> Limits:
@@ -227,10 +225,11 @@ class HadoopLogin:
         if self.config.hdfs_config_uri:
             self.conf_dir = os.path.join(self._folder, "hadoop-conf")
             os.makedirs(self.conf_dir, mode=0o700, exist_ok=True)
-            hadoop_config.download(self.config.hdfs_config_uri, self.conf_dir, self.config.download_limits)
+            self.properties = hadoop_config.download(
+                self.config.hdfs_config_uri, self.conf_dir, self.config.download_limits
+            )
         elif self.config.hadoop_conf_dir:
             self.conf_dir = os.path.abspath(self.config.hadoop_conf_dir)
-        if self.conf_dir:
             self.properties = hadoop_config.read_folder(self.conf_dir)
         if not self.principal:
             self.ccache = os.environ.get("KRB5CCNAME", "")

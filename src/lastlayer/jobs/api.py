@@ -238,8 +238,7 @@ def uninstall(name: str, state_dir: StateDir = None) -> None:
     """Stop the job if it runs and remove its state folder (logs and local outputs included); nothing
     outside the state folder is removed."""
     job = Job.named(name, state_dir)
-    job.plan()
-    stop(name, state_dir)
+    stop(name, state_dir)  # a job that does not exist ends here
     lock = _lock_after_stop(job)
     try:
         job.remove()

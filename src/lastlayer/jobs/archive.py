@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import lzma
 import os
 import posixpath
@@ -118,24 +117,6 @@ def _spool(dest: Path, shown: str) -> IO[bytes]:
         return tempfile.TemporaryFile(prefix=f".{dest.name}.download-", dir=dest.parent)
     except OSError as exc:
         raise StorageError(f"cannot download {shown} into {dest}: {one_line(exc)}") from exc
-
-
-def extract(
-    data: bytes,
-    dest_dir: str | os.PathLike[str],
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    source: str = "the archive",
-    replace: bool = False,
-    bytes_setting: str = "max_bytes",
-) -> list[str]:
-    """Extract archive bytes into ``dest_dir``; see :func:`fetch_and_extract` (``source`` names it,
-    ``bytes_setting`` names ``max_bytes`` in messages)."""
-    if max_bytes <= 0:
-        raise UsageError(f"max_bytes must be positive, got {max_bytes}")
-    dest = Path(dest_dir).absolute()
-    _check_dest(dest, replace)
-    return _extract(io.BytesIO(data), dest, _Budget(max_bytes, bytes_setting), fetch.shown(source), replace)
 
 
 def _extract(data: BinaryIO, dest: Path, budget: _Budget, shown: str, replace: bool) -> list[str]:

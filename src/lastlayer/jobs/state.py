@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
@@ -207,10 +208,6 @@ class Job:
         pid = read_pid(self.pid_path)
         return pid if alive(pid) else None
 
-    def supervisor_alive(self) -> bool:
-        """Whether the job's supervisor runs."""
-        return self.supervisor_pid() is not None
-
 
 def masked(spec: JobSpec) -> JobSpec:
     """``spec`` with the password or token of every URL it holds masked (``http://***@host/...``)."""
@@ -317,6 +314,16 @@ def end_process(pid: int, first: signal.Signals = signal.SIGTERM) -> None:
         deadline = time.monotonic() + STOP_GRACE_S
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """End our child ``proc``: SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`; reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_GRACE_S)
 
 
 def rss_mib(pid: int) -> float:

@@ -31,7 +31,7 @@ from lastlayer.jobs import tensorboard
 from lastlayer.jobs.plan import COMPLETE, ERROR, PHASES, RUNNING, STARTING, Plan, Step
 from lastlayer.jobs.prepare import Prepared, prepare, remaining
 from lastlayer.jobs.spec import JobSpec, TaskGroupSpec
-from lastlayer.jobs.state import STOP_GRACE_S, Job, JobLock, last_line, rss_mib
+from lastlayer.jobs.state import STOP_GRACE_S, Job, JobLock, last_line, rss_mib, terminate
 from lastlayer.jobs.task import TASK_ENV, TaskDescription
 from lastlayer.jobs.user import RunAs, hand_over, let_through, run_as
 
@@ -307,7 +307,7 @@ class _Supervisor:
 
     def kill_all(self, message: str, status: str = ERROR) -> None:
         for name, proc in list(self.procs.items()):
-            _terminate(proc)
+            terminate(proc)
             self.finish(self.plan.step(name), status, proc.returncode, message)
 
 
@@ -332,15 +332,6 @@ def _cluster(plan: Plan) -> dict[str, list[str]]:
         role = step.name.rsplit("-", 1)[0]
         cluster.setdefault(role, []).append(f"127.0.0.1:{_free_port()}")
     return cluster
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_GRACE_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lastlayer.jobs.secret_store import write_private
-from lastlayer.jobs.state import STOP_GRACE_S, Job, alive, end_process, last_line
+from lastlayer.jobs.state import Job, alive, end_process, last_line, terminate
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class TensorBoard:
         """Stop it (SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`)."""
         self.job.tensorboard_path.unlink(missing_ok=True)
         if self.proc is not None:
-            end_process(self.proc.pid)
-            self.proc.wait(timeout=STOP_GRACE_S)
+            terminate(self.proc)
             self.proc = None
 
 
