@@ -674,12 +674,16 @@ class FeatureStore:
             return None
         return _parse(data, self.dim)
 
+    def _whole_keys(self, fs: Any, path: str) -> pa.Table | None:
+        """The part's :data:`KEY_COLUMNS`, the file read whole and checked (as :meth:`_read_part`)."""
+        table = self._read_part(fs, path)
+        return table if table is None or table is _VANISHED else table.select(list(KEY_COLUMNS))
+
     def _key_table(self, fs: Any, path: str, size: int | None) -> pa.Table | None:
         """The part's :data:`KEY_COLUMNS` (as :meth:`_read_part` says what it found): a small or
         legacy file read whole, else the footer and the key columns' byte ranges alone."""
         if size is None or size <= WHOLE_READ_BYTES:
-            table = self._read_part(fs, path)
-            return table if table is None or table is _VANISHED else table.select(list(KEY_COLUMNS))
+            return self._whole_keys(fs, path)
         buffer = bytearray(size)  # only the ranges read are touched (and resident)
         tail = max(0, size - 65536)
         try:
@@ -689,8 +693,7 @@ class FeatureStore:
                 return None
             metadata = pq.ParquetFile(io.BytesIO(buffer)).metadata
             if "has_feature" not in metadata.schema.to_arrow_schema().names:
-                table = self._read_part(fs, path)
-                return table if table is None or table is _VANISHED else table.select(list(KEY_COLUMNS))
+                return self._whole_keys(fs, path)
             if not self._fetch(fs, path, buffer, _column_ranges(metadata, KEY_COLUMNS)):
                 return None
         except FileNotFoundError:

@@ -166,6 +166,12 @@ class CacheNeed:
         """Distorted variants wanted for the training image at position ``index``."""
         return self.variants if self.draws is None else min(self.variants, int(self.draws[index]))
 
+    def wanted_many(self, positions: np.ndarray) -> np.ndarray:
+        """``int64 [K]``: :meth:`wanted` for the training images at ``positions``."""
+        if self.draws is None:
+            return np.full(len(positions), self.variants, np.int64)
+        return np.minimum(self.variants, self.draws[positions])
+
     def idle(self, training: np.ndarray) -> np.ndarray:
         """``bool [N]``: the images that need nothing whatever their bytes (with distortions on, the
         training images that training never draws), given ``training`` ``bool [N]``."""
@@ -188,11 +194,7 @@ class CacheNeed:
         if self.distorted is None:
             return self.plain.has_many(contents, 0)
         done = training | self.plain.has_many(contents, 0)
-        wanted = (
-            np.full(len(positions), self.variants)
-            if self.draws is None
-            else np.minimum(self.variants, self.draws[positions])
-        )
+        wanted = self.wanted_many(positions)
         for v in range(self.variants):
             done &= ~(training & (wanted > v)) | self.distorted.has_many(contents, v)
         return done | self.plain.failed_many(contents)
@@ -430,9 +432,7 @@ def _variants(
     if distorted is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     at = np.flatnonzero(wanting)
-    wanted = (
-        np.full(len(at), need.variants) if need.draws is None else np.minimum(need.variants, need.draws[at])
-    )
+    wanted = need.wanted_many(at)
     table = np.full((len(at), need.variants), -1, np.int64)
     for v in range(need.variants):
         where, found = distorted.locations(contents.keys[at], v)

@@ -22,7 +22,7 @@ import numpy as np
 from lastlayer import __version__, storage, stream
 from lastlayer.cache import LOAD_ATTEMPTS, remove_damaged
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
-from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageFile, ImageSet, scan
+from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageSet, scan
 from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.engines.base import Engine
@@ -809,11 +809,10 @@ def evaluate(
     drew)."""
     test, predicted = _predict_splits(clf, data)
     full_y = data.labels[TESTING]
-    test_pred, test_y = test.predicted, full_y
-    test_files: list[ImageFile] = [images.files[i] for i in data.index[TESTING]]
+    test_pred, test_y, test_positions = test.predicted, full_y, data.index[TESTING]
     if test_batch_size != -1 and len(test_y):
         pick = np.random.default_rng(seed + 1).integers(0, len(test_y), test_batch_size)
-        test_pred, test_y, test_files = test_pred[pick], test_y[pick], [test_files[i] for i in pick]
+        test_pred, test_y, test_positions = test_pred[pick], test_y[pick], test_positions[pick]
     test_accuracy = accuracy(test_pred, test_y)
     if test_accuracy is None:
         log.warning("The test set is empty: no final test accuracy (raise --testing_percentage)")
@@ -821,9 +820,9 @@ def evaluate(
         log.info("Final test accuracy = %.1f%% (N=%d)", test_accuracy * 100, len(test_y))
     if outputs.print_misclassified_test_images:
         log.info("=== MISCLASSIFIED TEST IMAGES ===")
-        for f, pred, truth in zip(test_files, test_pred, test_y, strict=True):
-            if pred != truth:
-                log.info("%70s  %s", f.url, images.labels[pred])
+        wrong = np.flatnonzero(test_pred != test_y)
+        for f, pred in zip(images.files.at(test_positions[wrong]), test_pred[wrong].tolist(), strict=True):
+            log.info("%70s  %s", f.url, images.labels[pred])
     held_out = [np.concatenate([predicted[s][i] for s in (VALIDATION, TESTING)]) for i in (0, 1)]
     confusion = confusion_matrix(full_y, test.predicted, len(images.labels))
     balanced, f1, biggest, largest = _class_balance(confusion, images.labels)
@@ -1007,7 +1006,7 @@ def learning_curve(history: list[Evaluation]) -> LearningCurve:
     """The evaluation points of training as columns."""
 
     def column(values: list[float | None]) -> list[float | None]:
-        return [None if v is None else finite(v) for v in values]
+        return [_rounded(v) for v in values]
 
     return LearningCurve(
         [ev.step for ev in history],

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 POSITION_STREAM = 1
 #: Second word of the seed of the validation batches' stream (replayed by :func:`validation_draws`).
 VALIDATION_STREAM = 2
+#: Draws :func:`draw_counts` counts at once (32 MiB of int64).
+_COUNTED_AT_ONCE = 1 << 22
 #: A feature whose standard deviation on the training split is below this is only centred.
 MIN_STD = 1e-6
 
@@ -157,11 +159,11 @@ class Sampler:
     uniformly and then an image of that class; ``n = -1`` gives every position once."""
 
     def __init__(self, labels: np.ndarray, n_classes: int, balanced: bool) -> None:
-        present = [c for c in range(n_classes) if np.any(labels == c)]
+        per_class = np.bincount(labels, minlength=n_classes).astype(np.int64)
         self.size = len(labels)
         self.balanced = balanced
-        self.order = np.concatenate([np.flatnonzero(labels == c) for c in present]) if present else labels
-        self.counts = np.array([np.count_nonzero(labels == c) for c in present], np.int64)
+        self.order = np.argsort(labels, kind="stable")  # each present class's positions, in turn
+        self.counts = per_class[per_class > 0]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
     def __call__(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -182,6 +184,14 @@ def _positions(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> Call
     return lambda: sampler(config.train_batch_size, rng)
 
 
+def _validation_positions(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> Callable[[], np.ndarray]:
+    """The validation batches' positions, one call per evaluation point, from their own seeded
+    stream."""
+    sampler = Sampler(val_y, n_classes, config.balance_classes)
+    rng = np.random.default_rng([config.seed, VALIDATION_STREAM])
+    return lambda: sampler(config.validation_batch_size, rng)
+
+
 def _evaluates(step: int, config: TrainConfig) -> bool:
     """Whether training evaluates at ``step`` (every ``eval_step_interval`` steps and the last)."""
     return step % config.eval_step_interval == 0 or step + 1 == config.steps
@@ -190,13 +200,10 @@ def _evaluates(step: int, config: TrainConfig) -> bool:
 def validation_draws(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.ndarray:
     """``int64``: the validation positions :func:`train` with ``config`` will score, every
     evaluation point's batch one after the other (replayed without training)."""
-    sampler = Sampler(val_y, n_classes, config.balance_classes)
     if not len(val_y):
         return np.zeros(0, np.int64)
-    rng = np.random.default_rng([config.seed, VALIDATION_STREAM])
-    batches = [
-        sampler(config.validation_batch_size, rng) for s in range(config.steps) if _evaluates(s, config)
-    ]
+    next_batch = _validation_positions(val_y, n_classes, config)
+    batches = [next_batch() for s in range(config.steps) if _evaluates(s, config)]
     return np.concatenate(batches) if batches else np.zeros(0, np.int64)
 
 
@@ -205,8 +212,14 @@ def draw_counts(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.
     (replayed without training, so that only the distorted variants it draws need computing)."""
     next_batch = _positions(train_y, n_classes, config)
     counts = np.zeros(len(train_y), np.int64)
-    for _ in range(config.steps):
-        counts += np.bincount(next_batch(), minlength=len(train_y))
+    drawn: list[np.ndarray] = []
+    pending = 0
+    for step in range(config.steps):  # counted a chunk of draws at a time: steps x N would not scale
+        drawn.append(next_batch())
+        pending += len(drawn[-1])
+        if pending >= _COUNTED_AT_ONCE or step + 1 == config.steps:
+            counts += np.bincount(np.concatenate(drawn), minlength=len(train_y))
+            drawn, pending = [], 0
     return counts
 
 
@@ -278,13 +291,12 @@ class _Validation:
         n_classes: int,
         config: TrainConfig,
     ) -> None:
-        self.features, self.labels, self.size = features, labels, config.validation_batch_size
-        self.sampler = Sampler(labels, n_classes, config.balance_classes)
-        self.rng = np.random.default_rng([config.seed, VALIDATION_STREAM])
+        self.features, self.labels = features, labels
+        self.next_positions = _validation_positions(labels, n_classes, config)
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next batch's features ``[V, D]`` and labels ``[V]``."""
-        positions = self.sampler(self.size, self.rng)
+        positions = self.next_positions()
         return self.features(positions), self.labels[positions]
 
 
