@@ -208,7 +208,6 @@ class EngineConfig:
         "'lastlayer[gpu]' and an NVIDIA GPU) or auto (cuda when a GPU answers, else cpu, with a log line).",
         choices=DEVICES,
         upper_choices=False,
-        rule=f"must be one of {', '.join(DEVICES)}",
     )
     gpu_batch_size: int = option(
         64,

@@ -6,7 +6,6 @@ import argparse
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any
 
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
@@ -23,7 +22,7 @@ def connect(ns: argparse.Namespace) -> Iterator[HadoopLogin | None]:
     its :meth:`~HadoopLogin.env` that in-process clients need (:data:`IN_PROCESS_ENV`) exported for
     the command and restored on exit. ``None`` when no cluster flag is given and no ticket cache is
     named (``KRB5CCNAME``): every client then keeps its own defaults."""
-    config = ClusterConfig(**{f.name: getattr(ns, f.name) for f in fields(ClusterConfig)})
+    config = from_namespace(ns, ClusterConfig)
     config.validate()
     if config == ClusterConfig() and "KRB5CCNAME" not in os.environ:
         yield None

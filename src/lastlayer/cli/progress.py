@@ -16,9 +16,10 @@ import logging
 import shutil
 import threading
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from lastlayer.train import Evaluation
+if TYPE_CHECKING:
+    from lastlayer.train import Evaluation
 
 log = logging.getLogger("lastlayer")
 

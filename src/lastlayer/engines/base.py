@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from lastlayer.cache import Row
 from lastlayer.preprocess import Distortions
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from lastlayer.cache import CacheFolders
+    from lastlayer.cache import CacheFolders, Row
     from lastlayer.config import EngineConfig
     from lastlayer.zoo import FeatureModel
 
@@ -100,6 +99,10 @@ class Result:
         """The cache rows of this result: for the plain folder (features, the decode error, or, for an
         image whose content was already cached, a record of its path and stamp) and for the
         distorted variants' folder."""
+        from lastlayer.cache import (
+            Row,  # not at import: the cache loads pyarrow, which the CLI's start need not
+        )
+
         task = self.task
         plain: list[Row] = []
         if not self.content:

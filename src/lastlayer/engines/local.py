@@ -252,13 +252,13 @@ class LocalEngine(Engine):
         done = 0
         with ThreadPoolExecutor(self.threads, thread_name_prefix="lastlayer-extract") as pool:
             pending: deque[Future[list[Result]]] = deque()
-            chunks = _chunks(tasks, self.batch_size)
+            batches = chunks(tasks, self.batch_size)
             try:
-                for chunk in itertools.islice(chunks, 2 * self.threads):
+                for chunk in itertools.islice(batches, 2 * self.threads):
                     pending.append(pool.submit(job, chunk))
                 while pending:
                     results = pending.popleft().result()
-                    for chunk in itertools.islice(chunks, 1):
+                    for chunk in itertools.islice(batches, 1):
                         pending.append(pool.submit(job, chunk))
                     done += len(results)
                     yield from results
@@ -269,7 +269,8 @@ class LocalEngine(Engine):
                     fut.cancel()
 
 
-def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
+def chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
+    """``tasks`` in lists of ``size`` (the last one shorter)."""
     it = iter(tasks)
     while chunk := list(itertools.islice(it, size)):
         yield chunk

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import itertools
 import logging
 import os
 import re
@@ -40,9 +39,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import onnxruntime as ort
 
-from lastlayer.cache import FLUSH_ROWS, Row, commit, discard, discard_stale, new_run, stage_part
 from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
-from lastlayer.engines.local import Prepared, prefetch, prepare, read_task, run_network
+from lastlayer.engines.local import Prepared, chunks, prefetch, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.hadoop import fs as _hdfs  # noqa: F401  (registers hdfs:// and viewfs:// in executors too)
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
@@ -52,7 +50,7 @@ if TYPE_CHECKING:
     from pyspark import Broadcast
     from pyspark.sql import SparkSession
 
-    from lastlayer.cache import CacheFolders
+    from lastlayer.cache import CacheFolders, Row
     from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -287,6 +285,8 @@ class _Staging:
 
     def add(self, result: Result) -> Iterator[Outcome]:
         """Keep the rows of ``result``; yield the part files written."""
+        from lastlayer.cache import FLUSH_ROWS  # (cache imports: see Result.rows)
+
         for rows, more in zip(self.rows, result.rows(), strict=True):
             rows.extend(more)
         if max(len(rows) for rows in self.rows) >= FLUSH_ROWS:
@@ -294,6 +294,8 @@ class _Staging:
 
     def close(self) -> Iterator[Outcome]:
         """Write what is kept; yield the part files written."""
+        from lastlayer.cache import stage_part
+
         for distorted, rows in enumerate(self.rows):
             folder = self.folders.distorted if distorted else self.folders.plain
             if rows and folder is not None:
@@ -350,6 +352,8 @@ def _run_wave(
 ) -> list[Result]:
     """One Spark job over ``wave``, whose tasks write to ``remote`` (``folders`` as the executors
     reach them); its part files committed to ``folders``; a result per task."""
+    from lastlayer.cache import commit, discard
+
     sc = spark.sparkContext
     slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * sc.defaultParallelism)
     job = sc.parallelize(wave, max(1, slices)).mapPartitions(
@@ -456,6 +460,8 @@ class SparkEngine(Engine):
         progress: Callable[[int], None] | None,
         folders: CacheFolders,
     ) -> Iterator[Result]:
+        from lastlayer.cache import discard_stale, new_run
+
         sc = spark.sparkContext
         remote = dataclasses.replace(
             folders, storage_options=executor_options(folders.storage_options, sc.master, self.cluster)
@@ -467,11 +473,7 @@ class SparkEngine(Engine):
         wave_size = max(WAVE_MIN, WAVE_PER_CORE * sc.defaultParallelism)
         run, done = new_run(), 0
         try:
-            it = iter(tasks)
-            for number in itertools.count():
-                wave = list(itertools.islice(it, wave_size))
-                if not wave:
-                    break
+            for number, wave in enumerate(chunks(tasks, wave_size)):
                 yield from _run_wave(
                     spark, wave, folders, remote, f"{run}-{number}", model_bc=model_bc, need_bc=need_bc,
                     distortions=distortions, batch_size=self.batch_size,
