@@ -39,3 +39,16 @@ def as_superuser(cluster, code: str) -> None:
         f"import fsspec\nfs = fsspec.filesystem('hdfs', host='127.0.0.1', port={cluster.namenode_port})\n"
     )
     subprocess.run([sys.executable, "-c", prologue + code], env=env, check=True, timeout=120)
+
+
+def upload_for_tensorflow(cluster, photos, folder: str) -> subprocess.CompletedProcess[str]:
+    """As the `hdfs` superuser: /tensorflow made and owned by tensorflow, then ``lastlayer upload`` of
+    ``photos`` into ``folder`` (asserted to succeed); the upload's process."""
+    as_superuser(
+        cluster,
+        "fs.makedirs('/tensorflow', exist_ok=True)\n"
+        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n",
+    )
+    done = lastlayer_as(cluster, "hdfs", "upload", str(photos), f"hdfs://{folder}")
+    assert done.returncode == 0, done.stderr
+    return done

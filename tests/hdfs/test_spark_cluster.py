@@ -23,7 +23,7 @@ import pytest
 
 from helpers import make_dataset
 
-from .helpers import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
+from .helpers import ENV_KEYS, lastlayer_as, principal_flags, upload_for_tensorflow
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -125,13 +125,7 @@ def audit(cluster, path_part: str) -> list[str]:
 def cluster_input(secure_hdfs, tmp_path_factory):
     """36 photos in HDFS, readable by tensorflow; /tensorflow owned by tensorflow."""
     photos = make_dataset(tmp_path_factory.mktemp("cluster") / "shapes", per_class=12, seed=7)
-    as_superuser(
-        secure_hdfs,
-        "fs.makedirs('/tensorflow', exist_ok=True)\n"
-        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n",
-    )
-    done = lastlayer_as(secure_hdfs, "hdfs", "upload", str(photos), f"hdfs://{INPUT}")
-    assert done.returncode == 0, done.stderr
+    upload_for_tensorflow(secure_hdfs, photos, INPUT)
     return photos
 
 

@@ -18,7 +18,7 @@ import pytest
 from helpers import make_dataset
 from lastlayer.cli import main
 
-from .helpers import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
+from .helpers import ENV_KEYS, principal_flags, upload_for_tensorflow
 
 INPUT = "/tensorflow_input_data/shapes"
 RUN = "/tensorflow/test_run"
@@ -51,13 +51,7 @@ def hdfs_fs(secure_hdfs, user: str | None, monkeypatch):
 def walkthrough_input(secure_hdfs, tmp_path_factory):
     """As the `hdfs` superuser: the photos in /tensorflow_input_data, /tensorflow owned by tensorflow."""
     photos = make_dataset(tmp_path_factory.mktemp("photos") / "shapes", per_class=12)
-    as_superuser(
-        secure_hdfs,
-        "fs.makedirs('/tensorflow', exist_ok=True)\n"
-        "fs.client.set_owner('/tensorflow', 'tensorflow', 'tensorflow')\n",
-    )
-    done = lastlayer_as(secure_hdfs, "hdfs", "upload", str(photos), f"hdfs://{INPUT}")
-    assert done.returncode == 0, done.stderr
+    done = upload_for_tensorflow(secure_hdfs, photos, INPUT)
     assert json.loads(done.stdout)["copied"] == 36
     return photos
 
