@@ -8,12 +8,12 @@ listed a page at a time as hdfs-native lists HDFS; no files exist) and a warm ca
 measures with ``tracemalloc`` (numpy included) plus Arrow's allocator:
 
 * **listing**: the :class:`~lastlayer.dataset.ImageSet` kept after the scan, and the scan's peak;
-* **cache keys**: the two :class:`~lastlayer.cache.FeatureStore` s' lookups (keys and locations),
+* **cache keys**: the two :class:`~lastlayer.bottlenecks.store.FeatureStore` s' lookups (keys and locations),
   and their peak while loading;
-* **plan**: what :func:`~lastlayer.features.compute_bottlenecks` keeps while the engine runs: each
+* **plan**: what :func:`~lastlayer.bottlenecks.needs.compute_bottlenecks` keeps while the engine runs: each
   image's content key, the tasks, the pending mask (warm: nothing to compute; cold: an empty cache,
   every image a task);
-* **to executors**: the pickled need test (:meth:`~lastlayer.features.CacheNeed.portable`), which
+* **to executors**: the pickled need test (:meth:`~lastlayer.bottlenecks.needs.CacheNeed.portable`), which
   Spark broadcasts.
 
 Prints bytes per image for each, their sum, and the projection to 10⁷ images.
@@ -42,10 +42,12 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from hdfs_native.fsspec import HdfsFileSystem
 
-from lastlayer import features
-from lastlayer.cache import FeatureStore, part_schema
+from lastlayer.bottlenecks import needs as features
+from lastlayer.bottlenecks.keys import distortion_key
+from lastlayer.bottlenecks.needs import CacheNeed
+from lastlayer.bottlenecks.parts import part_schema
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.dataset import scan
-from lastlayer.features import CacheNeed, distortion_key
 from lastlayer.preprocess import Distortions
 
 CHILD_TIMEOUT_S = 3600

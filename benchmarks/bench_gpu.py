@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from lastlayer import contract
+from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.config import EngineConfig
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
-from lastlayer.features import compute_bottlenecks
 from lastlayer.preprocess import decode
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 

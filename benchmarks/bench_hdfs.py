@@ -31,7 +31,8 @@ import fsspec
 import numpy as np
 from bench import DEFAULT_IMAGES, repeated_copy
 
-from lastlayer.cache import FeatureStore, Row
+from lastlayer.bottlenecks.parts import Row
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.transfer import upload
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
 from lastlayer.evaluate import folds
 from lastlayer.export import build_classifier
-from lastlayer.features import compute_bottlenecks
 from lastlayer.preprocess import decode
 from lastlayer.train import Classifier, TrainConfig, train
 from lastlayer.zoo import ZOO, Backbones, load_feature_model

@@ -61,9 +61,9 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
     """One measurement in this (fresh) process; returns its timings and the CPU seconds of its last
     extraction."""
     start = time.perf_counter()
+    from lastlayer.bottlenecks.needs import compute_bottlenecks
     from lastlayer.dataset import scan
     from lastlayer.engines.local import LocalEngine
-    from lastlayer.features import compute_bottlenecks
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
     model = load_feature_model(DEFAULT_ARCHITECTURE, model_dir)

@@ -12,20 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lastlayer.cache import (
-    COMPACT_ABOVE,
-    STAGING,
-    DigestMap,
-    FeatureStore,
-    Row,
-    commit,
-    discard_stale,
-    key_digest,
-    key_digests,
-    new_run,
-    part_schema,
-    stage_part,
-)
+from lastlayer.bottlenecks.keys import DigestMap, key_digest, key_digests
+from lastlayer.bottlenecks.parts import Row, part_schema
+from lastlayer.bottlenecks.staging import STAGING, commit, discard_stale, new_run, stage_part
+from lastlayer.bottlenecks.store import COMPACT_ABOVE, FeatureStore
 
 
 def rows(n: int, start: int = 0, dim: int = 4) -> list[Row]:

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import make_dataset
-from lastlayer.cache import COMPACT_ABOVE, FeatureStore, Row
+from lastlayer.bottlenecks.parts import Row
+from lastlayer.bottlenecks.store import COMPACT_ABOVE, FeatureStore
 from lastlayer.cli import main
 
 DIM = 4
@@ -104,8 +105,8 @@ def test_two_retrain_runs_sharing_a_cache_at_once_both_compact_and_lose_nothing(
 
 KILLABLE = """
 import sys
-import lastlayer.cache
-lastlayer.cache.FLUSH_ROWS = 8
+import lastlayer.bottlenecks.store
+lastlayer.bottlenecks.store.FLUSH_ROWS = 8
 from lastlayer.cli import main
 sys.exit(main(sys.argv[1:]))
 """

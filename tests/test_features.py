@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from helpers import FakeEngine, make_dataset
-from lastlayer.cache import CachedKeys, FeatureStore, Row
+from lastlayer.bottlenecks.keys import CachedKeys, distortion_key
+from lastlayer.bottlenecks.needs import CacheNeed, compute_bottlenecks, in_shard
+from lastlayer.bottlenecks.parts import Row
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.dataset import scan
 from lastlayer.engines.base import Need, NeedTest, Result, Task
-from lastlayer.features import CacheNeed, compute_bottlenecks, distortion_key, in_shard
 from lastlayer.preprocess import Distortions
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, resolve
 

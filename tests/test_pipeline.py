@@ -289,16 +289,16 @@ def test_a_run_that_diverges_fails_and_writes_no_model(tmp_path, shapes_dir, mod
 def test_a_part_found_damaged_when_streamed_sends_its_images_back_to_extraction(
     tmp_path, tiny_model, monkeypatch, caplog
 ):
-    from lastlayer import cache
+    from lastlayer.bottlenecks import parts, store
 
-    monkeypatch.setattr(cache, "WHOLE_READ_BYTES", 0)  # keys load from their columns alone
+    monkeypatch.setattr(store, "WHOLE_READ_BYTES", 0)  # keys load from their columns alone
     data = make_dataset(tmp_path / "data", per_class=10)
     run = run_for(tmp_path, data)
     images = pipeline.scan_images(str(data), run.training, None)
     engine = ClassFeatures()
     pipeline.extract(images, tiny_model, run, engine, None)
     (part,) = (tmp_path / "cache").rglob("part-*")
-    metadata = pq.read_metadata(part).row_group(0).column(cache.part_schema(DIM).names.index("feature"))
+    metadata = pq.read_metadata(part).row_group(0).column(parts.part_schema(DIM).names.index("feature"))
     data_bytes = bytearray(part.read_bytes())
     data_bytes[metadata.data_page_offset + metadata.total_compressed_size // 2] ^= 0xFF
     part.write_bytes(bytes(data_bytes))

@@ -15,13 +15,14 @@ from onnx import helper
 
 from helpers import make_dataset
 from lastlayer import contract, pipeline
-from lastlayer.cache import FeatureStore
+from lastlayer.bottlenecks.keys import distortion_key
+from lastlayer.bottlenecks.needs import compute_bottlenecks
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import DataError, UsageError
 from lastlayer.evaluate import balanced_accuracy, folds, largest_share, macro_f1
-from lastlayer.features import compute_bottlenecks, distortion_key
 from lastlayer.inference import RetrainedModel
 from lastlayer.preprocess import decode
 from lastlayer.train import Classifier, Sampler, Standardizer, TrainConfig, draw_counts, train

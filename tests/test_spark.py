@@ -16,14 +16,17 @@ import pytest
 from PIL import Image
 
 from helpers import make_dataset
-from lastlayer.cache import CachedKeys, CacheFolders, FeatureStore
+from lastlayer.bottlenecks.keys import CachedKeys
+from lastlayer.bottlenecks.needs import CacheNeed, compute_bottlenecks
+from lastlayer.bottlenecks.staging import CacheFolders
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.cli import main
 from lastlayer.dataset import scan
 from lastlayer.engines import spark
 from lastlayer.engines.base import Task, available_cores
-from lastlayer.engines.local import PREFETCH_POLL_S, LocalEngine, prefetch
+from lastlayer.engines.batch import PREFETCH_POLL_S, prefetch
+from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import EngineError, UsageError
-from lastlayer.features import CacheNeed, compute_bottlenecks
 from lastlayer.preprocess import Distortions
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 

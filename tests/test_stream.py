@@ -15,12 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import FakeEngine, make_dataset
-from lastlayer import cache, pipeline, stream
-from lastlayer.cache import FeatureStore, Row, part_schema
+from lastlayer import pipeline
+from lastlayer.bottlenecks import parts, passes
+from lastlayer.bottlenecks import store as cache_store
+from lastlayer.bottlenecks.needs import combine, compute_bottlenecks
+from lastlayer.bottlenecks.parts import Row, part_schema
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.config import TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
 from lastlayer.engines.base import NeedTest, Result, Task
-from lastlayer.features import combine, compute_bottlenecks
 from lastlayer.preprocess import Distortions
 from lastlayer.train import Classifier, Standardizer
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, resolve
@@ -64,13 +67,13 @@ def test_todays_part_files_are_read_and_merged_into_new_ones(tmp_path: Path):
     assert store.content_for("moved/1.jpg", "1:9") == f"{1:064x}"  # a path record, not a row
     assert np.array_equal(feature_of(store, 1), np.ones(DIM, np.float32))
     store.flush_rows = 1
-    for i in range(10, 10 + cache.COMPACT_ABOVE):
+    for i in range(10, 10 + cache_store.COMPACT_ABOVE):
         store.add(rows(1, start=i))  # one small new-format file each
     store.compact()
     (merged,) = tmp_path.glob("part-*")
     assert merged.name.endswith(".v2.parquet")
     for again in (store, FeatureStore(str(tmp_path), DIM)):
-        assert len(again) == 3 + cache.COMPACT_ABOVE and again.content_for("moved/1.jpg", "1:9")
+        assert len(again) == 3 + cache_store.COMPACT_ABOVE and again.content_for("moved/1.jpg", "1:9")
         assert [feature_of(again, i)[0] for i in (1, 12)] == [1, 12]  # locations follow the merge
 
 
@@ -81,7 +84,7 @@ def feature_column_range(path: Path) -> tuple[int, int]:
 
 
 def test_a_large_part_loads_its_keys_alone_and_is_checked_when_streamed(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(cache, "WHOLE_READ_BYTES", 0)  # every part is "large"
+    monkeypatch.setattr(cache_store, "WHOLE_READ_BYTES", 0)  # every part is "large"
     store = FeatureStore(str(tmp_path), DIM)
     store.add(rows(50))
     store.flush()
@@ -93,7 +96,7 @@ def test_a_large_part_loads_its_keys_alone_and_is_checked_when_streamed(tmp_path
     again = FeatureStore(str(tmp_path), DIM)
     assert len(again) == 50 and again.damaged == 0  # the keys load (their pages check out)
     source = again.source()
-    with pytest.raises(cache.UnreadablePart) as found:
+    with pytest.raises(parts.UnreadablePart) as found:
         source.read(0, verify=True)
     assert not found.value.vanished
     data[(start + end) // 2] ^= 0xFF
@@ -164,8 +167,8 @@ def test_spilled_rows_and_chunked_logits_give_the_in_memory_results(tmp_path: Pa
     scaler = data._prepared[fit.key][0]
     assert np.allclose(scaler.mean, Standardizer.of(x).mean, atol=1e-6)
     assert np.allclose(scaler.scale, Standardizer.of(x).scale, rtol=1e-5)
-    monkeypatch.setattr(stream, "GATHER_BYTES", 0)  # every gathered row in a temporary file
-    monkeypatch.setattr(stream, "LOGITS_BYTES", 4 * 3 * 7)  # logits of 7 rows at a time
+    monkeypatch.setattr(passes, "GATHER_BYTES", 0)  # every gathered row in a temporary file
+    monkeypatch.setattr(passes, "LOGITS_BYTES", 4 * 3 * 7)  # logits of 7 rows at a time
     again, _ = training_data(tmp_path)
     spilled, spilled_scores = fitted(again, config)
     assert again._prepared[fit.key][1]._file is not None
@@ -180,7 +183,7 @@ def test_statistics_merged_by_cells_equal_those_of_all_rows_at_once():
     rng = np.random.default_rng(3)
     x = (rng.normal(5, 2, (1000, 6)) * [1, 10, 100, 1e-3, 1, 1]).astype(np.float32)
     cells = rng.integers(0, 4, 1000)
-    moments = stream.Moments(4, [4, 2])
+    moments = passes.Moments(4, [4, 2])
     for start in range(0, 1000, 128):  # parts of 128 rows, two networks
         at = slice(start, start + 128)
         moments.add(0, cells[at], x[at, :4])
@@ -199,17 +202,17 @@ def test_an_ensemble_s_predictions_add_every_network_s_share(tmp_path: Path, mon
     ]
     both = combine(parts)
     assert both.dim == 13 and both.plain.shape == (30, 2)
-    monkeypatch.setattr(stream, "LOGITS_BYTES", 4 * 3 * 4)
+    monkeypatch.setattr(passes, "LOGITS_BYTES", 4 * 3 * 4)
     rng = np.random.default_rng(0)
     clfs = [Classifier(rng.normal(0, 1, (13, 3)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32))]
     truth = images.label_index.astype(np.int64)
-    predicted = stream.predict(both, np.arange(30), clfs, np.zeros(30, np.int64), truth)
+    predicted = passes.predict(both, np.arange(30), clfs, np.zeros(30, np.int64), truth)
     x = np.hstack([p.read(np.arange(30)) for p in parts])
     assert np.array_equal(predicted.predicted, clfs[0].predict(x))
 
 
 def test_a_pass_holds_a_few_parts_never_the_feature_matrix(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(stream, "GATHER_BYTES", 0)
+    monkeypatch.setattr(passes, "GATHER_BYTES", 0)
     data, _ = training_data(tmp_path, per_class=4)
     store = FeatureStore(str(tmp_path / "big"), 256, flush_rows=512)
     for start in range(0, 16384, 512):
@@ -222,9 +225,9 @@ def test_a_pass_holds_a_few_parts_never_the_feature_matrix(tmp_path: Path, monke
         (source,), (), locations[:, None], b.variant_images, b.variants, np.ones(16384, bool), [], 0, 0, 0
     )
     tracemalloc.start()
-    moments, held = stream.load(big, (ids, ids % 3, 3), ids[::7], ids)
+    moments, held = passes.load(big, (ids, ids % 3, 3), ids[::7], ids)
     clf = Classifier(np.ones((256, 3), np.float32), np.zeros(3, np.float32))
-    stream.predict(big, ids, [clf], np.zeros(16384, np.int64), ids % 3)
+    passes.predict(big, ids, [clf], np.zeros(16384, np.int64), ids % 3)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     held.close()

@@ -19,8 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastlayer import __version__, storage, stream
-from lastlayer.cache import LOAD_ATTEMPTS, remove_damaged
+from lastlayer import __version__, storage
+from lastlayer.bottlenecks import passes as stream
+from lastlayer.bottlenecks.needs import Bottlenecks, combine, compute_bottlenecks
+from lastlayer.bottlenecks.parts import remove_damaged
+from lastlayer.bottlenecks.passes import DamagedCache, Predictions, RowStore
+from lastlayer.bottlenecks.store import LOAD_ATTEMPTS
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageSet, scan
 from lastlayer.demo import demo_image_dir
@@ -38,8 +42,6 @@ from lastlayer.evaluate import (
     per_class_scores,
 )
 from lastlayer.export import build_classifier
-from lastlayer.features import Bottlenecks, combine, compute_bottlenecks
-from lastlayer.stream import DamagedCache, Predictions, RowStore
 from lastlayer.summaries import SummaryWriter
 from lastlayer.summary import (
     MAX_MISCLASSIFIED,
@@ -335,7 +337,7 @@ def extract(
     draws: np.ndarray | None = None,
 ) -> Bottlenecks:
     """The bottlenecks of this worker's shard, each network's from its cache, else computed by
-    ``engine``; several networks' side by side (:func:`~lastlayer.features.combine`)."""
+    ``engine``; several networks' side by side (:func:`~lastlayer.bottlenecks.needs.combine`)."""
     parts = []
     for branch in model:
         part = _bottlenecks(images, branch, run, engine, progress, draws)
@@ -426,7 +428,7 @@ def load(
 
     Goes back to extraction, computing everything missing itself (even other workers' shares), when
     that pass finds a cache file damaged (removed: its images are computed again) or gone (another
-    process merged it), up to :data:`~lastlayer.cache.LOAD_ATTEMPTS` times; and, with distortions on,
+    process merged it), up to :data:`~.store.LOAD_ATTEMPTS` times; and, with distortions on,
     when training images found unusable change what training draws (planned again without them).
 
     Raises:
@@ -462,7 +464,7 @@ def _forget(exc: DamagedCache, run: Run, attempts: int) -> int:
     """Remove the damaged files of ``exc`` (their images are computed again); how many.
 
     Raises:
-        DataError: this was the :data:`~lastlayer.cache.LOAD_ATTEMPTS` th attempt.
+        DataError: this was the :data:`~lastlayer.bottlenecks.store.LOAD_ATTEMPTS` th attempt.
     """
     if attempts >= LOAD_ATTEMPTS:
         raise DataError(
@@ -586,7 +588,7 @@ class TrainingData:
         return data
 
     def prepare(self, fits: list[Fit]) -> None:
-        """The pass before training (:func:`lastlayer.stream.load`) for those of ``fits`` not prepared
+        """The pass before training (:func:`~.passes.load`) for those of ``fits`` not prepared
         yet: each one's standardizer, from the rows that stand for its training images (grouped by
         which fits each image belongs to), the rows its draws and validation batches will read, and a
         check of every file the evaluations will read.

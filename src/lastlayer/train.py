@@ -11,7 +11,7 @@ accuracy on a validation batch drawn the same way (``-1``: the whole set).
 
 The training positions and the validation batches come from seeded streams of their own, so that
 :func:`draw_counts` and :func:`validation_draws` can replay them before training: the rows training
-will read are known in advance and gathered from the cache in one pass (:mod:`lastlayer.stream`).
+will read are known in advance and gathered from the cache in one pass (:mod:`lastlayer.bottlenecks.passes`).
 
 Measured (docs/benchmarks.md, "Model quality"): standardizing makes 500 steps at retrain.py's
 learning rate converge on thousands of images (+2 to +3.7 points by cross-validation where plain

@@ -2,7 +2,7 @@
 
 Every engine implements :class:`~lastlayer.engines.base.Engine`: it takes
 :class:`~lastlayer.engines.base.Task` s and yields :class:`~lastlayer.engines.base.Result` s; the
-cache bookkeeping stays in :mod:`lastlayer.features`. :data:`ENGINES` is the one registry the
+cache bookkeeping stays in :mod:`lastlayer.bottlenecks.needs`. :data:`ENGINES` is the one registry the
 ``--engine`` choices come from.
 """
 

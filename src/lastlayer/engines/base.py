@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,7 +17,8 @@ from lastlayer.preprocess import Distortions
 if TYPE_CHECKING:
     from typing import Self
 
-    from lastlayer.cache import CacheFolders, Row
+    from lastlayer.bottlenecks.parts import Row
+    from lastlayer.bottlenecks.staging import CacheFolders
     from lastlayer.config import EngineConfig
     from lastlayer.zoo import FeatureModel
 
@@ -60,7 +60,7 @@ NeedFn = Callable[[Task, str], Need]
 
 
 class NeedTest(Protocol):
-    """The cache's need test (:class:`lastlayer.features.CacheNeed`) as engines see it."""
+    """The cache's need test (:class:`lastlayer.bottlenecks.needs.CacheNeed`) as engines see it."""
 
     def __call__(self, task: Task, content: str) -> Need: ...
 
@@ -99,9 +99,7 @@ class Result:
         """The cache rows of this result: for the plain folder (features, the decode error, or, for an
         image whose content was already cached, a record of its path and stamp) and for the
         distorted variants' folder."""
-        from lastlayer.cache import (
-            Row,  # not at import: the cache loads pyarrow, which the CLI's start need not
-        )
+        from lastlayer.bottlenecks.parts import Row
 
         task = self.task
         plain: list[Row] = []
@@ -113,18 +111,6 @@ class Result:
             plain.append(Row(self.content, 0, task.relpath, task.stamp, None, None))
         variants = [Row(self.content, v, task.relpath, None, vec, None) for v, vec in self.variants.items()]
         return plain, variants
-
-
-def content_key(data: bytes) -> str:
-    """The cache key of an image's bytes (SHA-256 hex)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def variant_rng(content: str, distortions: Distortions, variant: int) -> np.random.Generator:
-    """The random stream of one distorted variant: fixed by the image, the distortions and the number,
-    so the cache holds the same variants whichever engine or run computed them."""
-    digest = hashlib.sha256(f"{content}|{distortions.to_json()}|{variant}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
 def available_cores() -> int:

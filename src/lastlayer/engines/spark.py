@@ -12,10 +12,11 @@ the part files the tasks wrote:
 * **The model** is broadcast once: Spark ships a broadcast to each executor once, and each Python
   worker builds its onnxruntime session on first use and keeps it for its next tasks.
 * **The cache.** Each task writes its rows as part files into the staging folder of its wave
-  (:func:`lastlayer.cache.stage_part`); when the wave's job has succeeded, the driver moves the files
-  of the one successful attempt of each task into the cache folder and removes the staging folder
-  with whatever failed, retried or speculative attempts left there (:func:`lastlayer.cache.commit`):
-  no row is added twice, none is lost, and a killed run loses at most the wave in flight.
+  (:func:`~lastlayer.bottlenecks.staging.stage_part`); when the wave's job has succeeded, the driver
+  moves the files of the one successful attempt of each task into the cache folder and removes the
+  staging folder with whatever failed, retried or speculative attempts left there
+  (:func:`~lastlayer.bottlenecks.staging.commit`): no row is added twice, none is lost, and a killed
+  run loses at most the wave in flight.
 * **Storage** on the executors goes through :mod:`lastlayer.storage`, as on the driver. On a local
   master the executors are this machine and use the driver's login; on a cluster they use their own
   credentials: on a Kerberized HDFS the delegation tokens of ``HADOOP_TOKEN_FILE_LOCATION`` (which
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import onnxruntime as ort
 
 from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
-from lastlayer.engines.local import Prepared, chunks, prefetch, prepare, read_task, run_network
+from lastlayer.engines.batch import Prepared, chunks, prefetch, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.hadoop import fs as _hdfs  # noqa: F401  (registers hdfs:// and viewfs:// in executors too)
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
     from pyspark import Broadcast
     from pyspark.sql import SparkSession
 
-    from lastlayer.cache import CacheFolders, Row
+    from lastlayer.bottlenecks.parts import Row
+    from lastlayer.bottlenecks.staging import CacheFolders
     from lastlayer.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -276,7 +278,7 @@ def _network_batches(prepared: Iterable[Prepared], batch_size: int) -> Iterator[
 
 class _Staging:
     """A task's rows on their way to the cache: a part file per folder per
-    :data:`~lastlayer.cache.FLUSH_ROWS` rows, and at the end of the task, in the staging folder of
+    :data:`~lastlayer.bottlenecks.store.FLUSH_ROWS` rows, and at the end of the task, in the staging folder of
     ``run``."""
 
     def __init__(self, folders: CacheFolders, run: str) -> None:
@@ -285,7 +287,7 @@ class _Staging:
 
     def add(self, result: Result) -> Iterator[Outcome]:
         """Keep the rows of ``result``; yield the part files written."""
-        from lastlayer.cache import FLUSH_ROWS  # (cache imports: see Result.rows)
+        from lastlayer.bottlenecks.store import FLUSH_ROWS  # (cache imports: see Result.rows)
 
         for rows, more in zip(self.rows, result.rows(), strict=True):
             rows.extend(more)
@@ -294,7 +296,7 @@ class _Staging:
 
     def close(self) -> Iterator[Outcome]:
         """Write what is kept; yield the part files written."""
-        from lastlayer.cache import stage_part
+        from lastlayer.bottlenecks.staging import stage_part
 
         for distorted, rows in enumerate(self.rows):
             folder = self.folders.distorted if distorted else self.folders.plain
@@ -352,7 +354,7 @@ def _run_wave(
 ) -> list[Result]:
     """One Spark job over ``wave``, whose tasks write to ``remote`` (``folders`` as the executors
     reach them); its part files committed to ``folders``; a result per task."""
-    from lastlayer.cache import commit, discard
+    from lastlayer.bottlenecks.staging import commit, discard
 
     sc = spark.sparkContext
     slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * sc.defaultParallelism)
@@ -460,7 +462,7 @@ class SparkEngine(Engine):
         progress: Callable[[int], None] | None,
         folders: CacheFolders,
     ) -> Iterator[Result]:
-        from lastlayer.cache import discard_stale, new_run
+        from lastlayer.bottlenecks.staging import discard_stale, new_run
 
         sc = spark.sparkContext
         remote = dataclasses.replace(

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastlayer.cache import FeatureSource, UnreadablePart, unpack
-from lastlayer.engines.local import prefetch
-from lastlayer.features import Bottlenecks
+from lastlayer.bottlenecks.needs import Bottlenecks
+from lastlayer.bottlenecks.parts import FeatureSource, UnreadablePart, unpack
+from lastlayer.engines.batch import prefetch
 from lastlayer.train import Classifier, softmax_cross_entropy
 
 #: Gathered rows kept in memory up to this many bytes; beyond, in a temporary file.

@@ -2,10 +2,11 @@
 image's features are.
 
 :func:`compute_bottlenecks` returns where in the cache each image's features are (their locations,
-:func:`lastlayer.cache.pack`) and each cache folder's :class:`~lastlayer.cache.FeatureSource`, not
-the features: the passes of :mod:`lastlayer.stream` read them a part file at a time, so no feature
-matrix is ever held. :func:`combine` joins the bottlenecks of several networks (an ensemble): an
-image's features are then every network's side by side.
+:func:`~lastlayer.bottlenecks.parts.pack`) and each cache folder's
+:class:`~lastlayer.bottlenecks.parts.FeatureSource`, not the features: the passes of
+:mod:`lastlayer.bottlenecks.passes` read them a part file at a time, so no feature matrix is ever held.
+:func:`combine` joins the bottlenecks of several networks (an ensemble): an image's features are then
+every network's side by side.
 
 With distortions on, a training image needs at most ``variants`` distorted variants, and only as many
 as training will draw it (``draws``, replayed from the seeded sampler by
@@ -30,9 +31,12 @@ from typing import Any, Protocol, overload
 import numpy as np
 
 from lastlayer import storage
-from lastlayer.cache import CachedKeys, CacheFolders, ContentKeys, FeatureSource, FeatureStore
+from lastlayer.bottlenecks.keys import CachedKeys, ContentKeys
+from lastlayer.bottlenecks.parts import FeatureSource
+from lastlayer.bottlenecks.staging import CacheFolders
+from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.dataset import SPLITS, TRAINING, ImageFile, ImageSet
-from lastlayer.engines import local
+from lastlayer.engines import batch
 from lastlayer.engines.base import Engine, Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
@@ -115,7 +119,7 @@ class Bottlenecks:
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """``float32 [n, D]``: the features of the rows ``ids`` (read at once: for a few rows; passes
-        over many go through :mod:`lastlayer.stream`)."""
+        over many go through :mod:`lastlayer.bottlenecks.passes`)."""
         locations, plain = self.locations(ids), ids < len(self.plain)
         blocks = []
         for b, source in enumerate(self.sources):
@@ -401,7 +405,7 @@ def _assemble(
     skipped: list[tuple[str, str]] = []
     for i, f in zip(skipped_at.tolist(), images.files.at(skipped_at), strict=True):
         content = contents[i]  # (lost: only when a file vanished while the run read the cache)
-        reason = local.VANISHED if content is None else plain.error(content) or "not in the cache"
+        reason = batch.VANISHED if content is None else plain.error(content) or "not in the cache"
         skipped.append((f.relpath, reason))
         log.warning("Skipped %s: %s", f.url, reason)
     usable = ~pending
