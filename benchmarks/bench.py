@@ -43,7 +43,7 @@ from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.options import parse_flags
 from lastlayer.preprocess import Distortions, decode, distort, open_image
-from lastlayer.train import softmax_cross_entropy
+from lastlayer.training.train import softmax_cross_entropy
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ For each zoo network (default: all of them) and its ``<name>_int8`` version, on 
   0.5 points of float; the change is the mean over the folds, with its standard error.
 - sizes: the network, and the retrained model ``--output_graph`` (5 classes) in float and in int8.
 
-The folds are ``retrain --cross_validation``'s (:func:`lastlayer.evaluate.folds`).
+The folds are ``retrain --cross_validation``'s (:func:`lastlayer.training.data.folds`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
-from lastlayer.evaluate import folds
 from lastlayer.export import build_classifier
 from lastlayer.preprocess import decode
-from lastlayer.train import Classifier, TrainConfig, train
+from lastlayer.training.data import folds
+from lastlayer.training.train import Classifier, TrainConfig, train
 from lastlayer.zoo import ZOO, Backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX
 

@@ -35,11 +35,13 @@ import numpy as np
 from bench import DEFAULT_IMAGES, options, rate, timed_retrain
 
 from lastlayer import pipeline
+from lastlayer.bottlenecks.extraction import extract
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
 from lastlayer.engines.local import LocalEngine
-from lastlayer.evaluate import CrossValidation, confusion_matrix, folds, largest_share
-from lastlayer.train import Standardizer, TrainConfig, train
+from lastlayer.training.data import TrainingData, folds
+from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
+from lastlayer.training.train import Standardizer, TrainConfig, train
 from lastlayer.zoo import ZOO, load_backbones
 
 SINGLES = ("mobilenet_v2_1.0_224", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -111,8 +113,8 @@ def features(
         {},
     )
     with LocalEngine() as engine:
-        bottlenecks = pipeline.extract(images, models, run, engine, None)
-    data = pipeline.TrainingData.of(images, bottlenecks)
+        bottlenecks = extract(images, models, engine, run.source(), None)
+    data = TrainingData.of(images, bottlenecks)
     positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
     truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
     return bottlenecks.read(positions), truth, len(images.labels)

@@ -13,7 +13,7 @@ from lastlayer.errors import ModelError, UsageError
 from lastlayer.export import build_classifier
 from lastlayer.inference import BATCH, label
 from lastlayer.preprocess import decode
-from lastlayer.train import Classifier
+from lastlayer.training.train import Classifier
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
 
 

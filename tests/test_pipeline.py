@@ -16,14 +16,20 @@ import pytest
 
 from helpers import FakeEngine, make_dataset
 from lastlayer import contract, pipeline
+from lastlayer.bottlenecks.extraction import extract, wait_for_shards
 from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.errors import DataError, UsageError
+from lastlayer.export import write_model
 from lastlayer.inference import label
 from lastlayer.preprocess import Distortions
 from lastlayer.summary import RunSummary, ShardResult
-from lastlayer.train import Classifier
+from lastlayer.training import fit as training_fit
+from lastlayer.training.data import TrainingData, load
+from lastlayer.training.evaluate import evaluate
+from lastlayer.training.fit import fit
+from lastlayer.training.train import Classifier
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_feature_model, resolve
 
 DIM = 8
@@ -85,10 +91,10 @@ def test_scan_and_extract_stages_cache_what_the_engine_computed(tmp_path, tiny_m
     assert images.labels == ("red circles", "blue squares", "green stripes") and len(images.files) == 30
     engine = ClassFeatures()
     with caplog.at_level(logging.INFO):
-        first = pipeline.extract(images, tiny_model, run, engine, None)
+        first = extract(images, tiny_model, engine, run.source(), None)
     assert first.computed == 30 and len(engine.asked) == 30
     assert "Bottlenecks: 30 computed, 0 from the cache, 0 skipped" in caplog.text
-    again = pipeline.extract(images, tiny_model, run, engine, None)
+    again = extract(images, tiny_model, engine, run.source(), None)
     assert again.computed == 0 and again.reused == 30 and len(engine.asked) == 30
     assert np.array_equal(again.read(np.arange(30)), first.read(np.arange(30)))
 
@@ -98,26 +104,28 @@ def test_a_worker_computes_its_shard_and_worker_0_gives_up_waiting_after_its_lim
     run = run_for(tmp_path, data)
     run.engine = EngineConfig(worker_index=1, worker_count=2, shard_wait_seconds=0.01)
     images = pipeline.scan_images(str(data), run.training, None)
-    shard = pipeline.extract(images, tiny_model, run, ClassFeatures(), None)
+    shard = extract(images, tiny_model, ClassFeatures(), run.source(), None)
     assert 0 < shard.computed < 30 and shard.pending == 30 - shard.computed
     result = pipeline._shard_result(run.engine, tiny_model, shard)
     assert result == ShardResult(1, 2, "tiny", {"computed": shard.computed, "reused": 0})
     assert json.loads(result.to_json())["worker_index"] == 1
     run.engine = EngineConfig(worker_index=0, worker_count=2, shard_wait_seconds=0.01)
-    mine = pipeline.extract(images, tiny_model, run, ClassFeatures(), None)
+    mine = extract(images, tiny_model, ClassFeatures(), run.source(), None)
     assert mine.pending == 0  # worker 1's shard is cached: nothing to wait for
     (tmp_path / "cache").rename(tmp_path / "gone")
-    alone = pipeline.extract(images, tiny_model, run, ClassFeatures(), None)
+    alone = extract(images, tiny_model, ClassFeatures(), run.source(), None)
     with pytest.raises(DataError, match=r"images of other workers' shards are still not in .* after 0 s"):
-        pipeline.wait_for_shards(images, tiny_model, run, ClassFeatures(), alone)
+        wait_for_shards(
+            images, tiny_model, ClassFeatures(), run.source(), alone, run.engine.shard_wait_seconds
+        )
 
 
 def stage_inputs(tmp_path, tiny_model, per_class=10, **training):
     data = make_dataset(tmp_path / "data", per_class=per_class)
     run = run_for(tmp_path, data, **training)
     images = pipeline.scan_images(str(data), run.training, None)
-    bottlenecks = pipeline.extract(images, tiny_model, run, ClassFeatures(), None)
-    return run, images, pipeline.TrainingData.of(images, bottlenecks)
+    bottlenecks = extract(images, tiny_model, ClassFeatures(), run.source(), None)
+    return run, images, TrainingData.of(images, bottlenecks)
 
 
 def test_training_data_needs_every_class_in_the_training_split(tmp_path, tiny_model):
@@ -128,7 +136,7 @@ def test_training_data_needs_every_class_in_the_training_split(tmp_path, tiny_mo
     usable[[f.label_index == 2 for f in images.files]] = False  # every image of one class unusable
     broken = dataclasses.replace(data.bottlenecks, usable=usable)
     with pytest.raises(DataError, match=r"class\(es\) 'green stripes' have no usable training images"):
-        pipeline.TrainingData.of(images, broken)
+        TrainingData.of(images, broken)
 
 
 def test_fit_trains_logs_and_writes_summaries_and_intermediate_models(tmp_path, tiny_model, monkeypatch):
@@ -140,9 +148,9 @@ def test_fit_trains_logs_and_writes_summaries_and_intermediate_models(tmp_path, 
     )
     saved: list[int] = []
     monkeypatch.setattr(
-        pipeline, "build_classifier", lambda model, clf, labels, name: saved.append(1) or b"x"
+        training_fit, "build_classifier", lambda model, clf, labels, name: saved.append(1) or b"x"
     )
-    clf, last = pipeline.fit(data, tiny_model, images.labels, run, seed=3)
+    clf, last = fit(data, tiny_model, images.labels, run.training, run.outputs, run.storage_options, seed=3)
     assert clf.weights.shape == (DIM, 3) and last is not None and last.step == 59
     assert last.train_accuracy > 0.9
     assert sorted(p.name for p in (tmp_path / "inter").iterdir()) == [
@@ -157,7 +165,7 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
     run, images, data = stage_inputs(tmp_path, tiny_model)
     perfect = Classifier(np.eye(DIM, 3, dtype=np.float32), np.zeros(3, np.float32))
     with caplog.at_level(logging.INFO):
-        scores = pipeline.evaluate(perfect, data, images, -1, 3, run.outputs)
+        scores = evaluate(perfect, data, images, -1, 3, run.outputs)
     n_test = len(data.index[TESTING])
     assert scores.test_accuracy == 1.0 and scores.test_n == n_test
     assert f"Final test accuracy = 100.0% (N={n_test})" in caplog.text
@@ -169,7 +177,7 @@ def test_evaluate_scores_every_split_and_the_confusion_matrix(tmp_path, tiny_mod
     wrong = Classifier(np.roll(np.eye(DIM, 3, dtype=np.float32), 1, axis=1), np.zeros(3, np.float32))
     outputs = OutputConfig(print_misclassified_test_images=True)
     with caplog.at_level(logging.INFO):
-        sampled = pipeline.evaluate(wrong, data, images, 7, 3, outputs)
+        sampled = evaluate(wrong, data, images, 7, 3, outputs)
     assert sampled.test_accuracy == 0.0 and sampled.test_n == 7
     assert "=== MISCLASSIFIED TEST IMAGES ===" in caplog.text
 
@@ -178,7 +186,7 @@ def test_export_writes_a_model_that_label_reads_back(tmp_path, model_dir):
     model = Backbones((load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir)),))
     clf = Classifier(np.zeros((model.feature_size, 2), np.float32), np.array([0.0, 1.0], np.float32))
     outputs = OutputConfig(output_graph=str(tmp_path / "m.onnx"), output_labels=str(tmp_path / "l.txt"))
-    pipeline.export(model, clf, ("cat", "dog"), outputs, 5, None)
+    write_model(model, clf, ("cat", "dog"), outputs, 5, None)
     assert (tmp_path / "l.txt").read_text() == "cat\ndog\n"
     meta = contract.metadata(onnx.load(str(tmp_path / "m.onnx")))
     assert meta[contract.SEED] == "5" and meta[contract.MODEL_KEY] == model.key
@@ -296,19 +304,19 @@ def test_a_part_found_damaged_when_streamed_sends_its_images_back_to_extraction(
     run = run_for(tmp_path, data)
     images = pipeline.scan_images(str(data), run.training, None)
     engine = ClassFeatures()
-    pipeline.extract(images, tiny_model, run, engine, None)
+    extract(images, tiny_model, engine, run.source(), None)
     (part,) = (tmp_path / "cache").rglob("part-*")
     metadata = pq.read_metadata(part).row_group(0).column(parts.part_schema(DIM).names.index("feature"))
     data_bytes = bytearray(part.read_bytes())
     data_bytes[metadata.data_page_offset + metadata.total_compressed_size // 2] ^= 0xFF
     part.write_bytes(bytes(data_bytes))
-    bottlenecks = pipeline.extract(images, tiny_model, run, engine, None)
+    bottlenecks = extract(images, tiny_model, engine, run.source(), None)
     assert bottlenecks.computed == 0 and bottlenecks.damaged_files == 0  # its keys still load
     with caplog.at_level(logging.WARNING):
-        loaded = pipeline.load(images, tiny_model, run, engine, bottlenecks, None, 3)
+        loaded = load(images, tiny_model, engine, run.source(), bottlenecks, None, run.training, 3)
     assert "damaged bottleneck cache file" in caplog.text
     assert hashlib.sha256(part.read_bytes()).hexdigest() in part.name  # written again, whole
     assert loaded.bottlenecks.computed == 30 and loaded.bottlenecks.damaged_files == 1
-    clf, _ = pipeline.fit(loaded, tiny_model, images.labels, run, seed=3)
-    assert pipeline.evaluate(clf, loaded, images, -1, 3, run.outputs).accuracy_all[TRAINING] == 1.0
+    clf, _ = fit(loaded, tiny_model, images.labels, run.training, run.outputs, run.storage_options, seed=3)
+    assert evaluate(clf, loaded, images, -1, 3, run.outputs).accuracy_all[TRAINING] == 1.0
     loaded.close()

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import make_dataset
 from lastlayer.cli import progress
-from lastlayer.train import Evaluation
+from lastlayer.training.train import Evaluation
 
 STEP_LINE = re.compile(
     r"^INFO:lastlayer\.train:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}: Step (\d+): Train accuracy = \d+\.\d%$",

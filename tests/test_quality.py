@@ -22,10 +22,11 @@ from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import DataError, UsageError
-from lastlayer.evaluate import balanced_accuracy, folds, largest_share, macro_f1
 from lastlayer.inference import RetrainedModel
 from lastlayer.preprocess import decode
-from lastlayer.train import Classifier, Sampler, Standardizer, TrainConfig, draw_counts, train
+from lastlayer.training.data import folds
+from lastlayer.training.evaluate import balanced_accuracy, largest_share, macro_f1
+from lastlayer.training.train import Classifier, Sampler, Standardizer, TrainConfig, draw_counts, train
 from lastlayer.zoo import load_backbones, load_feature_model
 from lastlayer.zoo.backbones import split_architecture
 

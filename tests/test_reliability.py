@@ -693,7 +693,7 @@ def http_get(url: str) -> bytes:
 @pytest.mark.parametrize("as_task_user", [False, True], ids=["as-the-service", "as-service-user"])
 def test_use_tensorboard_serves_the_jobs_summaries_while_it_runs(as_task_user, request, capsys):
     from lastlayer.jobs import tensorboard
-    from lastlayer.summaries import SummaryWriter
+    from lastlayer.training.tensorboard import SummaryWriter
 
     if not tensorboard.installed():
         pytest.fail("TensorBoard is in the test extra: install it (pip install tensorboard)")
@@ -772,7 +772,7 @@ def test_use_tensorboard_without_tensorboard_says_so(tmp_path, capsys, monkeypat
 def test_label_refuses_a_model_whose_scores_are_not_numbers(tmp_path, model_dir, capsys):
     from lastlayer.export import build_classifier
     from lastlayer.inference import label
-    from lastlayer.train import Classifier
+    from lastlayer.training.train import Classifier
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
 
     features = load_feature_model(DEFAULT_ARCHITECTURE, str(model_dir))

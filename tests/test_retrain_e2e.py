@@ -272,7 +272,7 @@ def test_flower_photos_accuracy_gate(tmp_path, model_dir):
 
 
 def test_a_failed_run_keeps_its_bottlenecks_and_a_rerun_resumes(tmp_path, model_dir, monkeypatch, capsys):
-    import lastlayer.engines.local as local_engine
+    import lastlayer.engines.batch as batch_work
     from lastlayer import storage
     from lastlayer.errors import StorageError
 
@@ -286,10 +286,10 @@ def test_a_failed_run_keeps_its_bottlenecks_and_a_rerun_resumes(tmp_path, model_
             raise StorageError(f"cannot read {url}: the service went away")
         return real(url, storage_options)
 
-    monkeypatch.setattr(local_engine.storage, "read_bytes", flaky)
+    monkeypatch.setattr(batch_work.storage, "read_bytes", flaky)
     code, _ = retrain(tmp_path, data, model_dir, steps=10)
     assert code == 1 and "the service went away" in capsys.readouterr().err
-    monkeypatch.setattr(local_engine.storage, "read_bytes", real)
+    monkeypatch.setattr(batch_work.storage, "read_bytes", real)
     summary = retrain(tmp_path, data, model_dir, steps=10)[1]
     assert summary["cache"]["reused"] >= 4 and summary["cache"]["computed"] == 30 - summary["cache"]["reused"]
 

@@ -18,6 +18,7 @@ from helpers import FakeEngine, make_dataset
 from lastlayer import pipeline
 from lastlayer.bottlenecks import parts, passes
 from lastlayer.bottlenecks import store as cache_store
+from lastlayer.bottlenecks.extraction import extract
 from lastlayer.bottlenecks.needs import combine, compute_bottlenecks
 from lastlayer.bottlenecks.parts import Row, part_schema
 from lastlayer.bottlenecks.store import FeatureStore
@@ -25,7 +26,9 @@ from lastlayer.config import TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
 from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.preprocess import Distortions
-from lastlayer.train import Classifier, Standardizer
+from lastlayer.training.data import TrainingData, final_fit, load, plan_variants
+from lastlayer.training.evaluate import evaluate
+from lastlayer.training.train import Classifier, Standardizer
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, FeatureModel, resolve
 
 DIM = 16
@@ -140,18 +143,16 @@ def tiny(key: str, dim: int = DIM) -> FeatureModel:
     return FeatureModel(key, b"", resolve(DEFAULT_ARCHITECTURE)[1].preprocessing, dim, key * 64)
 
 
-def training_data(
-    tmp_path: Path, per_class: int = 20, **flags
-) -> tuple[pipeline.TrainingData, TrainingConfig]:
+def training_data(tmp_path: Path, per_class: int = 20, **flags) -> tuple[TrainingData, TrainingConfig]:
     images = scan(str(make_dataset(tmp_path / "data", per_class=per_class)), 20, 20)
     config = TrainingConfig(how_many_training_steps=80, random_seed=5, **flags)
     engine = Counting()
     found = compute_bottlenecks(images, tiny("a"), str(tmp_path / "cache"), engine)
-    return pipeline.TrainingData.of(images, found), config
+    return TrainingData.of(images, found), config
 
 
-def fitted(data: pipeline.TrainingData, config: TrainingConfig) -> tuple[Classifier, np.ndarray]:
-    fit = pipeline.final_fit(data, config, 5)
+def fitted(data: TrainingData, config: TrainingConfig) -> tuple[Classifier, np.ndarray]:
+    fit = final_fit(data, config, 5)
     clf = data.train(fit)
     everything = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
     truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
@@ -163,7 +164,7 @@ def test_spilled_rows_and_chunked_logits_give_the_in_memory_results(tmp_path: Pa
     data, config = training_data(tmp_path)
     in_memory, scores = fitted(data, config)
     x = data.bottlenecks.read(data.index[TRAINING])
-    fit = pipeline.final_fit(data, config, 5)
+    fit = final_fit(data, config, 5)
     scaler = data._prepared[fit.key][0]
     assert np.allclose(scaler.mean, Standardizer.of(x).mean, atol=1e-6)
     assert np.allclose(scaler.scale, Standardizer.of(x).scale, rtol=1e-5)
@@ -243,7 +244,7 @@ def test_with_distortions_training_images_train_and_standardize_on_their_variant
     run = pipeline.Run(
         "", "x", training, pipeline.CacheConfig(), pipeline.OutputConfig(), pipeline.EngineConfig(), {}
     )
-    draws = pipeline.plan_variants(images, run, 2)
+    draws = plan_variants(images, run.training, run.engine.worker_count, 2)
     engine = Counting()
     found = compute_bottlenecks(
         images,
@@ -259,12 +260,12 @@ def test_with_distortions_training_images_train_and_standardize_on_their_variant
     drawn = train_at[draws[train_at] > 0]
     assert np.array_equal(np.unique(found.variant_images), drawn)
     assert engine.passes == len(images.files) - len(train_at) + int(np.minimum(draws, 5).sum())
-    data = pipeline.TrainingData.of(images, found)
-    fit = pipeline.final_fit(data, training, 2)
+    data = TrainingData.of(images, found)
+    fit = final_fit(data, training, 2)
     data.prepare([fit])
     variants = found.read(len(images.files) + np.arange(len(found.variant_images)))
     assert np.allclose(data._prepared[fit.key][0].mean, variants.mean(axis=0), atol=1e-6)
-    scores = pipeline.evaluate(data.train(fit), data, images, -1, 2, pipeline.OutputConfig())
+    scores = evaluate(data.train(fit), data, images, -1, 2, pipeline.OutputConfig())
     assert (
         scores.accuracy_all[TRAINING] is not None and scores.test.predicted.shape == data.index[TESTING].shape
     )
@@ -284,14 +285,14 @@ def test_unusable_training_images_make_the_run_plan_its_draws_again(tmp_path: Pa
         str(folder), "x", training, pipeline.CacheConfig(bottleneck_dir=str(tmp_path / "c")),
         pipeline.OutputConfig(), pipeline.EngineConfig(), {},
     )  # fmt: skip
-    draws = pipeline.plan_variants(images, run, 2)
+    draws = plan_variants(images, run.training, run.engine.worker_count, 2)
     assert (draws[bad] > 0).any()
     engine, model = Counting(), pipeline.Backbones((tiny("a"),))
-    found = pipeline.extract(images, model, run, engine, None, draws)
-    with pipeline.load(images, model, run, engine, found, draws, 2) as data:
+    found = extract(images, model, engine, run.source(), None, draws)
+    with load(images, model, engine, run.source(), found, draws, run.training, 2) as data:
         assert not set(bad) & set(data.index[TRAINING].tolist())
-        replanned = pipeline.plan_variants(images, run, 2, data.index[TRAINING])
+        replanned = plan_variants(images, run.training, run.engine.worker_count, 2, data.index[TRAINING])
         drawn = np.flatnonzero(replanned > 0)
         assert np.array_equal(np.unique(data.bottlenecks.variant_images), drawn)
-        clf = data.train(pipeline.final_fit(data, training, 2))
+        clf = data.train(final_fit(data, training, 2))
     assert np.isfinite(clf.weights).all()

@@ -1,4 +1,4 @@
-"""Events files from lastlayer.summaries, read back with TensorBoard's own readers."""
+"""Events files from lastlayer.training.tensorboard, read back with TensorBoard's own readers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
 from lastlayer import storage
-from lastlayer.summaries import (
+from lastlayer.training.tensorboard import (
     FILE_VERSION,
     SummaryWriter,
     crc32c,

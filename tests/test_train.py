@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from lastlayer.evaluate import confusion_matrix, per_class_scores
-from lastlayer.train import TrainConfig, softmax_cross_entropy, train
+from lastlayer.training.evaluate import confusion_matrix, per_class_scores
+from lastlayer.training.train import TrainConfig, softmax_cross_entropy, train
 
 
 def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,9 @@ def main(server: Any, log_dir: str, context: dict[str, Any]) -> None:
         engine = dataclasses.replace(engine, device="cuda")  # the GPUs the job service gave this task
     if engine.engine != "spark" and (role, index) in pool and len(pool) > 1:
         engine = dataclasses.replace(engine, worker_index=position, worker_count=len(pool))
+    if engine.worker_index > 0:  # this task computes its shard of the bottlenecks; worker 0 trains
+        lastlayer.extract_shard(**{**opts.shard_kwargs(), "engine": engine})
+        return
     lastlayer.retrain(**{**opts.api_kwargs(), "engine": engine})
 
 

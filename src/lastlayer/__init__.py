@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     )
     from lastlayer.inference import Prediction, RetrainedModel, label
     from lastlayer.options import RetrainOptions
-    from lastlayer.pipeline import retrain
+    from lastlayer.pipeline import extract_shard, retrain
     from lastlayer.summary import Metrics, RunSummary, ShardResult
     from lastlayer.transfer import UploadReport, upload
 
@@ -64,6 +64,7 @@ __all__ = [
     "UploadReport",
     "UsageError",
     "__version__",
+    "extract_shard",
     "label",
     "retrain",
     "upload",
@@ -73,7 +74,7 @@ __all__ = [
 _HOME = {
     name: module
     for module, names in {
-        "lastlayer.pipeline": ("retrain",),
+        "lastlayer.pipeline": ("retrain", "extract_shard"),
         "lastlayer.inference": ("label", "Prediction", "RetrainedModel"),
         "lastlayer.transfer": ("upload", "UploadReport"),
         "lastlayer.config": ("TrainingConfig", "CacheConfig", "OutputConfig", "EngineConfig"),

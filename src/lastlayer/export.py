@@ -14,17 +14,25 @@ architecture and preprocessing), architecture, final_tensor_name, version and an
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import onnx.compose
 from onnx import helper, numpy_helper
 
-from lastlayer import __version__, contract
+from lastlayer import __version__, contract, storage
 from lastlayer.contract import FEATURES
 from lastlayer.errors import ModelError
-from lastlayer.train import Classifier
+from lastlayer.training.train import Classifier
 from lastlayer.zoo import Backbones, FeatureModel
+
+if TYPE_CHECKING:
+    from lastlayer.config import OutputConfig
+
+#: The run's lines keep the logger name they always had (``INFO:lastlayer.retrain:Save final result to``).
+log = logging.getLogger("lastlayer.retrain")
 
 
 def _prune(graph: onnx.GraphProto, keep: str) -> None:
@@ -131,3 +139,25 @@ def build_classifier(
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def write_model(
+    model: Backbones,
+    clf: Classifier,
+    labels: tuple[str, ...],
+    outputs: OutputConfig,
+    seed: int,
+    storage_options: Mapping[str, Any] | None,
+    network: Backbones | None = None,
+) -> None:
+    """Write the retrained model (carrying its labels and preprocessing) and the labels file.
+
+    Args:
+        model: the network(s) whose features trained ``clf`` (their key goes into the metadata).
+        network: the network(s) the model carries, when not ``model`` (``--quantize_output_graph``).
+    """
+    extra = {contract.MODEL_KEY: model.key, contract.SEED: str(seed)}
+    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra)
+    storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
+    log.info("Save final result to : %s", outputs.output_graph)
+    storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

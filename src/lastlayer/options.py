@@ -114,6 +114,10 @@ class RetrainOptions:
             "engine": self.engine,
         }
 
+    def shard_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`lastlayer.extract_shard` (a worker other than 0) these flags stand for."""
+        return {k: v for k, v in self.api_kwargs().items() if k != "outputs"}
+
 
 def _unsupported(opts: Any) -> None:
     for f in fields(opts):

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lastlayer.evaluate import CrossValidation
+import numpy as np
+
+from lastlayer import __version__, storage
+from lastlayer.dataset import TESTING, TRAINING, VALIDATION
+from lastlayer.training.evaluate import per_class_scores
+
+if TYPE_CHECKING:
+    from lastlayer.config import OutputConfig
+    from lastlayer.dataset import ImageSet
+    from lastlayer.training.data import TrainingData
+    from lastlayer.training.evaluate import CrossValidation, Scores
+    from lastlayer.training.train import Evaluation
+    from lastlayer.zoo import Backbones
+
+#: The run's lines keep the logger name they always had (``INFO:lastlayer.retrain:Save report to``).
+log = logging.getLogger("lastlayer.retrain")
 
 #: The most misclassified test images a run summary lists.
 MAX_MISCLASSIFIED = 100
@@ -169,6 +186,95 @@ class RunSummary:
     learning_curve: LearningCurve = field(default_factory=LearningCurve)
     misclassified: list[Misclassified] = field(default_factory=list)
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        requested: str,
+        image_dir: str,
+        model: Backbones,
+        seed: int,
+        images: ImageSet,
+        data: TrainingData,
+        history: list[Evaluation],
+        scores: Scores,
+        cross_validation: CrossValidation | None,
+        steps: int,
+        timings: dict[str, float],
+        outputs: OutputConfig,
+        options: Mapping[str, Any],
+    ) -> RunSummary:
+        """The run summary: what was found, used, skipped and scored, and where it went.
+
+        Args:
+            requested: the ``--architecture`` asked for (``model`` is what it resolved to).
+            history: every evaluation point of the final fit, in order (its last is the final scores).
+            steps: ``--how_many_training_steps``.
+            timings: seconds per stage.
+            options: every setting by flag name.
+        """
+        last = history[-1] if history else None
+        precision, recall = per_class_scores(scores.confusion)
+        bottlenecks = data.bottlenecks
+        return cls(
+            lastlayer_version=__version__,
+            architecture=model.architecture,
+            architecture_requested=requested,
+            model_key=model.key,
+            seed=seed,
+            image_dir=image_dir,
+            labels=list(images.labels),
+            image_counts=images.counts(),
+            images={
+                "found": len(images.files),
+                "used": int(bottlenecks.usable.sum()),
+                "skipped": len(bottlenecks.skipped),
+                **{split: len(positions) for split, positions in data.index.items()},
+            },
+            skipped=[{"path": path, "reason": reason} for path, reason in bottlenecks.skipped],
+            metrics=Metrics(
+                steps=steps,
+                final_train_accuracy=last.train_accuracy if last else None,
+                final_cross_entropy=last.cross_entropy if last else None,
+                final_validation_accuracy=last.validation_accuracy if last else None,
+                test_accuracy=scores.test_accuracy,
+                test_n=scores.test_n,
+                train_accuracy_all=scores.accuracy_all[TRAINING],
+                validation_accuracy_all=scores.accuracy_all[VALIDATION],
+                test_accuracy_all=scores.accuracy_all[TESTING],
+                validation_and_test_accuracy=scores.accuracy_all["held_out"],
+                validation_and_test_n=scores.held_out_n,
+                test_balanced_accuracy=_rounded(scores.balanced_accuracy),
+                test_macro_f1=_rounded(scores.macro_f1),
+                largest_class=None if scores.largest_class is None else images.labels[scores.largest_class],
+                largest_class_share=_rounded(scores.largest_share),
+                cross_validation=cross_validation,
+            ),
+            confusion_matrix=Confusion(TESTING, "true label", "predicted label", scores.confusion.tolist()),
+            per_class={
+                label: ClassScores(finite(precision[i]), finite(recall[i]), int(scores.confusion[i].sum()))
+                for i, label in enumerate(images.labels)
+            },
+            cache=CacheStats(bottlenecks.computed, bottlenecks.reused, bottlenecks.damaged_files),
+            timings=timings,
+            outputs=Outputs(
+                outputs.output_graph,
+                outputs.output_labels,
+                outputs.summaries_dir,
+                outputs.summary_url,
+                outputs.report_url if outputs.report else "",
+            ),
+            options=dict(options),
+            learning_curve=learning_curve(history),
+            misclassified=misclassified(scores, data, images),
+        )
+
+    def write(self, storage_options: Mapping[str, Any] | None) -> None:
+        """Write the run summary file (atomically), then the HTML report when the run asked for one."""
+        storage.write_atomic(self.outputs.summary_json, self.to_json().encode(), storage_options)
+        if self.outputs.report:
+            write_report(self, storage_options)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data, keys in the summary file's order."""
         return dataclasses.asdict(self)
@@ -198,3 +304,53 @@ class ShardResult:
     def to_json(self) -> str:
         """One line of JSON."""
         return json.dumps(self.to_dict())
+
+
+def misclassified(scores: Scores, data: TrainingData, images: ImageSet) -> list[Misclassified]:
+    """The whole test split's mistakes, worst (lowest probability of the true class) first, at most
+    :data:`MAX_MISCLASSIFIED`."""
+    truth, test = data.labels[TESTING], scores.test
+    wrong = np.flatnonzero(test.predicted != truth)
+    worst = wrong[np.argsort(test.true_probability[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    positions, labels = data.index[TESTING], images.labels
+    return [
+        Misclassified(
+            images.files[positions[i]].relpath,
+            labels[truth[i]],
+            labels[test.predicted[i]],
+            finite(test.confidence[i]),
+            finite(test.true_probability[i]),
+        )
+        for i in worst
+    ]
+
+
+def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None) -> None:
+    """Write the run's HTML report to ``summary.outputs.report``, or warn when the report's
+    libraries are not installed."""
+    from lastlayer import report
+
+    if (missing := report.missing_libraries()) is not None:
+        log.warning("No report written: %s", missing)
+        return
+    report.write(summary.to_dict(), summary.outputs.report, storage_options)
+    log.info("Save report to : %s", summary.outputs.report)
+
+
+def learning_curve(history: list[Evaluation]) -> LearningCurve:
+    """The evaluation points of training as columns."""
+
+    def column(values: list[float | None]) -> list[float | None]:
+        return [_rounded(v) for v in values]
+
+    return LearningCurve(
+        [ev.step for ev in history],
+        column([ev.train_accuracy for ev in history]),
+        column([ev.cross_entropy for ev in history]),
+        column([ev.validation_accuracy for ev in history]),
+        column([ev.validation_cross_entropy for ev in history]),
+    )
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else finite(x)

@@ -10,7 +10,7 @@ every network's side by side.
 
 With distortions on, a training image needs at most ``variants`` distorted variants, and only as many
 as training will draw it (``draws``, replayed from the seeded sampler by
-:func:`lastlayer.train.draw_counts`); its plain features are not computed (training, the
+:func:`lastlayer.training.train.draw_counts`); its plain features are not computed (training, the
 standardization statistics, the training split's accuracy and cross-validation use its variants), and
 an image training never draws is not even read. The network passes are at most ``min(steps x batch
 size, variants x training images)`` plus one per validation and test image, never more than
@@ -41,7 +41,8 @@ from lastlayer.engines.base import Engine, Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.features``), whatever the module's name.
+log = logging.getLogger("lastlayer.features")
 
 
 @dataclass

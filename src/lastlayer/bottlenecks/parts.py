@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from lastlayer import storage
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.cache``), whatever the module's name.
+log = logging.getLogger("lastlayer.cache")
 
 #: A part file's name: the SHA-256 of its bytes, ``.v2`` for the current format (see the module doc).
 PART_RE = re.compile(r"^part-([0-9a-f]{64})(\.v2)?\.parquet$")

@@ -7,9 +7,9 @@ each), never with the features of the rest. Two passes serve training (:mod:`las
 
 * :func:`load`, before any training: the per-feature mean and variance of each training set
   (:class:`Moments`: each part's statistics merged by Chan's formula in float64), the rows training
-  will read (its replayed draws, :func:`lastlayer.train.draw_counts`, and validation batches) gathered
-  into a :class:`RowStore`, and every part a later pass reads checked against its name; a part found
-  damaged or gone raises :class:`DamagedCache`, and the run goes back to extraction.
+  will read (its replayed draws, :func:`lastlayer.training.train.draw_counts`, and validation
+  batches) gathered into a :class:`RowStore`, and every part a later pass reads checked against its
+  name; a part found damaged or gone raises :class:`DamagedCache`, and the run goes back to extraction.
 * :func:`predict`, after training: the predictions of classifiers for rows (evaluation of every
   split, cross-validation's held-out folds, the misclassified images), logits accumulated for at most
   :data:`LOGITS_BYTES` of rows at a time (an ensemble's networks add their share in turn).
@@ -31,7 +31,7 @@ import numpy as np
 from lastlayer.bottlenecks.needs import Bottlenecks
 from lastlayer.bottlenecks.parts import FeatureSource, UnreadablePart, unpack
 from lastlayer.engines.batch import prefetch
-from lastlayer.train import Classifier, softmax_cross_entropy
+from lastlayer.training.train import Classifier, softmax_cross_entropy
 
 #: Gathered rows kept in memory up to this many bytes; beyond, in a temporary file.
 GATHER_BYTES = 64 << 20

@@ -16,7 +16,8 @@ from typing import Any
 from lastlayer import storage
 from lastlayer.bottlenecks.parts import Row, encode_rows
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.cache``), whatever the module's name.
+log = logging.getLogger("lastlayer.cache")
 
 #: The folder of staged part files, inside a cache folder (the loader lists only ``part-*`` files).
 STAGING = "_staging"

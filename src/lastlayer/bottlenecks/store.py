@@ -83,7 +83,8 @@ from lastlayer.bottlenecks.parts import (
     unpack,
 )
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.cache``), whatever the module's name.
+log = logging.getLogger("lastlayer.cache")
 
 #: More *small* part files (fewer rows than :data:`SMALL_PART_ROWS`) than this in one folder are
 #: merged into files of about :data:`FLUSH_ROWS` rows at the end of a run. Larger parts (a Spark

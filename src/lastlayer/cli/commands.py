@@ -31,11 +31,14 @@ if TYPE_CHECKING:
 def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer retrain``: run the job; print the outcome as one JSON line."""
     from lastlayer import pipeline
-    from lastlayer.summary import ShardResult
 
     opts = from_namespace(ns, RetrainOptions)
     opts.validate()
     terminal = sys.stderr.isatty()
+    if opts.engine.worker_index > 0:  # a worker that only computes its shard of the bottlenecks
+        shard = pipeline.extract_shard(**opts.shard_kwargs(), hadoop=hadoop, progress=ProgressBar(sys.stderr))
+        print(shard.to_json())
+        return 0
     result = pipeline.retrain(
         **opts.api_kwargs(),
         hadoop=hadoop,
@@ -44,9 +47,6 @@ def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
         if terminal
         else None,
     )
-    if isinstance(result, ShardResult):  # a worker that only computed its shard of the bottlenecks
-        print(result.to_json())
-        return 0
     metrics = result.metrics
     print(
         json.dumps(

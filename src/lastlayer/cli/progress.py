@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from lastlayer.train import Evaluation
+    from lastlayer.training.train import Evaluation
 
 log = logging.getLogger("lastlayer")
 

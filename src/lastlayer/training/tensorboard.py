@@ -33,7 +33,8 @@ from typing import Any, Self
 
 from lastlayer import storage
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.summaries``), whatever the module's name.
+log = logging.getLogger("lastlayer.summaries")
 
 FILE_VERSION = "brain.Event:2"
 

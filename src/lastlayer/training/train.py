@@ -30,7 +30,8 @@ from datetime import datetime
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.train``), whatever the module's name.
+log = logging.getLogger("lastlayer.train")
 
 #: Second word of the seed of the training-position stream (kept apart from the other draws, so
 #: that :func:`draw_counts` can replay it before the features exist).
