@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 import lastlayer
-from lastlayer.config import TrainingConfig
-from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import TRAINING, scan
-from lastlayer.options import parse_flags
+from lastlayer.model.contract import FEATURES, IMAGE
 from lastlayer.preprocess import Distortions, decode, distort, open_image
+from lastlayer.settings.options import parse_flags
+from lastlayer.settings.run import TrainingConfig
 from lastlayer.training.train import softmax_cross_entropy
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
@@ -163,7 +163,7 @@ def repeated_copy(images: Path, dest: Path, times: int) -> Path:
 PEAK_RSS = """
 import json, sys
 import lastlayer
-from lastlayer.options import parse_flags
+from lastlayer.settings.options import parse_flags
 summary = lastlayer.retrain(**parse_flags(json.loads(sys.argv[1])).api_kwargs())
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_bytes": int(hwm.split()[1]) * 1024, "used": summary.images["used"]}))

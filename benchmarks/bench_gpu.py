@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lastlayer import contract
 from lastlayer.bottlenecks.needs import compute_bottlenecks
-from lastlayer.config import EngineConfig
-from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
+from lastlayer.model import runtime
+from lastlayer.model.contract import FEATURES, IMAGE
 from lastlayer.preprocess import decode
+from lastlayer.settings.run import EngineConfig
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    problem = contract.gpu_problem()
+    problem = runtime.gpu_problem()
     if problem is not None:
         print(f"no GPU for onnxruntime here: {problem}", file=sys.stderr)
         return 2
@@ -93,7 +93,7 @@ def main() -> int:
     model = load_feature_model(args.architecture, str(args.model_dir))
     images = scan(str(args.images), 10, 10)
     inputs = np.stack([decode(Path(f.url).read_bytes(), model.preprocessing) for f in images.files])
-    session = model.session(0, contract.CUDA)
+    session = model.session(0, runtime.CUDA)
     gpu_engine = LocalEngine.from_config(
         EngineConfig(device="cuda", gpu_batch_size=args.gpu_batch_size), None, {}
     )

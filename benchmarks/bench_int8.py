@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from lastlayer.bottlenecks.needs import compute_bottlenecks
-from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.dataset import scan
 from lastlayer.engines.local import LocalEngine
-from lastlayer.export import build_classifier
+from lastlayer.model.contract import FEATURES, IMAGE
+from lastlayer.model.export import build_classifier
 from lastlayer.preprocess import decode
 from lastlayer.training.data import folds
 from lastlayer.training.train import Classifier, TrainConfig, train

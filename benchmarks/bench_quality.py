@@ -36,9 +36,9 @@ from bench import DEFAULT_IMAGES, options, rate, timed_retrain
 
 from lastlayer import pipeline
 from lastlayer.bottlenecks.extraction import extract
-from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
 from lastlayer.engines.local import LocalEngine
+from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.training.data import TrainingData, folds
 from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
 from lastlayer.training.train import Standardizer, TrainConfig, train

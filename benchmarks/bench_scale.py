@@ -53,7 +53,7 @@ RUN_TIMEOUT_S = 3600
 CHILD = """
 import json, sys
 import lastlayer
-from lastlayer.options import parse_flags
+from lastlayer.settings.options import parse_flags
 summary = lastlayer.retrain(**parse_flags(json.loads(sys.argv[1])).api_kwargs())
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"driver_rss": int(hwm.split()[1]) * 1024, "summary": summary.to_dict()}))

@@ -39,9 +39,9 @@ from pathlib import Path
 import httpx
 
 import lastlayer
-from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.demo import demo_image_dir
-from lastlayer.inference import RetrainedModel
+from lastlayer.model.inference import RetrainedModel
+from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"

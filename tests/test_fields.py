@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from lastlayer import fields
-from lastlayer.fields import option
+from lastlayer.settings import fields
+from lastlayer.settings.fields import option
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 from helpers import make_dataset
-from lastlayer import contract
 from lastlayer.errors import ModelError, UsageError
-from lastlayer.export import build_classifier
-from lastlayer.inference import BATCH, label
+from lastlayer.model import contract, runtime
+from lastlayer.model.export import build_classifier
+from lastlayer.model.inference import BATCH, label
 from lastlayer.preprocess import decode
 from lastlayer.training.train import Classifier
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
@@ -58,7 +58,7 @@ def test_the_exported_model_is_features_then_softmax_with_its_metadata(
     (features,) = feature_model.session(1).run([contract.FEATURES], {contract.IMAGE: x})
     logits = features @ classifier.weights + classifier.biases
     expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    (probs,) = contract.session(graph.read_bytes(), "m", 1).run(["final_result"], {contract.IMAGE: x})
+    (probs,) = runtime.session(graph.read_bytes(), "m", 1).run(["final_result"], {contract.IMAGE: x})
     assert np.allclose(probs, expected, atol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_refusals_are_model_errors(graph, tmp_path, feature_model):
 
 def test_the_session_factory_says_which_model_it_cannot_load():
     with pytest.raises(ModelError, match="onnxruntime cannot load my model"):
-        contract.session(b"garbage", "my model")
+        runtime.session(b"garbage", "my model")
     with pytest.raises(UsageError, match="threads must be 0"):
-        contract.session(b"", "x", -1)
+        runtime.session(b"", "x", -1)
     assert contract.meta_key("labels") == "lastlayer.labels"

@@ -14,9 +14,7 @@ import skimage.data
 from PIL import Image
 
 import lastlayer
-from lastlayer import contract
 from lastlayer.cli import main
-from lastlayer.config import EngineConfig, check
 from lastlayer.dataset import scan
 from lastlayer.demo import demo_image_dir
 from lastlayer.engines.base import Need, Task
@@ -24,7 +22,9 @@ from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import UsageError
 from lastlayer.jobs.supervisor import gpus_of
 from lastlayer.jobs.task import Server
+from lastlayer.model import contract, runtime
 from lastlayer.preprocess import decode, to_input
+from lastlayer.settings.run import EngineConfig, check
 from lastlayer.zoo import ZOO, FeatureModel, load_feature_model, quantize, resolve
 from lastlayer.zoo.catalog import INT8_SUFFIX, read_weights
 from lastlayer.zoo.loader import build_network
@@ -153,21 +153,21 @@ def test_quantize_output_graph_needs_a_zoo_network(tmp_path: Path):
 
 @pytest.fixture
 def no_gpu_here():
-    contract.gpu_problem.cache_clear()
+    runtime.gpu_problem.cache_clear()
     yield
-    contract.gpu_problem.cache_clear()
+    runtime.gpu_problem.cache_clear()
 
 
 def test_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back(no_gpu_here, pair, caplog, capsys):
-    assert contract.resolve_device("cpu") == contract.CPU
+    assert runtime.resolve_device("cpu") == runtime.CPU
     with pytest.raises(UsageError, match=r"--device=cuda: .*CPU-only build.*lastlayer\[gpu\]"):
-        contract.resolve_device("cuda")
+        runtime.resolve_device("cuda")
     with pytest.raises(UsageError, match="--device=cuda"):
-        pair[0].session(1, contract.CUDA)
+        pair[0].session(1, runtime.CUDA)
     with pytest.raises(UsageError, match="--device=cuda"):
         LocalEngine(device="cuda")
     with caplog.at_level(logging.INFO, logger="lastlayer.contract"):
-        assert LocalEngine(device="auto").device == contract.CPU
+        assert LocalEngine(device="auto").device == runtime.CPU
     assert "--device=auto: the network runs on the CPU" in caplog.text
     assert main(["retrain", "--device=cuda"]) == 2
     err = capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_a_cuda_provider_that_does_not_start_is_reported(no_gpu_here, monkeypatc
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    assert "CUDA provider did not start" in (contract.gpu_problem() or "")
+    assert "CUDA provider did not start" in (runtime.gpu_problem() or "")
 
 
 def test_device_flags_are_checked():
@@ -197,9 +197,7 @@ def test_on_a_gpu_every_thread_feeds_one_session_in_large_batches(pair, monkeypa
     """The GPU path's wiring, with the CPU standing in for the GPU (no GPU here): one shared session,
     ``gpu_batch_size`` images a call, the same features as the CPU path."""
     float_model, _ = pair
-    monkeypatch.setattr(
-        contract, "resolve_device", lambda device: contract.CUDA if device != "cpu" else "cpu"
-    )
+    monkeypatch.setattr(runtime, "resolve_device", lambda device: runtime.CUDA if device != "cpu" else "cpu")
     made, batches = [], []
 
     class Recording:
@@ -210,9 +208,9 @@ def test_on_a_gpu_every_thread_feeds_one_session_in_large_batches(pair, monkeypa
             batches.append(len(feeds[contract.IMAGE]))
             return self.session.run(names, feeds)
 
-    def session(self, threads=0, device=contract.CPU):
+    def session(self, threads=0, device=runtime.CPU):
         made.append(device)
-        return Recording(contract.session(self.onnx_bytes, self.architecture, threads))
+        return Recording(runtime.session(self.onnx_bytes, self.architecture, threads))
 
     monkeypatch.setattr(type(float_model), "session", session)
     images = scan(demo_image_dir(), 10, 10)
@@ -223,10 +221,10 @@ def test_on_a_gpu_every_thread_feeds_one_session_in_large_batches(pair, monkeypa
 
     engine = LocalEngine.from_config(EngineConfig(device="cuda", gpu_batch_size=32, num_threads=2), None, {})
     gpu = {r.task.index: r.plain for r in engine.extract(tasks, float_model, need)}
-    assert made == [contract.CUDA] and max(batches) == 32 and len(batches) == -(-len(tasks) // 32)
+    assert made == [runtime.CUDA] and max(batches) == 32 and len(batches) == -(-len(tasks) // 32)
     made.clear()
     cpu = {r.task.index: r.plain for r in LocalEngine(2).extract(tasks, float_model, need)}
-    assert set(made) == {contract.CPU}
+    assert set(made) == {runtime.CPU}
     assert all(np.allclose(gpu[i], cpu[i], atol=1e-5) for i in cpu)
 
 
@@ -252,7 +250,8 @@ def test_the_poets_job_gives_gpu_workers_a_shard_and_the_gpu(monkeypatch, role, 
     poets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(poets)
     seen = []
-    monkeypatch.setattr(lastlayer, "retrain", lambda **kwargs: seen.append(kwargs["engine"]))
+    for entry in ("retrain", "extract_shard"):  # worker 0 trains, the others compute their shards
+        monkeypatch.setattr(lastlayer, entry, lambda **kwargs: seen.append(kwargs["engine"]))
     cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"], "gpuworker": ["127.0.0.1:3"]}
     poets.main(Server(cluster, role, index, "grpc://x"), "/tmp", {"args": {"--how_many_training_steps": 5}})
     (engine,) = seen

@@ -9,10 +9,10 @@ from typing import get_type_hints
 
 import pytest
 
-from lastlayer import fields
 from lastlayer.errors import UsageError
 from lastlayer.jobs import spec as spec_module
 from lastlayer.jobs.spec import JobSpec, ServiceSpec, TaskGroupSpec, describe_options
+from lastlayer.settings import fields
 
 # The walkthrough's demos/poets.json, verbatim (section "Distributing the job").
 POETS_JSON = r"""{

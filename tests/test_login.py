@@ -16,12 +16,13 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from lastlayer import fields, storage
+from lastlayer import storage
 from lastlayer.cli import cluster
 from lastlayer.errors import KerberosError, UsageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.hadoop import fs as hadoop_fs
 from lastlayer.hadoop.login import MIN_MARGIN_S, default_realm, renewal_delay
+from lastlayer.settings import fields
 
 CORE = b"<configuration><property><name>fs.defaultFS</name><value>hdfs://127.0.0.1:1</value></property></configuration>"
 needs_kinit = pytest.mark.skipif(shutil.which("kinit") is None, reason="needs MIT kinit (krb5-user)")
@@ -207,6 +208,7 @@ def test_a_given_folder_keeps_what_it_held(tmp_path, conf_dir):
 def test_the_hdfs_adapter_takes_credentials_as_named_options(conf_dir):
     """hdfs:// URLs get lastlayer's adapter: credentials and the configuration folder are its own
     options, the rest Hadoop keys; each set of options is its own (cached) filesystem."""
+    hadoop_fs.register()  # (a login's storage options and storage.url_to_fs of an hdfs:// URL do)
     assert fsspec.get_filesystem_class("hdfs") is hadoop_fs.HdfsFileSystem
     assert fsspec.get_filesystem_class("viewfs") is hadoop_fs.ViewfsFileSystem
     one = {"kerberos_principal": "a@LOCAL", "kerberos_cache": "FILE:/a", "hadoop_conf_dir": str(conf_dir)}

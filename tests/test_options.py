@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from lastlayer.errors import UsageError
-from lastlayer.options import LabelOptions, RetrainOptions, parse_flags
+from lastlayer.settings.options import LabelOptions, RetrainOptions, parse_flags
 
 RETRAIN_PY_FLAGS = {
     # the codelab's scripts/retrain.py

@@ -15,15 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import FakeEngine, make_dataset
-from lastlayer import contract, pipeline
+from lastlayer import pipeline
 from lastlayer.bottlenecks.extraction import extract, wait_for_shards
-from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.errors import DataError, UsageError
-from lastlayer.export import write_model
-from lastlayer.inference import label
+from lastlayer.model import contract
+from lastlayer.model.export import write_model
+from lastlayer.model.inference import label
 from lastlayer.preprocess import Distortions
+from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.training import fit as training_fit
 from lastlayer.training.data import TrainingData, load

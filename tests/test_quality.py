@@ -14,16 +14,17 @@ import pytest
 from onnx import helper
 
 from helpers import make_dataset
-from lastlayer import contract, pipeline
+from lastlayer import pipeline
 from lastlayer.bottlenecks.keys import distortion_key
 from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.bottlenecks.store import FeatureStore
-from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.dataset import TRAINING, scan
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import DataError, UsageError
-from lastlayer.inference import RetrainedModel
+from lastlayer.model import contract
+from lastlayer.model.inference import RetrainedModel
 from lastlayer.preprocess import decode
+from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.training.data import folds
 from lastlayer.training.evaluate import balanced_accuracy, largest_share, macro_f1
 from lastlayer.training.train import Classifier, Sampler, Standardizer, TrainConfig, draw_counts, train

@@ -770,8 +770,8 @@ def test_use_tensorboard_without_tensorboard_says_so(tmp_path, capsys, monkeypat
 
 
 def test_label_refuses_a_model_whose_scores_are_not_numbers(tmp_path, model_dir, capsys):
-    from lastlayer.export import build_classifier
-    from lastlayer.inference import label
+    from lastlayer.model.export import build_classifier
+    from lastlayer.model.inference import label
     from lastlayer.training.train import Classifier
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_feature_model
 

@@ -18,8 +18,8 @@ from browser import broken_images, chrome, console_errors, full_page_screenshot
 from helpers import make_dataset
 from lastlayer import pipeline, report
 from lastlayer.cli import main
-from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.errors import DataError
+from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
 HOSTILE_FOLDER = "noise <b>&\"'"
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.jpg"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from helpers import FLOWERS, make_dataset, shape_image
 from lastlayer.cli import main
-from lastlayer.contract import read_info
+from lastlayer.model.contract import read_info
 from lastlayer.preprocess import decode
 
 

@@ -25,8 +25,8 @@ from browser import WAIT_S, chrome, console_errors, full_page_screenshot
 from helpers import jpeg_bytes, serving, shape_image
 from lastlayer import pipeline, serve
 from lastlayer.cli import main
-from lastlayer.config import CacheConfig, OutputConfig, TrainingConfig
-from lastlayer.options import ServeOptions
+from lastlayer.settings.options import ServeOptions
+from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
 #: Seconds a test waits for a server to start or stop, and for one request.
 START_S = 60

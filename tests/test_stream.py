@@ -22,10 +22,10 @@ from lastlayer.bottlenecks.extraction import extract
 from lastlayer.bottlenecks.needs import combine, compute_bottlenecks
 from lastlayer.bottlenecks.parts import Row, part_schema
 from lastlayer.bottlenecks.store import FeatureStore
-from lastlayer.config import TrainingConfig
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, scan
 from lastlayer.engines.base import NeedTest, Result, Task
 from lastlayer.preprocess import Distortions
+from lastlayer.settings.run import TrainingConfig
 from lastlayer.training.data import TrainingData, final_fit, load, plan_variants
 from lastlayer.training.evaluate import evaluate
 from lastlayer.training.train import Classifier, Standardizer

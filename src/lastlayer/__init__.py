@@ -19,16 +19,11 @@ Names are imported on first use, so ``import lastlayer`` is cheap.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("lastlayer")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
+from lastlayer.version import __version__
 
 if TYPE_CHECKING:
-    from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
     from lastlayer.errors import (
         DataError,
         EngineError,
@@ -38,9 +33,10 @@ if TYPE_CHECKING:
         StorageError,
         UsageError,
     )
-    from lastlayer.inference import Prediction, RetrainedModel, label
-    from lastlayer.options import RetrainOptions
+    from lastlayer.model.inference import Prediction, RetrainedModel, label
     from lastlayer.pipeline import extract_shard, retrain
+    from lastlayer.settings.options import RetrainOptions
+    from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
     from lastlayer.summary import Metrics, RunSummary, ShardResult
     from lastlayer.transfer import UploadReport, upload
 
@@ -75,10 +71,10 @@ _HOME = {
     name: module
     for module, names in {
         "lastlayer.pipeline": ("retrain", "extract_shard"),
-        "lastlayer.inference": ("label", "Prediction", "RetrainedModel"),
+        "lastlayer.model.inference": ("label", "Prediction", "RetrainedModel"),
         "lastlayer.transfer": ("upload", "UploadReport"),
-        "lastlayer.config": ("TrainingConfig", "CacheConfig", "OutputConfig", "EngineConfig"),
-        "lastlayer.options": ("RetrainOptions",),
+        "lastlayer.settings.run": ("TrainingConfig", "CacheConfig", "OutputConfig", "EngineConfig"),
+        "lastlayer.settings.options": ("RetrainOptions",),
         "lastlayer.summary": ("RunSummary", "ShardResult", "Metrics"),
         "lastlayer.errors": (
             "LastlayerError",

@@ -6,7 +6,7 @@ summary, as named stages.
 :func:`~lastlayer.training.data.plan_variants` → :func:`~lastlayer.bottlenecks.extraction.extract` →
 :func:`~lastlayer.bottlenecks.extraction.wait_for_shards` → :func:`~lastlayer.training.data.load` →
 (:func:`~lastlayer.training.fit.cross_validate` →) :func:`~lastlayer.training.fit.fit` →
-:func:`~lastlayer.training.evaluate.evaluate` → :func:`~lastlayer.export.write_model` →
+:func:`~lastlayer.training.evaluate.evaluate` → :func:`~lastlayer.model.export.write_model` →
 :meth:`RunSummary.of <lastlayer.summary.RunSummary.of>` → :meth:`~lastlayer.summary.RunSummary.write`.
 A worker with ``worker_index > 0`` runs the first five only (:func:`extract_shard`). Each stage is a
 function of its inputs that returns a typed value; they log retrain.py's lines through ``logging``
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 from lastlayer import storage
 from lastlayer.bottlenecks.extraction import Progress, Source, extract, wait_for_shards
 from lastlayer.bottlenecks.needs import Bottlenecks
-from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
 from lastlayer.dataset import ImageSet, scan
 from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.errors import UsageError
-from lastlayer.export import write_model
+from lastlayer.model.export import write_model
+from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.training.data import load, plan_variants
 from lastlayer.training.evaluate import evaluate

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from lastlayer import fetch, storage
-from lastlayer.config import OutputConfig
 from lastlayer.dataset import SPLITS
 from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
+from lastlayer.settings.run import OutputConfig
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -33,9 +33,17 @@ TEMP_PREFIX = "._lastlayer_tmp_"
 ATOMIC_OVERWRITE_PROTOCOLS = frozenset({"hdfs", "viewfs"})
 
 
+#: URL schemes that lastlayer's adapter of hdfs-native serves (:func:`lastlayer.hadoop.fs.register`).
+HADOOP_PROTOCOLS = ("hdfs", "viewfs")
+
+
 def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """Return the filesystem serving ``url`` and the path inside it, made with the options for ``url``
-    (see :func:`options_for`)."""
+    (see :func:`options_for`); ``hdfs://`` and ``viewfs://`` through :mod:`lastlayer.hadoop.fs`."""
+    if fsspec.core.split_protocol(url)[0] in HADOOP_PROTOCOLS:
+        from lastlayer.hadoop import fs as hadoop_fs  # (hdfs-native loads only for these URLs)
+
+        hadoop_fs.register()
     try:
         return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     except (ImportError, ValueError) as exc:

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastlayer import __version__, storage
+from lastlayer import storage
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.training.evaluate import per_class_scores
+from lastlayer.version import __version__
 
 if TYPE_CHECKING:
-    from lastlayer.config import OutputConfig
     from lastlayer.dataset import ImageSet
+    from lastlayer.settings.run import OutputConfig
     from lastlayer.training.data import TrainingData
     from lastlayer.training.evaluate import CrossValidation, Scores
     from lastlayer.training.train import Evaluation

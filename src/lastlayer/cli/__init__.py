@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-from lastlayer import __version__
 from lastlayer.cli import cluster, commands, job, progress
+from lastlayer.cli.command import Command
 from lastlayer.errors import LastlayerError, UsageError
 from lastlayer.hadoop import ClusterConfig
-from lastlayer.options import (
+from lastlayer.settings.options import (
     AuthToLocalOptions,
     LabelOptions,
     ReportOptions,
@@ -30,6 +29,7 @@ from lastlayer.options import (
     normalize_bools,
     reject_unknown,
 )
+from lastlayer.version import __version__
 
 log = logging.getLogger("lastlayer")
 
@@ -47,21 +47,6 @@ def _configure_logging(level: str) -> None:
     handler._lastlayer = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, name, logging.INFO))
-
-
-@dataclass(frozen=True)
-class Command:
-    """One sub-command: its option classes, positional arguments, help and runner; or, for a command
-    made of actions (``job deploy``, ``job plan show``), the actions, each a Command of its own."""
-
-    options: tuple[type, ...]
-    help: str
-    run: Callable[[argparse.Namespace, Any], int] | None  # (flags, the cluster login or None)
-    positionals: tuple[tuple[str, str, str], ...] = ()  # (name, nargs, help)
-    cluster: bool = False
-    actions: Mapping[str, Command] = field(default_factory=dict)  # nested sub-commands
-    usage: str = ""  # named by the errors for a missing or unknown action
-    build: Callable[[argparse.ArgumentParser], None] | None = None  # adds more (positionals, epilog)
 
 
 COMMANDS: dict[str, Command] = {

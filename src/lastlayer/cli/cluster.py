@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
-from lastlayer.options import AuthToLocalOptions, from_namespace
+from lastlayer.settings.options import AuthToLocalOptions, from_namespace
 
 #: What in-process clients can only read from the environment: MIT Kerberos' configuration file
 #: (see :mod:`lastlayer.hadoop.login`). Everything else goes to them, and to Spark, explicitly.

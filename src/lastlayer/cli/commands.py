@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from lastlayer.cli.cluster import storage_options
 from lastlayer.cli.progress import ProgressBar, TrainingProgress
 from lastlayer.errors import UsageError
-from lastlayer.options import (
+from lastlayer.settings.options import (
     LabelOptions,
     ReportOptions,
     RetrainOptions,
@@ -76,7 +76,7 @@ def _next_steps(report: str, graph: str) -> None:
 
 
 def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
-    from lastlayer import inference
+    from lastlayer.model import inference
 
     opts = from_namespace(ns, LabelOptions)
     opts.validate()

@@ -1,7 +1,7 @@
 """``lastlayer job ACTION``: deploy and watch jobs from an options file, one sub-parser per action.
 
 :func:`actions` is the table of actions (``plan`` has its own: ``show`` and ``restart``); each takes
-only its own flags (a subset of :class:`lastlayer.options.JobOptions`, declared there once) and its
+only its own flags (a subset of :class:`lastlayer.settings.options.JobOptions`, declared there once) and its
 own positionals, and maps onto one function of :mod:`lastlayer.jobs.api`.
 """
 
@@ -13,11 +13,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, get_type_hints
 
+from lastlayer.cli.command import Command
 from lastlayer.errors import UsageError
-from lastlayer.options import JobOptions
+from lastlayer.settings.options import JobOptions
 
 if TYPE_CHECKING:
-    from lastlayer.cli import Command
     from lastlayer.jobs.plan import Plan
 
 JOB_USAGE = (
@@ -260,9 +260,7 @@ def _secret_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def actions() -> dict[str, Command]:
-    """The actions of ``lastlayer job``, for the COMMANDS table of :mod:`lastlayer.cli` (which defines
-    :class:`~lastlayer.cli.Command` after importing this module, hence a function)."""
-    from lastlayer.cli import Command
+    """The actions of ``lastlayer job``, for the COMMANDS table of :mod:`lastlayer.cli`."""
 
     def action(
         flags: type,

@@ -2,25 +2,29 @@
 
 Every engine implements :class:`~lastlayer.engines.base.Engine`: it takes
 :class:`~lastlayer.engines.base.Task` s and yields :class:`~lastlayer.engines.base.Result` s; the
-cache bookkeeping stays in :mod:`lastlayer.bottlenecks.needs`. :data:`ENGINES` is the one registry the
-``--engine`` choices come from.
+cache bookkeeping stays in :mod:`lastlayer.bottlenecks.needs`, the per-batch work both engines share
+in :mod:`lastlayer.engines.batch`. :data:`~lastlayer.settings.run.KNOWN_ENGINES` is the one registry
+the ``--engine`` choices come from; an engine's module is imported when a run makes that engine.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lastlayer.engines.base import Engine
-from lastlayer.engines.local import LocalEngine
-from lastlayer.engines.spark import SparkEngine
+from lastlayer.settings.run import KNOWN_ENGINES
 
 if TYPE_CHECKING:
-    from lastlayer.config import EngineConfig
+    from lastlayer.engines.base import Engine
+    from lastlayer.settings.run import EngineConfig
 
-#: ``--engine`` name to engine class.
-ENGINES: dict[str, type[Engine]] = {engine.name: engine for engine in (LocalEngine, SparkEngine)}
-ENGINE_NAMES = tuple(ENGINES)
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of the engine ``--engine`` ``name`` (one of :data:`~lastlayer.settings.run.ENGINE_NAMES`),
+    its module imported now."""
+    module, _, cls = KNOWN_ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_engine(
@@ -33,4 +37,4 @@ def make_engine(
     Raises:
         UsageError: the engine cannot run here (e.g. pyspark is not installed).
     """
-    return ENGINES[config.engine].from_config(config, storage_options, spark_conf or {})
+    return engine_class(config.engine).from_config(config, storage_options, spark_conf or {})

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from lastlayer.bottlenecks.parts import Row
     from lastlayer.bottlenecks.staging import CacheFolders
-    from lastlayer.config import EngineConfig
+    from lastlayer.settings.run import EngineConfig
     from lastlayer.zoo import FeatureModel
 
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from lastlayer import storage
 from lastlayer.bottlenecks.keys import content_key, variant_rng
-from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.engines.base import Need, NeedFn, Result, Task
 from lastlayer.errors import DataError, EngineError, StorageError
+from lastlayer.model.contract import FEATURES, IMAGE
 from lastlayer.preprocess import Distortions, Preprocessing, distort, open_image, to_input
 
 if TYPE_CHECKING:

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
-from lastlayer import contract
 from lastlayer.engines.base import Engine, NeedTest, Result, Task, available_cores
 from lastlayer.engines.batch import Prepared, chunks, prepare, read_task, run_network
+from lastlayer.model import runtime
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
 if TYPE_CHECKING:
     from lastlayer.bottlenecks.staging import CacheFolders
-    from lastlayer.config import EngineConfig
+    from lastlayer.settings.run import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class _Worker:
     def __init__(self, model: FeatureModel, device: str) -> None:
         self.model = model
         self.local = threading.local()
-        self.shared = model.session(0, device) if device == contract.CUDA else None
+        self.shared = model.session(0, device) if device == runtime.CUDA else None
 
     def session(self) -> ort.InferenceSession:
         if self.shared is not None:
@@ -58,8 +58,8 @@ class LocalEngine(Engine):
     Attributes:
         threads: worker threads (0: one per core).
         batch_size: images per network call.
-        device: where the network runs, :data:`~lastlayer.contract.CPU` or
-            :data:`~lastlayer.contract.CUDA` (``auto`` is resolved when the engine is made).
+        device: where the network runs, :data:`~lastlayer.runtime.CPU` or
+            :data:`~lastlayer.runtime.CUDA` (``auto`` is resolved when the engine is made).
     """
 
     name = "local"
@@ -69,19 +69,19 @@ class LocalEngine(Engine):
         threads: int = 0,
         batch_size: int = 4,
         storage_options: Mapping[str, Any] | None = None,
-        device: str = contract.CPU,
+        device: str = runtime.CPU,
     ) -> None:
         self.threads = threads or available_cores()
         self.batch_size = batch_size
         self.storage_options = storage_options
-        self.device = contract.resolve_device(device)
+        self.device = runtime.resolve_device(device)
 
     @classmethod
     def from_config(
         cls, config: EngineConfig, storage_options: Mapping[str, Any] | None, spark_conf: Mapping[str, str]
     ) -> LocalEngine:
         engine = cls(config.num_threads, config.batch_size, storage_options, config.device)
-        if engine.device == contract.CUDA:
+        if engine.device == runtime.CUDA:
             engine.batch_size = config.gpu_batch_size
         return engine
 

@@ -43,7 +43,6 @@ import onnxruntime as ort
 from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
 from lastlayer.engines.batch import Prepared, chunks, prefetch, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
-from lastlayer.hadoop import fs as _hdfs  # noqa: F401  (registers hdfs:// and viewfs:// in executors too)
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
 from lastlayer.zoo import FeatureModel
 
@@ -53,7 +52,7 @@ if TYPE_CHECKING:
 
     from lastlayer.bottlenecks.parts import Row
     from lastlayer.bottlenecks.staging import CacheFolders
-    from lastlayer.config import EngineConfig
+    from lastlayer.settings.run import EngineConfig
 
 log = logging.getLogger(__name__)
 

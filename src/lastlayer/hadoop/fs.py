@@ -6,9 +6,10 @@ logins can live in one process; but its fsspec filesystem (``hdfs_native.fsspec`
 storage option to ``Client`` as a Hadoop ``config`` key, so through fsspec a client could only take
 its identity from ``KRB5CCNAME`` and its configuration from ``HADOOP_CONF_DIR``: process-wide state.
 These subclasses take the credentials and the folder as named storage options and pass the rest
-(Hadoop keys such as ``dfs.replication``) on as ``config``. Importing this module registers them
-with fsspec for ``hdfs`` and ``viewfs``, so URLs and storage options reach them through
-:mod:`lastlayer.storage` unchanged. Without those options they behave as hdfs-native's own.
+(Hadoop keys such as ``dfs.replication``) on as ``config``. :func:`register` makes them fsspec's
+``hdfs`` and ``viewfs`` (a :class:`~lastlayer.hadoop.HadoopLogin` does, and :mod:`lastlayer.storage`
+before it opens such a URL), so URLs and storage options reach them unchanged; importing this module
+changes nothing. Without those options they behave as hdfs-native's own.
 """
 
 from __future__ import annotations
@@ -68,5 +69,8 @@ class ViewfsFileSystem(HdfsFileSystem):
     protocol = "viewfs"
 
 
-fsspec.register_implementation("hdfs", HdfsFileSystem, clobber=True)
-fsspec.register_implementation("viewfs", ViewfsFileSystem, clobber=True)
+def register() -> None:
+    """Make these fsspec's filesystems of ``hdfs://`` and ``viewfs://``, in place of its own entries
+    (idempotent)."""
+    fsspec.register_implementation("hdfs", HdfsFileSystem, clobber=True)
+    fsspec.register_implementation("viewfs", ViewfsFileSystem, clobber=True)

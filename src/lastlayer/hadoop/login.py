@@ -38,9 +38,9 @@ from typing import Any
 
 from lastlayer.errors import KerberosError, UsageError
 from lastlayer.fetch import Limits
-from lastlayer.fields import option, problems
 from lastlayer.hadoop import config as hadoop_config
-from lastlayer.hadoop import fs as _fs  # noqa: F401  (registers the hdfs:// adapter with fsspec)
+from lastlayer.hadoop import fs as hadoop_fs
+from lastlayer.settings.fields import option, problems
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,14 @@ class HadoopLogin:
         """Options for :mod:`lastlayer.storage`, grouped by protocol (each URL gets its own group).
 
         ``hdfs``/``viewfs``: this login's principal and credential cache and the configuration folder
-        (read by :mod:`lastlayer.hadoop.fs`); ``webhdfs``: SPNEGO from this login's cache (needs
-        requests-kerberos). Empty groups are left out.
+        (read by :mod:`lastlayer.hadoop.fs`, registered with fsspec now); ``webhdfs``: SPNEGO from
+        this login's cache (needs requests-kerberos). Empty groups are left out.
 
         Raises:
             KerberosError: ``krb5_conf`` is not this process's Kerberos configuration (module doc).
         """
         self._check_process_krb5_conf()
+        hadoop_fs.register()
         native: dict[str, Any] = {}
         if self.conf_dir:
             native["hadoop_conf_dir"] = self.conf_dir

@@ -1,6 +1,6 @@
 """The job options file: the DC/OS TensorFlow service 0.2.0 options, as the walkthrough's ``poets.json``.
 
-Every option is declared once, as a field made by :func:`lastlayer.fields.option`: its name, type,
+Every option is declared once, as a field made by :func:`lastlayer.settings.fields.option`: its name, type,
 default, help and limits (``minimum``, ``above``, ``maximum``, ``choices``, ``aliases``). Options
 the service accepts without acting on them carry an ``unsupported`` note that says what happens
 instead. :meth:`JobSpec.from_dict` reads the parsed JSON against these declarations: unknown keys
@@ -19,10 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
 
-from lastlayer import fields
 from lastlayer.errors import DataError, UsageError
 from lastlayer.fetch import Limits, fetch, shown
-from lastlayer.fields import LOG_LEVELS, option
+from lastlayer.settings import fields
+from lastlayer.settings.fields import LOG_LEVELS, option
 from lastlayer.storage import StorageOptions
 
 _SERVICE_NAME_RE = re.compile(r"/?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lastlayer.errors import UsageError
-from lastlayer.inference import RetrainedModel
-from lastlayer.options import ServeOptions
+from lastlayer.model.inference import RetrainedModel
+from lastlayer.settings.options import ServeOptions
 
 if TYPE_CHECKING:
     import uvicorn

@@ -42,11 +42,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from lastlayer import __version__, contract
 from lastlayer.errors import DataError
-from lastlayer.inference import Prepared, RetrainedModel
-from lastlayer.options import ServeOptions
+from lastlayer.model import contract
+from lastlayer.model.inference import Prepared, RetrainedModel
 from lastlayer.serve.batcher import Batcher, Busy
+from lastlayer.settings.options import ServeOptions
+from lastlayer.version import __version__
 
 #: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
 PAGE_POLICY = (

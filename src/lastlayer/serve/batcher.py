@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastlayer.inference import Prepared, RetrainedModel
+from lastlayer.model.inference import Prepared, RetrainedModel
 
 #: Seconds :meth:`Batcher.stop` waits for the batch in progress.
 STOP_SECONDS = 10.0

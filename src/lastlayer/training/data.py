@@ -29,8 +29,8 @@ from lastlayer.training.train import (
 
 if TYPE_CHECKING:
     from lastlayer.bottlenecks.needs import Bottlenecks
-    from lastlayer.config import TrainingConfig
     from lastlayer.engines.base import Engine
+    from lastlayer.settings.run import TrainingConfig
     from lastlayer.zoo import Backbones
 
 log = logging.getLogger("lastlayer.retrain")

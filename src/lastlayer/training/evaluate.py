@@ -14,8 +14,8 @@ from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 
 if TYPE_CHECKING:
     from lastlayer.bottlenecks.passes import Predictions
-    from lastlayer.config import OutputConfig
     from lastlayer.dataset import ImageSet
+    from lastlayer.settings.run import OutputConfig
     from lastlayer.training.data import TrainingData
     from lastlayer.training.train import Classifier
 

@@ -12,14 +12,14 @@ import numpy as np
 from lastlayer import storage
 from lastlayer.dataset import VALIDATION
 from lastlayer.errors import DataError
-from lastlayer.export import build_classifier
+from lastlayer.model.export import build_classifier
 from lastlayer.training.data import TrainingData, final_fit, fold_fits
 from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
 from lastlayer.training.tensorboard import SummaryWriter
 from lastlayer.training.train import Classifier, Evaluation
 
 if TYPE_CHECKING:
-    from lastlayer.config import OutputConfig, TrainingConfig
+    from lastlayer.settings.run import OutputConfig, TrainingConfig
     from lastlayer.zoo import Backbones
 
 log = logging.getLogger("lastlayer.retrain")

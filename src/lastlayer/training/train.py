@@ -46,7 +46,7 @@ MIN_STD = 1e-6
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """retrain.py's training knobs (see :class:`lastlayer.config.TrainingConfig` for their docs).
+    """retrain.py's training knobs (see :class:`lastlayer.settings.run.TrainingConfig` for their docs).
 
     Attributes:
         log_steps: whether to log the evaluation points (off for cross-validation folds).

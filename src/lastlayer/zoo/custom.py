@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lastlayer import contract
-from lastlayer.contract import FEATURES, IMAGE
 from lastlayer.errors import DataError, ModelError
+from lastlayer.model import contract, runtime
+from lastlayer.model.contract import FEATURES, IMAGE
 from lastlayer.preprocess import Preprocessing
 from lastlayer.zoo.catalog import IMAGENET_MEAN, IMAGENET_STD
 from lastlayer.zoo.graph import (
@@ -88,7 +88,7 @@ def _preprocessing(model: onnx.ModelProto, size: int) -> Preprocessing:
 def _probe(model: onnx.ModelProto, size: int, raw: str) -> int:
     """Run ``model`` on two black images; return the feature length D."""
     try:
-        session = contract.session(model.SerializeToString(), "the model", threads=1)
+        session = runtime.session(model.SerializeToString(), "the model", threads=1)
         features, out = session.run([FEATURES, raw], {IMAGE: np.zeros((2, size, size, 3), np.uint8)})
     except Exception as error:  # onnxruntime raises its own exception types
         exc = error.__cause__ if isinstance(error, ModelError) and error.__cause__ else error

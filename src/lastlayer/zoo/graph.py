@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lastlayer.contract import IMAGE
 from lastlayer.errors import ModelError
+from lastlayer.model.contract import IMAGE
 from lastlayer.preprocess import Preprocessing
 
 LAYOUTS = ("NCHW", "NHWC")

@@ -12,9 +12,10 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from lastlayer import contract, storage
-from lastlayer.contract import FEATURES, IMAGE, LOGITS, meta_key
+from lastlayer import storage
 from lastlayer.errors import ModelError
+from lastlayer.model import contract, runtime
+from lastlayer.model.contract import FEATURES, IMAGE, LOGITS, meta_key
 from lastlayer.preprocess import Preprocessing
 from lastlayer.zoo import networks
 from lastlayer.zoo.catalog import ZooEntry, read_weights, resolve
@@ -50,9 +51,9 @@ class FeatureModel:
     key: str
     warning: str | None = None
 
-    def session(self, threads: int = 0, device: str = contract.CPU) -> ort.InferenceSession:
-        """An onnxruntime session of this network (see :func:`lastlayer.contract.session`)."""
-        return contract.session(self.onnx_bytes, self.architecture, threads, device)
+    def session(self, threads: int = 0, device: str = runtime.CPU) -> ort.InferenceSession:
+        """An onnxruntime session of this network (see :func:`lastlayer.runtime.session`)."""
+        return runtime.session(self.onnx_bytes, self.architecture, threads, device)
 
 
 def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str:

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lastlayer.contract import FEATURES, LOGITS
 from lastlayer.errors import ModelError
+from lastlayer.model.contract import FEATURES, LOGITS
 
 OPSET = 17
 #: IR version 8 goes with opset 17 and is accepted by every onnxruntime this package supports.

@@ -37,9 +37,9 @@ from onnxruntime.quantization import (
 )
 from PIL import Image, ImageDraw, ImageFilter
 
-from lastlayer.contract import IMAGE
 from lastlayer.demo import demo_image_dir
 from lastlayer.errors import ModelError
+from lastlayer.model.contract import IMAGE
 from lastlayer.preprocess import Preprocessing, decode
 
 #: Bumped whenever the settings or the calibration images change; part of every int8 model's key.

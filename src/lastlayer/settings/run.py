@@ -1,6 +1,6 @@
 """The settings of a retraining run, as small typed config objects: training, cache, outputs, engine.
 
-Each field is declared once (:func:`lastlayer.fields.option`): its name is retrain.py's flag name,
+Each field is declared once (:func:`lastlayer.settings.fields.option`): its name is retrain.py's flag name,
 its default is retrain.py's default, its help is the flag's ``--help`` and its limits are checked
 by :func:`check`. The command line builds its flags from these classes; the Python API takes them
 as they are::
@@ -16,15 +16,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lastlayer import fields
-from lastlayer.contract import CPU, DEVICES
-from lastlayer.engines import ENGINE_NAMES
 from lastlayer.errors import UsageError
-from lastlayer.fields import option
 from lastlayer.preprocess import Distortions
+from lastlayer.settings import fields
+from lastlayer.settings.fields import option
 
 _BATCH = "must be -1 (all) or at least 1"
 _AT_LEAST_1 = "must be at least 1"
+
+#: Where networks run: the ``--device`` values.
+CPU, CUDA, AUTO = "cpu", "cuda", "auto"
+DEVICES = (CPU, CUDA, AUTO)
+#: ``--engine`` name to the class that implements it, ``module:class``, imported only when a run makes
+#: that engine (as fsspec's ``known_implementations``): settings load neither onnxruntime nor Spark.
+KNOWN_ENGINES: dict[str, str] = {
+    "local": "lastlayer.engines.local:LocalEngine",
+    "spark": "lastlayer.engines.spark:SparkEngine",
+}
+ENGINE_NAMES = tuple(KNOWN_ENGINES)
 
 
 @dataclass(frozen=True)

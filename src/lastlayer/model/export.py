@@ -1,11 +1,11 @@
 """The retrained model: one self-contained ONNX file.
 
-The feature network, then ``softmax(features @ W + b)``: input :data:`~lastlayer.contract.IMAGE`
+The feature network, then ``softmax(features @ W + b)``: input :data:`~lastlayer.model.contract.IMAGE`
 ``uint8 [N, S, S, 3]`` RGB, prepared as :mod:`lastlayer.preprocess` describes (the spec is in the
 metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilities. An ensemble
 (``--architecture a+b``) has one input per network, ``image_0``, ``image_1``, ... (see
-:func:`lastlayer.contract.input_name`), each prepared with its own network's preprocessing, and
-their features concatenated before the softmax layer. Metadata (:mod:`lastlayer.contract`): labels
+:func:`lastlayer.model.contract.input_name`), each prepared with its own network's preprocessing, and
+their features concatenated before the softmax layer. Metadata (:mod:`lastlayer.model.contract`): labels
 (JSON list), preprocessing (JSON, the first input's), inputs (JSON: each input's name,
 architecture and preprocessing), architecture, final_tensor_name, version and any extra entries
 (model_key, seed).
@@ -22,14 +22,16 @@ import onnx
 import onnx.compose
 from onnx import helper, numpy_helper
 
-from lastlayer import __version__, contract, storage
-from lastlayer.contract import FEATURES
+from lastlayer import storage
 from lastlayer.errors import ModelError
+from lastlayer.model import contract
+from lastlayer.model.contract import FEATURES
 from lastlayer.training.train import Classifier
+from lastlayer.version import __version__
 from lastlayer.zoo import Backbones, FeatureModel
 
 if TYPE_CHECKING:
-    from lastlayer.config import OutputConfig
+    from lastlayer.settings.run import OutputConfig
 
 #: The run's lines keep the logger name they always had (``INFO:lastlayer.retrain:Save final result to``).
 log = logging.getLogger("lastlayer.retrain")

@@ -1,74 +1,23 @@
-"""The model contract: the tensor names and metadata every lastlayer ONNX model carries, and the one
-onnxruntime session factory.
-
-A feature model (zoo network or user model, see :mod:`lastlayer.zoo`) takes :data:`IMAGE`: uint8 RGB
-``[N, S, S, 3]`` and returns :data:`FEATURES`: float32 ``[N, D]`` (zoo networks also
-:data:`LOGITS`: float32 ``[N, 1000]``). A retrained model (:mod:`lastlayer.export`) takes the same
-:data:`IMAGE` and returns ``<final_tensor_name>``: float32 ``[N, C]`` class probabilities; a model
-retrained on several networks takes one such input per network (:func:`input_name`), each prepared
-with that network's preprocessing (the :data:`INPUTS` metadata). Both carry
-``lastlayer.*`` metadata (``metadata_props``): :func:`meta_key` names them.
-"""
+"""Where networks run: the one onnxruntime session factory (CPU or CUDA), the GPU probe and what a
+``--device`` value means here."""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import warnings
-from dataclasses import dataclass
 
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from lastlayer.errors import ModelError, UsageError
-from lastlayer.preprocess import Preprocessing
+from lastlayer.settings.run import AUTO, CPU, CUDA, DEVICES
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.contract``).
+log = logging.getLogger("lastlayer.contract")
 
-IMAGE = "image"
-FEATURES = "features"
-LOGITS = "logits"
-META_PREFIX = "lastlayer."
+__all__ = ["AUTO", "CPU", "CUDA", "DEVICES", "gpu_problem", "resolve_device", "session"]
 
-# metadata keys, without META_PREFIX
-LABELS = "labels"
-PREPROCESSING = "preprocessing"
-INPUTS = "inputs"
-ARCHITECTURE = "architecture"
-FINAL_TENSOR_NAME = "final_tensor_name"
-VERSION = "version"
-MODEL_KEY = "model_key"
-SEED = "seed"
-KEY = "key"
-BUILDER_VERSION = "builder_version"
-GRAPH_SHA256 = "graph_sha256"
-
-
-def meta_key(name: str) -> str:
-    """The ``metadata_props`` key of ``name`` (``lastlayer.<name>``)."""
-    return META_PREFIX + name
-
-
-def input_name(branch: int, branches: int) -> str:
-    """The image input of branch ``branch`` of ``branches``: :data:`IMAGE` alone, else ``image_<i>``."""
-    return IMAGE if branches == 1 else f"{IMAGE}_{branch}"
-
-
-def metadata(proto: onnx.ModelProto) -> dict[str, str]:
-    """The model's ``lastlayer.*`` metadata, keys without the prefix."""
-    return {
-        p.key.removeprefix(META_PREFIX): p.value
-        for p in proto.metadata_props
-        if p.key.startswith(META_PREFIX)
-    }
-
-
-# -- devices ------------------------------------------------------------------------------------
-#: Where networks run: the ``--device`` values.
-CPU, CUDA, AUTO = "cpu", "cuda", "auto"
-DEVICES = (CPU, CUDA, AUTO)
 _CPU_PROVIDER, _CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 _NO_CUDA_BUILD = (
     "the installed onnxruntime is its CPU-only build, without the CUDA execution provider; "
@@ -162,64 +111,3 @@ def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -
     if device == CUDA and loaded.get_providers()[0] != _CUDA_PROVIDER:  # onnxruntime fell back to the CPU
         raise ModelError(f"onnxruntime put {what} on the CPU, not the GPU: its CUDA provider did not start")
     return loaded
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a retrained model's metadata says about it.
-
-    Attributes:
-        labels: class names in output order.
-        preprocessing: how images become the (first) image input.
-        architecture: the feature network(s) it was trained on.
-        output_name: the name of its probabilities output.
-        inputs: ``(input name, preprocessing)`` of each image input, in order.
-    """
-
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    architecture: str
-    output_name: str
-    inputs: tuple[tuple[str, Preprocessing], ...] = ()
-
-
-def _inputs(
-    meta: dict[str, str], preprocessing: Preprocessing, source: str
-) -> tuple[tuple[str, Preprocessing], ...]:
-    """The :data:`INPUTS` metadata, or the one :data:`IMAGE` input of models written without it."""
-    if INPUTS not in meta:
-        return ((IMAGE, preprocessing),)
-    try:
-        return tuple(
-            (str(entry["name"]), Preprocessing.from_json(str(entry["preprocessing"])))
-            for entry in json.loads(meta[INPUTS])
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{source}: invalid {meta_key(INPUTS)} metadata: {exc}") from exc
-
-
-def read_info(proto: onnx.ModelProto, source: str) -> ModelInfo:
-    """Read the metadata :func:`lastlayer.export.build_classifier` writes.
-
-    Raises:
-        ModelError: the model was not written by lastlayer, or its metadata is broken.
-    """
-    meta = metadata(proto)
-    missing = [k for k in (LABELS, PREPROCESSING) if k not in meta]
-    if missing:
-        raise ModelError(
-            f"{source} has no {', '.join(meta_key(k) for k in missing)} metadata: "
-            "it was not written by lastlayer retrain; retrain to get a model that carries its preprocessing"
-        )
-    try:
-        labels = tuple(json.loads(meta[LABELS]))
-    except ValueError as exc:
-        raise ModelError(f"{source}: invalid {meta_key(LABELS)} metadata: {exc}") from exc
-    preprocessing = Preprocessing.from_json(meta[PREPROCESSING])
-    return ModelInfo(
-        labels=labels,
-        preprocessing=preprocessing,
-        architecture=meta.get(ARCHITECTURE, "unknown"),
-        output_name=meta.get(FINAL_TENSOR_NAME, proto.graph.output[0].name),
-        inputs=_inputs(meta, preprocessing, source),
-    )

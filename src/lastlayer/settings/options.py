@@ -1,8 +1,8 @@
 """The command-line flags of ``lastlayer``, each declared once.
 
-A dataclass field (:func:`lastlayer.fields.option`) is the single source of a flag's name, type,
+A dataclass field (:func:`lastlayer.settings.fields.option`) is the single source of a flag's name, type,
 default, help and limits. ``retrain``'s flags are retrain.py's (the codelab and TF-Hub versions) plus
-lastlayer's own; most live in the config objects of :mod:`lastlayer.config` (sections of
+lastlayer's own; most live in the config objects of :mod:`lastlayer.settings.run` (sections of
 :class:`RetrainOptions`, flattened into flags). :func:`parse_flags` turns an argv list into validated
 options. Unknown flags are refused with the closest valid one.
 """
@@ -16,15 +16,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar, get_type_hints
 
-from lastlayer import config
-from lastlayer import fields as options
-from lastlayer.config import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.errors import UsageError
-from lastlayer.fields import LOG_LEVELS, option
 from lastlayer.preprocess import MAX_PIXELS
+from lastlayer.settings import fields as options
+from lastlayer.settings import run as config
+from lastlayer.settings.fields import LOG_LEVELS, option
+from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.zoo import DEFAULT_ARCHITECTURE
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.options``), whatever the module's name.
+log = logging.getLogger("lastlayer.options")
 
 
 @dataclass

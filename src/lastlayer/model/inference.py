@@ -15,12 +15,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lastlayer import contract, storage
+from lastlayer import storage
 from lastlayer.engines.base import available_cores
 from lastlayer.errors import DataError, ModelError, StorageError
+from lastlayer.model import contract, runtime
 from lastlayer.preprocess import Preprocessing, decode
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.inference``), whatever the module's name.
+log = logging.getLogger("lastlayer.inference")
 
 BATCH = 32
 
@@ -101,7 +103,7 @@ class RetrainedModel:
                 f"{labels} has {len(names)} labels but {graph} has {len(info.labels)} classes: "
                 "pass the labels file written with this model"
             )
-        session = contract.session(data, graph, threads or available_cores())
+        session = runtime.session(data, graph, threads or available_cores())
         output = output_layer or info.output_name
         if output not in {o.name for o in session.get_outputs()}:
             raise ModelError(
