@@ -20,7 +20,7 @@ import pytest
 
 from helpers import serve_http
 from lastlayer.errors import DataError, StorageError, UsageError
-from lastlayer.jobs import archive
+from lastlayer.jobs import archive, members
 
 POETS = {
     "dcos-tensorflow-demos-master/README.md": b"# demos\n",
@@ -209,13 +209,13 @@ def test_archives_expanding_past_max_bytes_are_refused_before_writing(tmp_path: 
 
 def test_bytes_are_counted_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # A header that understates its size gets no further than max_bytes.
-    classify = archive._classify
+    classify = members.classify
 
     def understated(info: object, shown: str) -> tuple:
         raw, kind, _, mode, target = classify(info, shown)
         return raw, kind, 0, mode, target
 
-    monkeypatch.setattr(archive, "_classify", understated)
+    monkeypatch.setattr(members, "classify", understated)
     message = refused(tmp_path, zip_bytes({"a.bin": b"\0" * 5_000}), max_bytes=1_000)
     assert "member 'a.bin' takes the extracted size past the 1,000 bytes allowed" in message
 

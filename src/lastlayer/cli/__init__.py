@@ -1,4 +1,4 @@
-"""The ``lastlayer`` command. The only module that prints or decides exit codes.
+"""The ``lastlayer`` command, the only package that prints or decides exit codes.
 
 ``main(argv=None) -> int`` runs a sub-command in-process: 0 on success, 1 for a failed job,
 2 for a usage mistake, 130 when interrupted. A :class:`LastlayerError` is printed as one line,

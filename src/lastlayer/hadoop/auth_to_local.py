@@ -35,14 +35,8 @@ import regex
 
 from lastlayer.errors import DataError, UsageError
 from lastlayer.hadoop import conf_xml
-from lastlayer.hadoop.java_regex import (
-    JAVA_TRIM,
-    JavaRegexError,
-    Replacement,
-    compile_java,
-    parse_int,
-    remaining,
-)
+from lastlayer.hadoop.java_pattern import JavaRegexError, parse_int
+from lastlayer.hadoop.java_regex import JAVA_TRIM, Replacement, compile_java, remaining
 
 MECHANISM_HADOOP = "hadoop"
 MECHANISM_MIT = "mit"

@@ -6,12 +6,13 @@ large archive never sits in memory, tells zip from tar (plain, gzip, bzip2, xz) 
 describes what else it is without quoting it: it may be a secret served by mistake), and extracts
 into a temporary folder next to the destination that is renamed into place only when every member
 passed. Every member is checked before anything is written: refused are absolute names, ``..``
-parts, links whose target leaves the tree, device files and FIFOs, more than :data:`MAX_MEMBERS`
-members and archives whose declared sizes pass ``max_bytes``. A tar is then written by
-:mod:`tarfile` with its ``"data"`` filter (which also refuses writing through a link that leads
-outside); a zip, which tarfile's filters do not cover, by the checks here, counting bytes while
-writing (a zip header can understate a size). Last, every link must still resolve inside, since
-links can combine to leave the tree.
+parts, links whose target leaves the tree, device files and FIFOs, more than
+:data:`~lastlayer.jobs.members.MAX_MEMBERS` members and archives whose declared sizes pass
+``max_bytes`` (:mod:`lastlayer.jobs.members`). A tar is then written by :mod:`tarfile` with its
+``"data"`` filter (which also refuses writing through a link that leads outside); a zip, which
+tarfile's filters do not cover, by the checks here, counting bytes while writing (a zip header can
+understate a size). Last, every link must still resolve inside, since links can combine to leave the
+tree.
 """
 
 from __future__ import annotations
@@ -20,57 +21,29 @@ import bz2
 import gzip
 import lzma
 import os
-import posixpath
-import re
 import shutil
-import stat
 import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from lastlayer import fetch
 from lastlayer.errors import DataError, StorageError, UsageError
 from lastlayer.fetch import one_line
+from lastlayer.jobs.members import MAX_LINK, Budget, Member, check_members, check_symlink_target
 from lastlayer.storage import StorageOptions
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-#: Most members an archive may have.
-MAX_MEMBERS = 100_000
 #: How much bigger than ``max_bytes`` the archive file itself may be (headers, padding).
 DOWNLOAD_SLACK = 16 * 1024 * 1024
 #: Longest wall time for the whole download, seconds (each network read waits at most
 #: :data:`lastlayer.fetch.READ_TIMEOUT_S`).
 DOWNLOAD_TIMEOUT_S = 600.0
-#: ``ZipInfo.create_system`` of archives made on Unix (their ``external_attr`` holds a file mode).
-UNIX_SYSTEM = 3
 _CHUNK = 1 << 20
 _HEAD = 1 << 20  # bytes looked at to tell what a download is
-_MAX_LINK = 4096
-
-
-@dataclass(frozen=True)
-class _Budget:
-    """The most bytes an archive may extract to, and the setting that says so (for messages)."""
-
-    size: int
-    setting: str
-
-
-@dataclass(frozen=True)
-class _Member:
-    """One archive entry, checked: a safe relative name and what to make of it."""
-
-    name: str  # relative POSIX path, no '.', '..' or empty parts
-    kind: str  # "dir", "file", "symlink" or "hardlink"
-    size: int  # declared bytes of content ("file", and a zip symlink's target)
-    executable: bool
-    target: str  # symlink: as written; hardlink: the linked member's name
-    source: Any  # the ZipInfo or TarInfo
 
 
 # --- extracting ----------------------------------------------------------------------------------
@@ -107,7 +80,7 @@ def fetch_and_extract(
     with _spool(dest, fetch.shown(job_url)) as spool:  # on disk, not in memory: an archive may be large
         fetch.fetch_into(spool, job_url, limits, storage_options=storage_options, what="the archive")
         spool.seek(0)
-        return _extract(spool, dest, _Budget(max_bytes, settings[0]), fetch.shown(job_url), replace)
+        return _extract(spool, dest, Budget(max_bytes, settings[0]), fetch.shown(job_url), replace)
 
 
 def _spool(dest: Path, shown: str) -> IO[bytes]:
@@ -119,7 +92,7 @@ def _spool(dest: Path, shown: str) -> IO[bytes]:
         raise StorageError(f"cannot download {shown} into {dest}: {one_line(exc)}") from exc
 
 
-def _extract(data: BinaryIO, dest: Path, budget: _Budget, shown: str, replace: bool) -> list[str]:
+def _extract(data: BinaryIO, dest: Path, budget: Budget, shown: str, replace: bool) -> list[str]:
     """Extract the archive ``data`` (a seekable file) into ``dest`` (checked)."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +143,7 @@ def _publish(work: Path, dest: Path, replace: bool) -> None:
             old.unlink(missing_ok=True)
 
 
-def _extract_into(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[str]:
+def _extract_into(data: BinaryIO, root: Path, max_bytes: Budget, shown: str) -> list[str]:
     """Check every member, write them, then verify links; returns the names in archive order."""
     kind = _detect(data, shown)
     try:
@@ -199,10 +172,10 @@ def _extract_into(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) ->
     return list(seen)
 
 
-def _extract_zip(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
+def _extract_zip(data: BinaryIO, root: Path, max_bytes: Budget, shown: str) -> list[Member]:
     """Folders and files first (no link exists yet, none is followed), then symbolic links."""
     with zipfile.ZipFile(data) as zf:
-        checked = _check_members(zf.infolist(), max_bytes, shown)
+        checked = check_members(zf.infolist(), max_bytes, shown)
         written = 0
         for member in checked:
             if member.kind == "dir":
@@ -217,7 +190,7 @@ def _extract_zip(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> 
     return checked
 
 
-def _extract_tar(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> list[_Member]:
+def _extract_tar(data: BinaryIO, root: Path, max_bytes: Budget, shown: str) -> list[Member]:
     """The checked members, written by tarfile through its ``"data"`` filter (modes 0644 / 0755).
 
     A tar writes exactly the sizes its headers declare, so the declared total bounds the bytes
@@ -225,7 +198,7 @@ def _extract_tar(data: BinaryIO, root: Path, max_bytes: _Budget, shown: str) -> 
     copies the file instead: then it counts as a copy.
     """
     with tarfile.open(fileobj=data, mode="r:*") as tar:
-        checked = _check_members(tar, max_bytes, shown, hard_links_copy=not _hard_links_work(root))
+        checked = check_members(tar, max_bytes, shown, hard_links_copy=not _hard_links_work(root))
         by_info = {id(member.source): member for member in checked}
 
         def data_filter(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
@@ -255,7 +228,7 @@ def _hard_links_work(folder: Path) -> bool:
         linked.unlink(missing_ok=True)
 
 
-def _refused(shown: str, member: _Member, exc: tarfile.FilterError) -> DataError:
+def _refused(shown: str, member: Member, exc: tarfile.FilterError) -> DataError:
     """The message for what tarfile's ``"data"`` filter refused (the checks before leave only links)."""
     kind = {"symlink": "symbolic link", "hardlink": "hard link"}.get(member.kind)
     if kind and isinstance(exc, tarfile.OutsideDestinationError | tarfile.LinkOutsideDestinationError):
@@ -358,167 +331,18 @@ def _describe(data: bytes) -> str:
 ReadMember = Callable[[Any], IO[bytes]]
 
 
-def _safe_name(raw: str, shown: str) -> str | None:
-    """The member's relative POSIX path, ``None`` for the archive's root, or a refusal."""
-    if "\0" in raw or "\\" in raw:
-        raise DataError(
-            f"{shown}: member {raw!r} has a backslash or NUL in its name; refused (repack the archive "
-            "with '/' as the only separator)"
-        )
-    if raw.startswith("/") or re.match(r"[A-Za-z]:", raw):
-        raise DataError(
-            f"{shown}: member {raw!r} has an absolute path; refused (an archive may only hold relative "
-            "paths: repack it)"
-        )
-    parts = [part for part in raw.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise DataError(
-            f"{shown}: member {raw!r} has a '..' part that would write outside the destination; "
-            "refused (repack the archive without it)"
-        )
-    return "/".join(parts) or None
-
-
-def _classify(info: Any, shown: str) -> tuple[str, str, int, int, str]:
-    """``(raw name, kind, declared size, mode, link target)`` of a ZipInfo or TarInfo."""
-    if isinstance(info, zipfile.ZipInfo):
-        mode = info.external_attr >> 16 if info.create_system == UNIX_SYSTEM else 0
-        if info.flag_bits & 0x1:
-            raise DataError(
-                f"{shown}: member {info.filename!r} is encrypted; refused (use an unencrypted archive)"
-            )
-        if info.is_dir():
-            kind = "dir"
-        elif stat.S_ISLNK(mode):
-            kind = "symlink"
-        elif stat.S_IFMT(mode) in (0, stat.S_IFREG):
-            kind = "file"
-        elif stat.S_ISDIR(mode):
-            kind = "dir"
-        else:
-            kind = _special(mode)
-        return info.filename, kind, info.file_size, mode, ""
-    assert isinstance(info, tarfile.TarInfo)
-    if info.isdir():
-        kind = "dir"
-    elif info.isreg():
-        kind = "file"
-    elif info.issym():
-        kind = "symlink"
-    elif info.islnk():
-        kind = "hardlink"
-    elif info.ischr() or info.isblk():
-        kind = "device file"
-    elif info.isfifo():
-        kind = "FIFO"
-    else:
-        kind = f"entry of tar type {info.type!r}"
-    return info.name, kind, info.size if kind == "file" else 0, info.mode, info.linkname
-
-
-def _special(mode: int) -> str:
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device file"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    return f"special file (mode {mode:o})"
-
-
-def _check_members(
-    raw_members: Iterable[Any], max_bytes: _Budget, shown: str, *, hard_links_copy: bool = False
-) -> list[_Member]:
-    """Every member checked before anything is written (names, kinds, link targets, sizes).
-
-    ``hard_links_copy``: a hard link costs its file's size (it will be written as a copy).
-    """
-    members: list[_Member] = []
-    kinds: dict[str, str] = {}
-    file_sizes: dict[str, int] = {}
-    declared = 0
-    for count, info in enumerate(raw_members, 1):
-        if count > MAX_MEMBERS:
-            raise DataError(f"{shown}: more than {MAX_MEMBERS:,} members; refused (is it an archive bomb?)")
-        raw, kind, size, mode, target = _classify(info, shown)
-        if kind not in ("dir", "file", "symlink", "hardlink"):
-            raise DataError(
-                f"{shown}: member {raw!r} is a {kind}; refused (a job archive holds only files, "
-                "folders and links)"
-            )
-        name = _safe_name(raw, shown)
-        if name is None:
-            if kind == "dir":
-                continue
-            raise DataError(f"{shown}: member {raw!r} has no name; refused (repack the archive)")
-        if kind == "symlink":
-            if isinstance(info, zipfile.ZipInfo):
-                size = min(size, _MAX_LINK + 1)
-            else:
-                target = _check_symlink_target(raw, name, target, shown)
-        elif kind == "hardlink":
-            target = _check_hard_link(raw, target, kinds, shown)
-            size = file_sizes[target] if hard_links_copy else 0
-        declared += size
-        if declared > max_bytes.size:
-            raise DataError(
-                f"{shown}: member {raw!r} brings the declared size to {declared:,} bytes, over the "
-                f"{max_bytes.size:,} allowed; refused (raise {max_bytes.setting} if you trust the archive)"
-            )
-        previous = kinds.get(name)
-        if previous is not None and not (previous == kind and kind in ("dir", "file")):
-            raise DataError(
-                f"{shown}: member {raw!r} is a {kind} but the archive already has a {previous} at {name!r}; "
-                "refused (repack the archive)"
-            )
-        kinds[name] = kind
-        if kind == "file":
-            file_sizes[name] = size
-        members.append(_Member(name, kind, size, bool(mode & 0o100), target, info))
-    return members
-
-
-def _check_hard_link(raw: str, target: str, kinds: dict[str, str], shown: str) -> str:
-    """The linked member's name; it must be a file earlier in the archive."""
-    try:
-        linked = _safe_name(target, shown) if target else None
-    except DataError:
-        linked = None
-    if linked is None or kinds.get(linked) != "file":
-        raise DataError(
-            f"{shown}: member {raw!r} is a hard link to {target!r}, which is not a file earlier in "
-            "the archive; refused"
-        )
-    return linked
-
-
-def _check_symlink_target(raw: str, name: str, target: str, shown: str) -> str:
-    """Refuse a link target that is empty, absolute, or leaves the tree (judged from the link's folder)."""
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target)) if target else ""
-    if (
-        not target
-        or target.startswith("/")
-        or "\0" in target
-        or resolved == ".."
-        or resolved.startswith("../")
-    ):
-        raise DataError(
-            f"{shown}: member {raw!r} is a symbolic link to {target!r}, outside the extracted tree; "
-            "refused (links in a job archive must stay inside it)"
-        )
-    return target
-
-
-def _path(root: Path, member: _Member) -> Path:
+def _path(root: Path, member: Member) -> Path:
     return root.joinpath(*member.name.split("/"))
 
 
-def _conflict(shown: str, member: _Member, exc: OSError) -> DataError:
+def _conflict(shown: str, member: Member, exc: OSError) -> DataError:
     return DataError(
         f"{shown}: member {member.name!r} cannot be created ({one_line(exc)}): another member is in its "
         "way; refused (repack the archive)"
     )
 
 
-def _mkdir(root: Path, member: _Member, shown: str) -> None:
+def _mkdir(root: Path, member: Member, shown: str) -> None:
     try:
         _path(root, member).mkdir(mode=0o755, parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
@@ -526,7 +350,7 @@ def _mkdir(root: Path, member: _Member, shown: str) -> None:
 
 
 def _write_file(
-    root: Path, member: _Member, read: ReadMember, written: int, max_bytes: _Budget, shown: str
+    root: Path, member: Member, read: ReadMember, written: int, max_bytes: Budget, shown: str
 ) -> int:
     """Write one file (no link exists yet in the tree, and none is followed); returns bytes so far."""
     dest = _path(root, member)
@@ -549,11 +373,11 @@ def _write_file(
     return written
 
 
-def _read_link_target(member: _Member, read: ReadMember, shown: str) -> str:
+def _read_link_target(member: Member, read: ReadMember, shown: str) -> str:
     """A zip symlink's target: its content."""
     with read(member.source) as src:
-        raw = src.read(_MAX_LINK + 1)
-    if len(raw) > _MAX_LINK:
+        raw = src.read(MAX_LINK + 1)
+    if len(raw) > MAX_LINK:
         raise DataError(
             f"{shown}: member {member.name!r} is a symbolic link with an overlong target; refused"
         )
@@ -563,14 +387,14 @@ def _read_link_target(member: _Member, read: ReadMember, shown: str) -> str:
         raise DataError(
             f"{shown}: member {member.name!r} is a symbolic link whose target is not UTF-8; refused"
         ) from None
-    return _check_symlink_target(member.name, member.name, target, shown)
+    return check_symlink_target(member.name, member.name, target, shown)
 
 
 def _inside(real_root: str, path: str) -> bool:
     return os.path.commonpath([real_root, path]) == real_root
 
 
-def _symlink(root: Path, real_root: str, member: _Member, target: str, shown: str) -> None:
+def _symlink(root: Path, real_root: str, member: Member, target: str, shown: str) -> None:
     """Create one link, only where its folder and its target resolve (through earlier links) inside."""
     dest = _path(root, member)
     parent = os.path.realpath(dest.parent)
@@ -587,7 +411,7 @@ def _symlink(root: Path, real_root: str, member: _Member, target: str, shown: st
         raise _conflict(shown, member, exc) from None
 
 
-def _verify_link(root: Path, real_root: str, member: _Member, shown: str) -> None:
+def _verify_link(root: Path, real_root: str, member: Member, shown: str) -> None:
     """With every link in place, each must still resolve inside (links can combine to leave the tree)."""
     if not _inside(real_root, os.path.realpath(_path(root, member))):
         raise DataError(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lastlayer import storage
 from lastlayer.errors import DataError, UsageError
-from lastlayer.jobs.archive import UNIX_SYSTEM
+from lastlayer.jobs.members import UNIX_SYSTEM
 from lastlayer.storage import StorageOptions
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
