@@ -12,11 +12,14 @@ guarantee on HDFS).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -203,3 +206,23 @@ def write_atomic(url: str, data: bytes, storage_options: StorageOptions | None =
     """Write ``data`` to ``url`` through a temporary name and a rename."""
     with atomic_path(url, storage_options) as (fs, tmp):
         fs.pipe_file(tmp, data)
+
+
+#: The temporary names :func:`write_private` writes through (a listing of the folder may hide them).
+PRIVATE_TEMP_PREFIX = ".tmp-secret-"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable and writable by its owner only (0600), through a temporary
+    name and a rename, so no reader sees a partial file or a moment of wider permissions."""
+    fd, tmp = tempfile.mkstemp(prefix=PRIVATE_TEMP_PREFIX, dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

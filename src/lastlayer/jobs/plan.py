@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lastlayer.jobs.secret_store import write_private
+from lastlayer.storage import write_private
 
 PENDING, STARTING, RUNNING, COMPLETE, ERROR = "PENDING", "STARTING", "RUNNING", "COMPLETE", "ERROR"
 #: (phase name, task group key in the options file, task name prefix)

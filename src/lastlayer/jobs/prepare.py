@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lastlayer import storage
 from lastlayer.engines.spark import configured_master
 from lastlayer.errors import DataError, StorageError, UsageError
 from lastlayer.fetch import Limits, shown
@@ -140,7 +141,7 @@ def prepare(
         shares: dict[str, int] = {}
         if _executors(job, spec, module_dir, mirror.env(env) if mirror else env, deadline) == "spark":
             conf = _private(private / "spark-conf")
-            secret_store.write_private(conf / "spark-defaults.conf", spark_defaults(spec).encode())
+            storage.write_private(conf / "spark-defaults.conf", spark_defaults(spec).encode())
             env["SPARK_CONF_DIR"] = str(conf)
             shares["worker-0"] = spec.worker.count
         yield Prepared(mirror.env(env) if mirror else env, module_dir, log_dir, shares, mirror)
@@ -217,8 +218,8 @@ def _cluster_login(
             config = dataclasses.replace(config, hadoop_conf_dir=str(_hadoop_conf(spec, private, deadline)))
         if k.enabled:
             conf = private / "krb5.conf"
-            secret_store.write_private(keytab, secret_store.read_secret(k.keytab_secret, secrets_dir))
-            secret_store.write_private(conf, krb5_conf(spec).encode())
+            storage.write_private(keytab, secret_store.read_secret(k.keytab_secret, secrets_dir))
+            storage.write_private(conf, krb5_conf(spec).encode())
             config = dataclasses.replace(
                 config, principal=f"{k.primary}@{k.realm}", keytab=str(keytab), krb5_conf=str(conf)
             )

@@ -4,8 +4,8 @@ The folder is ``store`` when given, else ``$LASTLAYER_SECRETS_DIR``, else ``~/.l
 secret named ``a/b`` is the file ``<store>/a/b``. As in DC/OS, a secret whose name (its last part)
 starts with ``__dcos_base64__`` holds base64 text and is decoded when read (e.g. a keytab). A secret
 file must belong to the user reading it and be closed to group and others (``chmod 600``). Secret
-bytes never appear in messages or logs. :func:`write_private` is the one owner-only file writer
-(the job service's keytab and krb5.conf use it too).
+bytes never appear in messages or logs. Secrets are written by :func:`lastlayer.storage.write_private`,
+the one owner-only file writer (the job service's keytab and krb5.conf use it too).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import base64
 import binascii
 import os
 import stat
-import tempfile
 from pathlib import Path
 
+from lastlayer import storage
 from lastlayer.errors import UsageError
 
 ENV_VAR = "LASTLAYER_SECRETS_DIR"
 BASE64_PREFIX = "__dcos_base64__"
-_TEMP_PREFIX = ".tmp-secret-"
+_TEMP_PREFIX = storage.PRIVATE_TEMP_PREFIX
 _LISTED = 20  # names shown when a secret is missing
 #: Largest secret value, bytes (a keytab is a few KiB).
 MAX_SECRET_BYTES = 1 << 20
@@ -119,7 +119,7 @@ def write_secret(
             ) from None
     path = secret_path(name, store)
     _make_private_dirs(path.parent)
-    write_private(path, data)
+    storage.write_private(path, data)
     return path
 
 
@@ -147,22 +147,6 @@ def read_value_file(path: str) -> bytes:
             "holding the secret's value (e.g. the keytab)"
         )
     return data
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable and writable by its owner only (0600), through a temporary
-    name and a rename, so no reader sees a partial file or a moment of wider permissions."""
-    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_secrets(store: str | os.PathLike[str] | None = None) -> list[str]:

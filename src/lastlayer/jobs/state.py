@@ -37,8 +37,8 @@ from pathlib import Path
 from lastlayer.errors import DataError, StorageError, UsageError
 from lastlayer.fetch import one_line, shown
 from lastlayer.jobs.plan import Plan
-from lastlayer.jobs.secret_store import write_private
 from lastlayer.jobs.spec import HdfsSpec, JobSpec, ServiceSpec, name_problem
+from lastlayer.storage import write_private
 
 #: How long a stopped process may take to end before it is killed, and a killed one to go, seconds.
 STOP_GRACE_S = 10.0

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from lastlayer.jobs.secret_store import write_private
 from lastlayer.jobs.state import Job, alive, end_process, last_line, terminate
+from lastlayer.storage import write_private
 
 log = logging.getLogger(__name__)
 
