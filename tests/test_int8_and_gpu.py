@@ -24,7 +24,8 @@ from lastlayer.jobs.supervisor import gpus_of
 from lastlayer.jobs.task import Server
 from lastlayer.model import contract, runtime
 from lastlayer.preprocess import decode, to_input
-from lastlayer.settings.run import EngineConfig, check
+from lastlayer.settings.fields import check
+from lastlayer.settings.run import EngineConfig
 from lastlayer.zoo import ZOO, FeatureModel, load_feature_model, quantize, resolve
 from lastlayer.zoo.catalog import INT8_SUFFIX, read_weights
 from lastlayer.zoo.loader import build_network

@@ -30,7 +30,7 @@ from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.errors import UsageError
 from lastlayer.model.export import write_model
-from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, check, flat
+from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, flat
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.training.data import load, plan_variants
 from lastlayer.training.evaluate import evaluate
@@ -83,7 +83,6 @@ def retrain(
     """
     run = Run.of(image_dir, architecture, training, cache, outputs, engine, storage_options, hadoop)
     run.on_evaluation = run.recorder(on_evaluation)
-    check(run.training, run.cache, run.outputs, run.engine)
     if run.engine.worker_index > 0:
         raise UsageError(
             f"--worker_index={run.engine.worker_index}: a worker other than 0 only computes its shard of "
@@ -114,7 +113,6 @@ def extract_shard(
         LastlayerError: as :func:`retrain`; a :class:`~lastlayer.errors.UsageError` for worker 0.
     """
     run = Run.of(image_dir, architecture, training, cache, None, engine, storage_options, hadoop)
-    check(run.training, run.cache, run.outputs, run.engine)
     if run.engine.worker_index == 0:
         raise UsageError("--worker_index=0: worker 0 trains: call lastlayer.retrain(), not extract_shard()")
     with make_engine(run.engine, run.storage_options, hadoop.spark_conf() if hadoop else None) as engine:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
-from lastlayer.settings.options import AuthToLocalOptions, from_namespace
+from lastlayer.settings.options import AuthToLocalOptions, checked
 
 #: What in-process clients can only read from the environment: MIT Kerberos' configuration file
 #: (see :mod:`lastlayer.hadoop.login`). Everything else goes to them, and to Spark, explicitly.
@@ -22,8 +22,7 @@ def connect(ns: argparse.Namespace) -> Iterator[HadoopLogin | None]:
     its :meth:`~HadoopLogin.env` that in-process clients need (:data:`IN_PROCESS_ENV`) exported for
     the command and restored on exit. ``None`` when no cluster flag is given and no ticket cache is
     named (``KRB5CCNAME``): every client then keeps its own defaults."""
-    config = from_namespace(ns, ClusterConfig)
-    config.validate()
+    config = checked(ns, ClusterConfig)
     if config == ClusterConfig() and "KRB5CCNAME" not in os.environ:
         yield None
         return
@@ -59,8 +58,7 @@ def auth_to_local(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer.hadoop import auth_to_local
     from lastlayer.hadoop.login import default_realm
 
-    opts = from_namespace(ns, AuthToLocalOptions)
-    opts.validate()
+    opts = checked(ns, AuthToLocalOptions)
     if opts.rules_base64:
         rules = auth_to_local.rules_from_base64(opts.rules_base64)
     elif opts.core_site:

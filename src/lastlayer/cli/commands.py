@@ -19,7 +19,7 @@ from lastlayer.settings.options import (
     RetrainOptions,
     ServeOptions,
     UploadOptions,
-    from_namespace,
+    checked,
 )
 
 log = logging.getLogger("lastlayer")
@@ -32,8 +32,7 @@ def retrain(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer retrain``: run the job; print the outcome as one JSON line."""
     from lastlayer import pipeline
 
-    opts = from_namespace(ns, RetrainOptions)
-    opts.validate()
+    opts = checked(ns, RetrainOptions)
     terminal = sys.stderr.isatty()
     if opts.engine.worker_index > 0:  # a worker that only computes its shard of the bottlenecks
         shard = pipeline.extract_shard(**opts.shard_kwargs(), hadoop=hadoop, progress=ProgressBar(sys.stderr))
@@ -78,8 +77,7 @@ def _next_steps(report: str, graph: str) -> None:
 def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer.model import inference
 
-    opts = from_namespace(ns, LabelOptions)
-    opts.validate()
+    opts = checked(ns, LabelOptions)
     images = list(opts.image) + list(ns.images or [])
     if not images:
         raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
@@ -115,8 +113,7 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
 def upload(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer.transfer import upload
 
-    opts = from_namespace(ns, UploadOptions)
-    opts.validate()
+    opts = checked(ns, UploadOptions)
     report = upload(
         ns.src,
         ns.dst,
@@ -142,8 +139,7 @@ def report(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer report SUMMARY_JSON``: rebuild a run's HTML report from its summary file."""
     from lastlayer import report
 
-    opts = from_namespace(ns, ReportOptions)
-    opts.validate()
+    opts = checked(ns, ReportOptions)
     if (missing := report.missing_libraries()) is not None:
         raise UsageError(f"cannot build the report: {missing}")
     options = storage_options(hadoop)
@@ -158,8 +154,7 @@ def serve(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer serve``: load the models, listen, and serve until interrupted."""
     from lastlayer import serve
 
-    opts = from_namespace(ns, ServeOptions)
-    opts.validate()
+    opts = checked(ns, ServeOptions)
     serve.require()
     models = serve.load_models(opts.graphs(), opts.num_threads, storage_options(hadoop))
     sock = serve.listen(opts.host, opts.port)

@@ -5,9 +5,10 @@ options file) is a field made by :func:`option`. Its ``metadata`` holds an :clas
 the help text, limits (``minimum``, ``above``, ``maximum``, ``below``, ``choices``, ``finite``),
 values accepted whatever the limits say (``special``, e.g. ``-1`` for "all"), aliases, and an
 ``unsupported`` note for options that are accepted only to say what to use instead. :func:`problem`
-checks a value against its field, :func:`closest` gives the "did you mean" hint for an unknown
-name. How a problem is shown (``--flag=value: ...`` or ``worker.count: ..., got -1``) is the
-caller's choice.
+checks a value against its field, :func:`check` an object of options (its fields, then the rules
+between them) as flags, and a :class:`Checked` dataclass checks itself when it is made;
+:func:`closest` gives the "did you mean" hint for an unknown name. How a problem is shown
+(``--flag=value: ...`` or ``worker.count: ..., got -1``) is the caller's choice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
+
+from lastlayer.errors import UsageError
 
 #: The log levels retrain.py's ``--logging_verbosity`` and the options file's ``log_level`` take.
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")
@@ -137,3 +140,38 @@ def closest(name: str, valid: Iterable[str]) -> str | None:
     """The valid name most like ``name`` (for "did you mean ...?"), or ``None`` when none is close."""
     found = difflib.get_close_matches(name, list(valid), n=1)
     return found[0] if found else None
+
+
+def flag_problem(name: str, value: Any, why: str) -> UsageError:
+    """The error for flag ``--name`` with ``value``: ``--name=value: why``."""
+    return UsageError(f"--{name}={value!r}: {why}")
+
+
+def check(obj: Any) -> None:
+    """Check the fields of the options object ``obj`` against their declared limits (a section, itself
+    :class:`Checked`, was checked when it was made), then the rules between them (its
+    ``cross_problems()``, when it has one).
+
+    Raises:
+        UsageError: naming the first offending flag and what to do.
+    """
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not is_section(hints[f.name]) and (why := problem(f, value)) is not None:
+            raise flag_problem(f.name, value, why)
+    for name, value, why in getattr(obj, "cross_problems", tuple)():
+        raise flag_problem(name, value, why)
+
+
+class Checked:
+    """A dataclass of options that is checked (:func:`check`) when it is made, so that every one in
+    existence is valid: the command line builds and checks its options once, and what it hands on
+    needs no second look."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """``(flag, value, why)`` of each rule between its fields that it breaks (none here)."""
+        return iter(())

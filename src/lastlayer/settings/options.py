@@ -19,7 +19,6 @@ from typing import Any, TypeVar, get_type_hints
 from lastlayer.errors import UsageError
 from lastlayer.preprocess import MAX_PIXELS
 from lastlayer.settings import fields as options
-from lastlayer.settings import run as config
 from lastlayer.settings.fields import LOG_LEVELS, option
 from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.zoo import DEFAULT_ARCHITECTURE
@@ -72,15 +71,13 @@ class RetrainOptions:
     )
 
     def validate(self) -> None:
-        """Check values and their combinations; warn about flags that are accepted but not used.
+        """Check its own flags (its sections checked themselves when they were made); warn about flags
+        that are accepted but not used.
 
         Raises:
             UsageError: naming the flag and what to do.
         """
-        config.check(self.training, self.cache, self.outputs, self.engine)
-        for f in fields(self):
-            if not options.is_section(f.type) and (why := options.problem(f, getattr(self, f.name))):
-                raise config.flag_problem(f.name, getattr(self, f.name), why)
+        options.check(self)
         _unsupported(self)
         if self.engine.engine == "spark":
             from lastlayer.engines import spark
@@ -140,8 +137,10 @@ class LabelOptions:
         doc="An image to label (path or URL); repeat for more, or list them after the flags.",
         multiple=True,
     )
-    top_k: int = option(5, "How many labels to show per image.")
-    num_threads: int = option(0, "Threads for the network; 0 = one per core.")
+    top_k: int = option(5, "How many labels to show per image.", minimum=1, rule="must be at least 1")
+    num_threads: int = option(
+        0, "Threads for the network; 0 = one per core.", minimum=0, rule="must be 0 (one per core) or more"
+    )
     json: bool = option(False, "Print JSON lines instead of text.")
     input_height: int | None = option(None, "Ignored: the model carries its input size.")
     input_width: int | None = option(None, "Ignored: the model carries its input size.")
@@ -151,11 +150,8 @@ class LabelOptions:
     output_layer: str | None = option(None, "Output to read (default: the model's final tensor).")
 
     def validate(self) -> None:
-        """Check values. Raises UsageError naming the flag."""
-        if self.top_k < 1:
-            raise UsageError(f"--top_k={self.top_k}: must be at least 1")
-        if self.num_threads < 0:
-            raise UsageError(f"--num_threads={self.num_threads}: must be 0 (one per core) or more")
+        """Check values; warn about the flags it ignores. Raises UsageError naming the flag."""
+        options.check(self)
         for name in ("input_height", "input_width", "input_mean", "input_std", "input_layer"):
             if getattr(self, name) is not None:
                 log.warning("--%s is ignored: the model carries its own preprocessing and input", name)
@@ -225,7 +221,7 @@ class ServeOptions:
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        config.check(self)
+        options.check(self)
         if not self.host:
             raise UsageError("--host must not be empty: pass an address such as 127.0.0.1")
 
@@ -242,12 +238,13 @@ class UploadOptions:
         0,
         "Files copied at once; 0 = as many as the destination's latency calls for (8, doubled while "
         "the rate of finished files keeps rising, up to 256).",
+        minimum=0,
+        rule="must be 0 (adapt) or more",
     )
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        if self.threads < 0:
-            raise UsageError(f"--threads={self.threads}: must be 0 (adapt) or more")
+        options.check(self)
 
 
 @dataclass
@@ -262,15 +259,20 @@ class AuthToLocalOptions:
     default_realm: str = option(
         "", "The default realm (default: krb5.conf's default_realm, else the principal's)."
     )
-    mechanism: str = option("hadoop", "hadoop (strict: simple names only) or mit.")
+    mechanism: str = option(
+        "hadoop",
+        "hadoop (strict: simple names only) or mit.",
+        choices=("hadoop", "mit"),
+        upper_choices=False,
+        rule="must be hadoop or mit",
+    )
 
     def validate(self) -> None:
         """Exactly one source of rules; a known mechanism."""
         given = [name for name in ("rules", "rules_base64", "core_site") if getattr(self, name)]
         if len(given) != 1:
             raise UsageError("pass exactly one of --rules, --rules_base64 or --core_site")
-        if self.mechanism not in ("hadoop", "mit"):
-            raise UsageError(f"--mechanism={self.mechanism!r}: must be hadoop or mit")
+        options.check(self)
 
 
 @dataclass
@@ -286,6 +288,9 @@ class JobOptions:
         0.0,
         "deploy / plan restart: stop the job this many seconds after the command started, downloads "
         "included (0: no limit).",
+        minimum=0,
+        finite=False,
+        rule="must be 0 (no limit) or positive",
     )
     completed: bool = option(False, "log: read the log of a finished task.")
     root: str = option(
@@ -299,8 +304,7 @@ class JobOptions:
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        if self.timeout < 0:
-            raise UsageError(f"--timeout={self.timeout}: must be 0 (no limit) or positive")
+        options.check(self)
 
 
 T = TypeVar("T")
@@ -415,12 +419,22 @@ def from_namespace(ns: argparse.Namespace, cls: type[T]) -> T:
     return cls(**values)
 
 
+def checked(ns: argparse.Namespace, cls: type[T]) -> T:
+    """The options ``cls`` of parsed flags, built (its sections check themselves) and checked
+    (its ``validate()``): the one way the command line makes typed options.
+
+    Raises:
+        UsageError: naming the flag and what to do.
+    """
+    opts = from_namespace(ns, cls)
+    opts.validate()  # type: ignore[attr-defined]
+    return opts
+
+
 def parse_flags(argv: Sequence[str], cls: type[T] = RetrainOptions) -> T:  # type: ignore[assignment]
     """Parse retrain.py-style flags (``--name=value`` or ``--name value``) into validated options."""
     parser = new_parser(cls.__name__, cls.__doc__ or "")
     add_flags(parser, cls)
     ns, unknown = parser.parse_known_args(normalize_bools(argv, cls))
     reject_unknown(unknown, cls)
-    opts = from_namespace(ns, cls)
-    opts.validate()
-    return opts
+    return checked(ns, cls)

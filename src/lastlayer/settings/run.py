@@ -1,9 +1,9 @@
 """The settings of a retraining run, as small typed config objects: training, cache, outputs, engine.
 
-Each field is declared once (:func:`lastlayer.settings.fields.option`): its name is retrain.py's flag name,
-its default is retrain.py's default, its help is the flag's ``--help`` and its limits are checked
-by :func:`check`. The command line builds its flags from these classes; the Python API takes them
-as they are::
+Each field is declared once (:func:`lastlayer.settings.fields.option`): its name is retrain.py's flag
+name, its default is retrain.py's default, its help is the flag's ``--help`` and its limits are checked
+when an object is made (:class:`~lastlayer.settings.fields.Checked`), as are the rules between fields.
+The command line builds its flags from these classes; the Python API takes them as they are::
 
     lastlayer.retrain("flower_photos", training=TrainingConfig(how_many_training_steps=500))
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lastlayer.errors import UsageError
 from lastlayer.preprocess import Distortions
 from lastlayer.settings import fields
 from lastlayer.settings.fields import option
@@ -37,7 +36,7 @@ ENGINE_NAMES = tuple(KNOWN_ENGINES)
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(fields.Checked):
     """How the last layer is trained and evaluated (retrain.py's training flags)."""
 
     how_many_training_steps: int = option(
@@ -124,9 +123,18 @@ class TrainingConfig:
         """The distortion flags as one spec."""
         return Distortions(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
 
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """The testing and validation shares leave training images."""
+        if self.testing_percentage + self.validation_percentage >= 100:
+            yield (
+                "testing_percentage",
+                self.testing_percentage,
+                f"with --validation_percentage={self.validation_percentage} leaves no training images",
+            )
+
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(fields.Checked):
     """Where built networks and bottlenecks are kept."""
 
     model_dir: str = option("/tmp/imagenet", "Where the built ONNX networks are cached.")
@@ -141,7 +149,7 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(fields.Checked):
     """What a run writes and where."""
 
     output_graph: str = option("/tmp/output_graph.onnx", "Where to save the retrained model (one ONNX file).")
@@ -184,9 +192,14 @@ class OutputConfig:
         """Where the HTML report goes: ``<output_graph stem>.report.html``."""
         return posixpath.splitext(self.output_graph)[0] + ".report.html"
 
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """The final tensor has a name."""
+        if not self.final_tensor_name:
+            yield "final_tensor_name", self.final_tensor_name, "must not be empty"
+
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(fields.Checked):
     """Where and how bottlenecks are computed."""
 
     engine: str = option(
@@ -237,48 +250,20 @@ class EngineConfig:
         3600.0, "How long worker 0 waits for the other workers' shards.", above=0, rule="must be positive"
     )
 
-
-def flag_problem(name: str, value: Any, why: str) -> UsageError:
-    """The error for flag ``--name`` with ``value``: ``--name=value: why``."""
-    return UsageError(f"--{name}={value!r}: {why}")
-
-
-def check(*configs: Any) -> None:
-    """Check the declared limits of every field of ``configs``, then the rules between fields.
-
-    Raises:
-        UsageError: naming the first offending flag and what to do.
-    """
-    for config in configs:
-        for path, value, why in fields.problems(config):
-            raise flag_problem(path.rsplit(".", 1)[-1], value, why)
-    for config in configs:
-        for name, value, why in _cross_problems(config):
-            raise flag_problem(name, value, why)
-
-
-def _cross_problems(config: Any) -> Iterable[tuple[str, Any, str]]:
-    if isinstance(config, TrainingConfig) and config.testing_percentage + config.validation_percentage >= 100:
-        yield (
-            "testing_percentage",
-            config.testing_percentage,
-            f"with --validation_percentage={config.validation_percentage} leaves no training images",
-        )
-    if isinstance(config, OutputConfig) and not config.final_tensor_name:
-        yield "final_tensor_name", config.final_tensor_name, "must not be empty"
-    if isinstance(config, EngineConfig):
-        if not 0 <= config.worker_index < config.worker_count:
-            yield "worker_index", config.worker_index, "must be in [0, --worker_count)"
-        if config.engine == "spark" and config.device != CPU:
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """The worker is one of the workers; Spark runs on the CPU, with one driver."""
+        if not 0 <= self.worker_index < self.worker_count:
+            yield "worker_index", self.worker_index, "must be in [0, --worker_count)"
+        if self.engine == "spark" and self.device != CPU:
             yield (
                 "device",
-                config.device,
+                self.device,
                 f"must be {CPU} with --engine=spark: Spark runs the network on the executors' CPUs",
             )
-        if config.engine == "spark" and config.worker_count != 1:
+        if self.engine == "spark" and self.worker_count != 1:
             yield (
                 "worker_count",
-                config.worker_count,
+                self.worker_count,
                 "must be 1 with --engine=spark: Spark spreads the work over its executors",
             )
 
