@@ -17,12 +17,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from helpers import make_dataset, serve_folder
+from helpers import ENV_KEYS, as_superuser, lastlayer_as, make_dataset, serve_folder
 from lastlayer.cli import main
 from lastlayer.jobs import secret_store
 from lastlayer.jobs.plan import ERROR, Plan
-
-from .helpers import ENV_KEYS, as_superuser, lastlayer_as
 
 ROOT = Path(__file__).resolve().parents[2]
 

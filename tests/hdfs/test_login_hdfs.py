@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_dataset
+from helpers import ENV_KEYS, as_superuser, make_dataset
 from lastlayer import storage
 from lastlayer.errors import StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.transfer import upload
-
-from .helpers import ENV_KEYS, as_superuser
 
 USERS = ("tensorflow", "bob")
 

@@ -13,11 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import jpeg_bytes, serving, shape_image
+from helpers import ENV_KEYS, as_superuser, jpeg_bytes, lastlayer_as, principal_flags, serving, shape_image
 from lastlayer import storage
 from test_report import SECTIONS, confusable
-
-from .helpers import ENV_KEYS, as_superuser, lastlayer_as, principal_flags
 
 BASE = "/tensorflow_seen"
 START_S = 120

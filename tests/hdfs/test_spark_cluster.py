@@ -21,9 +21,7 @@ from pathlib import Path
 import pyspark
 import pytest
 
-from helpers import make_dataset
-
-from .helpers import ENV_KEYS, lastlayer_as, principal_flags, upload_for_tensorflow
+from helpers import ENV_KEYS, lastlayer_as, make_dataset, principal_flags, upload_for_tensorflow
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_dataset
+from helpers import ENV_KEYS, as_superuser, make_dataset, principal_flags
 from lastlayer import storage
 from lastlayer.errors import StorageError
 from lastlayer.hadoop import ClusterConfig, HadoopLogin
 from lastlayer.transfer import START_IN_FLIGHT, upload
-
-from .helpers import ENV_KEYS, as_superuser, principal_flags
 
 BASE = "/uploads"
 

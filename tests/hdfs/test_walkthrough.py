@@ -15,10 +15,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from helpers import make_dataset
+from helpers import ENV_KEYS, make_dataset, principal_flags, upload_for_tensorflow
 from lastlayer.cli import main
-
-from .helpers import ENV_KEYS, principal_flags, upload_for_tensorflow
 
 INPUT = "/tensorflow_input_data/shapes"
 RUN = "/tensorflow/test_run"

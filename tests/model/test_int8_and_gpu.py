@@ -31,7 +31,7 @@ from lastlayer.zoo.catalog import INT8_SUFFIX, read_weights
 from lastlayer.zoo.loader import build_network
 from lastlayer.zoo.pth import read_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = "mobilenet_v2_1.0_128"  # the quickest network to quantize
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ from lastlayer.cli import main
 from lastlayer.dataset import scan
 from lastlayer.engines import spark
 from lastlayer.engines.base import Task, available_cores
-from lastlayer.engines.batch import PREFETCH_POLL_S, prefetch
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.preprocess import Distortions
@@ -282,27 +279,3 @@ def test_settings_carry_the_keytab_login_to_spark(tmp_path):
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")
-
-
-def test_prefetch_keeps_order_hands_over_errors_and_stops_its_thread():
-    with prefetch(iter(range(50)), 2) as ready:
-        assert list(ready) == list(range(50))
-
-    def broken():
-        yield 1
-        raise OSError("read failed (test)")
-
-    with pytest.raises(OSError, match="read failed"), prefetch(broken(), 2) as ready:
-        list(ready)
-    produced: list[int] = []
-
-    def counted():
-        for i in range(10**6):
-            produced.append(i)
-            yield i
-
-    with prefetch(counted(), 2) as ready:
-        assert next(ready) == 0
-    time.sleep(2 * PREFETCH_POLL_S)
-    assert len(produced) <= 5  # the producer stopped when the block was left
-    assert not [t for t in threading.enumerate() if t.name == "lastlayer-prefetch"]

@@ -18,7 +18,7 @@ from lastlayer.jobs import prepare, secret_store
 from lastlayer.jobs.plan import COMPLETE, ERROR, Plan, new_plan
 from lastlayer.jobs.task import TaskDescription
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POETS = ROOT / "examples" / "poets"
 
 
