@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,16 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One model cache for the whole session, so each network is built once."""
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_cli_log_handler() -> Iterator[None]:
+    """``main()`` leaves its log handler on the root logger, as a command line does; remove it after
+    each test, so that a later test's records do not go to this test's closed output stream."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_lastlayer", False)]:
+        root.removeHandler(handler)
 
 
 _SPARK: dict[str, object] = {}

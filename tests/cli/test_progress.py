@@ -39,10 +39,12 @@ def terminal_log(monkeypatch):
     handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
-    monkeypatch.setattr(root, "level", logging.INFO)
+    level = root.level
+    root.setLevel(logging.INFO)  # (setLevel clears the loggers' cached levels; setting .level would not)
     monkeypatch.setattr(progress, "REDRAW_SECONDS", 0.0)
     monkeypatch.setenv("COLUMNS", "200")
-    return stream
+    yield stream
+    root.setLevel(level)
 
 
 def test_on_a_terminal_step_lines_give_way_to_the_status_line(terminal_log):
