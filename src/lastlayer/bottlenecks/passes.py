@@ -3,7 +3,7 @@
 Training never holds the feature matrix (10⁷ images x 1,280 floats would be 51 GB): every pass reads
 the cache a part file at a time, in the order of the rows' locations, reading the next part while
 this one is used (:func:`scan`). What a pass keeps grows with the rows it is asked for (a few int64
-each), never with the features of the rest. Two passes serve training (:mod:`lastlayer.pipeline`):
+each), never with the features of the rest. Two passes serve training (:mod:`lastlayer.training.data`):
 
 * :func:`load`, before any training: the per-feature mean and variance of each training set
   (:class:`Moments`: each part's statistics merged by Chan's formula in float64), the rows training
