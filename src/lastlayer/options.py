@@ -162,7 +162,13 @@ class ReportOptions:
 
     output: str = option(
         "",
-        "Where to write the report (default: where the run put it, <output_graph stem>.report.html).",
+        "Where to write the report (default: beside the summary file, <stem>.report.html for "
+        "<stem>.summary.json); an existing file there must be a lastlayer report.",
+    )
+    fetch_images: bool = option(
+        False,
+        "Read thumbnails from an image folder on another filesystem than the report's (e.g. an "
+        "http:// or remote URL the summary names); by default only local ones and those beside the report.",
     )
 
     def validate(self) -> None:

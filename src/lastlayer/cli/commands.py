@@ -140,7 +140,7 @@ def upload(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
 
 def report(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer report SUMMARY_JSON``: rebuild a run's HTML report from its summary file."""
-    from lastlayer import report
+    from lastlayer import report, report_input
 
     opts = from_namespace(ns, ReportOptions)
     opts.validate()
@@ -148,8 +148,8 @@ def report(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
         raise UsageError(f"cannot build the report: {missing}")
     options = storage_options(hadoop)
     summary = report.read_summary(ns.summary_json, options)
-    url = opts.output or report.default_url(summary)
-    report.write(summary, url, options)
+    url = opts.output or report_input.default_url(ns.summary_json)
+    report.write(summary, url, options, fetch_images=opts.fetch_images)
     print(json.dumps({"report": url}))
     return 0
 
