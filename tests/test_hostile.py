@@ -6,16 +6,31 @@ Each test failed on the code before its fix.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.server
+import io
 import json
 import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
-from helpers import serve_http
+import test_serve
+from helpers import serve_http, serving
 from lastlayer import report
 from lastlayer.cli import main
+from test_serve import REQUEST_S, START_S, _tensor, running, shape_jpeg
+
+# the served model of test_serve's fixtures: a model trained on the shapes, and a server of it
+graph, models, url = test_serve.graph, test_serve.models, test_serve.url
 
 REPORT_MARK = '<meta name="generator" content="lastlayer">'
 
@@ -118,8 +133,8 @@ def test_report_reads_thumbnails_only_below_the_image_folder_and_fetches_nothing
     rooted = summary_of("/", misclassified=[wrong(str(tmp_path / "secret.png")[1:])])
     assert "no image folder" in report.build(rooted, report_url=str(tmp_path / "r.html"))
     Counting.hits = 0
-    with serve_http(Counting) as url:
-        remote = summary_of(url + "/images", misclassified=[wrong("a/x.png")])
+    with serve_http(Counting) as base:
+        remote = summary_of(base + "/images", misclassified=[wrong("a/x.png")])
         (tmp_path / "remote.summary.json").write_text(json.dumps(remote))
         assert main(["report", str(tmp_path / "remote.summary.json")]) == 0
         assert Counting.hits == 0
@@ -178,3 +193,159 @@ def test_report_of_a_million_classes_is_refused_and_its_tables_are_capped(tmp_pa
     html = report.build(many)
     assert html.count("<td>c1") < 2 * (report.MAX_TABLE_ROWS + 1)
     assert "1,500 more rows: see the summary file" in html
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+def png_bytes(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A flat PNG: a few hundred bytes that decode to ``width x height`` pixels."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), (90, 30, 200, 255)[: len(mode)]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_serve_closes_connections_whose_request_head_never_completes(models):
+    with running(models, header_timeout=1.0, max_connections=40) as base:
+        port = int(base.rsplit(":", 1)[1])
+        stalled = []
+        for _ in range(60):  # more than max_connections: every other client got 503 while they lasted
+            sock = socket.create_connection(("127.0.0.1", port), timeout=REQUEST_S)
+            sock.sendall(b"POST /v1/models/shapes:classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            stalled.append(sock)
+        try:
+            closed = 0
+            for sock in stalled:  # each is closed by the server within the deadline (and a margin)
+                sock.settimeout(10)
+                with contextlib.suppress(ConnectionResetError):
+                    closed += sock.recv(1024) == b""
+            assert closed == len(stalled)
+            with httpx.Client(timeout=REQUEST_S) as client:
+                reply = client.post(f"{base}/v1/models/shapes:classify", content=shape_jpeg("circle"))
+            assert reply.status_code == 200, reply.text
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_serve_decodes_at_most_its_pixel_budget_at_once(models):
+    image = png_bytes(2000, 2000)
+    with running(models, max_pixels=4_000_000, max_decode_pixels=4_000_000) as base:
+        barrier = threading.Barrier(8)
+
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(timeout=REQUEST_S) as client:
+                barrier.wait(REQUEST_S)
+                return client.post(f"{base}/v1/models/shapes:classify", content=image)
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, range(8)))
+    statuses = sorted(r.status_code for r in replies)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    busy = next(r for r in replies if r.status_code == 503).json()["error"]
+    assert "more than --max_decode_pixels=4,000,000 allows at once" in busy
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "needle"),
+    [
+        ("/v2/models/shapes/infer", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("/v2/models/shapes/infer", json.dumps(_tensor(shape=[0, 224, 224, 3], data=[])), "holds no image"),
+        ("/v2/models/shapes/infer", json.dumps(_tensor(shape=[0], datatype="BYTES", data=[])), "no image"),
+        ("/v2/models/shapes/infer", json.dumps({"inputs": []}), "send the input(s)"),
+        ("/v1/models/shapes:classify?top_k=%C2%B2", "x", "top_k='²': must be a whole number"),
+        ("/v1/models/shapes:classify?top_k=" + "9" * 5000, "x", "must be a whole number"),
+        ("/v2/models/shapes/infer", json.dumps(_tensor(data=[1.7] * (224 * 224 * 3))), "whole numbers"),
+        ("/v2/models/shapes/infer", json.dumps(_tensor(data=["12"] * (224 * 224 * 3))), "whole numbers"),
+        ("/v2/models/shapes/infer", json.dumps(_tensor(data=[True] * (224 * 224 * 3))), "whole numbers"),
+    ],
+    ids=[
+        "nested",
+        "zero-uint8",
+        "zero-bytes",
+        "no-inputs",
+        "top-k-superscript",
+        "top-k-huge",
+        "uint8-1.7",
+        "uint8-string",
+        "uint8-bool",
+    ],
+)
+def test_serve_answers_odd_requests_with_a_json_400_never_a_500(url, path, content, needle):
+    with httpx.Client(timeout=REQUEST_S) as client:
+        reply = client.post(url + path, content=content)
+    assert reply.status_code == 400, reply.text
+    assert needle in reply.json()["error"]
+
+
+def test_serve_answers_only_the_host_names_it_serves(models):
+    with (
+        running(models, allowed_host=["lastlayer.example"]) as base,
+        httpx.Client(timeout=REQUEST_S) as client,
+    ):
+        rebound = client.get(f"{base}/v2/models/shapes", headers={"Host": "attacker.example:8080"})
+        assert rebound.status_code == 400
+        assert "Host 'attacker.example:8080' is not a name of this server" in rebound.json()["error"]
+        assert (
+            client.get(f"{base}/v2/models/shapes", headers={"Host": "lastlayer.example"}).status_code == 200
+        )
+        assert client.get(f"{base}/v2/models/shapes", headers={"Host": "localhost:1"}).status_code == 200
+        assert client.get(f"{base}/v2/models/shapes").status_code == 200
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/PID/status, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(key)
+
+
+def burst(base: str, path: str, bodies: list[bytes]) -> list[int]:
+    """POST each body at once (a thread each); their statuses."""
+    barrier = threading.Barrier(len(bodies))
+
+    def post(body: bytes) -> int:
+        with httpx.Client(timeout=120) as client:
+            barrier.wait(REQUEST_S)
+            return client.post(base + path, content=body).status_code
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def test_serve_holds_its_queue_before_decoding_and_gives_memory_back_after_a_burst(graph):
+    tiny = base64.b64encode(png_bytes(4, 4)).decode()
+    many = json.dumps(
+        {"inputs": [{"name": "image", "shape": [64], "datatype": "BYTES", "data": [tiny] * 64}]}
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "lastlayer",
+        "serve",
+        f"--graph=shapes={graph}",
+        "--port=0",
+        "--max_queue=64",
+    ]
+    with serving(argv, timeout=START_S) as server:
+        pid = server.process.pid
+        # a warm-up at full batches: onnxruntime's memory arena grows to what a batch needs
+        assert burst(server.base, "/v2/models/shapes/infer", [many.encode()]) == [200]
+        assert burst(server.base, "/v1/models/shapes:classify", [png_bytes(300, 300)] * 2) == [200, 200]
+        time.sleep(1)
+        before, peak_before = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
+        statuses = burst(server.base, "/v2/models/shapes/infer", [many.encode()] * 24)
+        peak_tiny = status_kib(pid, "VmHWM")
+        assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+        big = burst(server.base, "/v1/models/shapes:classify", [png_bytes(2500, 2500, "RGBA")] * 10)
+        assert set(big) <= {200, 503}, big
+        time.sleep(2)
+        after = status_kib(pid, "VmRSS")
+        print(
+            f"RSS before {before / 1024:.0f} MiB, peak of the tiny burst {peak_tiny / 1024:.0f} MiB, "
+            f"after the bursts {after / 1024:.0f} MiB"
+        )
+    # 24 requests of 64 images decoded before the queue refused them would hold 1536 x 147 KiB = 220 MiB
+    assert peak_tiny - max(before, peak_before) < 120 * 1024
+    assert after - before < 100 * 1024

@@ -218,8 +218,30 @@ class ServeOptions:
         maximum=MAX_PIXELS,
         rule=f"must be in [1, {MAX_PIXELS}]",
     )
+    max_decode_pixels: int = option(
+        120_000_000,
+        "Most pixels of images being decoded at once, across requests (bounds the server's memory: "
+        "about 10 bytes a pixel); beyond, 503. At least --max_pixels.",
+        minimum=1,
+    )
     request_timeout: float = option(
         60.0, "Seconds a request may take to arrive and to be answered; beyond, 408 or 503.", above=0
+    )
+    header_timeout: float = option(
+        5.0,
+        "Seconds a connection may take to send a request's head (request line and headers); beyond, "
+        "the connection is closed.",
+        above=0,
+        maximum=600,
+    )
+    max_connections: int = option(
+        1000, "Most open connections; a request on one beyond gets 503.", minimum=1, maximum=100_000
+    )
+    allowed_host: list[str] = option(
+        factory=list,
+        doc="A host name (or address) clients may use in the Host header, besides --host, localhost, "
+        "127.0.0.1 and ::1; repeat for more ('*': any; other names are refused against DNS rebinding).",
+        multiple=True,
     )
     num_threads: int = option(0, "onnxruntime threads per model; 0 = one per core.", minimum=0)
     access_log: bool = option(False, "Log every request (uvicorn's access log).")
@@ -229,6 +251,13 @@ class ServeOptions:
         config.check(self)
         if not self.host:
             raise UsageError("--host must not be empty: pass an address such as 127.0.0.1")
+        if self.max_decode_pixels < self.max_pixels:
+            raise UsageError(
+                f"--max_decode_pixels={self.max_decode_pixels}: must be at least --max_pixels="
+                f"{self.max_pixels}, or no image that large could be decoded"
+            )
+        if any(not name.strip() for name in self.allowed_host):
+            raise UsageError("--allowed_host must not be empty: pass a host name such as myhost.example")
 
     def graphs(self) -> list[str]:
         """The models to serve: ``--graph`` values, else retrain's default ``--output_graph``."""
