@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import onnx
 import pytest
 from PIL import Image
 
@@ -27,6 +29,8 @@ import test_serve
 from helpers import serve_http, serving
 from lastlayer import report
 from lastlayer.cli import main
+from lastlayer.errors import ModelError
+from lastlayer.inference import RetrainedModel
 from test_serve import REQUEST_S, START_S, _tensor, running, shape_jpeg
 
 # the served model of test_serve's fixtures: a model trained on the shapes, and a server of it
@@ -349,3 +353,99 @@ def test_serve_holds_its_queue_before_decoding_and_gives_memory_back_after_a_bur
     # 24 requests of 64 images decoded before the queue refused them would hold 1536 x 147 KiB = 220 MiB
     assert peak_tiny - max(before, peak_before) < 120 * 1024
     assert after - before < 100 * 1024
+
+
+# --- models checked when loaded ------------------------------------------------------------------
+
+
+def tampered(graph: Path, folder: Path, name: str, **meta: str) -> Path:
+    """A copy of ``graph`` with ``lastlayer.*`` metadata replaced by ``meta``."""
+    proto = onnx.load(str(graph))
+    for prop in proto.metadata_props:
+        key = prop.key.removeprefix("lastlayer.")
+        if key in meta:
+            prop.value = meta[key]
+    out = folder / f"{name}.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def preprocessing(graph: Path, **changes: object) -> dict[str, str]:
+    """The ``preprocessing`` and ``inputs`` metadata of ``graph`` with ``changes`` to both."""
+    proto = onnx.load(str(graph))
+    meta = {p.key.removeprefix("lastlayer."): p.value for p in proto.metadata_props}
+    text = json.dumps({**json.loads(meta["preprocessing"]), **changes})
+    inputs = [{**entry, "preprocessing": text} for entry in json.loads(meta["inputs"])]
+    return {"preprocessing": text, "inputs": json.dumps(inputs)}
+
+
+def failing_graph(graph: Path, folder: Path) -> Path:
+    """``graph`` with its output reshaped to a size its data cannot have: the graph fails to run."""
+    proto = onnx.load(str(graph))
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [f"{o}_pre" if o == out else o for o in node.output]
+    shape = onnx.helper.make_tensor("bad_shape", onnx.TensorProto.INT64, [2], [7, -1])
+    proto.graph.initializer.append(shape)
+    proto.graph.node.append(onnx.helper.make_node("Reshape", [f"{out}_pre", "bad_shape"], [out]))
+    del proto.graph.output[0].type.tensor_type.shape.dim[:]
+    path = folder / "failing.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("meta", "needle"),
+    [
+        ({"labels": '"abc"'}, "lastlayer.labels metadata must be a JSON list of strings"),
+        ({"labels": '{"a": 1}'}, "lastlayer.labels metadata must be a JSON list of strings"),
+        ({"labels": "[1, 2, 3]"}, "lastlayer.labels metadata must be a JSON list of strings"),
+        ({"labels": "[[[[" * 5000}, "lastlayer.labels metadata is not JSON"),
+        ({"labels": '["a", "b"]'}, "it has 2 labels but its output 'final_result' gives 3 scores"),
+        ({"labels": '["a", "b", "c", "d"]'}, "it has 4 labels but its output 'final_result' gives 3 scores"),
+        ({"preprocessing": "size0"}, "has size 0; it must be in [1, 4096] px"),
+        ({"preprocessing": "size100000"}, "has size 100000; it must be in [1, 4096] px"),
+        ({"preprocessing": "size160"}, "but its preprocessing says uint8 [N, 160, 160, 3]"),
+        ({"preprocessing": "fraction0"}, "central_fraction 0.0; it must be in (0, 1]"),
+        ({"preprocessing": "std0"}, "std above 0"),
+        ({"preprocessing": "{}"}, "invalid lastlayer.preprocessing metadata"),
+    ],
+    ids=[
+        "str",
+        "dict",
+        "ints",
+        "deep",
+        "fewer",
+        "more",
+        "size0",
+        "size100000",
+        "size160",
+        "fraction0",
+        "std0",
+        "empty",
+    ],
+)
+def test_a_model_that_disagrees_with_itself_is_one_line_everywhere(graph, tmp_path, capsys, meta, needle):
+    changes = {"size0": {"size": 0}, "size100000": {"size": 100_000}, "size160": {"size": 160},
+               "fraction0": {"central_fraction": 0.0}, "std0": {"std": [0, 1, 1]}}  # fmt: skip
+    if meta.get("preprocessing") in changes:
+        meta = preprocessing(graph, **changes[meta["preprocessing"]])
+    bad = tampered(graph, tmp_path, "bad", **meta)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(shape_jpeg("circle"))
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        RetrainedModel.load(str(bad))
+    assert main(["label", f"--graph={bad}", str(image)]) == 1
+    assert needle in one_line(capsys.readouterr().err)
+    assert main(["serve", f"--graph={bad}", "--port=0"]) == 1  # the server does not start
+    assert needle in one_line(capsys.readouterr().err)
+
+
+def test_a_graph_that_fails_to_run_is_a_model_error(graph, tmp_path, capsys):
+    bad = failing_graph(graph, tmp_path)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(shape_jpeg("circle"))
+    assert main(["label", f"--graph={bad}", str(image)]) == 1
+    assert f"{bad} fails to run:" in one_line(capsys.readouterr().err)
+    assert main(["serve", f"--graph={bad}", "--port=0"]) == 1
+    assert "fails to run" in one_line(capsys.readouterr().err)
