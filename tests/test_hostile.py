@@ -26,11 +26,14 @@ import pytest
 from PIL import Image
 
 import test_serve
-from helpers import serve_http, serving
+from helpers import make_dataset, serve_http, serving
 from lastlayer import report
 from lastlayer.cli import main
 from lastlayer.errors import ModelError
 from lastlayer.inference import RetrainedModel
+from test_faults import retrain_argv, split_into_parts
+from test_reliability import lastlayer as lastlayer_child
+from test_reliability import one_line_error
 from test_serve import REQUEST_S, START_S, _tensor, running, shape_jpeg
 
 # the served model of test_serve's fixtures: a model trained on the shapes, and a server of it
@@ -449,3 +452,74 @@ def test_a_graph_that_fails_to_run_is_a_model_error(graph, tmp_path, capsys):
     assert f"{bad} fails to run:" in one_line(capsys.readouterr().err)
     assert main(["serve", f"--graph={bad}", "--port=0"]) == 1
     assert "fails to run" in one_line(capsys.readouterr().err)
+
+
+# --- only regular files are read -----------------------------------------------------------------
+
+
+def special_files(folder: Path) -> None:
+    """A FIFO and a link to /dev/zero named as images, and links to folders that loop or leave."""
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    os.symlink("..", folder / "loop")
+    os.symlink(".", folder / "self")
+    os.symlink("/", folder / "root")
+
+
+def test_retrain_skips_special_files_and_never_follows_links_out_of_the_image_folder(tmp_path, model_dir):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    special_files(data / "Red Circles")
+    os.symlink("/proc", data / "proc")  # a class folder that is a link: not a class folder
+    done = lastlayer_child(*retrain_argv(tmp_path, data, model_dir, "out"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for needle in (
+        "fifo.jpg: not a regular file",
+        "zero.jpg: not a regular file",
+        "loop: a link back to a folder above it or already listed (a loop)",
+        "self: a link back to a folder above it or already listed (a loop)",
+        "root: a link out of the image folder (to /)",
+    ):
+        assert needle in done.stderr, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "g.summary.json").read_text())
+    assert summary["images"]["found"] == 24 and len(summary["labels"]) == 3
+
+
+def test_label_never_opens_a_fifo_or_reads_a_device_as_a_model_or_an_image(graph, tmp_path):
+    special_files(tmp_path)
+    for bad in ("fifo.jpg", "zero.jpg"):
+        done = lastlayer_child("label", f"--graph={tmp_path / bad}", str(tmp_path / bad), timeout=60)
+        assert "not a regular file" in one_line_error(done)
+    good = tmp_path / "good.jpg"
+    good.write_bytes(shape_jpeg("circle"))
+    images = [str(tmp_path / "fifo.jpg"), str(tmp_path / "zero.jpg"), str(good)]
+    done = lastlayer_child("label", f"--graph={graph}", *images)
+    assert done.returncode == 1, done.stderr  # some images were skipped: the others are labelled
+    assert done.stderr.count("not a regular file") == 2 and "red circles" in done.stdout
+
+
+def test_a_cache_part_replaced_by_a_fifo_or_a_device_link_is_reported_removed_and_recomputed(
+    tmp_path, model_dir
+):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    assert main(retrain_argv(tmp_path, data, model_dir, "first")) == 0
+    (cache,) = (tmp_path / "bottlenecks").iterdir()  # one folder per feature network
+    split_into_parts(cache, 2)
+    first, second = sorted(cache.glob("part-*.parquet"))
+    first.unlink()
+    os.mkfifo(first)
+    second.unlink()
+    os.symlink("/dev/zero", second)
+    done = lastlayer_child(*retrain_argv(tmp_path, data, model_dir, "again"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("damaged bottleneck cache file") == 2, done.stderr[-3000:]
+    assert not first.exists() and not second.is_symlink()
+    summary = json.loads((tmp_path / "again" / "g.summary.json").read_text())
+    assert summary["images"]["used"] == 24
+
+
+def test_an_options_file_that_is_a_fifo_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "poets.json")
+    started = time.monotonic()
+    done = lastlayer_child("job", "deploy", str(tmp_path / "poets.json"), f"--state_dir={tmp_path / 's'}")
+    assert "poets.json: the options file is a FIFO, not a regular file" in one_line_error(done)
+    assert time.monotonic() - started < 30

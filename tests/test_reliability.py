@@ -252,6 +252,9 @@ def test_a_trickling_hadoop_configuration_is_cut_off_naming_its_setting(tmp_path
 
 def test_an_options_file_that_never_ends_is_refused(tmp_path, hostile):
     done = lastlayer("job", "deploy", "/dev/zero", f"--state_dir={tmp_path / 's'}", timeout=60)
+    assert "/dev/zero: the options file is a device, not a regular file" in one_line_error(done)
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    done = lastlayer("job", "deploy", str(tmp_path / "big.json"), f"--state_dir={tmp_path / 's'}", timeout=60)
     assert "too large for an options file" in one_line_error(done)
     started = time.monotonic()
     done = lastlayer("job", "deploy", f"{hostile}/trickle/o.json", "--timeout=2", timeout=60)

@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lastlayer import storage
+from lastlayer.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -503,9 +504,11 @@ class FeatureSource:
         url = storage.join(self.url, name or "")
         fs, path = storage.url_to_fs(url, self.storage_options)
         try:
-            data = fs.cat_file(path)
+            data = storage.read_regular(fs, path, url, storage.MAX_READ_BYTES, "the bottleneck cache file")
         except FileNotFoundError as exc:
             raise UnreadablePart(url, vanished=True) from exc
+        except DataError as exc:  # a FIFO, a device, a link to one, or too large
+            raise UnreadablePart(url, vanished=False) from exc
         except Exception as exc:
             raise storage.describe(exc, url, "read the bottleneck cache file") from exc
         match = PART_RE.match(name or "")
@@ -665,9 +668,11 @@ class FeatureStore:
         """The part's whole table (current format) after checking its bytes against its name; ``None``
         when it is damaged; :data:`_VANISHED` when another process removed it since it was listed."""
         try:
-            data = fs.cat_file(path)
+            data = storage.read_regular(fs, path, path, storage.MAX_READ_BYTES, "the bottleneck cache file")
         except FileNotFoundError:
             return _VANISHED
+        except DataError:  # a FIFO, a device, a link to one, or too large
+            return None
         except Exception as exc:
             raise storage.describe(exc, path, "read the bottleneck cache file") from exc
         if hashlib.sha256(data).hexdigest() != PART_RE.match(posixpath.basename(path)).group(1):  # type: ignore[union-attr]

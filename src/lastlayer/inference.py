@@ -18,13 +18,11 @@ import onnxruntime as ort
 from lastlayer import contract, model_check, storage
 from lastlayer.engines.base import available_cores
 from lastlayer.errors import DataError, ModelError, StorageError
-from lastlayer.preprocess import Preprocessing, decode
+from lastlayer.preprocess import MAX_IMAGE_BYTES, Preprocessing, decode
 
 log = logging.getLogger(__name__)
 
 BATCH = 32
-#: Largest image file read, bytes.
-MAX_IMAGE_BYTES = 256 << 20
 #: Largest labels file read, bytes.
 MAX_LABELS_BYTES = 64 << 20
 

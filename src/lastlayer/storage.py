@@ -160,6 +160,25 @@ def read_regular(
     return data
 
 
+def require_regular(url: str, storage_options: StorageOptions | None = None, what: str = "the file") -> None:
+    """Check that ``url`` is a regular file without opening it (a link is followed to see what it is).
+
+    Raises:
+        DataError: it is a folder, a FIFO, a device or a socket.
+        StorageError: it cannot be looked up (missing, permission, storage down).
+    """
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            kind = _kind(os.stat(path).st_mode)
+        else:
+            kind = "" if fs.info(path).get("type") == "file" else "not a file"
+    except Exception as exc:
+        raise describe(exc, url, "read") from exc
+    if kind:
+        raise not_regular(url, kind, what)
+
+
 def read_head(fs: AbstractFileSystem, path: str, url: str, size: int) -> bytes:
     """The first ``size`` bytes (or fewer) of the regular file ``path``.
 

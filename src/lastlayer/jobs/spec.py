@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
 
-from lastlayer import fields
+from lastlayer import fields, storage
 from lastlayer.errors import DataError, UsageError
 from lastlayer.fetch import Limits, fetch, shown
 from lastlayer.fields import LOG_LEVELS, option
@@ -175,6 +175,11 @@ class JobSpec:
             UsageError: it is too large, not JSON (with line and column) or its options are wrong.
         """
         limits = Limits(MAX_OPTIONS_BYTES, seconds or OPTIONS_TIMEOUT_S, "", "--timeout")
+        try:
+            if not path_or_url.lower().startswith(("http://", "https://")):  # a FIFO would never end
+                storage.require_regular(path_or_url, storage_options, "the options file")
+        except DataError as exc:
+            raise UsageError(f"{exc}: pass a JSON options file") from None
         try:
             raw = fetch(path_or_url, limits, storage_options=storage_options, what="the options file")
         except DataError:
