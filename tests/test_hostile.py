@@ -31,9 +31,10 @@ from lastlayer import report
 from lastlayer.cli import main
 from lastlayer.errors import ModelError
 from lastlayer.inference import RetrainedModel
+from lastlayer.jobs.plan import ERROR, new_plan
 from test_faults import retrain_argv, split_into_parts
+from test_reliability import job_options, one_line_error
 from test_reliability import lastlayer as lastlayer_child
-from test_reliability import one_line_error
 from test_serve import REQUEST_S, START_S, _tensor, running, shape_jpeg
 
 # the served model of test_serve's fixtures: a model trained on the shapes, and a server of it
@@ -523,3 +524,68 @@ def test_an_options_file_that_is_a_fifo_is_refused_at_once(tmp_path):
     done = lastlayer_child("job", "deploy", str(tmp_path / "poets.json"), f"--state_dir={tmp_path / 's'}")
     assert "poets.json: the options file is a FIFO, not a regular file" in one_line_error(done)
     assert time.monotonic() - started < 30
+
+
+# --- careless numbers and names ------------------------------------------------------------------
+
+
+def options_file(tmp: Path, **worker: object) -> Path:
+    """A job options file whose worker group is ``worker``."""
+    path = job_options(tmp, "http://127.0.0.1:9/tiny.zip")
+    spec = json.loads(path.read_text())
+    spec["worker"].update(worker)
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("worker", "needle"),
+    [
+        ({"count": 100_000}, "worker.count: must be <= 1024, got 100000"),
+        (
+            {"count": 1000, "mem": 65536},
+            "the tasks ask for 65,536,000 MiB of memory (worker.count x worker.mem)",
+        ),
+        ({"cpus": 4096}, "worker.cpus is 4096 but this machine has"),
+    ],
+    ids=["count", "memory", "cpus"],
+)
+def test_a_job_this_machine_cannot_run_is_refused_before_anything_starts(tmp_path, capsys, worker, needle):
+    state = tmp_path / "state"
+    assert main(["job", "deploy", str(options_file(tmp_path, **worker)), f"--state_dir={state}"]) == 2
+    captured = capsys.readouterr()
+    assert needle in one_line(captured.err) and not captured.out
+    assert not state.exists()
+
+
+def test_steps_that_fail_alike_are_reported_once_with_a_count():
+    plan = new_plan({"worker": 1000})
+    for i, step in enumerate(plan.steps):
+        step.status = ERROR
+        step.message = "cannot download the archive" if i else "killed: out of memory"
+    assert plan.reasons() == [
+        "worker-0: killed: out of memory",
+        "worker-1 and 998 more steps: cannot download the archive",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["label", "--graph=", "x.jpg"], "--graph='': must not be empty"),
+        (["label", "--graph=m.onnx", ""], "--image=['']: must not be empty"),
+        (["serve", "--graph="], "--graph=['']: must not be empty"),
+        (["serve", "--allowed_host= "], "--allowed_host=[' ']: must not be empty"),
+        (["serve", "--host="], "--host='': must not be empty"),
+    ],
+    ids=[
+        "label-graph",
+        "label-image",
+        "serve-graph",
+        "serve-allowed-host",
+        "serve-host",
+    ],
+)
+def test_an_empty_name_is_refused_naming_its_flag(capsys, argv, needle):
+    assert main(argv) == 2
+    assert needle in one_line(capsys.readouterr().err)

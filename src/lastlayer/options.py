@@ -128,15 +128,16 @@ def _unsupported(opts: Any) -> None:
 class LabelOptions:
     """Everything ``lastlayer label`` takes (label_image.py's flags)."""
 
-    graph: str = option("/tmp/output_graph.onnx", "The retrained model (ONNX) to use.")
+    graph: str = option("/tmp/output_graph.onnx", "The retrained model (ONNX) to use.", nonempty=True)
     labels: str = option("", "Labels file, one a line (default: the labels stored in the model).")
     image: list[str] = option(
         factory=list,
         doc="An image to label (path or URL); repeat for more, or list them after the flags.",
         multiple=True,
+        nonempty=True,
     )
-    top_k: int = option(5, "How many labels to show per image.")
-    num_threads: int = option(0, "Threads for the network; 0 = one per core.")
+    top_k: int = option(5, "How many labels to show per image.", minimum=1)
+    num_threads: int = option(0, "Threads for the network; 0 = one per core.", minimum=0)
     json: bool = option(False, "Print JSON lines instead of text.")
     input_height: int | None = option(None, "Ignored: the model carries its input size.")
     input_width: int | None = option(None, "Ignored: the model carries its input size.")
@@ -147,10 +148,7 @@ class LabelOptions:
 
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
-        if self.top_k < 1:
-            raise UsageError(f"--top_k={self.top_k}: must be at least 1")
-        if self.num_threads < 0:
-            raise UsageError(f"--num_threads={self.num_threads}: must be 0 (one per core) or more")
+        config.check(self)
         for name in ("input_height", "input_width", "input_mean", "input_std", "input_layer"):
             if getattr(self, name) is not None:
                 log.warning("--%s is ignored: the model carries its own preprocessing and input", name)
@@ -184,9 +182,12 @@ class ServeOptions:
         doc="A retrained model to serve (path or URL); repeat for more. Its name in URLs is the file "
         "name without .onnx, or NAME in NAME=URL (default: /tmp/output_graph.onnx).",
         multiple=True,
+        nonempty=True,
     )
     host: str = option(
-        "127.0.0.1", "Address to listen on (0.0.0.0: every interface; there is no authentication)."
+        "127.0.0.1",
+        "Address to listen on (0.0.0.0: every interface; there is no authentication).",
+        nonempty=True,
     )
     port: int = option(8080, "Port to listen on (0: any free port).", minimum=0, maximum=65535)
     top_k: int = option(5, "Labels :classify returns unless the request asks (?top_k=N).", minimum=1)
@@ -242,6 +243,7 @@ class ServeOptions:
         doc="A host name (or address) clients may use in the Host header, besides --host, localhost, "
         "127.0.0.1 and ::1; repeat for more ('*': any; other names are refused against DNS rebinding).",
         multiple=True,
+        nonempty=True,
     )
     num_threads: int = option(0, "onnxruntime threads per model; 0 = one per core.", minimum=0)
     access_log: bool = option(False, "Log every request (uvicorn's access log).")
@@ -249,15 +251,11 @@ class ServeOptions:
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
         config.check(self)
-        if not self.host:
-            raise UsageError("--host must not be empty: pass an address such as 127.0.0.1")
         if self.max_decode_pixels < self.max_pixels:
             raise UsageError(
                 f"--max_decode_pixels={self.max_decode_pixels}: must be at least --max_pixels="
                 f"{self.max_pixels}, or no image that large could be decoded"
             )
-        if any(not name.strip() for name in self.allowed_host):
-            raise UsageError("--allowed_host must not be empty: pass a host name such as myhost.example")
 
     def graphs(self) -> list[str]:
         """The models to serve: ``--graph`` values, else retrain's default ``--output_graph``."""

@@ -79,8 +79,9 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer import inference
 
     opts = from_namespace(ns, LabelOptions)
+    opts.image = [*opts.image, *(ns.images or [])]  # checked as --image is
     opts.validate()
-    images = list(opts.image) + list(ns.images or [])
+    images = opts.image
     if not images:
         raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
     predictions = inference.label(

@@ -29,6 +29,8 @@ _SERVICE_NAME_RE = re.compile(r"/?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:/[a-z0-9](?:
 _MODULE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Largest options file read, bytes, and the longest wait for one (e.g. given as a URL), seconds.
 MAX_OPTIONS_BYTES = 1 << 20
+#: Most tasks of a group: more than one machine's supervisor runs.
+MAX_TASKS = 1024
 OPTIONS_TIMEOUT_S = 60.0
 
 
@@ -118,7 +120,7 @@ class ServiceSpec:
 class TaskGroupSpec:
     """One group of identical tasks (workers, parameter servers, GPU workers)."""
 
-    count: int = option(1, "Number of tasks in the group.", minimum=0)
+    count: int = option(1, "Number of tasks in the group.", minimum=0, maximum=MAX_TASKS)
     cpus: float = option(1.0, "CPUs per task.", above=0, aliases=("cpu",))
     mem: float = option(1024.0, "Memory per task, MiB.", above=0)
     disk: float = option(
