@@ -351,7 +351,8 @@ def test_serve_holds_its_queue_before_decoding_and_gives_memory_back_after_a_bur
         time.sleep(2)
         after = status_kib(pid, "VmRSS")
         print(
-            f"RSS before {before / 1024:.0f} MiB, peak of the tiny burst {peak_tiny / 1024:.0f} MiB, "
+            f"RSS before {before / 1024:.0f} MiB (peak so far {peak_before / 1024:.0f}), "
+            f"peak of the tiny burst {peak_tiny / 1024:.0f} MiB, "
             f"after the bursts {after / 1024:.0f} MiB"
         )
     # 24 requests of 64 images decoded before the queue refused them would hold 1536 x 147 KiB = 220 MiB
