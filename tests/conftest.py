@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,16 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One model cache for the whole session, so each network is built once."""
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_cli_log_handler() -> Iterator[None]:
+    """Remove the log handler a ``main([...])`` call installed on the test's captured stderr, which is
+    closed once the test ends: a record logged by the next test would be a "Logging error" there."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_lastlayer", False)]:
+        root.removeHandler(handler)
 
 
 _SPARK: dict[str, object] = {}
