@@ -238,9 +238,7 @@ class Service:
     async def inputs(self, served: Served, payload: Any) -> list[Prepared]:
         """The prepared images of a v2 request: one ``BYTES`` input named ``image`` holding image
         files, or one ``UINT8`` pixel tensor per model input (``image``; ``image_0``, ``image_1``, ...
-        for a model of several networks)."""
-        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
-            raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
+        for a model of several networks). ``payload`` passed :func:`_image_count`."""
         _check_outputs(payload.get("outputs"), served.model.output)
         tensors = payload["inputs"]
         names = [name for name, _ in served.model.info.inputs]
