@@ -252,6 +252,9 @@ def test_a_trickling_hadoop_configuration_is_cut_off_naming_its_setting(tmp_path
 
 def test_an_options_file_that_never_ends_is_refused(tmp_path, hostile):
     done = lastlayer("job", "deploy", "/dev/zero", f"--state_dir={tmp_path / 's'}", timeout=60)
+    assert "/dev/zero: the options file is a device, not a regular file" in one_line_error(done)
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    done = lastlayer("job", "deploy", str(tmp_path / "big.json"), f"--state_dir={tmp_path / 's'}", timeout=60)
     assert "too large for an options file" in one_line_error(done)
     started = time.monotonic()
     done = lastlayer("job", "deploy", f"{hostile}/trickle/o.json", "--timeout=2", timeout=60)
@@ -499,9 +502,10 @@ def test_a_failed_deploy_prints_each_failed_steps_reason_and_job_log_says_why(tm
     out = capsys.readouterr().out.splitlines()
     reason = f"cannot read {tmp_path / 'missing.zip'}: "
     assert out[0] == "deploy (parallel strategy) (ERROR)"
-    assert [line.split(": ", 1)[0] for line in out if reason in line] == ["worker-0", "worker-1"]
+    assert [line.split(": ", 1)[0] for line in out if reason in line] == ["worker-0 and 1 more steps"]
+    # the two steps failed alike: one line
     assert main(["job", "plan", "show", "--name=tiny", f"--state_dir={state}"]) == 0
-    assert sum(reason in line for line in capsys.readouterr().out.splitlines()) == 2
+    assert sum(reason in line for line in capsys.readouterr().out.splitlines()) == 1
     assert main(["job", "log", "worker-1", "--name=tiny", f"--state_dir={state}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lastlayer: error: task worker-1 failed before it started, so it has no log: ")

@@ -280,11 +280,11 @@ def test_a_failed_run_keeps_its_bottlenecks_and_a_rerun_resumes(tmp_path, model_
     calls = {"n": 0}
     real = storage.read_bytes
 
-    def flaky(url, storage_options=None):
+    def flaky(url, storage_options=None, *limits):
         calls["n"] += 1
         if calls["n"] > 12:
             raise StorageError(f"cannot read {url}: the service went away")
-        return real(url, storage_options)
+        return real(url, storage_options, *limits)
 
     monkeypatch.setattr(batch_work.storage, "read_bytes", flaky)
     code, _ = retrain(tmp_path, data, model_dir, steps=10)

@@ -12,6 +12,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in name
 
 
-def _walk_files(fs: Any, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def _walk_files(fs: Any, root: str, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """Every file under ``path`` with its size and mtime as the filesystem lists them, streamed:
     hdfs-native lists the whole tree a page at a time and a local folder is read one name at a time,
     so a folder of millions of files never sits in memory as a listing; other filesystems go one
@@ -180,19 +181,50 @@ def _walk_files(fs: Any, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
             if not status.isdir:
                 yield status.path, {"size": status.length, "modification_time": status.modification_time}
     elif isinstance(fs, LocalFileSystem):
-        for folder, _, names in os.walk(path, followlinks=True):
-            for name in names:
-                full = os.path.join(folder, name)
-                try:
-                    info = os.stat(full)
-                except FileNotFoundError:  # gone since the folder was read, or a broken link
-                    continue
-                yield full, {"size": info.st_size, "mtime": info.st_mtime}
+        yield from _walk_local(root, path)
     else:
         for _, _, files in fs.walk(path, detail=True):
             for info in files.values():
                 if info.get("type") == "file":
                     yield info["name"], info
+
+
+def _walk_local(root: str, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every regular file under the local folder ``path`` (inside the image folder ``root``), one
+    folder read at a time. Written here because ``os.walk`` follows every link or none: a link to a
+    folder is followed only when it stays inside ``root`` and is not a loop (a link to a folder
+    above it, or one already listed); a FIFO, device or socket (or a link to one) is skipped, never
+    opened. Each thing skipped gets a warning."""
+    real_root = os.path.realpath(root)
+    pending, seen = [path], set()
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if not (real + "/").startswith(real_root.rstrip("/") + "/"):
+            log.warning("Skipped %s: a link out of the image folder (to %s)", folder, real)
+            continue
+        if real in seen or (
+            folder != path and (os.path.realpath(os.path.dirname(folder)) + "/").startswith(real + "/")
+        ):
+            log.warning("Skipped %s: a link back to a folder above it or already listed (a loop)", folder)
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):  # gone since its folder was read
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():  # follows a link: checked above when its turn comes
+                    pending.append(entry.path)
+                    continue
+                info = entry.stat()
+            except FileNotFoundError:  # gone since the folder was read, or a broken link
+                continue
+            if stat.S_ISREG(info.st_mode):
+                yield entry.path, {"size": info.st_size, "mtime": info.st_mtime}
+            elif _is_image(entry.name):
+                log.warning("Skipped %s: not a regular file (a FIFO, device or socket)", entry.path)
 
 
 def _list_class(fs: Any, root: str, path: str) -> tuple[pa.Array, pa.Array]:
@@ -203,7 +235,7 @@ def _list_class(fs: Any, root: str, path: str) -> tuple[pa.Array, pa.Array]:
     marks: list[str | None] = []
     prefix = root + "/"
     try:
-        for p, info in _walk_files(fs, path):
+        for p, info in _walk_files(fs, root, path):
             if _is_image(posixpath.basename(p)):
                 names.append(p[len(prefix) :] if p.startswith(prefix) else posixpath.relpath(p, root))
                 marks.append(_stamp(info))

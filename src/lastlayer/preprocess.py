@@ -21,6 +21,8 @@ from PIL import Image, ImageOps
 from lastlayer.errors import DataError
 
 #: Images with more pixels than this are refused as decompression bombs (PIL warns above it).
+#: Largest image file read, bytes.
+MAX_IMAGE_BYTES = 256 << 20
 MAX_PIXELS = 89_478_485
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

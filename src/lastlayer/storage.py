@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from lastlayer.errors import StorageError
+from lastlayer.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +119,143 @@ def describe(exc: BaseException, url: str, action: str) -> StorageError:
     return StorageError(f"cannot {action} {url}: {exc.__class__.__name__}: {text[:500]} ({hint})")
 
 
-def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
-    """Read a whole file."""
+#: Most bytes :func:`read_bytes` reads unless told otherwise (an ONNX model is at most 2 GiB).
+MAX_READ_BYTES = 2 << 30
+_CHUNK = 1 << 20
+
+
+def read_bytes(
+    url: str,
+    storage_options: StorageOptions | None = None,
+    max_bytes: int = MAX_READ_BYTES,
+    what: str = "the file",
+) -> bytes:
+    """Read a whole regular file of at most ``max_bytes`` (see :func:`read_regular`).
+
+    Raises:
+        DataError: not a regular file, or larger than ``max_bytes``.
+        StorageError: it cannot be read (missing, permission, storage down).
+    """
     fs, path = url_to_fs(url, storage_options)
     try:
-        return fs.cat_file(path)
+        return read_regular(fs, path, url, max_bytes, what)
+    except DataError:
+        raise
     except Exception as exc:
         raise describe(exc, url, "read") from exc
+
+
+def read_regular(
+    fs: AbstractFileSystem, path: str, url: str, max_bytes: int, what: str = "the file"
+) -> bytes:
+    """The bytes of the regular file ``path`` of ``fs`` (``url`` names it in messages), at most
+    ``max_bytes``. A FIFO, a device, a socket or a folder is refused without reading it: a local file
+    is opened non-blocking (a FIFO with no writer never hangs) and its type checked on the open file.
+
+    Raises:
+        DataError: not a regular file, or larger than ``max_bytes``.
+        Exception: what the backend raises (``FileNotFoundError``, ...), unchanged.
+    """
+    if isinstance(fs, LocalFileSystem):
+        return _read_local(path, url, max_bytes, what)
+    info = fs.info(path)
+    if info.get("type") != "file":
+        raise not_regular(url, str(info.get("type")), what)
+    if (info.get("size") or 0) > max_bytes:
+        raise too_large(url, int(info["size"]), max_bytes, what)
+    with fs.open(path, "rb") as stream:
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(url, len(data), max_bytes, what)
+    return data
+
+
+def require_regular(url: str, storage_options: StorageOptions | None = None, what: str = "the file") -> None:
+    """Check that ``url`` is a regular file without opening it (a link is followed to see what it is).
+
+    Raises:
+        DataError: it is a folder, a FIFO, a device or a socket.
+        StorageError: it cannot be looked up (missing, permission, storage down).
+    """
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            kind = _kind(os.stat(path).st_mode)
+        else:
+            kind = "" if fs.info(path).get("type") == "file" else "not a file"
+    except Exception as exc:
+        raise describe(exc, url, "read") from exc
+    if kind:
+        raise not_regular(url, kind, what)
+
+
+def read_head(fs: AbstractFileSystem, path: str, url: str, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) of the regular file ``path``.
+
+    Raises:
+        DataError: not a regular file.
+        StorageError: it cannot be read.
+    """
+    try:
+        if isinstance(fs, LocalFileSystem):
+            return _read_local(path, url, size, "the file", head=True)
+        if fs.info(path).get("type") != "file":
+            raise not_regular(url, "not a file", "the file")
+        with fs.open(path, "rb") as stream:
+            return stream.read(size)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise describe(exc, url, "read") from exc
+
+
+def _read_local(path: str, url: str, max_bytes: int, what: str, head: bool = False) -> bytes:
+    kind = _kind(os.stat(path).st_mode)  # refused before opening (a device is never opened) ...
+    if kind:
+        raise not_regular(url, kind, what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as stream:
+        kind = _kind(os.fstat(fd).st_mode)  # ... and checked again on what was opened
+        if kind:
+            raise not_regular(url, kind, what)
+        chunks, total = [], 0
+        while total <= max_bytes and (chunk := stream.read(min(_CHUNK, max_bytes + 1 - total))):
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > max_bytes and not head:
+        raise too_large(url, total, max_bytes, what)
+    return b"".join(chunks)[:max_bytes]
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not regular is ("" for a regular file)."""
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a device")
+
+
+def not_regular(url: str, kind: str, what: str) -> DataError:
+    """The error for reading something that is not a regular file."""
+    return DataError(f"{url}: {what} is {kind}, not a regular file; name a regular file")
+
+
+def too_large(url: str, size: int, max_bytes: int, what: str) -> DataError:
+    """The error for a file over its byte limit."""
+    return DataError(
+        f"{url}: {what} has at least {size:,} bytes, more than the {max_bytes:,} lastlayer reads; "
+        "name the right file"
+    )
+
+
+def inside(url: str, root: str) -> bool:
+    """Whether the local path ``url`` stays below the local folder ``root`` once links are resolved
+    (always ``True`` for other filesystems, which have no links)."""
+    if "://" in url and not url.startswith("file://"):
+        return True
+    real_root = os.path.realpath(root.removeprefix("file://"))
+    real = os.path.realpath(url.removeprefix("file://"))
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
 
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:

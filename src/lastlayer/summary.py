@@ -329,7 +329,7 @@ def misclassified(scores: Scores, data: TrainingData, images: ImageSet) -> list[
 def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None) -> None:
     """Write the run's HTML report to ``summary.outputs.report``, or warn when the report's
     libraries are not installed."""
-    from lastlayer import report
+    from lastlayer.report import page as report
 
     if (missing := report.missing_libraries()) is not None:
         log.warning("No report written: %s", missing)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lastlayer import storage
+from lastlayer.errors import DataError
 
 #: The logger name its lines always had (``lastlayer.cache``), whatever the module's name.
 log = logging.getLogger("lastlayer.cache")
@@ -177,9 +178,11 @@ class FeatureSource:
         url = storage.join(self.url, name or "")
         fs, path = storage.url_to_fs(url, self.storage_options)
         try:
-            data = fs.cat_file(path)
+            data = storage.read_regular(fs, path, url, storage.MAX_READ_BYTES, "the bottleneck cache file")
         except FileNotFoundError as exc:
             raise UnreadablePart(url, vanished=True) from exc
+        except DataError as exc:  # a FIFO, a device, a link to one, or too large
+            raise UnreadablePart(url, vanished=False) from exc
         except Exception as exc:
             raise storage.describe(exc, url, "read the bottleneck cache file") from exc
         match = PART_RE.match(name or "")

@@ -82,6 +82,7 @@ from lastlayer.bottlenecks.parts import (
     remove_damaged,
     unpack,
 )
+from lastlayer.errors import DataError
 
 #: The logger name its lines always had (``lastlayer.cache``), whatever the module's name.
 log = logging.getLogger("lastlayer.cache")
@@ -177,9 +178,11 @@ class FeatureStore:
         """The part's whole table (current format) after checking its bytes against its name; ``None``
         when it is damaged; :data:`_VANISHED` when another process removed it since it was listed."""
         try:
-            data = fs.cat_file(path)
+            data = storage.read_regular(fs, path, path, storage.MAX_READ_BYTES, "the bottleneck cache file")
         except FileNotFoundError:
             return _VANISHED
+        except DataError:  # a FIFO, a device, a link to one, or too large
+            return None
         except Exception as exc:
             raise storage.describe(exc, path, "read the bottleneck cache file") from exc
         if hashlib.sha256(data).hexdigest() != PART_RE.match(posixpath.basename(path)).group(1):  # type: ignore[union-attr]

@@ -77,8 +77,9 @@ def _next_steps(report: str, graph: str) -> None:
 def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     from lastlayer.model import inference
 
+    ns.image = [*(ns.image or []), *(ns.images or [])]  # the positional images are checked as --image is
     opts = checked(ns, LabelOptions)
-    images = list(opts.image) + list(ns.images or [])
+    images = list(opts.image)
     if not images:
         raise UsageError("no image given: pass image paths or URLs, or --image=PATH")
     predictions = inference.label(
@@ -137,15 +138,16 @@ def upload(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
 
 def report(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
     """``lastlayer report SUMMARY_JSON``: rebuild a run's HTML report from its summary file."""
-    from lastlayer import report
+    from lastlayer.report import input as report_input
+    from lastlayer.report import page as report
 
     opts = checked(ns, ReportOptions)
     if (missing := report.missing_libraries()) is not None:
         raise UsageError(f"cannot build the report: {missing}")
     options = storage_options(hadoop)
     summary = report.read_summary(ns.summary_json, options)
-    url = opts.output or report.default_url(summary)
-    report.write(summary, url, options)
+    url = opts.output or report_input.default_url(ns.summary_json)
+    report.write(summary, url, options, fetch_images=opts.fetch_images)
     print(json.dumps({"report": url}))
     return 0
 

@@ -21,7 +21,7 @@ from lastlayer.bottlenecks.keys import content_key, variant_rng
 from lastlayer.engines.base import Need, NeedFn, Result, Task
 from lastlayer.errors import DataError, EngineError, StorageError
 from lastlayer.model.contract import FEATURES, IMAGE
-from lastlayer.preprocess import Distortions, Preprocessing, distort, open_image, to_input
+from lastlayer.preprocess import MAX_IMAGE_BYTES, Distortions, Preprocessing, distort, open_image, to_input
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -47,10 +47,13 @@ class Prepared:
     slots: list[int | None]
 
 
-def read_task(task: Task, storage_options: Mapping[str, Any] | None) -> bytes | None:
-    """The bytes of the task's image, or ``None`` when the file vanished since it was listed."""
+def read_task(task: Task, storage_options: Mapping[str, Any] | None) -> bytes | DataError | None:
+    """The bytes of the task's image; ``None`` when the file vanished since it was listed; why it
+    was not read when it is not a regular file of at most :data:`MAX_IMAGE_BYTES`."""
     try:
-        return storage.read_bytes(task.url, storage_options)
+        return storage.read_bytes(task.url, storage_options, MAX_IMAGE_BYTES, "the image")
+    except DataError as exc:
+        return exc
     except StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
@@ -58,12 +61,18 @@ def read_task(task: Task, storage_options: Mapping[str, Any] | None) -> bytes | 
 
 
 def prepare(
-    task: Task, data: bytes | None, need: NeedFn, preprocessing: Preprocessing, distortions: Distortions
+    task: Task,
+    data: bytes | DataError | None,
+    need: NeedFn,
+    preprocessing: Preprocessing,
+    distortions: Distortions,
 ) -> Prepared:
     """Hash, decode and preprocess one image's bytes into the inputs ``need`` asks for (every engine's
     per-image work); an image that cannot be decoded gets its error in the result."""
     if data is None:
         return Prepared(Result(task, "", error=VANISHED), [], [])
+    if isinstance(data, DataError):
+        return Prepared(Result(task, "", error=str(data)), [], [])
     content = content_key(data)
     wanted: Need = need(task, content)
     result = Result(task, content)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lastlayer.errors import StorageError, UsageError
-from lastlayer.jobs import tensorboard
+from lastlayer.jobs import capacity, tensorboard
 from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, PHASES, Plan, new_plan
 from lastlayer.jobs.prepare import remaining
 from lastlayer.jobs.spec import JobSpec
@@ -60,6 +60,7 @@ def deploy(
     spec, warnings = JobSpec.load(options, seconds=remaining(deadline))
     for warning in warnings:
         log.warning("%s", warning)
+    capacity.check(spec, *capacity.machine())
     job = Job.named(spec.service.name, state_dir, setting="service.name")
     account = run_as(spec.service.user)
     if account is not None:

@@ -104,8 +104,16 @@ class Plan:
         return "\n".join(lines)
 
     def reasons(self) -> list[str]:
-        """``"worker-0: why it failed"``, one line for each step in ERROR."""
-        return [f"{s.name}: {s.message or 'failed'}" for s in self.steps if s.status == ERROR]
+        """``"worker-0: why it failed"``, one line for each reason of the steps in ERROR; steps that
+        failed alike share it: ``"worker-0 and 9 more steps: why they failed"``."""
+        alike: dict[str, list[str]] = {}
+        for step in self.steps:
+            if step.status == ERROR:
+                alike.setdefault(step.message or "failed", []).append(step.name)
+        return [
+            f"{names[0]}{f' and {len(names) - 1} more steps' if len(names) > 1 else ''}: {why}"
+            for why, names in alike.items()
+        ]
 
     def to_json(self) -> str:
         """JSON for ``plan.json``."""

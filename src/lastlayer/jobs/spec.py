@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, get_type_hints
 
+from lastlayer import storage
 from lastlayer.errors import DataError, UsageError
 from lastlayer.fetch import Limits, fetch, shown
 from lastlayer.settings import fields
@@ -29,6 +30,8 @@ _SERVICE_NAME_RE = re.compile(r"/?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:/[a-z0-9](?:
 _MODULE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Largest options file read, bytes, and the longest wait for one (e.g. given as a URL), seconds.
 MAX_OPTIONS_BYTES = 1 << 20
+#: Most tasks of a group: more than one machine's supervisor runs.
+MAX_TASKS = 1024
 OPTIONS_TIMEOUT_S = 60.0
 
 
@@ -118,7 +121,7 @@ class ServiceSpec:
 class TaskGroupSpec:
     """One group of identical tasks (workers, parameter servers, GPU workers)."""
 
-    count: int = option(1, "Number of tasks in the group.", minimum=0)
+    count: int = option(1, "Number of tasks in the group.", minimum=0, maximum=MAX_TASKS)
     cpus: float = option(1.0, "CPUs per task.", above=0, aliases=("cpu",))
     mem: float = option(1024.0, "Memory per task, MiB.", above=0)
     disk: float = option(
@@ -175,6 +178,11 @@ class JobSpec:
             UsageError: it is too large, not JSON (with line and column) or its options are wrong.
         """
         limits = Limits(MAX_OPTIONS_BYTES, seconds or OPTIONS_TIMEOUT_S, "", "--timeout")
+        try:
+            if not path_or_url.lower().startswith(("http://", "https://")):  # a FIFO would never end
+                storage.require_regular(path_or_url, storage_options, "the options file")
+        except DataError as exc:
+            raise UsageError(f"{exc}: pass a JSON options file") from None
         try:
             raw = fetch(path_or_url, limits, storage_options=storage_options, what="the options file")
         except DataError:

@@ -18,13 +18,15 @@ import onnxruntime as ort
 from lastlayer import storage
 from lastlayer.engines.base import available_cores
 from lastlayer.errors import DataError, ModelError, StorageError
-from lastlayer.model import contract, runtime
-from lastlayer.preprocess import Preprocessing, decode
+from lastlayer.model import check, contract, runtime
+from lastlayer.preprocess import MAX_IMAGE_BYTES, Preprocessing, decode
 
 #: The logger name its lines always had (``lastlayer.inference``), whatever the module's name.
 log = logging.getLogger("lastlayer.inference")
 
 BATCH = 32
+#: Largest labels file read, bytes.
+MAX_LABELS_BYTES = 64 << 20
 
 #: One image made ready for a model: one ``uint8 [S, S, 3]`` array per image input.
 Prepared = tuple[np.ndarray, ...]
@@ -46,8 +48,18 @@ class Prediction:
 
 
 def read_labels(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """A labels file: one label a line; blank lines at the end are ignored."""
-    return tuple(storage.read_bytes(url, storage_options).decode("utf-8").rstrip("\n").split("\n"))
+    """A labels file: one label a line; blank lines at the end are ignored.
+
+    Raises:
+        DataError: not a regular UTF-8 text file of at most :data:`MAX_LABELS_BYTES`.
+    """
+    data = storage.read_bytes(url, storage_options, MAX_LABELS_BYTES, "the labels file")
+    try:
+        return tuple(data.decode("utf-8").rstrip("\n").split("\n"))
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{url} is not a UTF-8 text file: pass the labels file written with the model"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -85,10 +97,11 @@ class RetrainedModel:
             output_layer: the output to read (default: the model's final tensor).
 
         Raises:
-            ModelError: the model cannot be read or was not made by lastlayer; the labels file
+            ModelError: the model cannot be read, was not made by lastlayer, does not agree with its
+                own metadata or does not run (see :mod:`lastlayer.model.check`); the labels file
                 does not match it.
         """
-        data = storage.read_bytes(graph, storage_options)
+        data = storage.read_bytes(graph, storage_options, what="the model")
         try:
             proto = onnx.load_from_string(data)
         except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
@@ -96,7 +109,7 @@ class RetrainedModel:
                 f"{graph} is not an ONNX model ({exc.__class__.__name__}): pass the --output_graph "
                 "of lastlayer retrain"
             ) from exc
-        info = contract.read_info(proto, graph)
+        info = check.read_info(proto, graph)
         names = read_labels(labels, storage_options) if labels else info.labels
         if len(names) != len(info.labels):
             raise ModelError(
@@ -109,7 +122,11 @@ class RetrainedModel:
             raise ModelError(
                 f"{graph} has no output {output!r}; it has {[o.name for o in session.get_outputs()]}"
             )
-        return cls(graph, info, names, output, session)
+        check.check_graph(info, names, session, output, graph)
+        model = cls(graph, info, names, output, session)
+        blank = tuple(np.zeros((prep.size, prep.size, 3), np.uint8) for _, prep in info.inputs)
+        check.check_run(model.probabilities([blank]), names, graph)
+        return model
 
     def prepare(self, data: bytes) -> Prepared:
         """An image's bytes as the model's inputs: one ``uint8 [S, S, 3]`` per image input, each
@@ -131,7 +148,13 @@ class RetrainedModel:
             ModelError: the model gives NaN or infinite scores (its training diverged).
         """
         feed = {name: np.stack([x[i] for x in inputs]) for i, (name, _) in enumerate(self.info.inputs)}
-        (probs,) = self.session.run([self.output], feed)
+        try:
+            (probs,) = self.session.run([self.output], feed)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(
+                f"{self.source} fails to run: {' '.join(str(exc).split())[:300]}; re-export the model "
+                "or check that this machine has the memory it asks for"
+            ) from None
         if not np.isfinite(probs).all():
             raise ModelError(
                 f"{self.source} gives scores that are not numbers (NaN or infinite): its training "
@@ -180,7 +203,8 @@ def label(
 
     for i, url in enumerate(images):
         try:
-            ready.append((i, model.prepare(storage.read_bytes(url, storage_options))))
+            data = storage.read_bytes(url, storage_options, MAX_IMAGE_BYTES, "the image")
+            ready.append((i, model.prepare(data)))
         except (DataError, StorageError) as exc:
             log.warning("Skipped %s: %s", url, exc)
             results[i] = Prediction(url, (), str(exc))

@@ -104,15 +104,17 @@ def server(models: Mapping[str, RetrainedModel], options: ServeOptions) -> uvico
     (Ctrl-C or SIGTERM stop it gracefully)."""
     import uvicorn
 
+    from lastlayer.serve import guard
     from lastlayer.serve.app import create_app
 
     config = uvicorn.Config(
         create_app(models, options),
+        http=guard.protocol(options.header_timeout),
         log_config=None,  # records go to the root logger: the CLI's handler and format
         access_log=options.access_log,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
-        # a backstop on open connections; the app itself bounds the requests in progress (--max_queue)
-        limit_concurrency=4 * options.max_queue + 64,
+        # open connections; the app itself bounds the requests in progress (--max_queue)
+        limit_concurrency=options.max_connections,
         timeout_keep_alive=5,
     )
     return uvicorn.Server(config)

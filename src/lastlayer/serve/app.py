@@ -14,10 +14,12 @@
 ``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}]}`` out
 ==========================================  ===============================================
 
-Every error is JSON ``{"error": "..."}``: 400 for a bad image or request (never a 500), 404 for an
-unknown model, 408 for a body that does not arrive within ``--request_timeout``, 413 over
-``--max_request_bytes``, 503 when ``--max_queue`` images wait or the answer takes longer than
-``--request_timeout``. Bounds are named in the messages.
+Every error is JSON ``{"error": "..."}``: 400 for a bad image or request (never a 500) or a ``Host``
+header that names no name of this server, 404 for an unknown model, 408 for a body that does not
+arrive within ``--request_timeout``, 413 over ``--max_request_bytes``, 503 when ``--max_queue``
+images are held (a request takes its places before decoding), ``--max_decode_pixels`` are being
+decoded, or the answer takes longer than ``--request_timeout``. Bounds are named in the messages.
+After a burst, the memory decoded images freed is given back to the system.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ from starlette.routing import Route
 from lastlayer.errors import DataError
 from lastlayer.model import contract
 from lastlayer.model.inference import Prepared, RetrainedModel
+from lastlayer.serve import guard
 from lastlayer.serve.batcher import Batcher, Busy
 from lastlayer.settings.options import ServeOptions
 from lastlayer.version import __version__
 
 #: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
+#: Seconds without requests after which the memory of decoded images is given back.
+IDLE_S = 0.5
 PAGE_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
     "connect-src 'self'"
@@ -80,6 +85,9 @@ class Service:
         self.options = options
         self.models: dict[str, Served] = {}
         self.in_progress = 0  # inference requests being read or answered (one event loop: no lock)
+        self.held = 0  # images of those requests, from before they are decoded to their answer
+        self.budget = guard.DecodeBudget(options.max_decode_pixels)
+        self.decoded = 0  # images decoded since the memory was last given back
         self._loaded = dict(models)
 
     @contextlib.asynccontextmanager
@@ -110,6 +118,30 @@ class Service:
             yield
         finally:
             self.in_progress -= 1
+            if not self.in_progress and self.decoded:
+                asyncio.get_running_loop().call_later(IDLE_S, self._give_back_if_idle)
+
+    def _give_back_if_idle(self) -> None:
+        """Give the memory of the images decoded back to the system once no request is in progress."""
+        if not self.in_progress and self.decoded:
+            self.decoded = 0
+            asyncio.get_running_loop().run_in_executor(None, guard.give_back_memory)
+
+    @contextlib.contextmanager
+    def places(self, images: int) -> Iterator[None]:
+        """Hold ``images`` of the ``--max_queue`` image places from before their decoding to their
+        answer; 503 when they are not free (so the images held at once stay within the bound)."""
+        if self.held + images > self.options.max_queue:
+            raise Problem(
+                503,
+                f"the server is busy ({self.held} images held, {images} more asked, "
+                f"--max_queue={self.options.max_queue}); retry",
+            )
+        self.held += images
+        try:
+            yield
+        finally:
+            self.held -= images
 
     def served(self, request: Request) -> Served:
         name = request.path_params["name"]
@@ -175,23 +207,20 @@ class Service:
             data = await self.body(request)
             if not data:
                 raise Problem(400, "the request body is empty: POST the bytes of an image file")
-            with served.batcher.announced():
-                image = await self.prepare(served, data)
-            probs = await self.probabilities(served, [image])
+            with self.places(1):
+                with served.batcher.announced():
+                    image = await self.prepare(served, data)
+                probs = await self.probabilities(served, [image])
         labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
         return JSONResponse({"model_name": served.name, "labels": labels})
 
     async def infer(self, request: Request) -> Response:
         served = self.served(request)
         with self.admitted():
-            try:
-                payload = json.loads(await self.body(request))
-            except ValueError as exc:
-                raise Problem(
-                    400, f"the request is not JSON ({exc}): send a KServe v2 inference request"
-                ) from None
-            images = await self.inputs(served, payload)
-            probs = await self.probabilities(served, images)
+            payload = _json(await self.body(request))
+            with self.places(_image_count(payload, self.options.max_queue)):
+                images = await self.inputs(served, payload)
+                probs = await self.probabilities(served, images)
         reply: dict[str, Any] = {
             "model_name": served.name,
             "outputs": [
@@ -210,9 +239,7 @@ class Service:
     async def inputs(self, served: Served, payload: Any) -> list[Prepared]:
         """The prepared images of a v2 request: one ``BYTES`` input named ``image`` holding image
         files, or one ``UINT8`` pixel tensor per model input (``image``; ``image_0``, ``image_1``, ...
-        for a model of several networks)."""
-        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
-            raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
+        for a model of several networks). ``payload`` passed :func:`_image_count`."""
         _check_outputs(payload.get("outputs"), served.model.output)
         tensors = payload["inputs"]
         names = [name for name, _ in served.model.info.inputs]
@@ -241,11 +268,18 @@ class Service:
         return [tuple(p[i] for p in pixels) for i in range(pixels[0].shape[0])]
 
     async def prepare(self, served: Served, data: bytes) -> Prepared:
-        """The network input of an image file, decoded off the event loop; 400 when it is no image."""
+        """The network input of an image file, decoded off the event loop within the decode budget;
+        400 when it is no image or too large, 503 when the budget has no room for it."""
         try:
-            return await run_in_threadpool(_prepare, served.model, data, self.options.max_pixels)
+            pixels = _declared_pixels(data, self.options.max_pixels)
+            with self.budget.taken(pixels):
+                prepared = await run_in_threadpool(served.model.prepare, data)
         except DataError as exc:
             raise Problem(400, f"not an image this server can read: {exc}") from None
+        except guard.Exhausted as exc:
+            raise Problem(503, f"the server is busy ({exc}); retry") from None
+        self.decoded += 1
+        return prepared
 
     async def probabilities(self, served: Served, images: list[Prepared]) -> np.ndarray:
         """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
@@ -298,11 +332,11 @@ async def _read(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(model: RetrainedModel, data: bytes, max_pixels: int) -> Prepared:
-    """``model.prepare(data)`` after checking the image's declared size against ``max_pixels``.
+def _declared_pixels(data: bytes, max_pixels: int) -> int:
+    """The pixels an image file declares (its header alone is read; at least 1).
 
     Raises:
-        DataError: too many pixels, or not an image.
+        DataError: more than ``max_pixels``.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
@@ -311,14 +345,35 @@ def _prepare(model: RetrainedModel, data: bytes, max_pixels: int) -> Prepared:
         width = height = 0
     if width * height > max_pixels:
         raise DataError(f"{width}x{height} = {width * height:,} px, more than --max_pixels={max_pixels:,}")
-    return model.prepare(data)
+    return max(1, width * height)
+
+
+def _json(body: bytes) -> Any:
+    """The JSON value of a request body; 400 when it is not JSON or is nested too deeply to parse."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise Problem(400, "the request is nested too deeply: send a KServe v2 inference request") from None
+    except ValueError as exc:
+        raise Problem(400, f"the request is not JSON ({exc}): send a KServe v2 inference request") from None
+
+
+def _image_count(payload: Any, max_queue: int) -> int:
+    """How many images a v2 request holds (its first input's first dimension), checked."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
+    first = payload["inputs"][0] if payload["inputs"] else None
+    if not isinstance(first, dict):
+        raise Problem(400, 'send the input(s) as objects in "inputs"')
+    _check_shape(first.get("shape"), max_queue)
+    return first["shape"][0]
 
 
 def _top_k(text: str | None, default: int) -> int:
     if text is None:
         return default
-    if not text.isdigit() or int(text) < 1:
-        raise Problem(400, f"top_k={text!r}: must be a whole number of at least 1")
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) < 1:
+        raise Problem(400, f"top_k={text[:20]!r}: must be a whole number from 1 to 999999999")
     return int(text)
 
 
@@ -347,7 +402,9 @@ def _encoded_images(tensor: Mapping[str, Any], shape: list[int]) -> list[bytes]:
 
 def _check_shape(shape: Any, max_queue: int) -> None:
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise Problem(400, f"shape {shape!r} is not a list of sizes")
+        raise Problem(400, f"shape {str(shape)[:100]} is not a list of sizes")
+    if shape[0] < 1:
+        raise Problem(400, "the request holds no image: send at least one")
     if shape[0] > max_queue:
         raise Problem(400, f"{shape[0]} images in one request, more than --max_queue={max_queue}")
 
@@ -362,9 +419,11 @@ def _pixels(tensor: Mapping[str, Any], shape: list[int], size: int) -> np.ndarra
     if shape[1:] != [size, size, 3]:
         raise Problem(400, f"UINT8 input: shape {shape} must be [N, {size}, {size}, 3] for this model")
     try:
-        values = np.asarray(tensor.get("data"), dtype=np.int64).ravel()
+        values = np.asarray(tensor.get("data")).ravel()  # no dtype: 1.7 or "12" must not pass as 1 or 12
     except (TypeError, ValueError, OverflowError):
-        raise Problem(400, "UINT8 input: data must be a (flat or nested) list of whole numbers") from None
+        values = np.zeros(0, np.float64)
+    if values.dtype.kind not in "iu" and values.size:
+        raise Problem(400, "UINT8 input: data must be a (flat or nested) list of whole numbers in [0, 255]")
     if values.size != int(np.prod(shape)):
         raise Problem(
             400, f"UINT8 input: {values.size} values for shape {shape} ({int(np.prod(shape))} expected)"
@@ -377,7 +436,8 @@ def _pixels(tensor: Mapping[str, Any], shape: list[int], size: int) -> np.ndarra
 async def _problem(request: Request, exc: Exception) -> Response:
     if isinstance(exc, Problem):
         return JSONResponse({"error": str(exc)}, exc.status)
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # a bug, logged with its traceback by the server
+        return JSONResponse({"error": f"the server failed ({exc.__class__.__name__}); see its log"}, 500)
     message = exc.detail
     if exc.status_code == 404:
         path = request.url.path
@@ -385,8 +445,9 @@ async def _problem(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
 
 
-def create_app(models: Mapping[str, RetrainedModel], options: ServeOptions) -> Starlette:
-    """The ASGI app serving ``models`` by name (see the module doc for the routes)."""
+def create_app(models: Mapping[str, RetrainedModel], options: ServeOptions) -> guard.HostCheck:
+    """The ASGI app serving ``models`` by name (see the module doc for the routes), answering only
+    requests whose ``Host`` is ``--host``, a local name or an ``--allowed_host``."""
     service = Service(models, options)
     routes = [
         Route("/", service.page),
@@ -400,5 +461,6 @@ def create_app(models: Mapping[str, RetrainedModel], options: ServeOptions) -> S
         Route("/v1/models", service.model_list),
         Route("/v1/models/{name}:classify", service.classify, methods=["POST"]),
     ]
-    handlers = {Problem: _problem, HTTPException: _problem}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
+    handlers = {Problem: _problem, HTTPException: _problem, Exception: _problem}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
+    return guard.HostCheck(app, [*guard.LOCAL_NAMES, options.host, *options.allowed_host])

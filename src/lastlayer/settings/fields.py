@@ -2,7 +2,7 @@
 
 Every option of lastlayer (the command-line flags, the config objects of the Python API, the job
 options file) is a field made by :func:`option`. Its ``metadata`` holds an :class:`OptionInfo`:
-the help text, limits (``minimum``, ``above``, ``maximum``, ``below``, ``choices``, ``finite``),
+the help text, limits (``minimum``, ``above``, ``maximum``, ``below``, ``choices``, ``finite``, ``nonempty``),
 values accepted whatever the limits say (``special``, e.g. ``-1`` for "all"), aliases, and an
 ``unsupported`` note for options that are accepted only to say what to use instead. :func:`problem`
 checks a value against its field, :func:`check` an object of options (its fields, then the rules
@@ -35,6 +35,8 @@ class OptionInfo:
         minimum, above, maximum, below: numeric limits (``>=``, ``>``, ``<=``, ``<``).
         choices: allowed values of a string option (compared upper-cased when ``upper_choices``).
         finite: a float must be finite (not NaN or infinite).
+        nonempty: a string (each string of a list) must hold more than white space: a name or a
+            path, where "" would mean nothing.
         special: values accepted whatever the limits say (``-1`` = all, ``0`` = off, ...).
         rule: the text of a limit problem, replacing the generic one (e.g. "must be -1 (all) or at
             least 1").
@@ -53,6 +55,7 @@ class OptionInfo:
     choices: tuple[str, ...] | None = None
     upper_choices: bool = True
     finite: bool = True
+    nonempty: bool = False
     special: tuple[Any, ...] = ()
     rule: str | None = None
     aliases: tuple[str, ...] = ()
@@ -104,6 +107,8 @@ def problem(f: dataclasses.Field[Any], value: Any) -> str | None:
         return None
     if isinstance(value, float) and meta.finite and not math.isfinite(value):
         return "must be a finite number"
+    if meta.nonempty and any(isinstance(v, str) and not v.strip() for v in _values(value)):
+        return meta.rule or "must not be empty: give a name"
     if isinstance(value, int | float) and not isinstance(value, bool):
         checks = (
             (meta.minimum, lambda lim: value >= lim, ">="),
@@ -119,6 +124,10 @@ def problem(f: dataclasses.Field[Any], value: Any) -> str | None:
         if shown not in meta.choices:
             return meta.rule or f"must be one of {', '.join(meta.choices)}"
     return None
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def problems(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:

@@ -130,12 +130,13 @@ def _unsupported(opts: Any) -> None:
 class LabelOptions:
     """Everything ``lastlayer label`` takes (label_image.py's flags)."""
 
-    graph: str = option("/tmp/output_graph.onnx", "The retrained model (ONNX) to use.")
+    graph: str = option("/tmp/output_graph.onnx", "The retrained model (ONNX) to use.", nonempty=True)
     labels: str = option("", "Labels file, one a line (default: the labels stored in the model).")
     image: list[str] = option(
         factory=list,
         doc="An image to label (path or URL); repeat for more, or list them after the flags.",
         multiple=True,
+        nonempty=True,
     )
     top_k: int = option(5, "How many labels to show per image.", minimum=1, rule="must be at least 1")
     num_threads: int = option(
@@ -163,7 +164,13 @@ class ReportOptions:
 
     output: str = option(
         "",
-        "Where to write the report (default: where the run put it, <output_graph stem>.report.html).",
+        "Where to write the report (default: beside the summary file, <stem>.report.html for "
+        "<stem>.summary.json); an existing file there must be a lastlayer report.",
+    )
+    fetch_images: bool = option(
+        False,
+        "Read thumbnails from an image folder on another filesystem than the report's (e.g. an "
+        "http:// or remote URL the summary names); by default only local ones and those beside the report.",
     )
 
     def validate(self) -> None:
@@ -179,9 +186,12 @@ class ServeOptions:
         doc="A retrained model to serve (path or URL); repeat for more. Its name in URLs is the file "
         "name without .onnx, or NAME in NAME=URL (default: /tmp/output_graph.onnx).",
         multiple=True,
+        nonempty=True,
     )
     host: str = option(
-        "127.0.0.1", "Address to listen on (0.0.0.0: every interface; there is no authentication)."
+        "127.0.0.1",
+        "Address to listen on (0.0.0.0: every interface; there is no authentication).",
+        nonempty=True,
     )
     port: int = option(8080, "Port to listen on (0: any free port).", minimum=0, maximum=65535)
     top_k: int = option(5, "Labels :classify returns unless the request asks (?top_k=N).", minimum=1)
@@ -213,8 +223,31 @@ class ServeOptions:
         maximum=MAX_PIXELS,
         rule=f"must be in [1, {MAX_PIXELS}]",
     )
+    max_decode_pixels: int = option(
+        120_000_000,
+        "Most pixels of images being decoded at once, across requests (bounds the server's memory: "
+        "about 10 bytes a pixel); beyond, 503. At least --max_pixels.",
+        minimum=1,
+    )
     request_timeout: float = option(
         60.0, "Seconds a request may take to arrive and to be answered; beyond, 408 or 503.", above=0
+    )
+    header_timeout: float = option(
+        5.0,
+        "Seconds a connection may take to send a request's head (request line and headers); beyond, "
+        "the connection is closed.",
+        above=0,
+        maximum=600,
+    )
+    max_connections: int = option(
+        1000, "Most open connections; a request on one beyond gets 503.", minimum=1, maximum=100_000
+    )
+    allowed_host: list[str] = option(
+        factory=list,
+        doc="A host name (or address) clients may use in the Host header, besides --host, localhost, "
+        "127.0.0.1 and ::1; repeat for more ('*': any; other names are refused against DNS rebinding).",
+        multiple=True,
+        nonempty=True,
     )
     num_threads: int = option(0, "onnxruntime threads per model; 0 = one per core.", minimum=0)
     access_log: bool = option(False, "Log every request (uvicorn's access log).")
@@ -222,8 +255,15 @@ class ServeOptions:
     def validate(self) -> None:
         """Check values. Raises UsageError naming the flag."""
         options.check(self)
-        if not self.host:
-            raise UsageError("--host must not be empty: pass an address such as 127.0.0.1")
+
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """The decode budget holds the largest image."""
+        if self.max_decode_pixels < self.max_pixels:
+            yield (
+                "max_decode_pixels",
+                self.max_decode_pixels,
+                f"must be at least --max_pixels={self.max_pixels}, or no image that large could be decoded",
+            )
 
     def graphs(self) -> list[str]:
         """The models to serve: ``--graph`` values, else retrain's default ``--output_graph``."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +28,14 @@ from lastlayer import fetch, storage
 from lastlayer.dataset import SPLITS
 from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
-from lastlayer.settings.run import OutputConfig
+from lastlayer.report import input as report_input
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-log = logging.getLogger(__name__)
+#: The logger name its lines always had (``lastlayer.report``), whatever the module's name.
+log = logging.getLogger("lastlayer.report")
 
 #: What the report needs beyond lastlayer's own dependencies (the ``report`` extra).
 LIBRARIES = ("matplotlib", "jinja2")
@@ -53,8 +53,8 @@ MAX_SKIPPED_ROWS = 500
 MAX_CHART_CLASSES = 60
 #: Confusion-matrix cells are annotated with their counts up to this many classes.
 MAX_ANNOTATED_CLASSES = 25
-#: Keys a run summary must have to be reported on.
-REQUIRED_KEYS = ("labels", "image_counts", "images", "metrics", "confusion_matrix", "per_class", "outputs")
+#: The most rows of a table of classes, settings or outputs (the summary file lists them all).
+MAX_TABLE_ROWS = 500
 _READERS = 8
 _THUMBNAIL_PREP = Preprocessing(THUMBNAIL_PX, 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
@@ -68,49 +68,47 @@ def missing_libraries() -> str | None:
 
 
 def read_summary(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A run summary file (``<output_graph stem>.summary.json``) as JSON data.
+    """A run summary file (``<output_graph stem>.summary.json``) as checked JSON data (see
+    :func:`lastlayer.report_input.parse`).
 
     Raises:
-        DataError: the file is too big, not JSON, or not a full run's summary.
+        DataError: the file is too big, not JSON, or not a full run's summary as lastlayer writes it.
         StorageError: it cannot be read.
     """
     data = fetch.fetch(url, SUMMARY_LIMITS, storage_options=storage_options, what="the run summary")
-    try:
-        summary = json.loads(data)
-    except ValueError as exc:
-        raise DataError(f"{url} is not JSON ({exc}): pass the .summary.json file of a run") from None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(summary, dict) or key not in summary]
-    if missing:
-        raise DataError(
-            f"{url} is not a run summary (no {', '.join(missing)}): pass the .summary.json file written "
-            "by lastlayer retrain (a worker's shard result has no report)"
-        )
-    return summary
+    return report_input.parse(data, url)
 
 
-def default_url(summary: Mapping[str, Any]) -> str:
-    """Where a summary's report goes: where the run wrote it, else ``<output_graph stem>.report.html``.
+def write(
+    summary: Mapping[str, Any],
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    fetch_images: bool = False,
+) -> None:
+    """Build the report of ``summary`` and write it to ``url`` atomically; an existing file there
+    must be a lastlayer report.
+
+    Images of the misclassified thumbnails are read from below ``summary["image_dir"]`` with
+    ``storage_options``, when it is local or on ``url``'s filesystem (anywhere with ``fetch_images``);
+    one that cannot be read is shown as a note, never as a broken image.
 
     Raises:
-        DataError: the summary names no output graph.
+        DataError: ``url`` is a file that is not a report, or ``summary`` is malformed.
     """
-    outputs = summary.get("outputs")
-    if not isinstance(outputs, dict) or not isinstance(outputs.get("output_graph"), str):
-        raise DataError("the run summary names no outputs.output_graph: pass --output=WHERE for the report")
-    return outputs.get("report") or OutputConfig(output_graph=outputs["output_graph"]).report_url
+    report_input.check_replaceable(url, storage_options)
+    html = build(summary, storage_options, report_url=url, fetch_images=fetch_images)
+    storage.write_atomic(url, html.encode(), storage_options)
 
 
-def write(summary: Mapping[str, Any], url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Build the report of ``summary`` and write it to ``url`` atomically.
-
-    Images of the misclassified thumbnails are read from ``summary["image_dir"]`` with
-    ``storage_options``; one that cannot be read is shown as a note, never as a broken image.
-    """
-    storage.write_atomic(url, build(summary, storage_options).encode(), storage_options)
-
-
-def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> str:
-    """The report's HTML text.
+def build(
+    summary: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    report_url: str = "",
+    fetch_images: bool = False,
+) -> str:
+    """The report's HTML text (thumbnails read as :func:`write` says, for a report at ``report_url``).
 
     Raises:
         DataError: ``summary`` is not shaped as a run summary.
@@ -125,8 +123,9 @@ def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None 
         lstrip_blocks=True,
     )
     try:
-        page = _page(summary, storage_options)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        clean = report_input.checked(summary, "the run summary")
+        page = _page(clean, storage_options, report_url, fetch_images)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise DataError(
             f"the run summary is not as lastlayer writes it ({exc.__class__.__name__}: {exc}): pass the "
             ".summary.json file of a run, unedited"
@@ -135,7 +134,9 @@ def build(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None 
 
 
 # -- the page's content --------------------------------------------------------------------------
-def _page(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+def _page(
+    summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None, report_url: str, fetch_images: bool
+) -> dict[str, Any]:
     labels: list[str] = list(summary["labels"])
     metrics = summary["metrics"]
     matrix = summary["confusion_matrix"]["matrix"]
@@ -154,22 +155,37 @@ def _page(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None)
         },
         "curve": _chart(_curves, curve) if curve.get("step") else None,
         "confusion": _chart(_confusion, labels, matrix) if sum(map(sum, matrix)) else None,
-        "per_class": _class_rows(summary["per_class"]),
+        "per_class": _capped(_class_rows(summary["per_class"])),
         "misclassified": {
-            "shown": _thumbnails(summary.get("image_dir", ""), wrong[:MAX_THUMBNAILS], storage_options),
+            "shown": _thumbnails(
+                summary.get("image_dir", ""),
+                wrong[:MAX_THUMBNAILS],
+                storage_options,
+                report_url,
+                fetch_images,
+            ),
             "total": sum(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j),
             "test_n": sum(map(sum, matrix)),
         },
-        "settings": sorted((str(k), _shown(v)) for k, v in (summary.get("options") or {}).items()),
-        "timings": [(k, f"{v:.3f}") for k, v in (summary.get("timings") or {}).items()],
-        "cache": [(k, str(v)) for k, v in (summary.get("cache") or {}).items()],
-        "outputs": [(k, str(v)) for k, v in summary["outputs"].items() if v],
+        "settings": _capped(sorted((str(k), _shown(v)) for k, v in (summary.get("options") or {}).items())),
+        "timings": _capped([(k, f"{v:.3f}") for k, v in (summary.get("timings") or {}).items()]),
+        "cache": _capped([(k, str(v)) for k, v in (summary.get("cache") or {}).items()]),
+        "outputs": _capped([(k, str(v)) for k, v in summary["outputs"].items() if v]),
         "run": [
             (k, _shown(summary.get(k)))
             for k in ("lastlayer_version", "architecture", "architecture_requested", "model_key", "seed")
         ],
         "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
     }
+
+
+def _capped(rows: list[Any]) -> list[Any]:
+    """The first :data:`MAX_TABLE_ROWS` rows, and one saying how many more the summary file holds."""
+    if len(rows) <= MAX_TABLE_ROWS:
+        return rows
+    more = f"… {len(rows) - MAX_TABLE_ROWS:,} more rows: see the summary file"
+    width = len(rows[0]) if isinstance(rows[0], (list, tuple)) else 1
+    return [*rows[:MAX_TABLE_ROWS], (more, *([""] * (width - 1)))]
 
 
 def _headline(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -202,7 +218,8 @@ def _shown(value: Any) -> str:
 def _count_rows(labels: Sequence[str], counts: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
     rows = [[label, *(counts[label].get(s, 0) for s in SPLITS)] for label in labels]
     totals = ["total", *(sum(r[i] for r in rows) for i in range(1, len(SPLITS) + 1))]
-    return [[str(c) for c in [*r, sum(r[1:])]] for r in [*rows, totals]]
+    shown = [[str(c) for c in [*r, sum(r[1:])]] for r in [*rows, totals]]
+    return [*_capped(shown[:-1]), shown[-1]]
 
 
 def _class_rows(per_class: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str, str, str]]:
@@ -233,12 +250,17 @@ class Thumbnail:
 
 
 def _thumbnails(
-    image_dir: str, wrong: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None
+    image_dir: str,
+    wrong: Sequence[Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None,
+    report_url: str = "",
+    fetch_images: bool = False,
 ) -> list[Thumbnail]:
     def one(item: Mapping[str, Any]) -> Thumbnail:
         uri, error = "", ""
         try:
-            uri = _thumbnail_uri(storage.join(image_dir, item["path"]), storage_options)
+            url = report_input.thumbnail_url(image_dir, item["path"], report_url, fetch_images)
+            uri = _thumbnail_uri(url, storage_options)
         except LastlayerError as exc:
             error = str(exc)
             log.warning("No thumbnail for %s in the report: %s", item["path"], exc)
@@ -262,7 +284,10 @@ def _thumbnail_uri(url: str, storage_options: Mapping[str, Any] | None) -> str:
     Raises:
         DataError, StorageError: it cannot be read or decoded.
     """
-    data = fetch.fetch(url, IMAGE_LIMITS, storage_options=storage_options, what="the image")
+    if url.lower().startswith(("http://", "https://")):
+        data = fetch.fetch(url, IMAGE_LIMITS, storage_options=storage_options, what="the image")
+    else:  # a regular file only: a FIFO or a device is never opened
+        data = storage.read_bytes(url, storage_options, IMAGE_LIMITS.max_bytes, "the image")
     img = open_image(data, _THUMBNAIL_PREP)
     scale = THUMBNAIL_PX / max(img.size)
     if scale >= 2:  # small images (Fashion-MNIST's 28 px) enlarged with crisp pixels
