@@ -109,6 +109,12 @@ class TrainingConfig:
     random_seed: int | None = option(
         None, "Seed for the split-independent randomness; a run with a seed is reproducible."
     )
+    # the trust stage (lastlayer.trust), on the cached features
+    calibrate: bool = option(
+        True,
+        "Fit a temperature on held-out predictions (the validation split, or --cross_validation's folds) "
+        "and fold it into the exported last layer, so its probabilities match how often it is right.",
+    )
 
     @property
     def distortions(self) -> Distortions:

@@ -63,6 +63,7 @@ from lastlayer.train import (
     train,
     validation_draws,
 )
+from lastlayer.trust import stage as trust
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
@@ -191,18 +192,23 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
     bottlenecks = wait_for_shards(images, model, run, engine, bottlenecks, draws)
     with load(images, model, run, engine, bottlenecks, draws, seed) as data:
         run.lap("bottlenecks_s")
-        folded = None
+        folded = out_of_fold = None
         if run.training.cross_validation:
-            folded = cross_validate(data, images.labels, run.training, seed)
+            folded, out_of_fold = cross_validate(data, images.labels, run.training, seed)
             run.lap("cross_validation_s")
         classifier, last = fit(data, model, images.labels, run, seed)
         run.lap("training_s")
+        classifier, trusted = trust.analyse(
+            data.bottlenecks, data.index, data.labels, classifier, trust_settings(run.training), out_of_fold
+        )
+        run.lap("trust_s")
         scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
     export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
     run.lap("export_s")
     run.total()
     wrong = misclassified(scores, data, images)
     summary = summarize(run, image_dir, model, seed, images, data, last, scores, wrong, folded)
+    summary = dataclasses.replace(summary, trust=trusted)
     storage.write_atomic(run.outputs.summary_url, summary.to_json().encode(), run.storage_options)
     if run.outputs.report:
         write_report(summary, run.storage_options)
@@ -722,6 +728,11 @@ def fit(
     return clf, (last[0] if last else None)
 
 
+def trust_settings(training: TrainingConfig) -> trust.Settings:
+    """The trust stage's flags."""
+    return trust.Settings(training.calibrate)
+
+
 def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -> TrainConfig:
     t = training
     return TrainConfig(
@@ -738,10 +749,11 @@ def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -
 
 def cross_validate(
     data: TrainingData, labels: tuple[str, ...], training: TrainingConfig, seed: int
-) -> CrossValidation:
+) -> tuple[CrossValidation, trust.OutOfFold]:
     """Refit the last layer ``--cross_validation`` K times, each on all usable images but one fold
-    (stratified, seeded) with the run's settings, and score it on that fold; log the summary. With
-    distortions on, the training images are trained and scored on their variants.
+    (stratified, seeded) with the run's settings, and score it on that fold; log the summary and
+    return it with the fold classifiers (for calibration). With distortions on, the training images
+    are trained and scored on their variants.
 
     Raises:
         DataError: fewer usable images than folds.
@@ -766,7 +778,7 @@ def cross_validate(
         ),
         100 * result.largest_class_share,
     )
-    return result
+    return result, trust.OutOfFold(positions, truth, fold_of, classifiers)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from lastlayer.config import OutputConfig
 from lastlayer.dataset import SPLITS
 from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
+from lastlayer.trust import view as trust_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -169,6 +170,7 @@ def _page(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None)
             for k in ("lastlayer_version", "architecture", "architecture_requested", "model_key", "seed")
         ],
         "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
+        "trust": trust_view.page(summary.get("trust"), _chart),
     }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lastlayer.evaluate import CrossValidation
+from lastlayer.trust.summary import Trust
 
 #: The most misclassified test images a run summary lists.
 MAX_MISCLASSIFIED = 100
@@ -141,12 +142,13 @@ class RunSummary:
         image_counts: ``{label: {split: images}}``.
         images: ``found``, ``used``, ``skipped`` and per-split counts of usable images.
         skipped: ``{"path", "reason"}`` of each image that could not be used.
-        timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``,
+        timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``, ``trust_s``,
             ``export_s``, ``total_s``).
         options: every setting of the run, by flag name.
         learning_curve: the scores at each evaluation point of training.
         misclassified: the worst test mistakes (lowest ``true_score`` first), at most
             :data:`MAX_MISCLASSIFIED`; the confusion matrix counts them all.
+        trust: calibration and the other findings of :mod:`lastlayer.trust`.
     """
 
     lastlayer_version: str
@@ -168,6 +170,7 @@ class RunSummary:
     options: dict[str, Any]
     learning_curve: LearningCurve = field(default_factory=LearningCurve)
     misclassified: list[Misclassified] = field(default_factory=list)
+    trust: Trust = field(default_factory=Trust)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data, keys in the summary file's order."""

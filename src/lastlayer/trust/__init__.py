@@ -1,0 +1,8 @@
+"""Scores a person can trust, from the cached features of a run (no network pass).
+
+One module per concern, each a set of pure functions of numpy arrays:
+
+* :mod:`.calibration`: a temperature fitted on held-out logits (folded into the exported last
+  layer) and the expected calibration error before and after.
+* :mod:`.stage`: the run's trust stage, which gathers the features once and calls the others.
+"""

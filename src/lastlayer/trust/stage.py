@@ -1,0 +1,178 @@
+"""The trust stage of a run: the usable images' features gathered once from the cache (one bounded
+pass), then calibration; the exported classifier comes back with the temperature folded in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from lastlayer import stream
+from lastlayer.dataset import SPLITS, TESTING, VALIDATION
+from lastlayer.features import Bottlenecks
+from lastlayer.train import Classifier
+from lastlayer.trust import calibration
+from lastlayer.trust.summary import Calibration, Trust
+
+log = logging.getLogger("lastlayer.retrain")
+
+#: The trust stage holds every usable image's features in memory up to this many bytes; beyond, it
+#: is skipped with a log line (the rest of the run streams the cache and has no such limit).
+MAX_FEATURE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """The classifiers of ``--cross_validation`` and the images each held out.
+
+    Attributes:
+        positions: ``int64 [M]`` images (positions in the image set).
+        truth: ``int64 [M]`` their classes.
+        fold_of: ``int64 [M]`` the fold that held each out (the index of its classifier).
+    """
+
+    positions: np.ndarray
+    truth: np.ndarray
+    fold_of: np.ndarray
+    classifiers: list[Classifier]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Which analyses run (the flags of :class:`lastlayer.config.TrainingConfig`)."""
+
+    calibrate: bool = True
+
+
+@dataclass(frozen=True)
+class Features:
+    """Every usable image's features (its first row: plain, or with distortions on a training
+    image's first variant).
+
+    Attributes:
+        positions: ``int64 [N]`` positions in the image set, sorted.
+        x: ``float32 [N, D]``.
+        labels: ``int64 [N]``.
+        split: ``int64 [N]`` index into :data:`~lastlayer.dataset.SPLITS`.
+    """
+
+    positions: np.ndarray
+    x: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """``int64``: the rows of the images at ``positions``."""
+        return np.searchsorted(self.positions, positions)
+
+    def of(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The features ``[n, D]`` and labels ``[n]`` of one split."""
+        at = self.split == SPLITS.index(split)
+        return self.x[at], self.labels[at]
+
+
+def gather(bottlenecks: Bottlenecks, index: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> Features:
+    """The features of the usable images of each split (``index``: split to positions, ``labels``:
+    split to classes), read in one pass over the cache.
+
+    Raises:
+        DamagedCache: a part file is damaged or gone.
+    """
+    positions = np.concatenate([index[s] for s in SPLITS])
+    order = np.argsort(positions, kind="stable")
+    truth = np.concatenate([labels[s] for s in SPLITS])[order]
+    split = np.repeat(np.arange(len(SPLITS)), [len(index[s]) for s in SPLITS])[order]
+    positions = positions[order]
+    x = np.zeros((len(positions), bottlenecks.dim), np.float32)
+    columns = np.concatenate([[0], np.cumsum([s.dim for s in bottlenecks.sources])])
+
+    def consume(network: int, at: np.ndarray, rows: np.ndarray) -> None:
+        x[at, columns[network] : columns[network + 1]] = rows
+
+    stream.scan(bottlenecks, bottlenecks.first_rows(positions), consume)
+    return Features(positions, x, truth, split)
+
+
+def analyse(
+    bottlenecks: Bottlenecks,
+    index: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    classifier: Classifier,
+    settings: Settings,
+    out_of_fold: OutOfFold | None = None,
+) -> tuple[Classifier, Trust]:
+    """The trust stage: the classifier to export (calibrated) and what was found.
+
+    Raises:
+        DamagedCache: a part file is damaged or gone.
+    """
+    if not settings.calibrate:
+        return classifier, Trust()
+    size = sum(len(p) for p in index.values()) * bottlenecks.dim * 4
+    if size > MAX_FEATURE_BYTES:
+        log.warning(
+            "Trust analyses skipped: the features of the usable images (%.1f GiB) exceed %.0f GiB in memory",
+            size / 2**30,
+            MAX_FEATURE_BYTES / 2**30,
+        )
+        return classifier, Trust()
+    features = gather(bottlenecks, index, labels)
+    calibrated, fitted = calibrate(features, classifier, out_of_fold)
+    return calibrated, Trust(calibration=fitted)
+
+
+def _oof_logits(features: Features, out_of_fold: OutOfFold) -> np.ndarray:
+    """``float32 [M, C]``: each held-out image's logits by the fold classifier that held it out."""
+    x = features.x[features.rows(out_of_fold.positions)]
+    logits = np.zeros((len(x), len(out_of_fold.classifiers[0].biases)), np.float32)
+    for f, clf in enumerate(out_of_fold.classifiers):
+        mine = out_of_fold.fold_of == f
+        logits[mine] = clf.logits(x[mine])
+    return logits
+
+
+def calibrate(
+    features: Features, classifier: Classifier, out_of_fold: OutOfFold | None
+) -> tuple[Classifier, Calibration | None]:
+    """Fit the temperature on the out-of-fold logits of ``--cross_validation`` (when it ran), else on
+    the validation split, and fold it into ``classifier``; ``None`` (and ``classifier`` unchanged)
+    without held-out images."""
+    oof = None
+    if out_of_fold is not None and len(out_of_fold.truth):
+        oof = (_oof_logits(features, out_of_fold), out_of_fold.truth)
+        held, held_y, where = *oof, "out_of_fold"
+    else:
+        val_x, held_y = features.of(VALIDATION)
+        held, where = classifier.logits(val_x), "validation"
+    if not len(held_y):
+        log.warning("No temperature fitted: no validation images (raise --validation_percentage)")
+        return classifier, None
+    t = calibration.fit_temperature(held, held_y)
+    test_x, test_y = features.of(TESTING)
+    test = classifier.logits(test_x)
+
+    def ece(logits: np.ndarray, y: np.ndarray, temperature: float) -> float | None:
+        return calibration.ece(calibration.softmax(logits / temperature), y)
+
+    fitted = Calibration(
+        round(t, 6),
+        where,
+        len(held_y),
+        ece(test, test_y, 1.0),
+        ece(test, test_y, t),
+        None if oof is None else ece(*oof, 1.0),
+        None if oof is None else ece(*oof, t),
+        calibration.reliability(calibration.softmax(test), test_y),
+        calibration.reliability(calibration.softmax(test / t), test_y),
+    )
+    log.info(
+        "Temperature %.3f (fitted on %d %s predictions): test ECE %s -> %s",
+        t,
+        len(held_y),
+        where.replace("_", "-"),
+        fitted.test_ece_before,
+        fitted.test_ece_after,
+    )
+    weights, biases = (classifier.weights / t).astype(np.float32), (classifier.biases / t).astype(np.float32)
+    return Classifier(weights, biases), fitted

@@ -1,0 +1,58 @@
+"""The report's "Trust" section: what :mod:`lastlayer.report` shows of a run summary's ``trust``
+entry (tables as rows of text, charts drawn on a matplotlib Figure it hands in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: ``chart(draw, *args)``: the report's SVG ``data:`` URI of ``draw(figure, *args)``.
+Chart = Callable[..., str | None]
+
+
+def page(trust: Mapping[str, Any] | None, chart: Chart) -> dict[str, Any]:
+    """The section's content: ``calibration`` (rows and the reliability diagram) or ``None``."""
+    found = trust or {}
+    return {"calibration": _calibration(found.get("calibration"), chart)}
+
+
+def _ece(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _calibration(c: Mapping[str, Any] | None, chart: Chart) -> dict[str, Any] | None:
+    if not c:
+        return None
+    rows = [("test split", _ece(c["test_ece_before"]), _ece(c["test_ece_after"]))]
+    if c.get("out_of_fold_ece_before") is not None:
+        rows.append(("out of fold", _ece(c["out_of_fold_ece_before"]), _ece(c["out_of_fold_ece_after"])))
+    return {
+        "temperature": f"{c['temperature']:.3f}",
+        "fitted_on": f"{c['fitted_n']} {c['fitted_on'].replace('_', '-')} predictions",
+        "rows": rows,
+        "chart": chart(_reliability, c["test_reliability_before"], c["test_reliability_after"])
+        if sum(c["test_reliability_before"]["count"])
+        else None,
+    }
+
+
+def _reliability(fig: Figure, before: Mapping[str, list[Any]], after: Mapping[str, list[Any]]) -> bool:
+    """Accuracy against confidence per bin, before and after the temperature, over the diagonal."""
+    fig.set_size_inches(5.2, 4.4)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for bins, name, colour in ((before, "before", "#dd8452"), (after, "after", "#4c72b0")):
+        points = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"], strict=True) if c is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", color=colour, label=f"{name} the temperature", linewidth=1.4)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top probability, 15 bins)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    return True
