@@ -115,6 +115,18 @@ class TrainingConfig:
         "Fit a temperature on held-out predictions (the validation split, or --cross_validation's folds) "
         "and fold it into the exported last layer, so its probabilities match how often it is right.",
     )
+    unknown_recall: float = option(
+        95.0,
+        "Give the exported model a second output, a distance to the training classes, and call an image "
+        "--unknown_label above the distance that keeps this percentage of the validation images; 0: off.",
+        minimum=50,
+        maximum=100,
+        special=(0, 0.0),
+        rule="must be 0 (off) or a percentage in [50, 100]",
+    )
+    unknown_label: str = option(
+        "unknown", "What lastlayer label and serve say of an image above the --unknown_recall distance."
+    )
 
     @property
     def distortions(self) -> Distortions:
@@ -159,6 +171,9 @@ class OutputConfig:
         rule="must be 0 (off) or more",
     )
     final_tensor_name: str = option("final_result", "Name of the output of the retrained model.")
+    unknown_output: str = option(
+        "ood_score", "Name of the model's second output, its distance to the classes (--unknown_recall)."
+    )
     quantize_output_graph: bool = option(
         False,
         "Write --output_graph with the int8 version of the network (a zoo network's <name>_int8: about "
@@ -263,6 +278,10 @@ def _cross_problems(config: Any) -> Iterable[tuple[str, Any, str]]:
         )
     if isinstance(config, OutputConfig) and not config.final_tensor_name:
         yield "final_tensor_name", config.final_tensor_name, "must not be empty"
+    if isinstance(config, OutputConfig) and config.unknown_output in ("", config.final_tensor_name):
+        yield "unknown_output", config.unknown_output, "must be a name, not empty nor --final_tensor_name"
+    if isinstance(config, TrainingConfig) and not config.unknown_label.strip():
+        yield "unknown_label", config.unknown_label, "must not be empty"
     if isinstance(config, EngineConfig):
         if not 0 <= config.worker_index < config.worker_count:
             yield "worker_index", config.worker_index, "must be in [0, --worker_count)"

@@ -8,11 +8,13 @@ metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilitie
 their features concatenated before the softmax layer. Metadata (:mod:`lastlayer.contract`): labels
 (JSON list), preprocessing (JSON, the first input's), inputs (JSON: each input's name,
 architecture and preprocessing), architecture, final_tensor_name, version and any extra entries
-(model_key, seed).
+(model_key, seed). With a "none of the above" score (:mod:`lastlayer.trust.ood`), a second output
+``float32 [N]`` and the ``unknown`` metadata (its name, threshold and word).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 
@@ -24,6 +26,7 @@ from lastlayer import __version__, contract
 from lastlayer.contract import FEATURES
 from lastlayer.errors import ModelError
 from lastlayer.train import Classifier
+from lastlayer.trust.ood import Unknown, onnx_nodes
 from lastlayer.zoo import Backbones, FeatureModel
 
 
@@ -85,8 +88,10 @@ def build_classifier(
     labels: Sequence[str],
     final_tensor_name: str = "final_result",
     extra_metadata: Mapping[str, str] | None = None,
+    unknown: Unknown | None = None,
 ) -> bytes:
-    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``."""
+    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``, and with
+    ``unknown`` its score as a second output."""
     proto = _branches(model)
     graph = proto.graph
     graph.initializer.extend(
@@ -105,6 +110,13 @@ def build_classifier(
     graph.output.append(
         helper.make_tensor_value_info(final_tensor_name, onnx.TensorProto.FLOAT, [None, len(labels)])
     )
+    if unknown is not None:
+        nodes, tensors = onnx_nodes(unknown.distance, FEATURES, unknown.meta.output)
+        graph.node.extend(nodes)
+        graph.initializer.extend(tensors)
+        graph.output.append(
+            helper.make_tensor_value_info(unknown.meta.output, onnx.TensorProto.FLOAT, [None])
+        )
     inputs = [
         {
             "name": contract.input_name(i, len(model)),
@@ -121,6 +133,7 @@ def build_classifier(
         contract.FINAL_TENSOR_NAME: final_tensor_name,
         contract.VERSION: __version__,
         **(extra_metadata or {}),
+        **({contract.UNKNOWN: json.dumps(dataclasses.asdict(unknown.meta))} if unknown else {}),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():

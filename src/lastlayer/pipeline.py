@@ -64,6 +64,7 @@ from lastlayer.train import (
     validation_draws,
 )
 from lastlayer.trust import stage as trust
+from lastlayer.trust.ood import Unknown as OodUnknown
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
@@ -198,17 +199,18 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
             run.lap("cross_validation_s")
         classifier, last = fit(data, model, images.labels, run, seed)
         run.lap("training_s")
-        classifier, trusted = trust.analyse(
-            data.bottlenecks, data.index, data.labels, classifier, trust_settings(run.training), out_of_fold
+        trusted = trust.analyse(
+            data.bottlenecks, data.index, data.labels, classifier, trust_settings(run), out_of_fold
         )
+        classifier = trusted.classifier
         run.lap("trust_s")
         scores = evaluate(classifier, data, images, run.training.test_batch_size, seed, run.outputs)
-    export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
+    export(model, classifier, images.labels, run.outputs, seed, run.storage_options, network, trusted.unknown)
     run.lap("export_s")
     run.total()
     wrong = misclassified(scores, data, images)
     summary = summarize(run, image_dir, model, seed, images, data, last, scores, wrong, folded)
-    summary = dataclasses.replace(summary, trust=trusted)
+    summary = dataclasses.replace(summary, trust=trusted.summary)
     storage.write_atomic(run.outputs.summary_url, summary.to_json().encode(), run.storage_options)
     if run.outputs.report:
         write_report(summary, run.storage_options)
@@ -728,9 +730,10 @@ def fit(
     return clf, (last[0] if last else None)
 
 
-def trust_settings(training: TrainingConfig) -> trust.Settings:
+def trust_settings(run: Run) -> trust.Settings:
     """The trust stage's flags."""
-    return trust.Settings(training.calibrate)
+    t = run.training
+    return trust.Settings(t.calibrate, t.unknown_recall, t.unknown_label, run.outputs.unknown_output)
 
 
 def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -> TrainConfig:
@@ -900,15 +903,17 @@ def export(
     seed: int,
     storage_options: Mapping[str, Any] | None,
     network: Backbones | None = None,
+    unknown: OodUnknown | None = None,
 ) -> None:
     """Write the retrained model (carrying its labels and preprocessing) and the labels file.
 
     Args:
         model: the network(s) whose features trained ``clf`` (their key goes into the metadata).
         network: the network(s) the model carries, when not ``model`` (``--quantize_output_graph``).
+        unknown: its "none of the above" score, when on.
     """
     extra = {"model_key": model.key, "seed": str(seed)}
-    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra)
+    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra, unknown)
     storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
     log.info("Save final result to : %s", outputs.output_graph)
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

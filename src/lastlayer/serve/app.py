@@ -9,9 +9,12 @@
 ``GET /v2/models/NAME/stats``               images classified and network calls made
 ``POST /v2/models/NAME/infer``              KServe v2 inference: ``image`` as ``UINT8 [N, S, S, 3]``
                                             or ``BYTES [N]`` (base64 image files) in,
-                                            ``FP32 [N, C]`` probabilities out
+                                            ``FP32 [N, C]`` probabilities out (and, for a
+                                            model with a "none of the above" score, that
+                                            ``FP32 [N]`` and ``unknown`` ``BOOL [N]``)
 ``GET /v1/models``                          the models' names
-``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}]}`` out
+``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}],
+                                            "answer", "unknown", "ood_score"}`` out
 ==========================================  ===============================================
 
 Every error is JSON ``{"error": "..."}``: 400 for a bad image or request (never a 500), 404 for an
@@ -26,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -44,11 +48,13 @@ from starlette.routing import Route
 
 from lastlayer import __version__, contract
 from lastlayer.errors import DataError
-from lastlayer.inference import Prepared, RetrainedModel
+from lastlayer.inference import Answer, Prepared, RetrainedModel
 from lastlayer.options import ServeOptions
 from lastlayer.serve.batcher import Batcher, Busy
 
 #: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
+#: The v2 output saying which images are none of the model's classes.
+UNKNOWN_OUTPUT = "unknown"
 PAGE_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
     "connect-src 'self'"
@@ -145,9 +151,18 @@ class Service:
                 "platform": "onnxruntime_onnx",
                 "inputs": inputs,
                 "outputs": [
-                    {"name": served.model.output, "datatype": "FP32", "shape": [-1, len(served.model.labels)]}
+                    {
+                        "name": served.model.output,
+                        "datatype": "FP32",
+                        "shape": [-1, len(served.model.labels)],
+                    },
+                    *_unknown_outputs(info.unknown),
                 ],
-                "parameters": {"labels": list(served.model.labels), "architecture": info.architecture},
+                "parameters": {
+                    "labels": list(served.model.labels),
+                    "architecture": info.architecture,
+                    **({"unknown": dataclasses.asdict(info.unknown)} if info.unknown else {}),
+                },
             }
         )
 
@@ -176,9 +191,17 @@ class Service:
                 raise Problem(400, "the request body is empty: POST the bytes of an image file")
             with served.batcher.announced():
                 image = await self.prepare(served, data)
-            probs = await self.probabilities(served, [image])
-        labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
-        return JSONResponse({"model_name": served.name, "labels": labels})
+            (answer,) = await self.answers(served, [image])
+        top = served.model.top(answer.probabilities, top_k)
+        return JSONResponse(
+            {
+                "model_name": served.name,
+                "labels": [{"label": label, "score": score} for label, score in top],
+                "answer": answer.unknown or top[0][0],
+                "unknown": answer.unknown is not None,
+                "ood_score": answer.ood_score,
+            }
+        )
 
     async def infer(self, request: Request) -> Response:
         served = self.served(request)
@@ -190,17 +213,26 @@ class Service:
                     400, f"the request is not JSON ({exc}): send a KServe v2 inference request"
                 ) from None
             images = await self.inputs(served, payload)
-            probs = await self.probabilities(served, images)
+            answers = await self.answers(served, images)
+        probs = np.stack([a.probabilities for a in answers])
+        outputs = [
+            {
+                "name": served.model.output,
+                "datatype": "FP32",
+                "shape": list(probs.shape),
+                "data": probs.ravel().tolist(),
+            }
+        ]
+        if (unknown := served.model.info.unknown) is not None:
+            scores, flags = [a.ood_score for a in answers], [a.unknown is not None for a in answers]
+            outputs.append(
+                {"name": unknown.output, "datatype": "FP32", "shape": [len(scores)], "data": scores}
+            )
+            outputs.append({"name": UNKNOWN_OUTPUT, "datatype": "BOOL", "shape": [len(flags)], "data": flags})
+        asked = _asked_outputs(payload.get("outputs")) or [o["name"] for o in outputs]
         reply: dict[str, Any] = {
             "model_name": served.name,
-            "outputs": [
-                {
-                    "name": served.model.output,
-                    "datatype": "FP32",
-                    "shape": list(probs.shape),
-                    "data": probs.ravel().tolist(),
-                }
-            ],
+            "outputs": [o for o in outputs if o["name"] in asked],
         }
         if isinstance(payload.get("id"), str):
             reply["id"] = payload["id"]
@@ -212,7 +244,7 @@ class Service:
         for a model of several networks)."""
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
-        _check_outputs(payload.get("outputs"), served.model.output)
+        _check_outputs(payload.get("outputs"), _output_names(served.model))
         tensors = payload["inputs"]
         names = [name for name, _ in served.model.info.inputs]
         if not tensors or not all(isinstance(t, dict) for t in tensors):
@@ -246,9 +278,9 @@ class Service:
         except DataError as exc:
             raise Problem(400, f"not an image this server can read: {exc}") from None
 
-    async def probabilities(self, served: Served, images: list[Prepared]) -> np.ndarray:
-        """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
-        futures: list[asyncio.Future[np.ndarray]] = []
+    async def answers(self, served: Served, images: list[Prepared]) -> list[Answer]:
+        """What the model says of each image, through its batcher, within ``--request_timeout``."""
+        futures: list[asyncio.Future[Answer]] = []
         try:
             for image in images:
                 futures.append(served.batcher.submit(image))
@@ -260,10 +292,9 @@ class Service:
             ) from None
         timeout = self.options.request_timeout
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
         except TimeoutError:
             raise Problem(503, f"no answer within --request_timeout={timeout:g} s; retry later") from None
-        return np.stack(rows)
 
     async def body(self, request: Request) -> bytes:
         """The request body: at most ``--max_request_bytes``, arriving within ``--request_timeout``."""
@@ -321,17 +352,39 @@ def _top_k(text: str | None, default: int) -> int:
     return int(text)
 
 
-def _check_outputs(outputs: Any, name: str) -> None:
+def _unknown_outputs(unknown: contract.Unknown | None) -> list[dict[str, Any]]:
+    """The v2 outputs of a model's "none of the above" score: the score and whether it is above
+    the threshold (none for a model without one)."""
+    if unknown is None:
+        return []
+    return [
+        {"name": unknown.output, "datatype": "FP32", "shape": [-1]},
+        {"name": UNKNOWN_OUTPUT, "datatype": "BOOL", "shape": [-1]},
+    ]
+
+
+def _output_names(model: RetrainedModel) -> list[str]:
+    return [model.output, *(o["name"] for o in _unknown_outputs(model.info.unknown))]
+
+
+def _asked_outputs(outputs: Any) -> list[Any] | None:
+    """The output names a v2 request asks for, ``None`` for all."""
     if outputs is None:
-        return
-    asked = (
+        return None
+    return (
         [o.get("name") if isinstance(o, dict) else o for o in outputs]
         if isinstance(outputs, list)
         else [outputs]
     )
-    unknown = [o for o in asked if o != name]
-    if unknown:
-        raise Problem(400, f"no output {unknown[0]!r}; this model has {name!r}")
+
+
+def _check_outputs(outputs: Any, names: list[str]) -> None:
+    asked = _asked_outputs(outputs)
+    if asked is None:
+        return
+    missing = [o for o in asked if o not in names]
+    if missing:
+        raise Problem(400, f"no output {missing[0]!r}; this model has {', '.join(map(repr, names))}")
 
 
 def _encoded_images(tensor: Mapping[str, Any], shape: list[int]) -> list[bytes]:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastlayer import stream
-from lastlayer.dataset import SPLITS, TESTING, VALIDATION
+from lastlayer import contract, stream
+from lastlayer.dataset import SPLITS, TESTING, TRAINING, VALIDATION
 from lastlayer.features import Bottlenecks
 from lastlayer.train import Classifier
-from lastlayer.trust import calibration
-from lastlayer.trust.summary import Calibration, Trust
+from lastlayer.trust import calibration, ood
+from lastlayer.trust.summary import Calibration, Trust, Unknown
 
 log = logging.getLogger("lastlayer.retrain")
 
@@ -43,6 +43,24 @@ class Settings:
     """Which analyses run (the flags of :class:`lastlayer.config.TrainingConfig`)."""
 
     calibrate: bool = True
+    unknown_recall: float = 95.0
+    unknown_label: str = "unknown"
+    unknown_output: str = "ood_score"
+
+    @property
+    def any(self) -> bool:
+        """Whether any analysis is on."""
+        return self.calibrate or self.unknown_recall > 0
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the stage returns: the classifier to export, the "none of the above" score to export
+    with it (``None`` when off), and the summary entry."""
+
+    classifier: Classifier
+    unknown: ood.Unknown | None
+    summary: Trust
 
 
 @dataclass(frozen=True)
@@ -101,14 +119,15 @@ def analyse(
     classifier: Classifier,
     settings: Settings,
     out_of_fold: OutOfFold | None = None,
-) -> tuple[Classifier, Trust]:
-    """The trust stage: the classifier to export (calibrated) and what was found.
+) -> Findings:
+    """The trust stage: the classifier to export (calibrated), its "none of the above" score and
+    what was found.
 
     Raises:
         DamagedCache: a part file is damaged or gone.
     """
-    if not settings.calibrate:
-        return classifier, Trust()
+    if not settings.any:
+        return Findings(classifier, None, Trust())
     size = sum(len(p) for p in index.values()) * bottlenecks.dim * 4
     if size > MAX_FEATURE_BYTES:
         log.warning(
@@ -116,10 +135,57 @@ def analyse(
             size / 2**30,
             MAX_FEATURE_BYTES / 2**30,
         )
-        return classifier, Trust()
+        return Findings(classifier, None, Trust())
     features = gather(bottlenecks, index, labels)
-    calibrated, fitted = calibrate(features, classifier, out_of_fold)
-    return calibrated, Trust(calibration=fitted)
+    fitted = None
+    if settings.calibrate:
+        classifier, fitted = calibrate(features, classifier, out_of_fold)
+    unknown, found = None, None
+    if settings.unknown_recall > 0:
+        unknown, found = none_of_the_above(features, classifier, settings)
+    return Findings(classifier, unknown, Trust(calibration=fitted, unknown=found))
+
+
+def none_of_the_above(
+    features: Features, classifier: Classifier, settings: Settings
+) -> tuple[ood.Unknown | None, Unknown | None]:
+    """The distance to the training split's classes, its threshold at ``--unknown_recall`` of the
+    validation images, and what it costs on the test split; ``None`` without validation images."""
+    val_x, _ = features.of(VALIDATION)
+    if not len(val_x):
+        log.warning("No unknown threshold: no validation images (raise --validation_percentage)")
+        return None, None
+    train_x, train_y = features.of(TRAINING)
+    distance = ood.fit(train_x, train_y, len(classifier.biases))
+    recall = settings.unknown_recall / 100
+    threshold = ood.threshold(distance(val_x), recall)
+    test_x, test_y = features.of(TESTING)
+    unknown = distance(test_x) > threshold
+    right = classifier.predict(test_x) == test_y
+    meta = contract.Unknown(settings.unknown_output, threshold, settings.unknown_label)
+    found = Unknown(
+        meta.output,
+        meta.label,
+        round(threshold, 6),
+        recall,
+        len(val_x),
+        distance.directions.shape[1],
+        _mean(unknown),
+        _mean(right[~unknown]),
+        _mean(right & ~unknown),
+    )
+    log.info(
+        "Unknown above a distance of %.4g (%.0f%% of %d validation images under it): %s of the test images",
+        threshold,
+        100 * recall,
+        len(val_x),
+        "—" if found.test_unknown_share is None else f"{100 * found.test_unknown_share:.1f}%",
+    )
+    return ood.Unknown(distance, meta), found
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return round(float(x.mean()), 6) if len(x) else None
 
 
 def _oof_logits(features: Features, out_of_fold: OutOfFold) -> np.ndarray:

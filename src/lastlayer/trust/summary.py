@@ -34,8 +34,36 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Unknown:
+    """The exported model's "none of the above" score (:mod:`lastlayer.trust.ood`).
+
+    Attributes:
+        output: the model's output of the score (``float32 [N]``).
+        label: what ``lastlayer label`` and ``serve`` say above the threshold.
+        threshold: the score above which an image is none of the classes.
+        recall: share of the held-out images of the classes under the threshold, as asked.
+        held_out_n: the validation images it was taken on.
+        directions: principal directions of the distance.
+        test_unknown_share: share of the test images called unknown (what the threshold costs).
+        test_accuracy_answered: accuracy on the test images it answers (``None`` when none).
+        test_accuracy_unknown_wrong: test accuracy counting an unknown as a mistake.
+    """
+
+    output: str
+    label: str
+    threshold: float
+    recall: float
+    held_out_n: int
+    directions: int
+    test_unknown_share: float | None
+    test_accuracy_answered: float | None
+    test_accuracy_unknown_wrong: float | None
+
+
+@dataclass(frozen=True)
 class Trust:
     """The trust stage's findings; an entry is ``None`` when its flag turned it off or it could not
     run (the log says why)."""
 
     calibration: Calibration | None = None
+    unknown: Unknown | None = None

@@ -14,21 +14,37 @@ Chart = Callable[..., str | None]
 
 
 def page(trust: Mapping[str, Any] | None, chart: Chart) -> dict[str, Any]:
-    """The section's content: ``calibration`` (rows and the reliability diagram) or ``None``."""
+    """The section's content: ``calibration`` (rows and the reliability diagram) and ``unknown``
+    (rows), each ``None`` when the run has none."""
     found = trust or {}
-    return {"calibration": _calibration(found.get("calibration"), chart)}
+    return {
+        "calibration": _calibration(found.get("calibration"), chart),
+        "unknown": _unknown(found.get("unknown")),
+    }
 
 
-def _ece(x: float | None) -> str:
+def _unknown(u: Mapping[str, Any] | None) -> list[tuple[str, str]] | None:
+    if not u:
+        return None
+    return [
+        ("the model says", f"{u['label']!r} above a distance of {u['threshold']:.4g} (output {u['output']})"),
+        ("threshold", f"keeps {100 * u['recall']:.0f}% of the {u['held_out_n']} validation images under it"),
+        ("test images called unknown", _share(u["test_unknown_share"])),
+        ("test accuracy on those it answers", _share(u["test_accuracy_answered"])),
+        ("test accuracy, unknown counted wrong", _share(u["test_accuracy_unknown_wrong"])),
+    ]
+
+
+def _share(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _calibration(c: Mapping[str, Any] | None, chart: Chart) -> dict[str, Any] | None:
     if not c:
         return None
-    rows = [("test split", _ece(c["test_ece_before"]), _ece(c["test_ece_after"]))]
+    rows = [("test split", _share(c["test_ece_before"]), _share(c["test_ece_after"]))]
     if c.get("out_of_fold_ece_before") is not None:
-        rows.append(("out of fold", _ece(c["out_of_fold_ece_before"]), _ece(c["out_of_fold_ece_after"])))
+        rows.append(("out of fold", _share(c["out_of_fold_ece_before"]), _share(c["out_of_fold_ece_after"])))
     return {
         "temperature": f"{c['temperature']:.3f}",
         "fitted_on": f"{c['fitted_n']} {c['fitted_on'].replace('_', '-')} predictions",
