@@ -1,6 +1,9 @@
 """The trust stage's targets (issue 20), on the flower sample's cached features.
 
     python benchmarks/bench_trust.py ood [--images DIR] [--bottleneck-dir D] [--fashion 500]
+    python benchmarks/bench_trust.py labels [--images DIR] [--bottleneck-dir D] [--seeds 3]
+    python benchmarks/bench_trust.py calibration [--images DIR] [--bottleneck-dir D]
+    python benchmarks/bench_trust.py cost [--images DIR] [--bottleneck-dir D] [--rounds 3]
 
 ``ood``: AUROC of telling held-out flowers (validation + test) from Fashion-MNIST test images
 (Debian's ``dataset-fashion-mnist``) and from photos that are not flowers (scikit-image's bundled
@@ -10,6 +13,18 @@ distance of :mod:`lastlayer.trust.ood` with several numbers of directions); then
 ``retrain`` run's exported model on the same images (its ``ood_score`` output and threshold), the
 share of test flowers it calls unknown and the test accuracy that costs.
 
+``labels``: copies of the flower sample with 5% of the images moved to another class folder at
+random (one copy per seed), each retrained with the defaults; precision and recall of the moved
+images among the suspected wrong labels the run lists (the sample's own mistakes count against
+precision).
+
+``calibration``: the temperature and the expected calibration error (15 bins) before and after it,
+on the test split and out of fold, of a run with the defaults (fitted on the validation split) and
+of one with ``--cross_validation 5`` (fitted out of fold).
+
+``cost``: warm re-runs (every feature cached) with the trust stage on and off, interleaved over
+``--rounds``: the stage's own seconds (``trust_s``) and the whole run's.
+
 The flower features come from the bottleneck cache (``--bottleneck-dir``; the first run fills it),
 the others from one pass of the network.
 """
@@ -18,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
 import tempfile
 import time
@@ -167,17 +183,114 @@ def end_to_end(images: str, bottleneck_dir: str, model_dir: str, outside: dict[s
         )
 
 
+def moved_copy(images: Path, out: Path, share: float, seed: int) -> set[str]:
+    """Copy ``images`` to ``out`` with ``share`` of the files in another class folder, drawn with
+    ``seed``; the relative paths of the moved files."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(p.name for p in images.iterdir() if p.is_dir())
+    files = sorted(p.relative_to(images) for p in images.rglob("*") if p.is_file())
+    moved = set(rng.choice(len(files), round(share * len(files)), replace=False).tolist())
+    paths = set()
+    for i, rel in enumerate(files):
+        folder = rel.parts[0]
+        if i in moved:
+            others = [c for c in classes if c != folder]
+            folder = others[int(rng.integers(len(others)))]
+            paths.add(f"{folder}/{rel.name}")
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(images / rel, out / folder / rel.name)
+    return paths
+
+
+def label_check(images: str, bottleneck_dir: str, model_dir: str, seeds: int) -> None:
+    print("seed  moved  listed  found  precision  recall  trust_s")
+    rows = []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            moved = moved_copy(Path(images), Path(tmp) / "images", 0.05, seed)
+            summary = pipeline.retrain(
+                f"{tmp}/images",
+                training=TrainingConfig(random_seed=1),
+                cache=CacheConfig(model_dir, bottleneck_dir),
+                outputs=OutputConfig(f"{tmp}/m.onnx", f"{tmp}/l.txt", f"{tmp}/s", report=False),
+            )
+        issues = summary.trust.label_issues
+        assert issues is not None and len(issues.listed) == issues.suspected
+        found = sum(s.path in moved for s in issues.listed)
+        precision, recall = found / max(issues.suspected, 1), found / len(moved)
+        rows.append((precision, recall))
+        print(
+            f"{seed:4d}  {len(moved):5d}  {issues.suspected:6d}  {found:5d}  {precision:9.3f}  {recall:6.3f}"
+            f"  {summary.timings['trust_s']:7.2f}"
+        )
+    mean = np.mean(rows, axis=0)
+    print(f"mean precision {mean[0]:.3f} (target >= 0.8), recall {mean[1]:.3f} (target >= 0.7)")
+
+
+def warm_run(images: str, bottleneck_dir: str, model_dir: str, tmp: str, **training: object):
+    return pipeline.retrain(
+        images,
+        training=TrainingConfig(random_seed=1, **training),  # type: ignore[arg-type]
+        cache=CacheConfig(model_dir, bottleneck_dir),
+        outputs=OutputConfig(f"{tmp}/m.onnx", f"{tmp}/l.txt", f"{tmp}/s", report=False),
+    )
+
+
+def calibration_check(images: str, bottleneck_dir: str, model_dir: str) -> None:
+    print("fitted on        T       test ECE before -> after   out-of-fold ECE before -> after")
+    with tempfile.TemporaryDirectory() as tmp:
+        for folds in (0, 5):
+            c = warm_run(images, bottleneck_dir, model_dir, tmp, cross_validation=folds).trust.calibration
+            assert c is not None
+            oof = (
+                "—"
+                if c.out_of_fold_ece_before is None
+                else f"{c.out_of_fold_ece_before:.4f} -> {c.out_of_fold_ece_after:.4f}"
+            )
+            print(
+                f"{c.fitted_n:4d} {c.fitted_on:11s} {c.temperature:6.3f}   "
+                f"{c.test_ece_before:.4f} -> {c.test_ece_after:.4f}          {oof}"
+            )
+
+
+def cost_check(images: str, bottleneck_dir: str, model_dir: str, rounds: int) -> None:
+    off = {"calibrate": False, "unknown_recall": 0, "find_label_issues": False}
+    times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        warm_run(images, bottleneck_dir, model_dir, tmp)  # warms the cache and the page cache
+        for _ in range(rounds):
+            for name, settings in (("on", {}), ("off", off)):
+                t = warm_run(images, bottleneck_dir, model_dir, tmp, **settings).timings
+                times[name].append((t.get("trust_s", 0.0), t["total_s"]))
+    for name, rows in times.items():
+        trust_s, total_s = np.median(np.array(rows), axis=0)
+        print(f"trust stage {name:3s}: trust_s median {trust_s:.3f} s, whole warm run median {total_s:.2f} s")
+    print(f"(rounds: {times})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("ood",))
+    parser.add_argument("what", choices=("ood", "labels", "calibration", "cost"))
     parser.add_argument("--images", default=str(DEFAULT_IMAGES))
     parser.add_argument("--bottleneck-dir", default="/tmp/lastlayer-bench-trust/bottleneck")
     parser.add_argument("--model-dir", default="/tmp/lastlayer-bench-trust/models")
     parser.add_argument("--fashion", type=int, default=500, help="Fashion-MNIST test images")
+    parser.add_argument("--seeds", type=int, default=3, help="copies with labels moved (labels)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (cost)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    folders = (args.images, args.bottleneck_dir, args.model_dir)
+    if args.what != "ood":
+        if args.what == "labels":
+            label_check(*folders, args.seeds)
+        elif args.what == "calibration":
+            calibration_check(*folders)
+        else:
+            cost_check(*folders, args.rounds)
+        print(f"({time.perf_counter() - started:.0f} s)")
+        return 0
     flowers = flower_features(args.images, args.bottleneck_dir, args.model_dir)
     files = {"Fashion-MNIST": fashion_images(args.fashion), "non-flower photos": photo_images()}
     outside = {k: network_features(v, args.model_dir) for k, v in files.items()}

@@ -86,7 +86,11 @@ def test_every_run_writes_a_self_contained_escaped_report_beside_the_summary(rep
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html  # the skipped file, escaped
     assert "noise &lt;b&gt;&amp;&#34;&#39;/n_" in html  # a misclassified image's folder, escaped
     assert html.count("data:image/svg+xml;base64,") == 4  # data set, learning curves, confusion, reliability
-    assert html.count('src="data:image/jpeg;base64,') == len(summary.misclassified) > 0
+    mistakes = html.split('id="misclassified"')[1].split("</section>")[0]
+    assert mistakes.count('src="data:image/jpeg;base64,') == len(summary.misclassified) > 0
+    suspects = summary.trust.label_issues
+    assert suspects is not None
+    assert html.count('src="data:image/jpeg;base64,') == len(summary.misclassified) + len(suspects.listed)
 
 
 def test_the_summary_holds_the_learning_curve_and_the_worst_mistakes_first(reported):

@@ -127,6 +127,11 @@ class TrainingConfig:
     unknown_label: str = option(
         "unknown", "What lastlayer label and serve say of an image above the --unknown_recall distance."
     )
+    find_label_issues: bool = option(
+        True,
+        "List the images whose label out-of-fold probabilities (--cross_validation folds, else 5, on the "
+        "cached features) most confidently dispute, as many as confident learning estimates are wrong.",
+    )
 
     @property
     def distortions(self) -> Distortions:

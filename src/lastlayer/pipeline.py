@@ -80,6 +80,8 @@ Progress = Callable[[int, int], None]
 OnEvaluation = Callable[[Evaluation], None]
 #: Seconds between looks at the cache while worker 0 waits for the other workers' shards.
 SHARD_POLL_SECONDS = 2.0
+#: Folds of the label check without ``--cross_validation``.
+LABEL_FOLDS = 5
 
 
 def retrain(
@@ -199,8 +201,15 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary |
             run.lap("cross_validation_s")
         classifier, last = fit(data, model, images.labels, run, seed)
         run.lap("training_s")
+        names = trust.Names(lambda at: [f.relpath for f in images.files.at(at)], images.labels)
         trusted = trust.analyse(
-            data.bottlenecks, data.index, data.labels, classifier, trust_settings(run), out_of_fold
+            data.bottlenecks,
+            data.index,
+            data.labels,
+            classifier,
+            trust_settings(run, seed),
+            names,
+            out_of_fold,
         )
         classifier = trusted.classifier
         run.lap("trust_s")
@@ -730,10 +739,18 @@ def fit(
     return clf, (last[0] if last else None)
 
 
-def trust_settings(run: Run) -> trust.Settings:
+def trust_settings(run: Run, seed: int) -> trust.Settings:
     """The trust stage's flags."""
     t = run.training
-    return trust.Settings(t.calibrate, t.unknown_recall, t.unknown_label, run.outputs.unknown_output)
+    return trust.Settings(
+        t.calibrate,
+        t.unknown_recall,
+        t.unknown_label,
+        run.outputs.unknown_output,
+        t.find_label_issues,
+        t.cross_validation or LABEL_FOLDS,
+        seed,
+    )
 
 
 def _train_config(training: TrainingConfig, seed: int, log_steps: bool = True) -> TrainConfig:

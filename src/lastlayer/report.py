@@ -170,7 +170,11 @@ def _page(summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None)
             for k in ("lastlayer_version", "architecture", "architecture_requested", "model_key", "seed")
         ],
         "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
-        "trust": trust_view.page(summary.get("trust"), _chart),
+        "trust": trust_view.page(
+            summary.get("trust"),
+            _chart,
+            lambda items: _thumbnails(summary.get("image_dir", ""), items, storage_options),
+        ),
     }
 
 

@@ -4,6 +4,7 @@ pass), then calibration; the exported classifier comes back with the temperature
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +13,8 @@ from lastlayer import contract, stream
 from lastlayer.dataset import SPLITS, TESTING, TRAINING, VALIDATION
 from lastlayer.features import Bottlenecks
 from lastlayer.train import Classifier
-from lastlayer.trust import calibration, ood
-from lastlayer.trust.summary import Calibration, Trust, Unknown
+from lastlayer.trust import calibration, labels, ood
+from lastlayer.trust.summary import MAX_SUSPECTS, Calibration, LabelIssues, Suspect, Trust, Unknown
 
 log = logging.getLogger("lastlayer.retrain")
 
@@ -46,11 +47,14 @@ class Settings:
     unknown_recall: float = 95.0
     unknown_label: str = "unknown"
     unknown_output: str = "ood_score"
+    label_issues: bool = True
+    folds: int = 5
+    seed: int = 0
 
     @property
     def any(self) -> bool:
         """Whether any analysis is on."""
-        return self.calibrate or self.unknown_recall > 0
+        return self.calibrate or self.unknown_recall > 0 or self.label_issues
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def analyse(
     labels: dict[str, np.ndarray],
     classifier: Classifier,
     settings: Settings,
+    names: Names,
     out_of_fold: OutOfFold | None = None,
 ) -> Findings:
     """The trust stage: the classifier to export (calibrated), its "none of the above" score and
@@ -143,7 +148,52 @@ def analyse(
     unknown, found = None, None
     if settings.unknown_recall > 0:
         unknown, found = none_of_the_above(features, classifier, settings)
-    return Findings(classifier, unknown, Trust(calibration=fitted, unknown=found))
+    issues = label_issues(features, settings, names) if settings.label_issues else None
+    return Findings(classifier, unknown, Trust(fitted, found, issues))
+
+
+@dataclass(frozen=True)
+class Names:
+    """How the summary names images and classes.
+
+    Attributes:
+        paths: the relative paths of the images at some positions.
+        labels: the class names.
+    """
+
+    paths: Callable[[np.ndarray], list[str]]
+    labels: tuple[str, ...]
+
+
+def label_issues(features: Features, settings: Settings, names: Names) -> LabelIssues | None:
+    """The images whose given label out-of-fold probabilities most confidently dispute; ``None``
+    when a class has fewer images than folds."""
+    counts = np.bincount(features.labels, minlength=len(names.labels))
+    if counts.min() < settings.folds:
+        log.warning("No label check: a class has fewer than %d usable images", settings.folds)
+        return None
+    probs = labels.out_of_fold(features.x, features.labels, len(names.labels), settings.folds, settings.seed)
+    suspected = labels.suspects(probs, features.labels)
+    shown = suspected[:MAX_SUSPECTS]
+    given, suggested = features.labels[shown], probs[shown].argmax(axis=1)
+    listed = [
+        Suspect(
+            path,
+            names.labels[g],
+            names.labels[s],
+            round(float(probs[i, g]), 6),
+            round(float(probs[i, s]), 6),
+            SPLITS[features.split[i]],
+        )
+        for path, i, g, s in zip(names.paths(features.positions[shown]), shown, given, suggested, strict=True)
+    ]
+    log.info(
+        "Suspected wrong labels: %d of %d images (out-of-fold probabilities, %d folds)",
+        len(suspected),
+        len(features.labels),
+        settings.folds,
+    )
+    return LabelIssues(settings.folds, len(features.labels), len(suspected), listed)
 
 
 def none_of_the_above(

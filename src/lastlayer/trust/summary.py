@@ -61,9 +61,50 @@ class Unknown:
 
 
 @dataclass(frozen=True)
+class Suspect:
+    """An image whose given label the out-of-fold model disputes.
+
+    Attributes:
+        path: relative to ``image_dir``.
+        given_label, suggested_label: its folder's class, and the most probable one out of fold.
+        given_score, suggested_score: their out-of-fold probabilities.
+        split: the split it is in.
+    """
+
+    path: str
+    given_label: str
+    suggested_label: str
+    given_score: float
+    suggested_score: float
+    split: str
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Suspected wrong labels (:mod:`lastlayer.trust.labels`).
+
+    Attributes:
+        folds: K of the out-of-fold fits.
+        images: images scored.
+        suspected: how many labels confident learning estimates to be wrong.
+        listed: the suspects, the lowest ``given_score`` first (at most :data:`MAX_SUSPECTS`).
+    """
+
+    folds: int
+    images: int
+    suspected: int
+    listed: list[Suspect]
+
+
+#: The most suspects a run summary lists.
+MAX_SUSPECTS = 100
+
+
+@dataclass(frozen=True)
 class Trust:
     """The trust stage's findings; an entry is ``None`` when its flag turned it off or it could not
     run (the log says why)."""
 
     calibration: Calibration | None = None
     unknown: Unknown | None = None
+    label_issues: LabelIssues | None = None

@@ -3,7 +3,7 @@ entry (tables as rows of text, charts drawn on a matplotlib Figure it hands in).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -11,15 +11,42 @@ if TYPE_CHECKING:
 
 #: ``chart(draw, *args)``: the report's SVG ``data:`` URI of ``draw(figure, *args)``.
 Chart = Callable[..., str | None]
+#: The report's thumbnails of images given as ``{path, true_label, predicted_label, score,
+#: true_score}``.
+Thumbnails = Callable[[Sequence[Mapping[str, Any]]], Sequence[Any]]
+#: The most suspected wrong labels shown as thumbnails.
+MAX_SUSPECT_THUMBNAILS = 48
 
 
-def page(trust: Mapping[str, Any] | None, chart: Chart) -> dict[str, Any]:
-    """The section's content: ``calibration`` (rows and the reliability diagram) and ``unknown``
-    (rows), each ``None`` when the run has none."""
+def page(trust: Mapping[str, Any] | None, chart: Chart, thumbnails: Thumbnails) -> dict[str, Any]:
+    """The section's content: ``calibration`` (rows and the reliability diagram), ``unknown``
+    (rows) and ``label_issues`` (counts and thumbnails), each ``None`` when the run has none."""
     found = trust or {}
     return {
         "calibration": _calibration(found.get("calibration"), chart),
         "unknown": _unknown(found.get("unknown")),
+        "label_issues": _label_issues(found.get("label_issues"), thumbnails),
+    }
+
+
+def _label_issues(issues: Mapping[str, Any] | None, thumbnails: Thumbnails) -> dict[str, Any] | None:
+    if not issues:
+        return None
+    shown = [
+        {
+            "path": s["path"],
+            "true_label": s["given_label"],
+            "predicted_label": s["suggested_label"],
+            "score": s["suggested_score"],
+            "true_score": s["given_score"],
+        }
+        for s in issues["listed"][:MAX_SUSPECT_THUMBNAILS]
+    ]
+    return {
+        "suspected": issues["suspected"],
+        "images": issues["images"],
+        "folds": issues["folds"],
+        "shown": thumbnails(shown),
     }
 
 
