@@ -4,5 +4,9 @@ One module per concern, each a set of pure functions of numpy arrays:
 
 * :mod:`.calibration`: a temperature fitted on held-out logits (folded into the exported last
   layer) and the expected calibration error before and after.
-* :mod:`.stage`: the run's trust stage, which gathers the features once and calls the others.
+* :mod:`.ood`: "none of the above", a distance to the training classes computed inside the
+  exported model, and its threshold.
+* :mod:`.labels`: suspected wrong labels from out-of-fold probabilities (confident learning).
+* :mod:`.stage`: the run's trust stage, which gathers the features once and calls the others;
+  :mod:`.summary` its entry of the run summary, :mod:`.view` its section of the report.
 """
