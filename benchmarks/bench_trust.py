@@ -4,6 +4,8 @@
     python benchmarks/bench_trust.py labels [--images DIR] [--bottleneck-dir D] [--seeds 3]
     python benchmarks/bench_trust.py calibration [--images DIR] [--bottleneck-dir D]
     python benchmarks/bench_trust.py cost [--images DIR] [--bottleneck-dir D] [--rounds 3]
+    python benchmarks/bench_trust.py duplicates [--images DIR] [--bottleneck-dir D] [--copies 60]
+                                                [--scale 200000]
 
 ``ood``: AUROC of telling held-out flowers (validation + test) from Fashion-MNIST test images
 (Debian's ``dataset-fashion-mnist``) and from photos that are not flowers (scikit-image's bundled
@@ -25,6 +27,13 @@ of one with ``--cross_validation 5`` (fitted out of fold).
 ``cost``: warm re-runs (every feature cached) with the trust stage on and off, interleaved over
 ``--rounds``: the stage's own seconds (``trust_s``) and the whole run's.
 
+``duplicates``: planted copies of ``--copies`` flower photos, mild (resized to 3/4, JPEG quality 75,
+mirrored) and harsh (resized to 1/2, JPEG quality 30): their cosine to their originals against the
+closest pairs of distinct photos of the sample, and the recall and precision of
+:func:`lastlayer.trust.duplicates.pairs` at its threshold; then ``--scale`` synthetic rows drawn from
+a Gaussian with the flower features' mean and covariance, with 1,000 planted near-copies (cosine
+about 0.97): the search's seconds, the process's peak RSS, recall and precision.
+
 The flower features come from the bottleneck cache (``--bottleneck-dir``; the first run fills it),
 the others from one pass of the network.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import resource
 import shutil
 import sys
 import tempfile
@@ -52,7 +62,7 @@ from lastlayer.engines import make_engine
 from lastlayer.inference import RetrainedModel
 from lastlayer.preprocess import decode
 from lastlayer.train import Standardizer, TrainConfig, train
-from lastlayer.trust import calibration, ood, stage
+from lastlayer.trust import calibration, duplicates, ood, stage
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -254,7 +264,7 @@ def calibration_check(images: str, bottleneck_dir: str, model_dir: str) -> None:
 
 
 def cost_check(images: str, bottleneck_dir: str, model_dir: str, rounds: int) -> None:
-    off = {"calibrate": False, "unknown_recall": 0, "find_label_issues": False}
+    off = {"calibrate": False, "unknown_recall": 0, "find_label_issues": False, "find_duplicates": False}
     times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
         warm_run(images, bottleneck_dir, model_dir, tmp)  # warms the cache and the page cache
@@ -268,23 +278,117 @@ def cost_check(images: str, bottleneck_dir: str, model_dir: str, rounds: int) ->
     print(f"(rounds: {times})")
 
 
+#: The planted copies: name, scale of the sides, file format, JPEG quality.
+COPIES = {
+    "mild": (
+        ("resized to 3/4", 0.75, "PNG", 0),
+        ("JPEG quality 75", 1.0, "JPEG", 75),
+        ("mirrored", -1.0, "PNG", 0),
+    ),
+    "harsh": (("resized to 1/2", 0.5, "PNG", 0), ("JPEG quality 30", 1.0, "JPEG", 30)),
+}
+
+
+def copies_of(data: bytes, kinds: tuple[tuple[str, float, str, int], ...]) -> list[bytes]:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    out = []
+    for _, scale, fmt, quality in kinds:
+        changed = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if scale < 0 else img
+        if 0 < scale < 1:
+            changed = img.resize((round(img.width * scale), round(img.height * scale)))
+        buf = io.BytesIO()
+        changed.save(buf, fmt, **({"quality": quality} if quality else {}))
+        out.append(buf.getvalue())
+    return out
+
+
+def planted(images: str, bottleneck_dir: str, model_dir: str, n: int) -> np.ndarray:
+    """Recall and precision on planted copies; returns the flower features (for :func:`at_scale`)."""
+    flowers = flower_features(images, bottleneck_dir, model_dir)
+    files = list(pipeline.scan_images(images, TrainingConfig(), {}).files)
+    m = len(flowers.x)
+    picked = np.random.default_rng(0).choice(m, n, replace=False)
+    u0 = duplicates.unit_rows(flowers.x)
+    distinct = u0 @ u0.T
+    closest = np.sort(distinct[np.triu_indices(m, 1)])[::-1][:5]
+    print(f"the 5 closest pairs of distinct sample photos: {' '.join(f'{v:.3f}' for v in closest)}")
+    for severity, kinds in COPIES.items():
+        made = [
+            c for i in picked for c in copies_of(Path(files[flowers.positions[i]].url).read_bytes(), kinds)
+        ]
+        u = duplicates.unit_rows(np.concatenate([flowers.x, network_features(made, model_dir)]))
+        original = np.repeat(picked, len(kinds))
+        cosine = np.einsum("nd,nd->n", u[m:], u[original])
+        print(f"{severity} copies of {n} photos, cosine to the original:")
+        for k, (name, *_) in enumerate(kinds):
+            c = cosine[k :: len(kinds)]
+            print(f"  {name:16s} min {c.min():.3f}  5% {np.quantile(c, 0.05):.3f}  median {np.median(c):.3f}")
+        found = duplicates.pairs(u)
+        owner = np.concatenate([np.arange(m), original])  # the photo each row shows
+        same = owner[found[:, 0]] == owner[found[:, 1]]
+        truth = {(int(o), m + k) for k, o in enumerate(original)}
+        hit = sum((int(i), int(j)) in truth for i, j in found.tolist())
+        print(
+            f"  at the threshold {duplicates.THRESHOLD}: {len(found)} pairs, {int(same.sum())} of one photo "
+            f"(precision {same.mean() if len(found) else float('nan'):.3f}); planted pairs found {hit} of "
+            f"{len(truth)} (recall {hit / len(truth):.3f})"
+        )
+    return flowers.x
+
+
+def at_scale(like: np.ndarray, n: int, planted_n: int = 1000) -> None:
+    """The search on ``n`` rows drawn like the rows of ``like`` (mean and covariance)."""
+    rng = np.random.default_rng(0)
+    mean = like.mean(axis=0)
+    _, s, vt = np.linalg.svd(like - mean, full_matrices=False)
+    basis = (s[:, None] * vt / np.sqrt(len(like))).astype(np.float32)
+    x = np.empty((n, like.shape[1]), np.float32)
+    for start in range(0, n, 10000):
+        rows = min(10000, n - start)
+        x[start : start + rows] = mean + rng.standard_normal((rows, len(s)), np.float32) @ basis
+    sources = rng.choice(n - planted_n, planted_n, replace=False)
+    noise = 0.2 * float(np.linalg.norm(x[:100], axis=1).mean()) / np.sqrt(x.shape[1])
+    x[n - planted_n :] = x[sources] + rng.normal(0, noise, (planted_n, x.shape[1]))
+    started = time.perf_counter()
+    u = duplicates.unit_rows(x)
+    del x
+    found = duplicates.pairs(u)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    truth = {(int(s), n - planted_n + k) for k, s in enumerate(sources)}
+    hit = sum((int(i), int(j)) in truth for i, j in found.tolist())
+    planted_cos = duplicates.similar(u, np.array(sorted(truth)))
+    print(
+        f"\n{n:,} synthetic rows of {u.shape[1]} (flower-like), 1,000 planted copies (cosine "
+        f"{planted_cos.min():.3f}-{planted_cos.max():.3f}): search {seconds:.1f} s, peak RSS {peak:,.0f} MiB "
+        f"(the unit rows alone {u.nbytes / 2**20:,.0f} MiB); {len(found)} pairs, planted found {hit} "
+        f"(recall {hit / planted_n:.3f}, precision {hit / max(len(found), 1):.3f})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("ood", "labels", "calibration", "cost"))
+    parser.add_argument("what", choices=("ood", "labels", "calibration", "cost", "duplicates"))
     parser.add_argument("--images", default=str(DEFAULT_IMAGES))
     parser.add_argument("--bottleneck-dir", default="/tmp/lastlayer-bench-trust/bottleneck")
     parser.add_argument("--model-dir", default="/tmp/lastlayer-bench-trust/models")
     parser.add_argument("--fashion", type=int, default=500, help="Fashion-MNIST test images")
     parser.add_argument("--seeds", type=int, default=3, help="copies with labels moved (labels)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (cost)")
+    parser.add_argument("--copies", type=int, default=60, help="photos copied (duplicates)")
+    parser.add_argument("--scale", type=int, default=200000, help="synthetic rows (duplicates; 0: none)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     folders = (args.images, args.bottleneck_dir, args.model_dir)
     if args.what != "ood":
         if args.what == "labels":
             label_check(*folders, args.seeds)
+        elif args.what == "duplicates":
+            like = planted(*folders, args.copies)
+            if args.scale:
+                at_scale(like, args.scale)
         elif args.what == "calibration":
             calibration_check(*folders)
         else:

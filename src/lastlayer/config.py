@@ -132,6 +132,11 @@ class TrainingConfig:
         "List the images whose label out-of-fold probabilities (--cross_validation folds, else 5, on the "
         "cached features) most confidently dispute, as many as confident learning estimates are wrong.",
     )
+    find_duplicates: bool = option(
+        True,
+        "List the groups of near-duplicate images (features at cosine >= 0.94): the same photo in training "
+        "and in a held-out split (a leak) or under two classes (a conflict).",
+    )
 
     @property
     def distortions(self) -> Distortions:

@@ -750,6 +750,7 @@ def trust_settings(run: Run, seed: int) -> trust.Settings:
         t.find_label_issues,
         t.cross_validation or LABEL_FOLDS,
         seed,
+        t.find_duplicates,
     )
 
 

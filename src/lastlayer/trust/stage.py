@@ -13,8 +13,19 @@ from lastlayer import contract, stream
 from lastlayer.dataset import SPLITS, TESTING, TRAINING, VALIDATION
 from lastlayer.features import Bottlenecks
 from lastlayer.train import Classifier
-from lastlayer.trust import calibration, labels, ood
-from lastlayer.trust.summary import MAX_SUSPECTS, Calibration, LabelIssues, Suspect, Trust, Unknown
+from lastlayer.trust import calibration, duplicates, labels, ood
+from lastlayer.trust.summary import (
+    MAX_GROUPS,
+    MAX_SUSPECTS,
+    Calibration,
+    DuplicateGroup,
+    Duplicates,
+    LabelIssues,
+    Member,
+    Suspect,
+    Trust,
+    Unknown,
+)
 
 log = logging.getLogger("lastlayer.retrain")
 
@@ -50,11 +61,12 @@ class Settings:
     label_issues: bool = True
     folds: int = 5
     seed: int = 0
+    duplicates: bool = True
 
     @property
     def any(self) -> bool:
         """Whether any analysis is on."""
-        return self.calibrate or self.unknown_recall > 0 or self.label_issues
+        return self.calibrate or self.unknown_recall > 0 or self.label_issues or self.duplicates
 
 
 @dataclass(frozen=True)
@@ -149,7 +161,42 @@ def analyse(
     if settings.unknown_recall > 0:
         unknown, found = none_of_the_above(features, classifier, settings)
     issues = label_issues(features, settings, names) if settings.label_issues else None
-    return Findings(classifier, unknown, Trust(fitted, found, issues))
+    copies = near_duplicates(features, names) if settings.duplicates else None
+    return Findings(classifier, unknown, Trust(fitted, found, issues, copies))
+
+
+def near_duplicates(features: Features, names: Names) -> Duplicates:
+    """The groups of near-duplicate images, with their classes and splits; leaks (training and
+    held out) and conflicts (two classes) listed first."""
+    linked = duplicates.pairs(duplicates.unit_rows(features.x))
+    found = []
+    for group in duplicates.groups(linked):
+        split = features.split[group]
+        held = split != SPLITS.index(TRAINING)
+        leak, conflict = bool(held.any() and (~held).any()), len(np.unique(features.labels[group])) > 1
+        found.append((group, leak, conflict))
+    found.sort(key=lambda g: (not (g[1] or g[2]), -len(g[0])))
+    listed = []
+    for group, leak, conflict in found[:MAX_GROUPS]:
+        paths = names.paths(features.positions[group])
+        members = [
+            Member(p, names.labels[features.labels[i]], SPLITS[features.split[i]])
+            for p, i in zip(paths, group, strict=True)
+        ]
+        listed.append(DuplicateGroup(members, leak, conflict))
+    leaks, conflicts = sum(g[1] for g in found), sum(g[2] for g in found)
+    log.info(
+        "Near-duplicates: %d groups (%d pairs) among %d images: %d leaks (training and held out), "
+        "%d in two classes",
+        len(found),
+        len(linked),
+        len(features.labels),
+        leaks,
+        conflicts,
+    )
+    return Duplicates(
+        duplicates.THRESHOLD, len(features.labels), len(linked), len(found), leaks, conflicts, listed
+    )
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,53 @@ MAX_SUSPECTS = 100
 
 
 @dataclass(frozen=True)
+class Member:
+    """One image of a group of near-duplicates: its path (relative to ``image_dir``), class and split."""
+
+    path: str
+    label: str
+    split: str
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Images whose features are near-duplicates (joined by pairs at or above the threshold).
+
+    Attributes:
+        leak: some are in the training split and some in a held-out split (their scores are inflated).
+        conflict: they are under more than one class.
+    """
+
+    members: list[Member]
+    leak: bool
+    conflict: bool
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Near-duplicate images (:mod:`lastlayer.trust.duplicates`).
+
+    Attributes:
+        threshold: cosine of the features at or above which two images are near-duplicates.
+        images: images searched.
+        pairs: pairs found; groups: the groups they form; leaks, conflicts: groups of each kind.
+        listed: the groups, leaks and conflicts first (at most :data:`MAX_GROUPS`).
+    """
+
+    threshold: float
+    images: int
+    pairs: int
+    groups: int
+    leaks: int
+    conflicts: int
+    listed: list[DuplicateGroup]
+
+
+#: The most groups of near-duplicates a run summary lists.
+MAX_GROUPS = 100
+
+
+@dataclass(frozen=True)
 class Trust:
     """The trust stage's findings; an entry is ``None`` when its flag turned it off or it could not
     run (the log says why)."""
@@ -108,3 +155,4 @@ class Trust:
     calibration: Calibration | None = None
     unknown: Unknown | None = None
     label_issues: LabelIssues | None = None
+    duplicates: Duplicates | None = None

@@ -26,6 +26,21 @@ def page(trust: Mapping[str, Any] | None, chart: Chart, thumbnails: Thumbnails) 
         "calibration": _calibration(found.get("calibration"), chart),
         "unknown": _unknown(found.get("unknown")),
         "label_issues": _label_issues(found.get("label_issues"), thumbnails),
+        "duplicates": _duplicates(found.get("duplicates")),
+    }
+
+
+def _duplicates(d: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not d:
+        return None
+    rows = []
+    for number, group in enumerate(d["listed"], 1):
+        kinds = [k for k in ("leak", "conflict") if group[k]]
+        for m in group["members"]:
+            rows.append((str(number), m["path"], m["label"], m["split"], ", ".join(kinds)))
+    return {key: d[key] for key in ("threshold", "images", "pairs", "groups", "leaks", "conflicts")} | {
+        "rows": rows,
+        "listed": len(d["listed"]),
     }
 
 
