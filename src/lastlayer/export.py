@@ -26,7 +26,7 @@ from lastlayer import __version__, contract
 from lastlayer.contract import FEATURES
 from lastlayer.errors import ModelError
 from lastlayer.train import Classifier
-from lastlayer.trust.ood import Unknown, onnx_nodes
+from lastlayer.trust.ood import ExportedDistance, onnx_nodes
 from lastlayer.zoo import Backbones, FeatureModel
 
 
@@ -88,7 +88,7 @@ def build_classifier(
     labels: Sequence[str],
     final_tensor_name: str = "final_result",
     extra_metadata: Mapping[str, str] | None = None,
-    unknown: Unknown | None = None,
+    unknown: ExportedDistance | None = None,
 ) -> bytes:
     """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``, and with
     ``unknown`` its score as a second output."""

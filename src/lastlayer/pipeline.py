@@ -64,7 +64,7 @@ from lastlayer.train import (
     validation_draws,
 )
 from lastlayer.trust import stage as trust
-from lastlayer.trust.ood import Unknown as OodUnknown
+from lastlayer.trust.ood import ExportedDistance
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, FeatureModel, load_backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
@@ -921,7 +921,7 @@ def export(
     seed: int,
     storage_options: Mapping[str, Any] | None,
     network: Backbones | None = None,
-    unknown: OodUnknown | None = None,
+    unknown: ExportedDistance | None = None,
 ) -> None:
     """Write the retrained model (carrying its labels and preprocessing) and the labels file.
 

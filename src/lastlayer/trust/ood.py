@@ -64,7 +64,7 @@ class Distance:
 
 
 @dataclass(frozen=True)
-class Unknown:
+class ExportedDistance:
     """What the exported model carries: the score and its metadata (output name, threshold, word)."""
 
     distance: Distance

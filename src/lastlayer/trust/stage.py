@@ -75,7 +75,7 @@ class Findings:
     with it (``None`` when off), and the summary entry."""
 
     classifier: Classifier
-    unknown: ood.Unknown | None
+    unknown: ood.ExportedDistance | None
     summary: Trust
 
 
@@ -245,7 +245,7 @@ def label_issues(features: Features, settings: Settings, names: Names) -> LabelI
 
 def none_of_the_above(
     features: Features, classifier: Classifier, settings: Settings
-) -> tuple[ood.Unknown | None, Unknown | None]:
+) -> tuple[ood.ExportedDistance | None, Unknown | None]:
     """The distance to the training split's classes, its threshold at ``--unknown_recall`` of the
     validation images, and what it costs on the test split; ``None`` without validation images."""
     val_x, _ = features.of(VALIDATION)
@@ -278,7 +278,7 @@ def none_of_the_above(
         len(val_x),
         "—" if found.test_unknown_share is None else f"{100 * found.test_unknown_share:.1f}%",
     )
-    return ood.Unknown(distance, meta), found
+    return ood.ExportedDistance(distance, meta), found
 
 
 def _mean(x: np.ndarray) -> float | None:
