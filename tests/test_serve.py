@@ -121,9 +121,14 @@ def test_classify_returns_the_top_labels(url, client):
     assert two["answer"] == "green stripes" and two["unknown"] is False and two["ood_score"] > 0
 
 
+def _checkerboard() -> bytes:
+    """A JPEG of none of the shapes' classes."""
+    board = np.kron((np.indices((8, 8)).sum(axis=0) % 2) * 255, np.ones((28, 28))).astype(np.uint8)
+    return jpeg_bytes(Image.fromarray(board).convert("RGB"))
+
+
 def test_an_image_of_none_of_the_classes_is_unknown_and_still_scored(url, client, models):
-    checkerboard = np.kron((np.indices((8, 8)).sum(axis=0) % 2) * 255, np.ones((28, 28))).astype(np.uint8)
-    photo = jpeg_bytes(Image.fromarray(checkerboard).convert("RGB"))
+    photo = _checkerboard()
     reply = client.post(f"{url}/v1/models/shapes:classify", content=photo).json()
     threshold = models["shapes"].info.unknown.threshold
     assert reply["unknown"] is True and reply["answer"] == "unknown" and reply["ood_score"] > threshold
@@ -343,12 +348,23 @@ def test_the_page_labels_a_chosen_and_a_dropped_image(models, tmp_path):
         )
         assert not console_errors(driver)
         full_page_screenshot(driver, tmp_path / "page.png")
-        for data, state in ((shape_jpeg("circle", 9), "done"), (b"not an image", "error")):
+        assert driver.find_element("id", "unknown").text == ""
+        for data, state in (
+            (_checkerboard(), "done"),
+            (shape_jpeg("circle", 9), "done"),
+            (b"not an image", "error"),
+        ):
             driver.execute_script("document.body.dataset.state = 'ready'")
             _drop(driver, data)
             wait.until(lambda d, s=state: d.find_element("tag name", "body").get_attribute("data-state") == s)
-            if state == "done":
+            if data == _checkerboard():  # none of the classes: said above the scores, which still show
+                assert driver.find_element("id", "unknown").text.startswith(
+                    "unknown: none of the model's classes"
+                )
+                assert len(driver.find_elements("css selector", "#labels li .label")) == 3
+            elif state == "done":
                 assert driver.find_element("css selector", "#labels li .label").text == "red circles"
+                assert driver.find_element("id", "unknown").text == ""
         assert "not an image this server can read" in driver.find_element("id", "error").text
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
