@@ -25,7 +25,17 @@ from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
 HOSTILE_FOLDER = "noise <b>&\"'"
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.jpg"
-SECTIONS = ("headline", "dataset", "skipped", "curves", "confusion", "per-class", "misclassified", "settings")
+SECTIONS = (
+    "headline",
+    "dataset",
+    "skipped",
+    "curves",
+    "confusion",
+    "per-class",
+    "misclassified",
+    "trust",
+    "settings",
+)
 
 
 def confusable(root: Path) -> Path:
@@ -77,8 +87,12 @@ def test_every_run_writes_a_self_contained_escaped_report_beside_the_summary(rep
     assert "<script" not in html and "<img src=x" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html  # the skipped file, escaped
     assert "noise &lt;b&gt;&amp;&#34;&#39;/n_" in html  # a misclassified image's folder, escaped
-    assert html.count("data:image/svg+xml;base64,") == 3  # data set, learning curves, confusion matrix
-    assert html.count('src="data:image/jpeg;base64,') == len(summary.misclassified) > 0
+    assert html.count("data:image/svg+xml;base64,") == 4  # data set, learning curves, confusion, reliability
+    mistakes = html.split('id="misclassified"')[1].split("</section>")[0]
+    assert mistakes.count('src="data:image/jpeg;base64,') == len(summary.misclassified) > 0
+    suspects = summary.trust.label_issues
+    assert suspects is not None
+    assert html.count('src="data:image/jpeg;base64,') == len(summary.misclassified) + len(suspects.listed)
 
 
 def test_the_summary_holds_the_learning_curve_and_the_worst_mistakes_first(reported):
@@ -114,7 +128,7 @@ def test_the_report_renders_in_a_real_browser(reported):
         charts = driver.execute_script(
             "return [...document.querySelectorAll('img.chart')].map(i => i.naturalWidth)"
         )
-        assert len(charts) == 3 and min(charts) > 300
+        assert len(charts) == 4 and min(charts) > 300  # with the reliability diagram
         thumbnails = driver.find_elements("css selector", "#misclassified figure img")
         assert len(thumbnails) == len(summary.misclassified)
         assert "Test accuracy" in driver.find_element("id", "headline").text

@@ -72,10 +72,11 @@ def test_exported_model_is_self_contained(trained, shapes_dir):
     assert info.labels == ("red circles", "blue squares", "green stripes")
     assert info.architecture == "efficientnet_lite0"
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["final_result"]
+    assert [o.name for o in session.get_outputs()] == ["final_result", "ood_score"]
     img = (shapes_dir / "blue_squares" / "img_000.jpg").read_bytes()
-    (probs,) = session.run(["final_result"], {"image": decode(img, info.preprocessing)[None]})
+    probs, ood = session.run(["final_result", "ood_score"], {"image": decode(img, info.preprocessing)[None]})
     assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-5 and probs.argmax() == 1
+    assert info.unknown is not None and ood.shape == (1,) and 0 <= ood[0] < info.unknown.threshold
 
 
 def test_tensorboard_reads_the_summaries(trained):

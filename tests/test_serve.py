@@ -25,6 +25,7 @@ from browser import WAIT_S, chrome, console_errors, full_page_screenshot
 from helpers import jpeg_bytes, serving, shape_image
 from lastlayer import pipeline, serve
 from lastlayer.cli import main
+from lastlayer.model.inference import Answer
 from lastlayer.settings.options import ServeOptions
 from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
@@ -97,8 +98,14 @@ def test_health_and_metadata(url, client):
     assert client.get(f"{url}/v1/models").json() == {"models": ["shapes"]}
     meta = client.get(f"{url}/v2/models/shapes").json()
     assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}]
-    assert meta["outputs"] == [{"name": "final_result", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["outputs"] == [
+        {"name": "final_result", "datatype": "FP32", "shape": [-1, 3]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+        {"name": "unknown", "datatype": "BOOL", "shape": [-1]},
+    ]
     assert meta["parameters"]["labels"] == ["red circles", "blue squares", "green stripes"]
+    unknown = meta["parameters"]["unknown"]
+    assert unknown["label"] == "unknown" and unknown["output"] == "ood_score" and unknown["threshold"] > 0
     assert client.get(f"{url}/v2/models/shapes/ready").json() == {"name": "shapes", "ready": True}
 
 
@@ -111,6 +118,28 @@ def test_classify_returns_the_top_labels(url, client):
     assert abs(sum(x["score"] for x in labels) - 1) < 1e-4
     two = client.post(f"{url}/v1/models/shapes:classify?top_k=2", content=shape_jpeg("stripes")).json()
     assert [x["label"] for x in two["labels"]][:1] == ["green stripes"] and len(two["labels"]) == 2
+    assert two["answer"] == "green stripes" and two["unknown"] is False and two["ood_score"] > 0
+
+
+def _checkerboard() -> bytes:
+    """A JPEG of none of the shapes' classes."""
+    board = np.kron((np.indices((8, 8)).sum(axis=0) % 2) * 255, np.ones((28, 28))).astype(np.uint8)
+    return jpeg_bytes(Image.fromarray(board).convert("RGB"))
+
+
+def test_an_image_of_none_of_the_classes_is_unknown_and_still_scored(url, client, models):
+    photo = _checkerboard()
+    reply = client.post(f"{url}/v1/models/shapes:classify", content=photo).json()
+    threshold = models["shapes"].info.unknown.threshold
+    assert reply["unknown"] is True and reply["answer"] == "unknown" and reply["ood_score"] > threshold
+    assert len(reply["labels"]) == 3 and abs(sum(x["score"] for x in reply["labels"]) - 1) < 1e-4
+    (image,) = models["shapes"].prepare(photo)
+    request = {"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "UINT8",
+                           "data": image.ravel().tolist()}]}  # fmt: skip
+    outputs = client.post(f"{url}/v2/models/shapes/infer", json=request).json()["outputs"]
+    assert [o["name"] for o in outputs] == ["final_result", "ood_score", "unknown"]
+    assert outputs[2] == {"name": "unknown", "datatype": "BOOL", "shape": [1], "data": [True]}
+    assert outputs[1]["data"][0] == pytest.approx(reply["ood_score"], rel=1e-5)
 
 
 def _truncated() -> bytes:
@@ -319,12 +348,23 @@ def test_the_page_labels_a_chosen_and_a_dropped_image(models, tmp_path):
         )
         assert not console_errors(driver)
         full_page_screenshot(driver, tmp_path / "page.png")
-        for data, state in ((shape_jpeg("circle", 9), "done"), (b"not an image", "error")):
+        assert driver.find_element("id", "unknown").text == ""
+        for data, state in (
+            (_checkerboard(), "done"),
+            (shape_jpeg("circle", 9), "done"),
+            (b"not an image", "error"),
+        ):
             driver.execute_script("document.body.dataset.state = 'ready'")
             _drop(driver, data)
             wait.until(lambda d, s=state: d.find_element("tag name", "body").get_attribute("data-state") == s)
-            if state == "done":
+            if data == _checkerboard():  # none of the classes: said above the scores, which still show
+                assert driver.find_element("id", "unknown").text.startswith(
+                    "unknown: none of the model's classes"
+                )
+                assert len(driver.find_elements("css selector", "#labels li .label")) == 3
+            elif state == "done":
                 assert driver.find_element("css selector", "#labels li .label").text == "red circles"
+                assert driver.find_element("id", "unknown").text == ""
         assert "not an image this server can read" in driver.find_element("id", "error").text
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
@@ -348,11 +388,11 @@ def _drop(driver, data: bytes) -> None:
 class _StandIn:
     """A model whose network call takes 50 ms and fails on an all-255 image (batcher unit tests)."""
 
-    def probabilities(self, inputs):
+    def answers(self, inputs):
         time.sleep(0.05)
         if any(x.min() == 255 for x in inputs):
             raise RuntimeError("network failed")
-        return np.stack([np.full(2, x[0, 0, 0], np.float32) for x in inputs])
+        return [Answer(np.full(2, x[0, 0, 0], np.float32)) for x in inputs]
 
 
 def test_the_batcher_survives_a_failed_batch_and_stopping_fails_what_waits():
@@ -365,7 +405,7 @@ def test_the_batcher_survives_a_failed_batch_and_stopping_fails_what_waits():
         with pytest.raises(RuntimeError, match="network failed"):
             await batcher.submit(bad)
         rows = await asyncio.gather(*(batcher.submit(np.full((2, 2, 3), v, np.uint8)) for v in (1, 2, 3)))
-        assert [r[0] for r in rows] == [1, 2, 3] and batcher.stats.batches == 1
+        assert [r.probabilities[0] for r in rows] == [1, 2, 3] and batcher.stats.batches == 1
         waiting = [asyncio.ensure_future(batcher.submit(np.zeros((2, 2, 3), np.uint8))) for _ in range(6)]
         await asyncio.sleep(0.03)  # a batch of 4 is in the network, 2 images wait
         await batcher.stop()

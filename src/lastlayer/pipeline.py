@@ -6,7 +6,8 @@ summary, as named stages.
 :func:`~lastlayer.training.data.plan_variants` → :func:`~lastlayer.bottlenecks.extraction.extract` →
 :func:`~lastlayer.bottlenecks.extraction.wait_for_shards` → :func:`~lastlayer.training.data.load` →
 (:func:`~lastlayer.training.fit.cross_validate` →) :func:`~lastlayer.training.fit.fit` →
-:func:`~lastlayer.training.evaluate.evaluate` → :func:`~lastlayer.model.export.write_model` →
+:func:`~lastlayer.trust.stage.analyse` → :func:`~lastlayer.training.evaluate.evaluate` →
+:func:`~lastlayer.model.export.write_model` →
 :meth:`RunSummary.of <lastlayer.summary.RunSummary.of>` → :meth:`~lastlayer.summary.RunSummary.write`.
 A worker with ``worker_index > 0`` runs the first five only (:func:`extract_shard`). Each stage is a
 function of its inputs that returns a typed value; they log retrain.py's lines through ``logging``
@@ -36,6 +37,7 @@ from lastlayer.training.data import load, plan_variants
 from lastlayer.training.evaluate import evaluate
 from lastlayer.training.fit import OnEvaluation, cross_validate, fit
 from lastlayer.training.train import Evaluation
+from lastlayer.trust import stage as trust
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_backbones, load_feature_model
 from lastlayer.zoo.catalog import INT8_SUFFIX, is_user_model
 
@@ -219,16 +221,36 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
     )
     with load(images, model, engine, source, bottlenecks, draws, t, seed) as data:
         run.lap("bottlenecks_s")
-        folded = None
+        folded = out_of_fold = None
         if t.cross_validation:
-            folded = cross_validate(data, images.labels, t, seed)
+            folded, out_of_fold = cross_validate(data, images.labels, t, seed)
             run.lap("cross_validation_s")
         classifier, _ = fit(
             data, model, images.labels, t, run.outputs, run.storage_options, seed, run.on_evaluation
         )
         run.lap("training_s")
-        scores = evaluate(classifier, data, images, t.test_batch_size, seed, run.outputs)
-    write_model(model, classifier, images.labels, run.outputs, seed, run.storage_options, network)
+        settings = trust.Settings.of(t, run.outputs, seed)
+        trusted = trust.analyse(
+            data.bottlenecks,
+            data.index,
+            data.labels,
+            classifier,
+            settings,
+            trust.Names.of(images),
+            out_of_fold,
+        )
+        run.lap("trust_s")
+        scores = evaluate(trusted.classifier, data, images, t.test_batch_size, seed, run.outputs)
+    write_model(
+        model,
+        trusted.classifier,
+        images.labels,
+        run.outputs,
+        seed,
+        run.storage_options,
+        network,
+        trusted.unknown,
+    )
     run.lap("export_s")
     run.total()
     summary = RunSummary.of(
@@ -245,6 +267,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         timings=run.timings,
         outputs=run.outputs,
         options=run.options(),
+        trust=trusted.summary,
     )
     summary.write(run.storage_options)
     return summary

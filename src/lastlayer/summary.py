@@ -16,6 +16,7 @@ import numpy as np
 from lastlayer import storage
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.training.evaluate import per_class_scores
+from lastlayer.trust.summary import Trust
 from lastlayer.version import __version__
 
 if TYPE_CHECKING:
@@ -159,12 +160,13 @@ class RunSummary:
         image_counts: ``{label: {split: images}}``.
         images: ``found``, ``used``, ``skipped`` and per-split counts of usable images.
         skipped: ``{"path", "reason"}`` of each image that could not be used.
-        timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``,
+        timings: seconds per stage (``model_s``, ``scan_s``, ``bottlenecks_s``, ``training_s``, ``trust_s``,
             ``export_s``, ``total_s``).
         options: every setting of the run, by flag name.
         learning_curve: the scores at each evaluation point of training.
         misclassified: the worst test mistakes (lowest ``true_score`` first), at most
             :data:`MAX_MISCLASSIFIED`; the confusion matrix counts them all.
+        trust: calibration and the other findings of :mod:`lastlayer.trust`.
     """
 
     lastlayer_version: str
@@ -186,6 +188,7 @@ class RunSummary:
     options: dict[str, Any]
     learning_curve: LearningCurve = field(default_factory=LearningCurve)
     misclassified: list[Misclassified] = field(default_factory=list)
+    trust: Trust = field(default_factory=Trust)
 
     @classmethod
     def of(
@@ -204,6 +207,7 @@ class RunSummary:
         timings: dict[str, float],
         outputs: OutputConfig,
         options: Mapping[str, Any],
+        trust: Trust | None = None,
     ) -> RunSummary:
         """The run summary: what was found, used, skipped and scored, and where it went.
 
@@ -213,6 +217,7 @@ class RunSummary:
             steps: ``--how_many_training_steps``.
             timings: seconds per stage.
             options: every setting by flag name.
+            trust: the trust stage's findings (calibration, "unknown", suspected labels, duplicates).
         """
         last = history[-1] if history else None
         precision, recall = per_class_scores(scores.confusion)
@@ -268,6 +273,7 @@ class RunSummary:
             options=dict(options),
             learning_curve=learning_curve(history),
             misclassified=misclassified(scores, data, images),
+            trust=trust or Trust(),
         )
 
     def write(self, storage_options: Mapping[str, Any] | None) -> None:

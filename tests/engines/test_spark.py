@@ -111,6 +111,8 @@ def test_the_model_is_identical_given_the_seed(spark_session, shapes_dir, model_
     assert (tmp_path / "spark" / "out" / "graph.onnx").read_bytes() == local
     summary = json.loads((tmp_path / "spark" / "out" / "graph.summary.json").read_text())
     assert summary["options"]["engine"] == "spark" and summary["cache"]["computed"] == 90
+    local_summary = json.loads((tmp_path / "local" / "out" / "graph.summary.json").read_text())
+    assert summary["trust"] == local_summary["trust"] and summary["trust"]["unknown"] is not None
 
 
 def test_one_engine_resumes_from_the_other_s_cache(engines, model, tmp_path):

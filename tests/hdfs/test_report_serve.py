@@ -64,7 +64,9 @@ def test_the_report_is_written_on_hdfs_with_thumbnails_read_from_hdfs(trained_on
     summary = json.loads(read_as_tensorflow(f"hdfs://{BASE}/out/model.summary.json"))
     assert all(f'id="{s}"' in html for s in SECTIONS)
     assert summary["misclassified"] and "not shown:" not in html
-    assert html.count('src="data:image/jpeg;base64,') == len(summary["misclassified"])
+    shown = len(summary["misclassified"]) + len(summary["trust"]["label_issues"]["listed"])
+    assert html.count('src="data:image/jpeg;base64,') == shown  # both read from hdfs://
+    assert summary["trust"]["calibration"] and summary["trust"]["unknown"] and summary["trust"]["duplicates"]
 
 
 def test_lastlayer_report_rebuilds_it_on_hdfs(secure_hdfs, trained_on_hdfs, read_as_tensorflow):

@@ -98,6 +98,9 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
                     {
                         "image": p.image,
                         "labels": [{"label": lb, "score": s} for lb, s in p.top],
+                        "answer": p.unknown or (p.top[0][0] if p.top else None),
+                        "unknown": p.unknown is not None,
+                        "ood_score": p.ood_score,
                         "error": p.error,
                     },
                     ensure_ascii=False,
@@ -106,6 +109,8 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
         elif p.error is None:
             if len(images) > 1:
                 print(f"{p.image}:")
+            if p.unknown is not None:
+                print(f"{p.unknown} (none of the classes: ood score = {p.ood_score:.5g}); scores:")
             for label, score in p.top:
                 print(f"{label} (score = {score:.5f})")
     return 1 if any(p.error for p in predictions) else 0

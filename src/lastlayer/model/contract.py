@@ -36,6 +36,7 @@ SEED = "seed"
 KEY = "key"
 BUILDER_VERSION = "builder_version"
 GRAPH_SHA256 = "graph_sha256"
+UNKNOWN = "unknown"
 
 
 def meta_key(name: str) -> str:
@@ -58,6 +59,21 @@ def metadata(proto: onnx.ModelProto) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Unknown:
+    """The :data:`UNKNOWN` metadata of a model with a "none of the above" score (JSON).
+
+    Attributes:
+        output: the name of its ``float32 [N]`` score output.
+        threshold: above it, an image is none of the classes.
+        label: what to say then (``"unknown"`` by default).
+    """
+
+    output: str
+    threshold: float
+    label: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a retrained model's metadata says about it.
 
@@ -67,6 +83,7 @@ class ModelInfo:
         architecture: the feature network(s) it was trained on.
         output_name: the name of its probabilities output.
         inputs: ``(input name, preprocessing)`` of each image input, in order.
+        unknown: its "none of the above" score, or ``None``.
     """
 
     labels: tuple[str, ...]
@@ -74,6 +91,7 @@ class ModelInfo:
     architecture: str
     output_name: str
     inputs: tuple[tuple[str, Preprocessing], ...] = ()
+    unknown: Unknown | None = None
 
 
 def _inputs(
@@ -115,4 +133,16 @@ def read_info(proto: onnx.ModelProto, source: str) -> ModelInfo:
         architecture=meta.get(ARCHITECTURE, "unknown"),
         output_name=meta.get(FINAL_TENSOR_NAME, proto.graph.output[0].name),
         inputs=_inputs(meta, preprocessing, source),
+        unknown=_unknown(meta, source),
     )
+
+
+def _unknown(meta: dict[str, str], source: str) -> Unknown | None:
+    """The :data:`UNKNOWN` metadata, or ``None`` for a model without it."""
+    if UNKNOWN not in meta:
+        return None
+    try:
+        entry = json.loads(meta[UNKNOWN])
+        return Unknown(str(entry["output"]), float(entry["threshold"]), str(entry["label"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{source}: invalid {meta_key(UNKNOWN)} metadata: {exc}") from exc

@@ -8,11 +8,13 @@ metadata); output ``<final_tensor_name>``: ``float32 [N, C]`` class probabilitie
 their features concatenated before the softmax layer. Metadata (:mod:`lastlayer.model.contract`): labels
 (JSON list), preprocessing (JSON, the first input's), inputs (JSON: each input's name,
 architecture and preprocessing), architecture, final_tensor_name, version and any extra entries
-(model_key, seed).
+(model_key, seed). With a "none of the above" score (:mod:`lastlayer.trust.ood`), a second output
+``float32 [N]`` and the ``unknown`` metadata (its name, threshold and word).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -27,6 +29,7 @@ from lastlayer.errors import ModelError
 from lastlayer.model import contract
 from lastlayer.model.contract import FEATURES
 from lastlayer.training.train import Classifier
+from lastlayer.trust.ood import ExportedDistance, onnx_nodes
 from lastlayer.version import __version__
 from lastlayer.zoo import Backbones, FeatureModel
 
@@ -95,8 +98,10 @@ def build_classifier(
     labels: Sequence[str],
     final_tensor_name: str = "final_result",
     extra_metadata: Mapping[str, str] | None = None,
+    unknown: ExportedDistance | None = None,
 ) -> bytes:
-    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``."""
+    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``, and with
+    ``unknown`` its score as a second output."""
     proto = _branches(model)
     graph = proto.graph
     graph.initializer.extend(
@@ -115,6 +120,13 @@ def build_classifier(
     graph.output.append(
         helper.make_tensor_value_info(final_tensor_name, onnx.TensorProto.FLOAT, [None, len(labels)])
     )
+    if unknown is not None:
+        nodes, tensors = onnx_nodes(unknown.distance, FEATURES, unknown.meta.output)
+        graph.node.extend(nodes)
+        graph.initializer.extend(tensors)
+        graph.output.append(
+            helper.make_tensor_value_info(unknown.meta.output, onnx.TensorProto.FLOAT, [None])
+        )
     inputs = [
         {
             "name": contract.input_name(i, len(model)),
@@ -131,6 +143,7 @@ def build_classifier(
         contract.FINAL_TENSOR_NAME: final_tensor_name,
         contract.VERSION: __version__,
         **(extra_metadata or {}),
+        **({contract.UNKNOWN: json.dumps(dataclasses.asdict(unknown.meta))} if unknown else {}),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -151,15 +164,17 @@ def write_model(
     seed: int,
     storage_options: Mapping[str, Any] | None,
     network: Backbones | None = None,
+    unknown: ExportedDistance | None = None,
 ) -> None:
     """Write the retrained model (carrying its labels and preprocessing) and the labels file.
 
     Args:
         model: the network(s) whose features trained ``clf`` (their key goes into the metadata).
         network: the network(s) the model carries, when not ``model`` (``--quantize_output_graph``).
+        unknown: its "none of the above" score, when on.
     """
     extra = {contract.MODEL_KEY: model.key, contract.SEED: str(seed)}
-    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra)
+    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra, unknown)
     storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
     log.info("Save final result to : %s", outputs.output_graph)
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

@@ -1,7 +1,8 @@
 """Labelling images with a retrained model: the top-k labels, as label_image.py prints them.
 
 The model's metadata carries its labels and preprocessing, so images are prepared exactly as in
-training.
+training; a model with a "none of the above" score (:data:`lastlayer.contract.UNKNOWN`) also says
+which images are none of its classes, and still gives their scores.
 """
 
 from __future__ import annotations
@@ -40,11 +41,30 @@ class Prediction:
         image: the image's URL.
         top: ``(label, probability)`` pairs, highest probability first.
         error: why the image was skipped, or ``None``.
+        unknown: the model's word for "none of its classes" when the image is that, else ``None``.
+        ood_score: its distance to the classes (``None`` for a model without one).
     """
 
     image: str
     top: tuple[tuple[str, float], ...]
     error: str | None = None
+    unknown: str | None = None
+    ood_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a model says of one image.
+
+    Attributes:
+        probabilities: ``float32 [C]``.
+        ood_score: its distance to the classes, ``None`` for a model without one.
+        unknown: the model's word for "none of its classes" when the score is above its threshold.
+    """
+
+    probabilities: np.ndarray
+    ood_score: float | None = None
+    unknown: str | None = None
 
 
 def read_labels(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -141,15 +161,18 @@ class RetrainedModel:
                 done[prep] = decode(data, prep)
         return tuple(done[prep] for _, prep in self.info.inputs)
 
-    def probabilities(self, inputs: Sequence[Prepared]) -> np.ndarray:
-        """``float32 [N, C]`` class probabilities of prepared images (see :meth:`prepare`).
+    def outputs(self, inputs: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``float32 [N, C]`` class probabilities of prepared images (see :meth:`prepare`), and their
+        ``float32 [N]`` distances to the classes (``None`` for a model without that output).
 
         Raises:
             ModelError: the model gives NaN or infinite scores (its training diverged).
         """
         feed = {name: np.stack([x[i] for x in inputs]) for i, (name, _) in enumerate(self.info.inputs)}
+        unknown = self.info.unknown
+        names = [self.output] + ([unknown.output] if unknown else [])
         try:
-            (probs,) = self.session.run([self.output], feed)
+            probs, *ood = self.session.run(names, feed)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(
                 f"{self.source} fails to run: {' '.join(str(exc).split())[:300]}; re-export the model "
@@ -160,7 +183,19 @@ class RetrainedModel:
                 f"{self.source} gives scores that are not numbers (NaN or infinite): its training "
                 "diverged; retrain it with a smaller --learning_rate"
             )
-        return probs
+        return probs, (ood[0] if ood else None)
+
+    def probabilities(self, inputs: Sequence[Prepared]) -> np.ndarray:
+        """``float32 [N, C]`` class probabilities of prepared images (see :meth:`outputs`)."""
+        return self.outputs(inputs)[0]
+
+    def answers(self, inputs: Sequence[Prepared]) -> list[Answer]:
+        """What the model says of each prepared image (see :meth:`outputs`)."""
+        probs, ood = self.outputs(inputs)
+        if ood is None or self.info.unknown is None:
+            return [Answer(p) for p in probs]
+        threshold, word = self.info.unknown.threshold, self.info.unknown.label
+        return [Answer(p, float(d), word if d > threshold else None) for p, d in zip(probs, ood, strict=True)]
 
     def top(self, probs: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` most probable ``(label, probability)`` of one row of :meth:`probabilities`."""
@@ -196,9 +231,11 @@ def label(
 
     def run() -> None:
         if ready:
-            probs = model.probabilities([x for _, x in ready])
-            for (i, _), p in zip(ready, probs, strict=True):
-                results[i] = Prediction(images[i], model.top(p, top_k))
+            answers = model.answers([x for _, x in ready])
+            for (i, _), a in zip(ready, answers, strict=True):
+                results[i] = Prediction(
+                    images[i], model.top(a.probabilities, top_k), None, a.unknown, a.ood_score
+                )
             ready.clear()
 
     for i, url in enumerate(images):

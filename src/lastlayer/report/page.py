@@ -29,6 +29,7 @@ from lastlayer.dataset import SPLITS
 from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
 from lastlayer.report import input as report_input
+from lastlayer.trust import view as trust_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -176,6 +177,11 @@ def _page(
             for k in ("lastlayer_version", "architecture", "architecture_requested", "model_key", "seed")
         ],
         "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
+        "trust": trust_view.page(
+            summary.get("trust"),
+            _chart,
+            lambda items: _thumbnails(summary.get("image_dir", ""), items, storage_options),
+        ),
     }
 
 

@@ -9,9 +9,12 @@
 ``GET /v2/models/NAME/stats``               images classified and network calls made
 ``POST /v2/models/NAME/infer``              KServe v2 inference: ``image`` as ``UINT8 [N, S, S, 3]``
                                             or ``BYTES [N]`` (base64 image files) in,
-                                            ``FP32 [N, C]`` probabilities out
+                                            ``FP32 [N, C]`` probabilities out (and, for a
+                                            model with a "none of the above" score, that
+                                            ``FP32 [N]`` and ``unknown`` ``BOOL [N]``)
 ``GET /v1/models``                          the models' names
-``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}]}`` out
+``POST /v1/models/NAME:classify``           image file bytes in, ``{"labels": [{label, score}],
+                                            "answer", "unknown", "ood_score"}`` out
 ==========================================  ===============================================
 
 Every error is JSON ``{"error": "..."}``: 400 for a bad image or request (never a 500) or a ``Host``
@@ -25,11 +28,9 @@ After a burst, the memory decoded images freed is given back to the system.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
+import dataclasses
 import io
-import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -46,9 +47,10 @@ from starlette.routing import Route
 
 from lastlayer.errors import DataError
 from lastlayer.model import contract
-from lastlayer.model.inference import Prepared, RetrainedModel
-from lastlayer.serve import guard
+from lastlayer.model.inference import Answer, Prepared, RetrainedModel
+from lastlayer.serve import guard, v2
 from lastlayer.serve.batcher import Batcher, Busy
+from lastlayer.serve.v2 import Problem
 from lastlayer.settings.options import ServeOptions
 from lastlayer.version import __version__
 
@@ -59,14 +61,6 @@ PAGE_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
     "connect-src 'self'"
 )
-
-
-class Problem(Exception):
-    """A request the server refuses: HTTP ``status`` with ``message`` (JSON ``{"error": ...}``)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -178,9 +172,18 @@ class Service:
                 "platform": "onnxruntime_onnx",
                 "inputs": inputs,
                 "outputs": [
-                    {"name": served.model.output, "datatype": "FP32", "shape": [-1, len(served.model.labels)]}
+                    {
+                        "name": served.model.output,
+                        "datatype": "FP32",
+                        "shape": [-1, len(served.model.labels)],
+                    },
+                    *v2.unknown_outputs(info.unknown),
                 ],
-                "parameters": {"labels": list(served.model.labels), "architecture": info.architecture},
+                "parameters": {
+                    "labels": list(served.model.labels),
+                    "architecture": info.architecture,
+                    **({"unknown": dataclasses.asdict(info.unknown)} if info.unknown else {}),
+                },
             }
         )
 
@@ -202,7 +205,7 @@ class Service:
     # -- inference ------------------------------------------------------------------------------
     async def classify(self, request: Request) -> Response:
         served = self.served(request)
-        top_k = _top_k(request.query_params.get("top_k"), self.options.top_k)
+        top_k = v2.top_k(request.query_params.get("top_k"), self.options.top_k)
         with self.admitted():
             data = await self.body(request)
             if not data:
@@ -210,27 +213,46 @@ class Service:
             with self.places(1):
                 with served.batcher.announced():
                     image = await self.prepare(served, data)
-                probs = await self.probabilities(served, [image])
-        labels = [{"label": label, "score": score} for label, score in served.model.top(probs[0], top_k)]
-        return JSONResponse({"model_name": served.name, "labels": labels})
+                (answer,) = await self.answers(served, [image])
+        top = served.model.top(answer.probabilities, top_k)
+        return JSONResponse(
+            {
+                "model_name": served.name,
+                "labels": [{"label": label, "score": score} for label, score in top],
+                "answer": answer.unknown or top[0][0],
+                "unknown": answer.unknown is not None,
+                "ood_score": answer.ood_score,
+            }
+        )
 
     async def infer(self, request: Request) -> Response:
         served = self.served(request)
         with self.admitted():
-            payload = _json(await self.body(request))
-            with self.places(_image_count(payload, self.options.max_queue)):
+            payload = v2.parse_json(await self.body(request))
+            with self.places(v2.image_count(payload, self.options.max_queue)):
                 images = await self.inputs(served, payload)
-                probs = await self.probabilities(served, images)
+                answers = await self.answers(served, images)
+        probs = np.stack([a.probabilities for a in answers])
+        outputs = [
+            {
+                "name": served.model.output,
+                "datatype": "FP32",
+                "shape": list(probs.shape),
+                "data": probs.ravel().tolist(),
+            }
+        ]
+        if (unknown := served.model.info.unknown) is not None:
+            scores, flags = [a.ood_score for a in answers], [a.unknown is not None for a in answers]
+            outputs.append(
+                {"name": unknown.output, "datatype": "FP32", "shape": [len(scores)], "data": scores}
+            )
+            outputs.append(
+                {"name": v2.UNKNOWN_OUTPUT, "datatype": "BOOL", "shape": [len(flags)], "data": flags}
+            )
+        asked = v2.asked_outputs(payload.get("outputs")) or [o["name"] for o in outputs]
         reply: dict[str, Any] = {
             "model_name": served.name,
-            "outputs": [
-                {
-                    "name": served.model.output,
-                    "datatype": "FP32",
-                    "shape": list(probs.shape),
-                    "data": probs.ravel().tolist(),
-                }
-            ],
+            "outputs": [o for o in outputs if o["name"] in asked],
         }
         if isinstance(payload.get("id"), str):
             reply["id"] = payload["id"]
@@ -240,29 +262,29 @@ class Service:
         """The prepared images of a v2 request: one ``BYTES`` input named ``image`` holding image
         files, or one ``UINT8`` pixel tensor per model input (``image``; ``image_0``, ``image_1``, ...
         for a model of several networks). ``payload`` passed :func:`_image_count`."""
-        _check_outputs(payload.get("outputs"), served.model.output)
+        v2.check_outputs(payload.get("outputs"), v2.output_names(served.model))
         tensors = payload["inputs"]
         names = [name for name, _ in served.model.info.inputs]
         if not tensors or not all(isinstance(t, dict) for t in tensors):
             raise Problem(400, f"send the input(s) {', '.join(names)} as objects")
         for tensor in tensors:
-            _check_shape(tensor.get("shape"), self.options.max_queue)
+            v2.check_shape(tensor.get("shape"), self.options.max_queue)
         if len(tensors) == 1 and tensors[0].get("datatype") == "BYTES":
-            _check_name(tensors[0], contract.IMAGE)
-            files = _encoded_images(tensors[0], tensors[0]["shape"])
+            v2.check_name(tensors[0], contract.IMAGE)
+            files = v2.encoded_images(tensors[0], tensors[0]["shape"])
             with served.batcher.announced(len(files)):
                 return [await self.prepare(served, raw) for raw in files]
         if len(tensors) != len(names):
             raise Problem(400, f"send {len(names)} UINT8 input(s), {', '.join(names)}, or one BYTES input")
         pixels = []
         for tensor, (name, prep) in zip(tensors, served.model.info.inputs, strict=True):
-            _check_name(tensor, name)
+            v2.check_name(tensor, name)
             if tensor.get("datatype") != "UINT8":
                 raise Problem(
                     400,
                     f"datatype {tensor.get('datatype')!r}: send UINT8 pixels or BYTES (base64 image files)",
                 )
-            pixels.append(_pixels(tensor, tensor["shape"], prep.size))
+            pixels.append(v2.pixels(tensor, tensor["shape"], prep.size))
         if len({p.shape[0] for p in pixels}) != 1:
             raise Problem(400, "every UINT8 input must hold the same number of images")
         return [tuple(p[i] for p in pixels) for i in range(pixels[0].shape[0])]
@@ -281,9 +303,9 @@ class Service:
         self.decoded += 1
         return prepared
 
-    async def probabilities(self, served: Served, images: list[Prepared]) -> np.ndarray:
-        """``float32 [N, C]``: each image through the model's batcher, within ``--request_timeout``."""
-        futures: list[asyncio.Future[np.ndarray]] = []
+    async def answers(self, served: Served, images: list[Prepared]) -> list[Answer]:
+        """What the model says of each image, through its batcher, within ``--request_timeout``."""
+        futures: list[asyncio.Future[Answer]] = []
         try:
             for image in images:
                 futures.append(served.batcher.submit(image))
@@ -295,10 +317,9 @@ class Service:
             ) from None
         timeout = self.options.request_timeout
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
         except TimeoutError:
             raise Problem(503, f"no answer within --request_timeout={timeout:g} s; retry later") from None
-        return np.stack(rows)
 
     async def body(self, request: Request) -> bytes:
         """The request body: at most ``--max_request_bytes``, arriving within ``--request_timeout``."""
@@ -346,91 +367,6 @@ def _declared_pixels(data: bytes, max_pixels: int) -> int:
     if width * height > max_pixels:
         raise DataError(f"{width}x{height} = {width * height:,} px, more than --max_pixels={max_pixels:,}")
     return max(1, width * height)
-
-
-def _json(body: bytes) -> Any:
-    """The JSON value of a request body; 400 when it is not JSON or is nested too deeply to parse."""
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise Problem(400, "the request is nested too deeply: send a KServe v2 inference request") from None
-    except ValueError as exc:
-        raise Problem(400, f"the request is not JSON ({exc}): send a KServe v2 inference request") from None
-
-
-def _image_count(payload: Any, max_queue: int) -> int:
-    """How many images a v2 request holds (its first input's first dimension), checked."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
-        raise Problem(400, 'a v2 inference request is a JSON object with an "inputs" list')
-    first = payload["inputs"][0] if payload["inputs"] else None
-    if not isinstance(first, dict):
-        raise Problem(400, 'send the input(s) as objects in "inputs"')
-    _check_shape(first.get("shape"), max_queue)
-    return first["shape"][0]
-
-
-def _top_k(text: str | None, default: int) -> int:
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) < 1:
-        raise Problem(400, f"top_k={text[:20]!r}: must be a whole number from 1 to 999999999")
-    return int(text)
-
-
-def _check_outputs(outputs: Any, name: str) -> None:
-    if outputs is None:
-        return
-    asked = (
-        [o.get("name") if isinstance(o, dict) else o for o in outputs]
-        if isinstance(outputs, list)
-        else [outputs]
-    )
-    unknown = [o for o in asked if o != name]
-    if unknown:
-        raise Problem(400, f"no output {unknown[0]!r}; this model has {name!r}")
-
-
-def _encoded_images(tensor: Mapping[str, Any], shape: list[int]) -> list[bytes]:
-    data = tensor.get("data")
-    if len(shape) != 1 or not isinstance(data, list) or len(data) != shape[0]:
-        raise Problem(400, "BYTES input: shape [N] and N base64 strings, one image file each")
-    try:
-        return [base64.b64decode(item, validate=True) for item in data]
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise Problem(400, f"BYTES input: an element is not base64 ({exc})") from None
-
-
-def _check_shape(shape: Any, max_queue: int) -> None:
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise Problem(400, f"shape {str(shape)[:100]} is not a list of sizes")
-    if shape[0] < 1:
-        raise Problem(400, "the request holds no image: send at least one")
-    if shape[0] > max_queue:
-        raise Problem(400, f"{shape[0]} images in one request, more than --max_queue={max_queue}")
-
-
-def _check_name(tensor: Mapping[str, Any], name: str) -> None:
-    if tensor.get("name") != name:
-        raise Problem(400, f'the input is named {tensor.get("name")!r}; this model takes "{name}"')
-
-
-def _pixels(tensor: Mapping[str, Any], shape: list[int], size: int) -> np.ndarray:
-    """``uint8 [N, S, S, 3]`` of a UINT8 input."""
-    if shape[1:] != [size, size, 3]:
-        raise Problem(400, f"UINT8 input: shape {shape} must be [N, {size}, {size}, 3] for this model")
-    try:
-        values = np.asarray(tensor.get("data")).ravel()  # no dtype: 1.7 or "12" must not pass as 1 or 12
-    except (TypeError, ValueError, OverflowError):
-        values = np.zeros(0, np.float64)
-    if values.dtype.kind not in "iu" and values.size:
-        raise Problem(400, "UINT8 input: data must be a (flat or nested) list of whole numbers in [0, 255]")
-    if values.size != int(np.prod(shape)):
-        raise Problem(
-            400, f"UINT8 input: {values.size} values for shape {shape} ({int(np.prod(shape))} expected)"
-        )
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise Problem(400, "UINT8 input: values must be in [0, 255]")
-    return values.astype(np.uint8).reshape(shape)
 
 
 async def _problem(request: Request, exc: Exception) -> Response:

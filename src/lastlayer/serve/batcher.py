@@ -19,14 +19,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from lastlayer.model.inference import Prepared, RetrainedModel
+from lastlayer.model.inference import Answer, Prepared, RetrainedModel
 
 #: Seconds :meth:`Batcher.stop` waits for the batch in progress.
 STOP_SECONDS = 10.0
 
-_Item = tuple[Prepared, "asyncio.Future[np.ndarray]"]
+_Item = tuple[Prepared, "asyncio.Future[Answer]"]
 
 
 class Busy(Exception):
@@ -92,14 +90,14 @@ class Batcher:
             self.incoming -= images
             self._changed.set()
 
-    def submit(self, image: Prepared) -> asyncio.Future[np.ndarray]:
-        """Queue one prepared image (:meth:`RetrainedModel.prepare`) now; the future gets its
-        ``float32 [C]`` probabilities.
+    def submit(self, image: Prepared) -> asyncio.Future[Answer]:
+        """Queue one prepared image (:meth:`RetrainedModel.prepare`) now; the future gets what the
+        model says of it (:meth:`RetrainedModel.answers`).
 
         Raises:
             Busy: ``max_queue`` images are already waiting.
         """
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((image, future))
         except asyncio.QueueFull:
@@ -134,8 +132,8 @@ class Batcher:
                 batch = [(x, f) for x, f in batch if not f.done()]  # a request that timed out is gone
                 if not batch:
                     continue
-                probs = await loop.run_in_executor(
-                    self._executor, self.model.probabilities, [x for x, _ in batch]
+                answers = await loop.run_in_executor(
+                    self._executor, self.model.answers, [x for x, _ in batch]
                 )
             except asyncio.CancelledError:
                 _fail(batch, Busy("the server is shutting down"))
@@ -145,9 +143,9 @@ class Batcher:
                 continue
             self.stats.images += len(batch)
             self.stats.batches += 1
-            for (_, future), row in zip(batch, probs, strict=True):
+            for (_, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
-                    future.set_result(row)
+                    future.set_result(answer)
 
 
 def _fail(batch: list[_Item], exc: BaseException) -> None:

@@ -117,6 +117,34 @@ class TrainingConfig(fields.Checked):
     random_seed: int | None = option(
         None, "Seed for the split-independent randomness; a run with a seed is reproducible."
     )
+    # the trust stage (lastlayer.trust), on the cached features
+    calibrate: bool = option(
+        True,
+        "Fit a temperature on held-out predictions (the validation split, or --cross_validation's folds) "
+        "and fold it into the exported last layer, so its probabilities match how often it is right.",
+    )
+    unknown_recall: float = option(
+        95.0,
+        "Give the exported model a second output, a distance to the training classes, and call an image "
+        "--unknown_label above the distance that keeps this percentage of the validation images; 0: off.",
+        minimum=50,
+        maximum=100,
+        special=(0, 0.0),
+        rule="must be 0 (off) or a percentage in [50, 100]",
+    )
+    unknown_label: str = option(
+        "unknown", "What lastlayer label and serve say of an image above the --unknown_recall distance."
+    )
+    find_label_issues: bool = option(
+        True,
+        "List the images whose label out-of-fold probabilities (--cross_validation folds, else 5, on the "
+        "cached features) most confidently dispute, as many as confident learning estimates are wrong.",
+    )
+    find_duplicates: bool = option(
+        True,
+        "List the groups of near-duplicate images (features at cosine >= 0.94): the same photo in training "
+        "and in a held-out split (a leak) or under two classes (a conflict).",
+    )
 
     @property
     def distortions(self) -> Distortions:
@@ -124,13 +152,15 @@ class TrainingConfig(fields.Checked):
         return Distortions(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
 
     def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
-        """The testing and validation shares leave training images."""
+        """The testing and validation shares leave training images; "unknown" has a word."""
         if self.testing_percentage + self.validation_percentage >= 100:
             yield (
                 "testing_percentage",
                 self.testing_percentage,
                 f"with --validation_percentage={self.validation_percentage} leaves no training images",
             )
+        if not self.unknown_label.strip():
+            yield "unknown_label", self.unknown_label, "must not be empty"
 
 
 @dataclass(frozen=True)
@@ -170,6 +200,9 @@ class OutputConfig(fields.Checked):
         rule="must be 0 (off) or more",
     )
     final_tensor_name: str = option("final_result", "Name of the output of the retrained model.")
+    unknown_output: str = option(
+        "ood_score", "Name of the model's second output, its distance to the classes (--unknown_recall)."
+    )
     quantize_output_graph: bool = option(
         False,
         "Write --output_graph with the int8 version of the network (a zoo network's <name>_int8: about "
@@ -193,9 +226,11 @@ class OutputConfig(fields.Checked):
         return posixpath.splitext(self.output_graph)[0] + ".report.html"
 
     def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
-        """The final tensor has a name."""
+        """The final tensor and the "unknown" score have names of their own."""
         if not self.final_tensor_name:
             yield "final_tensor_name", self.final_tensor_name, "must not be empty"
+        if self.unknown_output in ("", self.final_tensor_name):
+            yield "unknown_output", self.unknown_output, "must be a name, not empty nor --final_tensor_name"
 
 
 @dataclass(frozen=True)

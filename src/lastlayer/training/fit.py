@@ -17,6 +17,7 @@ from lastlayer.training.data import TrainingData, final_fit, fold_fits
 from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
 from lastlayer.training.tensorboard import SummaryWriter
 from lastlayer.training.train import Classifier, Evaluation
+from lastlayer.trust.stage import OutOfFold
 
 if TYPE_CHECKING:
     from lastlayer.settings.run import OutputConfig, TrainingConfig
@@ -78,10 +79,11 @@ def fit(
 
 def cross_validate(
     data: TrainingData, labels: tuple[str, ...], training: TrainingConfig, seed: int
-) -> CrossValidation:
+) -> tuple[CrossValidation, OutOfFold]:
     """Refit the last layer ``--cross_validation`` K times, each on all usable images but one fold
-    (stratified, seeded) with the run's settings, and score it on that fold; log the summary. With
-    distortions on, the training images are trained and scored on their variants.
+    (stratified, seeded) with the run's settings, and score it on that fold; log the summary and
+    return it with the fold classifiers (for calibration). With distortions on, the training images
+    are trained and scored on their variants.
 
     Raises:
         DataError: fewer usable images than folds.
@@ -106,4 +108,4 @@ def cross_validate(
         ),
         100 * result.largest_class_share,
     )
-    return result
+    return result, OutOfFold(positions, truth, fold_of, classifiers)
