@@ -60,7 +60,7 @@ def deploy(
     spec, warnings = JobSpec.load(options, seconds=remaining(deadline))
     for warning in warnings:
         log.warning("%s", warning)
-    capacity.check(spec, *capacity.machine())
+    capacity.check(spec, capacity.memory_mib())
     job = Job.named(spec.service.name, state_dir, setting="service.name")
     account = run_as(spec.service.user)
     if account is not None:

@@ -54,9 +54,9 @@ from lastlayer.serve.v2 import Problem
 from lastlayer.settings.options import ServeOptions
 from lastlayer.version import __version__
 
-#: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
 #: Seconds without requests after which the memory of decoded images is given back.
 IDLE_S = 0.5
+#: The page's Content-Security-Policy: its own script and style, images from the dropped file only.
 PAGE_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
     "connect-src 'self'"
