@@ -11,6 +11,7 @@ import contextlib
 import functools
 import http.server
 import io
+import json
 import os
 import re
 import signal
@@ -81,6 +82,29 @@ def serve_folder(folder: Path) -> Iterator[str]:
     """Serve ``folder`` over HTTP on 127.0.0.1 while the block runs; yields the base URL."""
     with serve_http(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))) as url:
         yield url
+
+
+def retrain_summary(
+    images: Path, tmp: Path, model_dir: Path, name: str, steps: int, report: bool = True, **training
+) -> dict:
+    """Retrain on ``images`` (seed 1, ``steps`` steps, the cache in ``tmp/b``) into ``tmp/name``
+    (model ``g.onnx``); the run's summary file as read back."""
+    from lastlayer import pipeline
+    from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
+
+    out = tmp / name
+    pipeline.retrain(
+        str(images),
+        training=TrainingConfig(how_many_training_steps=steps, random_seed=1, **training),
+        cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp / "b")),
+        outputs=OutputConfig(
+            output_graph=str(out / "g.onnx"),
+            output_labels=str(out / "l.txt"),
+            summaries_dir=str(out / "s"),
+            report=report,
+        ),
+    )
+    return json.loads((out / "g.summary.json").read_text())
 
 
 def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:

@@ -3,14 +3,11 @@ and a run that folds the temperature into the exported model."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from lastlayer import pipeline
+from helpers import retrain_summary
 from lastlayer.model.inference import RetrainedModel
-from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.trust import calibration
 
 
@@ -55,18 +52,8 @@ def test_scaling_by_the_fitted_temperature_lowers_the_ece_of_overconfident_logit
 
 def test_a_run_exports_the_calibrated_model_and_reports_the_ece(tmp_path, shapes_dir, model_dir):
     def run(name: str, calibrate: bool) -> tuple[dict, RetrainedModel]:
-        out = tmp_path / name
-        pipeline.retrain(
-            str(shapes_dir),
-            training=TrainingConfig(how_many_training_steps=40, random_seed=1, calibrate=calibrate),
-            cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
-            outputs=OutputConfig(
-                output_graph=str(out / "g.onnx"),
-                output_labels=str(out / "l.txt"),
-                summaries_dir=str(out / "s"),
-            ),
-        )
-        return json.loads((out / "g.summary.json").read_text()), RetrainedModel.load(str(out / "g.onnx"))
+        summary = retrain_summary(shapes_dir, tmp_path, model_dir, name, 40, calibrate=calibrate)
+        return summary, RetrainedModel.load(str(tmp_path / name / "g.onnx"))
 
     plain_summary, plain = run("plain", False)
     summary, calibrated = run("calibrated", True)

@@ -3,15 +3,13 @@ and a run that reports a photo copied into the test split and into another class
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 from PIL import Image
 
-from lastlayer import pipeline
+from helpers import retrain_summary
 from lastlayer.dataset import TESTING, TRAINING, which_set
-from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.trust import duplicates
 
 
@@ -55,18 +53,7 @@ def test_a_run_reports_a_leak_and_a_conflict_and_a_flag_turns_it_off(tmp_path, s
     shutil.copyfile(source, images / "green-stripes" / "copy.jpg")  # the same bytes, another class
 
     def run(name: str, **training) -> dict:
-        out = tmp_path / name
-        pipeline.retrain(
-            str(images),
-            training=TrainingConfig(how_many_training_steps=20, random_seed=1, **training),
-            cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
-            outputs=OutputConfig(
-                output_graph=str(out / "g.onnx"),
-                output_labels=str(out / "l.txt"),
-                summaries_dir=str(out / "s"),
-            ),
-        )
-        return json.loads((out / "g.summary.json").read_text())
+        return retrain_summary(images, tmp_path, model_dir, name, 20, **training)
 
     found = run("on")["trust"]["duplicates"]
     paths = {f"blue_squares/{source.name}", f"blue_squares/{leaked}", "green-stripes/copy.jpg"}

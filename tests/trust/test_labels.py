@@ -3,13 +3,11 @@ out-of-fold probabilities, and a run that lists a photo put in the wrong folder.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 
-from lastlayer import pipeline
-from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
+from helpers import retrain_summary
 from lastlayer.trust import labels
 
 
@@ -51,18 +49,7 @@ def test_a_run_lists_a_photo_in_the_wrong_folder_and_a_flag_turns_it_off(tmp_pat
     (images / "Red Circles" / "img_007.jpg").rename(images / "blue_squares" / "moved.jpg")
 
     def run(name: str, **training) -> dict:
-        out = tmp_path / name
-        pipeline.retrain(
-            str(images),
-            training=TrainingConfig(how_many_training_steps=20, random_seed=1, **training),
-            cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
-            outputs=OutputConfig(
-                output_graph=str(out / "g.onnx"),
-                output_labels=str(out / "l.txt"),
-                summaries_dir=str(out / "s"),
-            ),
-        )
-        return json.loads((out / "g.summary.json").read_text())
+        return retrain_summary(images, tmp_path, model_dir, name, 20, **training)
 
     issues = run("on")["trust"]["label_issues"]
     assert issues["folds"] == 5 and issues["images"] == 90

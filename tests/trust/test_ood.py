@@ -12,11 +12,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from helpers import jpeg_bytes
-from lastlayer import pipeline
+from helpers import jpeg_bytes, retrain_summary
 from lastlayer.cli import main
 from lastlayer.model.inference import RetrainedModel, label
-from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 from lastlayer.trust import ood
 
 
@@ -87,19 +85,7 @@ def test_auroc_counts_pairs_ordered_and_ties_as_half():
 
 
 def _retrain(tmp_path, shapes_dir, model_dir, name: str, **training) -> dict:
-    out = tmp_path / name
-    pipeline.retrain(
-        str(shapes_dir),
-        training=TrainingConfig(how_many_training_steps=40, random_seed=1, **training),
-        cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
-        outputs=OutputConfig(
-            output_graph=str(out / "g.onnx"),
-            output_labels=str(out / "l.txt"),
-            summaries_dir=str(out / "s"),
-            report=False,
-        ),
-    )
-    return json.loads((out / "g.summary.json").read_text())
+    return retrain_summary(shapes_dir, tmp_path, model_dir, name, 40, report=False, **training)
 
 
 def test_label_says_unknown_above_the_threshold_and_a_flag_turns_it_off(
