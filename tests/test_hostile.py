@@ -169,6 +169,7 @@ def nested(depth: int) -> str:
         (json.dumps(summary_of("/x", per_class={"a": 3})), "an entry of per_class is not an object"),
         (json.dumps(summary_of("/x", misclassified=["a"])), "an entry of misclassified is not an object"),
         (json.dumps(summary_of("/x", timings={"total_s": "long"})), "the run summary is not as lastlayer"),
+        (json.dumps(summary_of("/x", trust={"label_issues": {"listed": 5}})), "the run summary is not as"),
     ],
     ids=[
         "nested-100000",
@@ -181,6 +182,7 @@ def nested(depth: int) -> str:
         "per-class",
         "misclassified",
         "timings",
+        "trust",
     ],
 )
 def test_report_refuses_a_malformed_summary_in_one_line(tmp_path, capsys, text, needle):
