@@ -59,13 +59,16 @@ import org.apache.hadoop.security.UserGroupInformation;
  */
 public final class SecureHdfs {
 
-  /** The walkthrough's five auth_to_local rules (realm LOCAL). */
+  /** The walkthrough's five auth_to_local rules (realm LOCAL), and two for the YARN daemons. */
   static final String[] AUTH_TO_LOCAL_RULES = {
     "RULE:[2:$1@$0](^hdfs@LOCAL$)s/.*/hdfs/",
     "RULE:[1:$1@$0](^hdfs@LOCAL$)s/.*/hdfs/",
     "RULE:[1:$1@$0](^tensorflow@LOCAL$)s/.*/tensorflow/",
     "RULE:[1:$1@$0](^alice@LOCAL$)s/.*/alice/",
     "RULE:[1:$1@$0](^bob@LOCAL$)s/.*/bob/",
+    // The YARN daemons (SecureYarn): the NameNode maps the ResourceManager, which renews tokens.
+    "RULE:[2:$1@$0](^rm@LOCAL$)s/.*/yarn/",
+    "RULE:[2:$1@$0](^nm@LOCAL$)s/.*/yarn/",
   };
 
   private final Path dir;
@@ -208,7 +211,7 @@ public final class SecureHdfs {
     writeXml(hdfs, confDir.resolve("hdfs-site.xml"));
   }
 
-  private static void writeXml(Configuration c, Path target) throws IOException {
+  static void writeXml(Configuration c, Path target) throws IOException {
     Path tmp = target.resolveSibling(target.getFileName() + ".tmp");
     try (OutputStream out = Files.newOutputStream(tmp)) {
       c.writeXml(out);
@@ -234,6 +237,11 @@ public final class SecureHdfs {
     m.put("namenode_principal", hdfsPrincipal());
     m.put("http_principal", httpPrincipal());
     m.put("pid", ProcessHandle.current().pid());
+    return json(m);
+  }
+
+  /** One JSON object (numbers and strings only) on one line. */
+  static String json(Map<String, Object> m) {
     StringBuilder sb = new StringBuilder("{");
     boolean first = true;
     for (Map.Entry<String, Object> e : m.entrySet()) {
