@@ -8,6 +8,7 @@ Standard library only. Command line (see harness/README.md)::
     python harness/securehdfs.py env    --dir DIR [--user tensorflow]   # shell export lines
     python harness/securehdfs.py map    --dir DIR PRINCIPAL             # Hadoop's auth_to_local
     python harness/securehdfs.py restart-nn --dir DIR
+    python harness/securehdfs.py start-yarn --dir DIR                # + secure MiniYARNCluster
     python harness/securehdfs.py stop   --dir DIR
 
 Python API (what tests use)::
@@ -691,12 +692,15 @@ class SecureHdfs:
         nn_port: int = 0,
         http_port: int = 0,
         build_timeout: float = 1200,
+        token_renew_ms: int = 0,
     ) -> SecureHdfs:
         """Creates realm LOCAL in directory, starts krb5kdc and the harness, waits for `Ready!`.
 
         With detach=False both processes are children of this one (and die with it); with
         detach=True they run in their own sessions and outlive it (stop them with `stop`).
         `timeout` bounds the KDC + cluster start (the first Maven build has build_timeout).
+        `token_renew_ms` > 0 sets the NameNode's ``dfs.namenode.delegation.token.renew-interval``
+        (Hadoop's default: 1 day): a delegation token not renewed within it expires.
         """
         root = Path(directory).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -744,7 +748,7 @@ class SecureHdfs:
 
         proc = None
         try:
-            proc = cls._launch(root, token, detach, nn_port, http_port)
+            proc = cls._launch(root, token, detach, nn_port, http_port, token_renew_ms)
             state["harness_pid"] = proc.pid
             _write_private(root / "state.json", json.dumps(state, indent=2) + "\n")
             info = _wait_ready(root, proc, "harness", deadline, timeout)
@@ -759,8 +763,11 @@ class SecureHdfs:
         return cls(root, state, kdc, proc)
 
     @staticmethod
-    def _launch(root: Path, token: str, detach: bool, nn_port: int, http_port: int) -> subprocess.Popen:
+    def _launch(
+        root: Path, token: str, detach: bool, nn_port: int, http_port: int, token_renew_ms: int
+    ) -> subprocess.Popen:
         args = ["--nn-port", str(nn_port), "--http-port", str(http_port), "--control-port", "0"]
+        args += ["--token-renew-ms", str(token_renew_ms)]
         env = {"SECUREHDFS_CONTROL_TOKEN": token}
         return _launch_java(root, MAIN_CLASS, args, "harness", detach, env)
 

@@ -33,6 +33,9 @@ IMAGES = 90
 ARCHIVES_TIMEOUT_S = 600.0
 RUN_TIMEOUT_S = 540.0
 KILL_WAIT_S = 300.0
+START_TIMEOUT_S = 180.0
+#: The NameNode's delegation token renew interval on the cluster of the renewal test.
+RENEW_S = 15
 #: Spark on YARN as docs/spark.md sets it (SPARK_CONF_DIR/spark-defaults.conf), sized for 2 cores.
 SPARK_DEFAULTS = """\
 spark.yarn.archive hdfs:///apps/spark/spark-jars.zip
@@ -109,31 +112,62 @@ def accuracy(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def yarn_app(secure_yarn, tmp_path_factory) -> SimpleNamespace:
-    """The archives built (scripts/yarn_archives.py) and uploaded once to /apps, /user/tensorflow and
-    the photos in place, a SPARK_CONF_DIR with :data:`SPARK_DEFAULTS`."""
-    work = tmp_path_factory.mktemp("spark_yarn")
+def archives(tmp_path_factory) -> Path:
+    """The folder of the two archives of scripts/yarn_archives.py, built once."""
+    out = tmp_path_factory.mktemp("yarn_archives")
     built = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "yarn_archives.py"), str(work / "archives")],
+        [sys.executable, str(ROOT / "scripts" / "yarn_archives.py"), str(out)],
         capture_output=True, text=True, timeout=ARCHIVES_TIMEOUT_S,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
-    photos = make_dataset(work / "shapes", per_class=IMAGES // 3, seed=11)
-    upload_for_tensorflow(secure_yarn, photos, INPUT)
+    return out
+
+
+def install(cluster, archives: Path, work: Path) -> Path:
+    """As the superuser: the archives uploaded to /apps (world-readable: YARN's public cache) and
+    tensorflow's home /user/tensorflow (Spark's staging folder); a SPARK_CONF_DIR with
+    :data:`SPARK_DEFAULTS`."""
     as_superuser(
-        secure_yarn,
+        cluster,
         "for d in ('/apps/spark', '/apps/lastlayer', '/user/tensorflow'):\n"
         "    fs.makedirs(d, exist_ok=True)\n"
         "fs.client.set_owner('/user/tensorflow', 'tensorflow', 'tensorflow')\n"
-        f"fs.put('{work}/archives/spark-jars.zip', '/apps/spark/spark-jars.zip')\n"
-        f"fs.put('{work}/archives/lastlayer-env.tar.gz', '/apps/lastlayer/lastlayer-env.tar.gz')\n"
+        f"fs.put('{archives}/spark-jars.zip', '/apps/spark/spark-jars.zip')\n"
+        f"fs.put('{archives}/lastlayer-env.tar.gz', '/apps/lastlayer/lastlayer-env.tar.gz')\n"
         "for f in ('/apps/spark/spark-jars.zip', '/apps/lastlayer/lastlayer-env.tar.gz'):\n"
         "    fs.client.set_permission(f, 0o644)\n",
     )
     conf = work / "spark-conf"
     conf.mkdir()
     (conf / "spark-defaults.conf").write_text(SPARK_DEFAULTS)
-    return SimpleNamespace(work=work, spark_conf=conf)
+    return conf
+
+
+def yarn_argv(cluster, base: str, model_dir: Path, summaries: Path) -> list[str]:
+    """``lastlayer retrain`` of :data:`INPUT` on YARN as tensorflow (keytab), cache under ``base``."""
+    argv = [sys.executable, "-m", "lastlayer", "retrain", *flags(base, model_dir, summaries)]
+    return [*argv, *principal_flags(cluster, "tensorflow"), "--engine=spark", "--spark_master=yarn"]
+
+
+def yarn_env(cluster, spark_conf: Path) -> dict[str, str]:
+    """The driver's environment for a yarn master, as docs/spark.md sets it."""
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ENV_KEYS},
+        "HADOOP_CONF_DIR": str(cluster.conf_dir),  # spark-submit wants it for a yarn master
+        "SPARK_CONF_DIR": str(spark_conf),
+        "PYSPARK_PYTHON": "./env/bin/python",  # the executors' Python, from the packed env
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+
+
+@pytest.fixture(scope="module")
+def yarn_app(secure_yarn, archives, tmp_path_factory) -> SimpleNamespace:
+    """The archives installed, the photos in place: a SPARK_CONF_DIR."""
+    work = tmp_path_factory.mktemp("spark_yarn")
+    photos = make_dataset(work / "shapes", per_class=IMAGES // 3, seed=11)
+    upload_for_tensorflow(secure_yarn, photos, INPUT)
+    return SimpleNamespace(spark_conf=install(secure_yarn, archives, work))
 
 
 def flags(base: str, model_dir: Path, summaries: Path) -> list[str]:
@@ -168,16 +202,8 @@ def kill_executors_mid_extraction(cluster, run: subprocess.Popen[str]) -> int:
 def yarn_run(secure_yarn, yarn_app, model_dir, tmp_path_factory) -> SimpleNamespace:
     """The YARN run (executor containers killed mid-extraction) and the local engine's run."""
     work = tmp_path_factory.mktemp("yarn_run")
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ENV_KEYS},
-        "HADOOP_CONF_DIR": str(secure_yarn.conf_dir),  # spark-submit wants it for a yarn master
-        "SPARK_CONF_DIR": str(yarn_app.spark_conf),
-        "PYSPARK_PYTHON": "./env/bin/python",  # the executors' Python, from the packed env
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "PYTHONPATH": str(ROOT / "src"),
-    }
-    argv = [sys.executable, "-m", "lastlayer", "retrain", *flags(f"{BASE}/yarn", model_dir, work / "s1")]
-    argv += [*principal_flags(secure_yarn, "tensorflow"), "--engine=spark", "--spark_master=yarn"]
+    env = yarn_env(secure_yarn, yarn_app.spark_conf)
+    argv = yarn_argv(secure_yarn, f"{BASE}/yarn", model_dir, work / "s1")
     before = len(audit(secure_yarn, INPUT))
     started = time.monotonic()
     with (
@@ -248,3 +274,36 @@ def test_executors_on_yarn_hold_no_keytab_and_work_with_delegation_tokens(secure
         text = script.read_text(errors="replace")
         assert "keytab" not in text.lower(), script
         assert "HADOOP_TOKEN_FILE_LOCATION" in text, script
+
+
+def test_a_run_outlasting_the_token_renew_interval_completes_or_names_the_setting(
+    securehdfs, archives, model_dir, tmp_path
+):
+    """On a cluster of its own whose NameNode lets a delegation token lapse after RENEW_S seconds unless
+    renewed (the run lasts several times that). The ResourceManager renews the application's token;
+    an executor started after Spark refreshed its tokens holds the refreshed one in its container's
+    token file, which nobody renews: the run then fails, in one line naming the setting to raise."""
+    cluster = securehdfs.SecureHdfs.start(
+        tmp_path / "state", timeout=START_TIMEOUT_S, token_renew_ms=RENEW_S * 1000
+    )
+    try:
+        cluster.start_yarn(timeout=START_TIMEOUT_S)
+        upload_for_tensorflow(cluster, make_dataset(tmp_path / "shapes", per_class=6, seed=5), INPUT)
+        spark_conf = install(cluster, archives, tmp_path)
+        argv = yarn_argv(cluster, f"{BASE}/renew", model_dir, tmp_path / "summaries")
+        done = subprocess.run(
+            argv, env=yarn_env(cluster, spark_conf), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+        )
+        renewed = [ln for ln in audit(cluster, "cmd=renewDelegationToken") if "ugi=rm/localhost@LOCAL" in ln]
+        assert renewed, done.stderr[-4000:]  # the ResourceManager renews the application's token
+        if done.returncode == 0:
+            assert "Bottlenecks: 18 computed, 0 from the cache, 0 skipped" in done.stderr
+        else:
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("lastlayer: error: the Spark job failed: "), done.stderr[-4000:]
+            assert "its HDFS delegation token has expired" in last
+            assert "raise it above the run's length" in last
+            assert "dfs.namenode.delegation.token.renew-interval" in last
+            assert "Traceback" not in done.stderr.split("lastlayer: error:")[-1]
+    finally:
+        cluster.stop()
