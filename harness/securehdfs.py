@@ -494,7 +494,11 @@ def _launch_java(
     for mod in JAVA_OPENS:
         cmd.append(f"--add-opens={mod}=ALL-UNNAMED")
     cmd.append("--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED")
-    cmd += ["-cp", f"{HARNESS_JAR}:{HARNESS_LIB}/*", main_class, "--dir", str(root), "--realm", REALM, *args]
+    # The YARN JVM also has the HDFS client configuration on its class path: the NodeManagers'
+    # in-process ContainerLocalizer builds a plain `new Configuration()` to read HDFS.
+    conf = f"{root / 'conf'}:" if main_class == YARN_CLASS else ""
+    cmd += ["-cp", f"{conf}{HARNESS_JAR}:{HARNESS_LIB}/*", main_class]
+    cmd += ["--dir", str(root), "--realm", REALM, *args]
     if detach:
         cmd.append("--no-stdin")
     env = {**os.environ, **extra_env}
