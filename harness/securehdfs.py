@@ -8,6 +8,7 @@ Standard library only. Command line (see harness/README.md)::
     python harness/securehdfs.py env    --dir DIR [--user tensorflow]   # shell export lines
     python harness/securehdfs.py map    --dir DIR PRINCIPAL             # Hadoop's auth_to_local
     python harness/securehdfs.py restart-nn --dir DIR
+    python harness/securehdfs.py start-yarn --dir DIR                # + secure MiniYARNCluster
     python harness/securehdfs.py stop   --dir DIR
 
 Python API (what tests use)::
@@ -46,10 +47,13 @@ TARGET_DIR = HARNESS_DIR / "target"
 HARNESS_JAR = TARGET_DIR / "securehdfs-harness.jar"
 HARNESS_LIB = TARGET_DIR / "lib"
 MAIN_CLASS = "lastlayer.harness.SecureHdfs"
+YARN_CLASS = "lastlayer.harness.SecureYarn"
 
 REALM = "LOCAL"
 HOST = "localhost"
 SERVICE_PRINCIPALS = (f"hdfs/{HOST}", f"HTTP/{HOST}")
+#: The YARN daemons' principals; keytabs/yarn.keytab holds them and HTTP/localhost (SPNEGO).
+YARN_PRINCIPALS = (f"rm/{HOST}", f"nm/{HOST}")
 USERS = ("tensorflow", "alice", "bob")
 ENCTYPES = ("aes256-cts-hmac-sha1-96", "aes128-cts-hmac-sha1-96")
 
@@ -65,6 +69,7 @@ OWNED = (
     "krb5.conf",
     "control.token",
     "state.json",
+    "target",
 )
 
 JAVA_OPENS = (
@@ -292,7 +297,12 @@ class Kdc:
         return self.root / "kdc.conf"
 
     def keytab(self, user: str) -> Path:
-        name = "server" if user in ("hdfs", "HTTP", *SERVICE_PRINCIPALS) else user
+        if user in ("rm", "nm", *YARN_PRINCIPALS):
+            name = "yarn"
+        elif user in ("hdfs", "HTTP", *SERVICE_PRINCIPALS):
+            name = "server"
+        else:
+            name = user
         return self.root / "keytabs" / f"{name}.keytab"
 
     def env(self) -> dict[str, str]:
@@ -384,7 +394,7 @@ class Kdc:
         kdb5_util = _which("kdb5_util")
         kadmin = _which("kadmin.local")
         self._run([kdb5_util, "create", "-s", "-r", REALM, "-P", secrets.token_urlsafe(24)])
-        principals = [f"{p}@{REALM}" for p in (*SERVICE_PRINCIPALS, *USERS)]
+        principals = [f"{p}@{REALM}" for p in (*SERVICE_PRINCIPALS, *YARN_PRINCIPALS, *USERS)]
         for p in principals:
             out = self._run([kadmin, "-r", REALM, "-q", f"addprinc -randkey {p}"])
             if "created" not in out:
@@ -392,6 +402,7 @@ class Kdc:
         (self.root / "keytabs").mkdir(exist_ok=True)
         os.chmod(self.root / "keytabs", 0o700)
         groups = [(self.keytab("hdfs"), [f"{p}@{REALM}" for p in SERVICE_PRINCIPALS])]
+        groups.append((self.keytab("rm"), [f"{p}@{REALM}" for p in (*YARN_PRINCIPALS, f"HTTP/{HOST}")]))
         groups += [(self.keytab(u), [f"{u}@{REALM}"]) for u in USERS]
         for path, names in groups:
             out = self._run([kadmin, "-r", REALM, "-q", f"ktadd -norandkey -k {path} {' '.join(names)}"])
@@ -461,6 +472,86 @@ class Kdc:
             raise HarnessError(f"kinit -kt {keytab} {principal} failed: {r.stderr.strip()}")
 
 
+def _launch_java(
+    root: Path, main_class: str, args: Sequence[str], name: str, detach: bool, extra_env: dict[str, str]
+) -> subprocess.Popen:
+    """``java ... main_class --dir root ARGS`` with the harness's class path, logging the protocol to
+    ``logs/NAME.out`` and Hadoop's log to ``logs/NAME.log``. Attached (detach=False): it reads a stdin
+    pipe this process holds, whose EOF (our death) stops it, and gets SIGTERM when we die."""
+    krb5 = root / "krb5.conf"
+    cmd = [
+        _java(),
+        "-Xmx1g",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-Djava.net.preferIPv4Stack=true",
+        f"-Djava.security.krb5.conf={krb5}",
+        "-Dsun.security.krb5.disableReferrals=true",
+        f"-Dsecurehdfs.dir={root}",
+    ]
+    if os.environ.get("SECUREHDFS_KRB5_DEBUG"):
+        cmd.append("-Dsun.security.krb5.debug=true")
+    for mod in JAVA_OPENS:
+        cmd.append(f"--add-opens={mod}=ALL-UNNAMED")
+    cmd.append("--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED")
+    # The YARN JVM also has the HDFS client configuration on its class path: the NodeManagers'
+    # in-process ContainerLocalizer builds a plain `new Configuration()` to read HDFS.
+    conf = f"{root / 'conf'}:" if main_class == YARN_CLASS else ""
+    cmd += ["-cp", f"{conf}{HARNESS_JAR}:{HARNESS_LIB}/*", main_class]
+    cmd += ["--dir", str(root), "--realm", REALM, *args]
+    if detach:
+        cmd.append("--no-stdin")
+    env = {**os.environ, **extra_env}
+    # YARN containers start `$JAVA_HOME/bin/java` (the NodeManagers pass JAVA_HOME on to them).
+    env.setdefault("JAVA_HOME", str(Path(os.path.realpath(_java())).parents[1]))
+    env["KRB5_CONFIG"] = str(krb5)
+    env.pop("KRB5CCNAME", None)
+    env.pop("HADOOP_CONF_DIR", None)
+    env.pop("JAVA_TOOL_OPTIONS", None)
+    logs = root / "logs"
+    out = open(logs / f"{name}.out", "wb")  # noqa: SIM115 - owned by the child
+    err = open(logs / f"{name}.log", "wb")  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL if detach else subprocess.PIPE,
+            start_new_session=detach,
+            preexec_fn=None if detach else _die_with_parent,
+        )
+    finally:
+        out.close()
+        err.close()
+
+
+def _wait_ready(root: Path, proc: subprocess.Popen, name: str, deadline: float, timeout: float) -> dict:
+    """The JSON line after ``Ready!`` in ``logs/NAME.out``; HarnessError with the log's tail when the
+    process fails, exits or is not ready by deadline."""
+    out = root / "logs" / f"{name}.out"
+    log = root / "logs" / f"{name}.log"
+    while True:
+        lines = out.read_text(errors="replace").splitlines() if out.exists() else []
+        if "Ready!" in lines:
+            i = lines.index("Ready!")
+            if len(lines) > i + 1 and lines[i + 1].startswith("{"):
+                return json.loads(lines[i + 1])
+        for line in lines:
+            if line.startswith("error"):
+                raise HarnessError(f"{name} failed to start: {line}\n--- {name}.log (tail) ---\n{_tail(log)}")
+        if proc.poll() is not None:
+            raise HarnessError(
+                f"{name} exited with {proc.returncode} before Ready!\n"
+                f"--- {name}.out ---\n{_tail(out, 20)}\n--- {name}.log (tail) ---\n" + _tail(log)
+            )
+        if time.monotonic() > deadline:
+            tail = _tail(log)
+            raise HarnessError(f"{name} not ready within {timeout:.0f} s\n--- {name}.log (tail) ---\n{tail}")
+        time.sleep(0.1)
+
+
 # ------------------------------------------------------------------------------------ the cluster
 
 
@@ -476,6 +567,7 @@ class SecureHdfs:
         self.state = state
         self.kdc = kdc
         self._proc = harness_proc
+        self._yarn_proc: subprocess.Popen | None = None
         self._token = (root / "control.token").read_text().strip()
 
     # ---- paths and names
@@ -513,10 +605,10 @@ class SecureHdfs:
         return int(self.state["harness_pid"])
 
     def principal(self, user: str) -> str:
-        """Full principal: 'hdfs' -> hdfs/localhost@LOCAL, 'HTTP' -> HTTP/localhost@LOCAL, else user@LOCAL."""
+        """Full principal: 'hdfs' -> hdfs/localhost@LOCAL ('HTTP', 'rm', 'nm' alike), else user@LOCAL."""
         if "@" in user:
             return user
-        if user in ("hdfs", "HTTP"):
+        if user in ("hdfs", "HTTP", "rm", "nm"):
             return f"{user}/{HOST}@{REALM}"
         return f"{user}@{REALM}"
 
@@ -604,12 +696,15 @@ class SecureHdfs:
         nn_port: int = 0,
         http_port: int = 0,
         build_timeout: float = 1200,
+        token_renew_ms: int = 0,
     ) -> SecureHdfs:
         """Creates realm LOCAL in directory, starts krb5kdc and the harness, waits for `Ready!`.
 
         With detach=False both processes are children of this one (and die with it); with
         detach=True they run in their own sessions and outlive it (stop them with `stop`).
         `timeout` bounds the KDC + cluster start (the first Maven build has build_timeout).
+        `token_renew_ms` > 0 sets the NameNode's ``dfs.namenode.delegation.token.renew-interval``
+        (Hadoop's default: 1 day): a delegation token not renewed within it expires.
         """
         root = Path(directory).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -657,10 +752,10 @@ class SecureHdfs:
 
         proc = None
         try:
-            proc = cls._launch(root, token, detach, nn_port, http_port)
+            proc = cls._launch(root, token, detach, nn_port, http_port, token_renew_ms)
             state["harness_pid"] = proc.pid
             _write_private(root / "state.json", json.dumps(state, indent=2) + "\n")
-            info = cls._wait_ready(root, proc, deadline, timeout)
+            info = _wait_ready(root, proc, "harness", deadline, timeout)
         except BaseException:
             if proc is not None:
                 _terminate(proc.pid, MAIN_CLASS, 20, proc)
@@ -672,91 +767,62 @@ class SecureHdfs:
         return cls(root, state, kdc, proc)
 
     @staticmethod
-    def _launch(root: Path, token: str, detach: bool, nn_port: int, http_port: int) -> subprocess.Popen:
-        krb5 = root / "krb5.conf"
-        cmd = [
-            _java(),
-            "-Xmx1g",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-            "-Djava.net.preferIPv4Stack=true",
-            f"-Djava.security.krb5.conf={krb5}",
-            "-Dsun.security.krb5.disableReferrals=true",
-            f"-Dsecurehdfs.dir={root}",
-        ]
-        if os.environ.get("SECUREHDFS_KRB5_DEBUG"):
-            cmd.append("-Dsun.security.krb5.debug=true")
-        for mod in JAVA_OPENS:
-            cmd.append(f"--add-opens={mod}=ALL-UNNAMED")
-        cmd.append("--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED")
-        cmd += [
-            "-cp",
-            f"{HARNESS_JAR}:{HARNESS_LIB}/*",
-            MAIN_CLASS,
-            "--dir",
-            str(root),
-            "--realm",
-            REALM,
-            "--nn-port",
-            str(nn_port),
-            "--http-port",
-            str(http_port),
-            "--control-port",
-            "0",
-        ]
-        if detach:
-            cmd.append("--no-stdin")
-        env = dict(os.environ)
-        env["SECUREHDFS_CONTROL_TOKEN"] = token
-        env["KRB5_CONFIG"] = str(krb5)
-        env.pop("KRB5CCNAME", None)
-        env.pop("HADOOP_CONF_DIR", None)
-        env.pop("JAVA_TOOL_OPTIONS", None)
-        logs = root / "logs"
-        out = open(logs / "harness.out", "wb")  # noqa: SIM115 - owned by the child
-        err = open(logs / "harness.log", "wb")  # noqa: SIM115
-        try:
-            return subprocess.Popen(
-                cmd,
-                cwd=root,
-                env=env,
-                stdout=out,
-                stderr=err,
-                # Attached: a stdin pipe this process holds; its EOF (our death) stops the cluster.
-                stdin=subprocess.DEVNULL if detach else subprocess.PIPE,
-                start_new_session=detach,
-                preexec_fn=None if detach else _die_with_parent,
-            )
-        finally:
-            out.close()
-            err.close()
+    def _launch(
+        root: Path, token: str, detach: bool, nn_port: int, http_port: int, token_renew_ms: int
+    ) -> subprocess.Popen:
+        args = ["--nn-port", str(nn_port), "--http-port", str(http_port), "--control-port", "0"]
+        args += ["--token-renew-ms", str(token_renew_ms)]
+        env = {"SECUREHDFS_CONTROL_TOKEN": token}
+        return _launch_java(root, MAIN_CLASS, args, "harness", detach, env)
 
-    @staticmethod
-    def _wait_ready(root: Path, proc: subprocess.Popen, deadline: float, timeout: float) -> dict:
-        out = root / "logs" / "harness.out"
-        log = root / "logs" / "harness.log"
-        while True:
-            lines = out.read_text(errors="replace").splitlines() if out.exists() else []
-            if "Ready!" in lines:
-                i = lines.index("Ready!")
-                if len(lines) > i + 1 and lines[i + 1].startswith("{"):
-                    return json.loads(lines[i + 1])
-            for line in lines:
-                if line.startswith("error"):
-                    raise HarnessError(
-                        f"the harness failed to start: {line}\n--- harness.log (tail) ---\n" + _tail(log)
-                    )
-            if proc.poll() is not None:
-                raise HarnessError(
-                    f"the harness exited with {proc.returncode} before Ready!\n"
-                    f"--- harness.out ---\n{_tail(out, 20)}\n--- harness.log (tail) ---\n" + _tail(log)
-                )
-            if time.monotonic() > deadline:
-                raise HarnessError(
-                    f"the harness was not ready within {timeout:.0f} s\n"
-                    "--- harness.log (tail) ---\n" + _tail(log)
-                )
-            time.sleep(0.1)
+    # ---- YARN
+    def start_yarn(self, timeout: float = 180) -> None:
+        """Starts the secure MiniYARNCluster (a ResourceManager, two NodeManagers) in a JVM of its own
+        (logged in as rm/localhost) and waits until it has written ``conf/yarn-site.xml``; nothing
+        when it runs already."""
+        if self.yarn_running:
+            return
+        detach = bool(self.state.get("detached"))
+        proc = _launch_java(self.root, YARN_CLASS, [], "yarn", detach, {})
+        self._yarn_proc = proc
+        try:
+            info = _wait_ready(self.root, proc, "yarn", time.monotonic() + timeout, timeout)
+        except BaseException:
+            _terminate(proc.pid, YARN_CLASS, 20, proc)
+            raise
+        self.state["yarn"] = info
+        _write_private(self.root / "state.json", json.dumps(self.state, indent=2) + "\n")
+
+    @property
+    def yarn_running(self) -> bool:
+        """Whether the MiniYARNCluster of :meth:`start_yarn` runs."""
+        if self._yarn_proc is not None:
+            return self._yarn_proc.poll() is None
+        return "yarn" in self.state and _pid_alive(self.state["yarn"].get("pid"), YARN_CLASS)
+
+    @property
+    def rm_address(self) -> str:
+        """The ResourceManager's client RPC address, ``localhost:<port>``."""
+        return f"{HOST}:{int(self.state['yarn']['rm_port'])}"
+
+    @property
+    def rm_web_url(self) -> str:
+        """The ResourceManager's web endpoint (SPNEGO as HTTP/localhost), ``http://localhost:<port>``."""
+        return f"http://{HOST}:{int(self.state['yarn']['rm_web_port'])}"
+
+    @property
+    def yarn_local_dirs(self) -> Path:
+        """Where the NodeManagers keep their local and log folders (containers' files): a folder per
+        NodeManager under this one."""
+        return Path(self.state["yarn"]["nm_local_dirs"]).parent
+
+    def stop_yarn(self, timeout: float = 60) -> None:
+        """Stops the MiniYARNCluster (SIGTERM: its shutdown hook stops the daemons; SIGKILL after
+        timeout)."""
+        if "yarn" in self.state:
+            _terminate(int(self.state["yarn"]["pid"]), YARN_CLASS, timeout, self._yarn_proc)
+            self._yarn_proc = None
+            del self.state["yarn"]
 
     @classmethod
     def attach(cls, directory: str | os.PathLike) -> SecureHdfs:
@@ -791,11 +857,14 @@ class SecureHdfs:
             "kdc": f"127.0.0.1:{self.kdc_port}",
             "ports": self.state.get("ports"),
             "pids": {"harness": self.state.get("harness_pid"), "kdc": self.kdc.pid},
+            "yarn": self.state.get("yarn") if self.yarn_running else None,
         }
 
     def stop(self, timeout: float = 60) -> None:
-        """Clean shutdown (the `stop` command), then SIGTERM/SIGKILL after timeout; then the KDC."""
+        """Clean shutdown (YARN first; the `stop` command), then SIGTERM/SIGKILL after timeout; then the
+        KDC."""
         try:
+            self.stop_yarn(timeout)
             if self.running():
                 with contextlib.suppress(HarnessError):
                     self._command("stop", timeout)
@@ -851,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("env", "print shell export lines for a user's client"),
         ("map", "Hadoop's auth_to_local short name of a principal"),
         ("restart-nn", "restart the NameNode, keeping its ports"),
+        ("start-yarn", "start the secure MiniYARNCluster beside a running HDFS"),
         ("build", "build the Java harness (Maven) if needed"),
     ):
         p = sub.add_parser(name, help=help_)
@@ -860,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--timeout", type=float, default=180, help="seconds to wait for Ready! (180)")
             p.add_argument("--nn-port", type=int, default=0, help="NameNode RPC port (0: a free one)")
             p.add_argument("--http-port", type=int, default=0, help="NameNode HTTP/WebHDFS port (0: free)")
+            p.add_argument("--yarn", action="store_true", help="also a secure MiniYARNCluster (RM + 2 NMs)")
         if name == "stop":
             p.add_argument("--timeout", type=float, default=60, help="seconds before killing (60)")
         if name == "env":
@@ -878,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             h = SecureHdfs.start(
                 args.dir, timeout=args.timeout, detach=True, nn_port=args.nn_port, http_port=args.http_port
             )
+            if args.yarn:
+                h.start_yarn(timeout=args.timeout)
             print(json.dumps(h.status(), indent=2))
             print(
                 f"Secure HDFS up in {time.monotonic() - t0:.1f} s ({h.state['startup_seconds']} s after "
@@ -900,6 +973,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "map":
             print(h.map_principal(args.principal))
+            return 0
+        if args.cmd == "start-yarn":
+            h.start_yarn()
+            print(json.dumps(h.status(), indent=2))
             return 0
         if args.cmd == "restart-nn":
             h.restart_namenode()

@@ -37,3 +37,14 @@ def test_urls_and_missing_files(tmp_path: Path):
         storage.read_bytes(str(tmp_path / "missing"))
     with pytest.raises(StorageError, match="cannot open"):
         storage.read_bytes("nosuchscheme://x/y")
+
+
+def test_an_expired_delegation_token_names_the_setting_to_raise():
+    hadoop = RuntimeError(
+        'FatalRPCError("org.apache.hadoop.security.token.SecretManager$InvalidToken", "Token has expired, '
+        'current time: 2026-12-07 18:55:21,490+0000 expected renewal time: 2026-12-07 18:54:30,597+0000")'
+    )
+    message = str(storage.describe(hadoop, "hdfs:///photos/a.jpg", "read"))
+    assert message.startswith("cannot read hdfs:///photos/a.jpg: its HDFS delegation token has expired")
+    assert "dfs.namenode.delegation.token.renew-interval" in message
+    assert "\n" not in message

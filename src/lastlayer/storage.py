@@ -90,6 +90,10 @@ _KERBEROS_MARKERS = (
 )
 
 
+#: Hadoop's InvalidToken text for a delegation token past its renewal time.
+_TOKEN_EXPIRED = "Token has expired"
+
+
 def describe(exc: BaseException, url: str, action: str) -> StorageError:
     """Turn an I/O exception from any backend into a one-line :class:`StorageError`.
 
@@ -104,6 +108,13 @@ def describe(exc: BaseException, url: str, action: str) -> StorageError:
         return StorageError(
             f"cannot {action} {url}: {denied.group(0)} (ask the owner for access, or use a "
             "path your user may write)"
+        )
+    if _TOKEN_EXPIRED in text:
+        return StorageError(
+            f"cannot {action} {url}: its HDFS delegation token has expired ({text[:200]}); the run "
+            "outlasted the NameNode's dfs.namenode.delegation.token.renew-interval: raise it above the "
+            "run's length (on YARN an executor's Python reads the token file of its container, which "
+            "nobody renews once Spark has obtained newer tokens)"
         )
     if any(marker in text for marker in _KERBEROS_MARKERS):
         return StorageError(

@@ -57,6 +57,17 @@ def secure_hdfs(securehdfs: ModuleType, tmp_path_factory: pytest.TempPathFactory
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def secure_yarn(secure_hdfs) -> object:
+    """The secure HDFS with its secure MiniYARNCluster started (once a session, on first use; stopped
+    with the HDFS): ``secure_yarn.rm_address``, ``rm_web_url``, ``conf_dir`` with ``yarn-site.xml``."""
+    try:
+        secure_hdfs.start_yarn(timeout=START_TIMEOUT_S)
+    except Exception as exc:
+        pytest.fail(f"the secure YARN harness could not start: {exc}", pytrace=False)
+    return secure_hdfs
+
+
 @pytest.fixture
 def as_user(secure_hdfs, monkeypatch: pytest.MonkeyPatch) -> Callable[[str | None], dict[str, str]]:
     """``as_user("tensorflow")``: put that user's client environment (KRB5_CONFIG, HADOOP_CONF_DIR,

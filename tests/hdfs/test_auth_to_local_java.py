@@ -13,6 +13,9 @@ PRINCIPALS = [
     "tensorflow@LOCAL",
     "alice@LOCAL",
     "bob@LOCAL",
+    # the YARN daemons of the harness
+    "rm/localhost@LOCAL",
+    "nm/localhost@LOCAL",
     # tricky ones
     "hdfs@LOCAL",
     "hdfs/name-0-node.hdfs.autoip.dcos.thisdcos.directory@LOCAL",
@@ -50,6 +53,7 @@ def test_same_answer_as_hadoop(secure_hdfs, securehdfs, rules, principal):
     assert ours == hadoop, f"{principal}: lastlayer {ours!r}, Hadoop {hadoop!r}"
 
 
-def test_the_rules_are_the_walkthrough_s(rules):
+def test_the_rules_are_the_walkthrough_s_and_two_for_yarn(rules):
     assert short_name("bob@LOCAL", rules, "LOCAL") == "bob"
-    assert rules.count("RULE:") == 5
+    assert short_name("rm/localhost@LOCAL", rules, "LOCAL") == "yarn"
+    assert rules.count("RULE:") == 7

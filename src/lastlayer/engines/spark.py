@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import onnxruntime as ort
 
+from lastlayer.engines import shipping
 from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
 from lastlayer.engines.batch import Prepared, chunks, prefetch, prepare, read_task, run_network
 from lastlayer.errors import EngineError, UsageError
@@ -163,6 +164,7 @@ def start(master: str = "", cluster: Mapping[str, str] | None = None) -> SparkSe
         ) from exc
     if chosen.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         spark.sparkContext.pythonExec = sys.executable  # local executors run this Python, which has lastlayer
+    shipping.ship(spark)  # on a cluster, the executors run the driver's lastlayer
     log.info(
         "Spark %s started: master %s, %d cores", spark.version, chosen, spark.sparkContext.defaultParallelism
     )

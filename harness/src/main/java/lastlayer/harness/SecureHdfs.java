@@ -48,7 +48,8 @@ import org.apache.hadoop.security.UserGroupInformation;
  * {@code hdfs/localhost} and {@code HTTP/localhost}), {@code --realm LOCAL}, {@code --nn-port 0},
  * {@code --http-port 0}, {@code --control-port -1} (a port on 127.0.0.1 serving the same line
  * protocol; 0 chooses a free one; -1 disables it), {@code --no-stdin} (do not read stdin: stop only
- * by the {@code stop} command or a signal).
+ * by the {@code stop} command or a signal), {@code --token-renew-ms 0} (the NameNode's delegation
+ * token renew interval; 0: Hadoop's default, 1 day).
  *
  * <p>Protocol (one command a line, one answer line each): {@code ping} → {@code pong};
  * {@code restart-nn} → {@code ok restart-nn}; {@code map PRINCIPAL} → the short name Hadoop's
@@ -59,19 +60,24 @@ import org.apache.hadoop.security.UserGroupInformation;
  */
 public final class SecureHdfs {
 
-  /** The walkthrough's five auth_to_local rules (realm LOCAL). */
+  /** The walkthrough's five auth_to_local rules (realm LOCAL), and two for the YARN daemons. */
   static final String[] AUTH_TO_LOCAL_RULES = {
     "RULE:[2:$1@$0](^hdfs@LOCAL$)s/.*/hdfs/",
     "RULE:[1:$1@$0](^hdfs@LOCAL$)s/.*/hdfs/",
     "RULE:[1:$1@$0](^tensorflow@LOCAL$)s/.*/tensorflow/",
     "RULE:[1:$1@$0](^alice@LOCAL$)s/.*/alice/",
     "RULE:[1:$1@$0](^bob@LOCAL$)s/.*/bob/",
+    // The YARN daemons (SecureYarn): the NameNode maps the ResourceManager, which renews tokens.
+    "RULE:[2:$1@$0](^rm@LOCAL$)s/.*/yarn/",
+    "RULE:[2:$1@$0](^nm@LOCAL$)s/.*/yarn/",
   };
 
   private final Path dir;
   private final String realm;
   private final int nnPortWanted;
   private final int httpPortWanted;
+  /** dfs.namenode.delegation.token.renew-interval in ms; 0: Hadoop's default (1 day). */
+  private long tokenRenewMs;
   private final PrintStream proto;
   private final Object lock = new Object();
   private final AtomicBoolean stopped = new AtomicBoolean(false);
@@ -145,6 +151,9 @@ public final class SecureHdfs {
     c.setBoolean("dfs.client.use.datanode.hostname", false);
     c.setInt("dfs.replication", 1);
     c.setInt("dfs.heartbeat.interval", 1);
+    if (tokenRenewMs > 0) {
+      c.setLong("dfs.namenode.delegation.token.renew-interval", tokenRenewMs);
+    }
     c.setBoolean("dfs.permissions.enabled", true);
     c.set("hadoop.tmp.dir", base.resolve("tmp").toString());
     return c;
@@ -208,7 +217,7 @@ public final class SecureHdfs {
     writeXml(hdfs, confDir.resolve("hdfs-site.xml"));
   }
 
-  private static void writeXml(Configuration c, Path target) throws IOException {
+  static void writeXml(Configuration c, Path target) throws IOException {
     Path tmp = target.resolveSibling(target.getFileName() + ".tmp");
     try (OutputStream out = Files.newOutputStream(tmp)) {
       c.writeXml(out);
@@ -234,6 +243,11 @@ public final class SecureHdfs {
     m.put("namenode_principal", hdfsPrincipal());
     m.put("http_principal", httpPrincipal());
     m.put("pid", ProcessHandle.current().pid());
+    return json(m);
+  }
+
+  /** One JSON object (numbers and strings only) on one line. */
+  static String json(Map<String, Object> m) {
     StringBuilder sb = new StringBuilder("{");
     boolean first = true;
     for (Map.Entry<String, Object> e : m.entrySet()) {
@@ -448,6 +462,7 @@ public final class SecureHdfs {
     int nnPort = 0;
     int httpPort = 0;
     int controlPort = -1;
+    long tokenRenewMs = 0;
     boolean readStdin = true;
     List<String> rest = new ArrayList<>(List.of(args));
     try {
@@ -460,6 +475,7 @@ public final class SecureHdfs {
           case "--http-port": httpPort = Integer.parseInt(rest.remove(0)); break;
           case "--control-port": controlPort = Integer.parseInt(rest.remove(0)); break;
           case "--no-stdin": readStdin = false; break;
+          case "--token-renew-ms": tokenRenewMs = Long.parseLong(rest.remove(0)); break;
           default: usage("unknown argument " + a);
         }
       }
@@ -480,6 +496,7 @@ public final class SecureHdfs {
     }
 
     SecureHdfs h = new SecureHdfs(dir, realm, nnPort, httpPort, proto);
+    h.tokenRenewMs = tokenRenewMs;
     Runtime.getRuntime().addShutdownHook(new Thread(h::shutdown, "securehdfs-shutdown"));
     long t0 = System.nanoTime();
     try {
