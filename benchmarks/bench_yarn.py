@@ -63,9 +63,9 @@ def harness() -> ModuleType:
 
 def child(engine: str, state: str, model_dir: str, work: str) -> dict:
     """One measurement in this (fresh) process, logged in as tensorflow: its timings."""
+    from lastlayer.bottlenecks.needs import compute_bottlenecks
     from lastlayer.dataset import scan
     from lastlayer.engines.local import LocalEngine
-    from lastlayer.features import compute_bottlenecks
     from lastlayer.hadoop import ClusterConfig, HadoopLogin
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 

@@ -20,9 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import make_dataset
-
-from .helpers import ENV_KEYS, as_superuser, lastlayer_as, principal_flags, upload_for_tensorflow
+from helpers import ENV_KEYS, as_superuser, lastlayer_as, make_dataset, principal_flags, upload_for_tensorflow
 
 pytestmark = [pytest.mark.yarn, pytest.mark.spark, pytest.mark.slow]
 
