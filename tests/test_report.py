@@ -216,3 +216,15 @@ def test_read_summary_names_the_size_bound(tmp_path, monkeypatch):
         DataError, match=re.escape("more than the 10 allowed; raise lastlayer.report.SUMMARY_LIMITS")
     ):
         report.read_summary(str(tmp_path / "s.json"))
+
+
+def test_a_run_whose_report_path_holds_another_file_keeps_it_and_warns(tmp_path, model_dir, caplog):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    notes = tmp_path / "out" / "model.report.html"
+    notes.parent.mkdir()
+    notes.write_text("my notes, not a report")
+    with caplog.at_level(logging.WARNING):
+        summary = run(tmp_path, data, model_dir, steps=10)
+    assert "No report written" in caplog.text and "not a lastlayer report" in caplog.text
+    assert notes.read_text() == "my notes, not a report"
+    assert (tmp_path / "out" / "model.onnx").is_file() and summary.outputs.report == str(notes)

@@ -15,6 +15,7 @@ import numpy as np
 
 from lastlayer import storage
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
+from lastlayer.errors import DataError
 from lastlayer.training.evaluate import per_class_scores
 from lastlayer.trust.summary import Trust
 from lastlayer.version import __version__
@@ -334,13 +335,18 @@ def misclassified(scores: Scores, data: TrainingData, images: ImageSet) -> list[
 
 def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None) -> None:
     """Write the run's HTML report to ``summary.outputs.report``, or warn when the report's
-    libraries are not installed."""
+    libraries are not installed or the report refuses the run (more classes than a report shows,
+    a file that is not a report at its path): the model and the summary are written already."""
     from lastlayer.report import page as report
 
     if (missing := report.missing_libraries()) is not None:
         log.warning("No report written: %s", missing)
         return
-    report.write(summary.to_dict(), summary.outputs.report, storage_options)
+    try:
+        report.write(summary.to_dict(), summary.outputs.report, storage_options)
+    except DataError as exc:
+        log.warning("No report written: %s", exc)
+        return
     log.info("Save report to : %s", summary.outputs.report)
 
 
