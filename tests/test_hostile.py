@@ -142,13 +142,16 @@ def test_report_reads_thumbnails_only_below_the_image_folder_and_fetches_nothing
     assert "no image folder" in report.build(rooted, report_url=str(tmp_path / "r.html"))
     Counting.hits = 0
     with serve_http(Counting) as base:
-        remote = summary_of(base + "/images", misclassified=[wrong("a/x.png")])
+        suspect = {"path": "a/y.png", "given_label": "a", "suggested_label": "b", "given_score": 0.1}
+        suspect |= {"suggested_score": 0.9, "split": "training"}
+        trust = {"label_issues": {"folds": 5, "images": 2, "suspected": 1, "listed": [suspect]}}
+        remote = summary_of(base + "/images", misclassified=[wrong("a/x.png")], trust=trust)
         (tmp_path / "remote.summary.json").write_text(json.dumps(remote))
         assert main(["report", str(tmp_path / "remote.summary.json")]) == 0
         assert Counting.hits == 0
         assert "pass --fetch_images" in (tmp_path / "remote.report.html").read_text()
         assert main(["report", str(tmp_path / "remote.summary.json"), "--fetch_images"]) == 0
-        assert Counting.hits == 1
+        assert Counting.hits == 2  # the misclassified image and the suspected label's
     capsys.readouterr()
 
 

@@ -180,7 +180,9 @@ def _page(
         "trust": trust_view.page(
             summary.get("trust"),
             _chart,
-            lambda items: _thumbnails(summary.get("image_dir", ""), items, storage_options),
+            lambda items: _thumbnails(
+                summary.get("image_dir", ""), items, storage_options, report_url, fetch_images
+            ),
         ),
     }
 
