@@ -4,6 +4,7 @@ column, groups or paths, and a run through it (the cache keyed by content)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from lastlayer.labels.rows import MAX_LINE_CHARS
 from lastlayer.settings.run import TrainingConfig
 
 FOLDERS = ("Red Circles", "blue_squares", "green-stripes")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,26 @@ def test_a_run_through_a_labels_file_and_a_changed_file_reuses_every_feature(dat
         "hash of the path": 24
     }
     assert np.array(summary["confusion_matrix"]["matrix"]).shape == (2, 2)
+
+
+def test_a_job_s_context_names_the_labels_file(data, tmp_path, model_dir):
+    """The walkthrough's job adapter passes --labels_file from a job's context (``{{shared_filesystem}}``
+    becomes the task's log folder) to a real run."""
+    spec = importlib.util.spec_from_file_location("poets", ROOT / "examples" / "poets" / "poets.py")
+    poets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(poets)
+    table = [[p, label, "testing" if i % 4 == 0 else ""] for i, (p, label) in enumerate(folder_rows(data))]
+    write_csv(tmp_path / "labels.csv", table, ("path", "label", "split"))
+    args = {
+        "--image_dir": str(data), "--labels_file": "{{shared_filesystem}}/labels.csv",
+        "--how_many_training_steps": 20, "--model_dir": str(model_dir), "--random_seed": 2,
+        "--bottleneck_dir": "{{shared_filesystem}}/cache", "--output_graph": "{{shared_filesystem}}/g.onnx",
+        "--output_labels": "{{shared_filesystem}}/l.txt", "--summaries_dir": "{{shared_filesystem}}/s",
+    }  # fmt: skip
+    poets.main(object(), str(tmp_path), {"args": args})
+    summary = json.loads((tmp_path / "g.summary.json").read_text())
+    assert summary["label_source"] == {
+        "labels": str(tmp_path / "labels.csv"),
+        "splits": {"split column": 6, "hash of the path": 18},
+    }
+    assert summary["image_counts"]["red circles"]["testing"] >= 2
