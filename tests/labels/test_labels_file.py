@@ -216,3 +216,8 @@ def test_a_job_s_context_names_the_labels_file(data, tmp_path, model_dir):
         "splits": {"split column": 6, "hash of the path": 18},
     }
     assert summary["image_counts"]["red circles"]["testing"] >= 2
+
+
+def test_a_labels_file_without_an_image_folder_is_a_usage_error(capsys):
+    assert main(["retrain", "--labels_file=labels.csv"]) != 0
+    assert "--labels_file='labels.csv': needs --image_dir" in capsys.readouterr().err
