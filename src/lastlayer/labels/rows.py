@@ -9,6 +9,7 @@ modules rather than ``pyarrow.csv`` because every bad row is reported by its lin
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Iterator
@@ -76,10 +77,11 @@ class _Columns:
     def __init__(self) -> None:
         self.lists: dict[str, list[Any]] = {name: [] for name in ("line", *COLUMNS)}
         self.arrays: dict[str, list[Any]] = {name: [] for name in self.lists}
+        self.appends = [values.append for values in self.lists.values()]
 
     def add(self, line: int, path: str, label: str, split: int, group: str | None) -> None:
-        for name, value in zip(self.lists, (line, path, label, split, group), strict=True):
-            self.lists[name].append(value)
+        for append, value in zip(self.appends, (line, path, label, split, group), strict=True):
+            append(value)
         if len(self.lists["line"]) >= CHUNK:
             self.flush()
 
@@ -180,6 +182,10 @@ def _chain(first: str, lines: Iterator[str]) -> Iterator[str]:
     yield from lines
 
 
+#: :func:`label_for` remembered for the few distinct labels a file has (at most 65,536 kept).
+_label = functools.lru_cache(maxsize=1 << 16)(label_for)
+
+
 def _add(columns: _Columns, bad: BadRows, line: int, record: Any) -> None:
     """Add one record to ``columns``, or its problem to ``bad``."""
     if isinstance(record, str):
@@ -191,7 +197,7 @@ def _add(columns: _Columns, bad: BadRows, line: int, record: Any) -> None:
         bad.add(line, f"{wrong[0]} is not a string")
         return
     path = str(values["path"] or "").strip()
-    label = label_for(str(values["label"] or ""))
+    label = _label(str(values["label"] or ""))
     split = str(values["split"] or "").strip().lower()
     group = str(values["group"]).strip() if values["group"] not in (None, "") else None
     if not path:
