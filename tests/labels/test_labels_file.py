@@ -159,12 +159,12 @@ def test_the_option_is_declared_with_its_limits():
         TrainingConfig(bad_label_rows="maybe")
 
 
-def run(tmp: Path, data: Path, model_dir: Path, labels: str) -> dict:
+def run(tmp: Path, data: Path, model_dir: Path, labels: str, *extra: str) -> dict:
     out = tmp / "out"
     argv = [
         "retrain", f"--image_dir={data}", f"--labels_file={labels}", "--how_many_training_steps=40",
         f"--model_dir={model_dir}", f"--bottleneck_dir={tmp / 'cache'}", f"--output_graph={out / 'g.onnx'}",
-        f"--output_labels={out / 'l.txt'}", f"--summaries_dir={out / 's'}", "--random_seed=7",
+        f"--output_labels={out / 'l.txt'}", f"--summaries_dir={out / 's'}", "--random_seed=7", *extra,
     ]  # fmt: skip
     assert main(argv) == 0
     return json.loads((out / "g.summary.json").read_text())
@@ -221,3 +221,18 @@ def test_a_job_s_context_names_the_labels_file(data, tmp_path, model_dir):
 def test_a_labels_file_without_an_image_folder_is_a_usage_error(capsys):
     assert main(["retrain", "--labels_file=labels.csv"]) != 0
     assert "--labels_file='labels.csv': needs --image_dir" in capsys.readouterr().err
+
+
+def test_the_spark_engine_trains_the_same_model_from_a_labels_file(spark_session, data, tmp_path, model_dir):
+    table = [[p, label, "", f"g{i % 7}"] for i, (p, label) in enumerate(folder_rows(data))]
+    labels = write_csv(tmp_path / "l.csv", table, ("path", "label", "split", "group"))
+    local = run(tmp_path / "local", data, model_dir, labels)
+    spark = run(tmp_path / "spark", data, model_dir, labels, "--engine=spark")
+    assert spark["options"]["engine"] == "spark" and spark["cache"]["computed"] == 24
+    assert (
+        spark["label_source"]
+        == local["label_source"]
+        == {"labels": labels, "splits": {"hash of the group": 24}}
+    )
+    graphs = [(tmp_path / name / "out" / "g.onnx").read_bytes() for name in ("local", "spark")]
+    assert graphs[0] == graphs[1]
