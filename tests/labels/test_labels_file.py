@@ -236,3 +236,9 @@ def test_the_spark_engine_trains_the_same_model_from_a_labels_file(spark_session
     )
     graphs = [(tmp_path / name / "out" / "g.onnx").read_bytes() for name in ("local", "spark")]
     assert graphs[0] == graphs[1]
+
+
+def test_a_missing_image_folder_is_named(data, tmp_path):
+    url = write_csv(tmp_path / "l.csv", folder_rows(data))
+    with pytest.raises(DataError, match=r"--image_dir .*/nowhere is not a folder"):
+        read_labels(str(tmp_path / "nowhere"), url, (20, 20))

@@ -65,17 +65,23 @@ def read_labels(
         bad_rows: :data:`SKIP` (warn, with line numbers) or :data:`REFUSE` (raise).
 
     Raises:
-        DataError: bad rows with :data:`REFUSE`, a group given two splits, fewer than two labels, or
-            a file :func:`~lastlayer.labels.rows.read_rows` refuses.
+        DataError: no folder at ``image_dir``, bad rows with :data:`REFUSE`, a group given two splits,
+            fewer than two labels, or a file :func:`~lastlayer.labels.rows.read_rows` refuses.
         StorageError: the file or the folder cannot be read.
     """
     rows, bad = read_rows(labels_file, storage_options)
     fs, root = storage.url_to_fs(image_dir, storage_options)
     root = root.rstrip("/")
     try:
-        listed, stamps = list_images(fs, root, root)
+        folder = fs.isdir(root)
     except Exception as exc:
         raise storage.describe(exc, image_dir, "list") from exc
+    if not folder:
+        raise DataError(
+            f"--image_dir {image_dir} is not a folder: point it at the folder the labels file's paths "
+            "are under"
+        )
+    listed, stamps = list_images(fs, root, root)
     relpaths = _relative(rows, image_dir, root, fs, bad)
     found = pc.index_in(relpaths, value_set=listed)
     keep = _report(rows, relpaths, found, bad, labels_file, bad_rows)
