@@ -65,6 +65,22 @@ def test_json_lines_and_full_urls_under_the_folder(data, tmp_path):
     assert by_path(images) == by_path(scan(str(data), 20, 20))
 
 
+def test_json_lines_that_are_not_objects_are_bad_rows(data, tmp_path):
+    good = [json.dumps({"path": p, "label": label}) for p, label in folder_rows(data)]
+    lines = [*good, "[" * 60000, '"a string"', "{not json", json.dumps({"path": ["x"], "label": "a"})]
+    (tmp_path / "l.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_labels(str(data), str(tmp_path / "l.jsonl"), (20, 20), "refuse")
+    assert (
+        str(caught.value)
+        .split(": ", 1)[1]
+        .startswith(
+            "4 bad rows (line 25: not JSON; line 26: not a JSON object; line 27: not JSON; "
+            "line 28: path is not a string)"
+        )
+    )
+
+
 def test_bad_rows_are_reported_by_line_then_skipped_or_refused(data, tmp_path, caplog):
     rows = folder_rows(data)
     bad = [

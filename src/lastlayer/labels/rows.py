@@ -171,7 +171,7 @@ def _json_records(first: str, lines: Iterator[str]) -> Iterator[tuple[int, Any]]
             continue
         try:
             record = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deeper than Python's stack is not JSON we take
             yield line, "not JSON"
             continue
         yield line, record if isinstance(record, dict) else "not a JSON object"
