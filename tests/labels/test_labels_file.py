@@ -151,6 +151,10 @@ def test_a_group_keeps_its_images_in_one_split_and_the_split_column_wins(data, t
         ("path,label\n" + "x" * (MAX_LINE_CHARS + 5) + ",y\n", "line 2 of the labels file is longer"),
         (b"path,label\n\xff\xfe,x\n", "not UTF-8"),
         ("path,label\nRed Circles/img_000.jpg,one label only\n", "gives 1 label"),
+        (
+            "path,label\n" + '"open quote,x\n' + ("y" * 60000 + "\n") * 3,
+            "record that begins on line 2 of the labels file is not CSV",
+        ),
     ],
 )
 def test_a_file_that_is_not_a_labels_file_is_refused_in_one_line(data, tmp_path, text, needle):

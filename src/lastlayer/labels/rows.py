@@ -154,14 +154,23 @@ def _csv_records(header_line: str, lines: Iterator[str], url: str) -> Iterator[t
             f"column; its first line names the columns: path,label[,split][,group]"
         )
     reader = csv.reader(lines)
-    for values in reader:
-        line = reader.line_num + 1
+    while True:
+        begins = reader.line_num + 2  # the line this record begins on
+        try:
+            values = next(reader, None)
+        except csv.Error as exc:  # a quoted field left open runs past the field size limit
+            raise DataError(
+                f"{url}: the record that begins on line {begins} of the labels file is not CSV ({exc}); "
+                "close its quotes"
+            ) from exc
+        if values is None:
+            return
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
-            yield line, f"{len(values)} fields where the header names {len(header)}"
+            yield begins, f"{len(values)} fields where the header names {len(header)}"
             continue
-        yield line, dict(zip(header, values, strict=True))
+        yield begins, dict(zip(header, values, strict=True))
 
 
 def _json_records(first: str, lines: Iterator[str]) -> Iterator[tuple[int, Any]]:
