@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lastlayer import storage
-from lastlayer.errors import StorageError
+from lastlayer.errors import DataError, StorageError
 
 
 def test_write_atomic_replaces_and_creates_parents(tmp_path: Path):
@@ -48,3 +48,19 @@ def test_an_expired_delegation_token_names_the_setting_to_raise():
     assert message.startswith("cannot read hdfs:///photos/a.jpg: its HDFS delegation token has expired")
     assert "dfs.namenode.delegation.token.renew-interval" in message
     assert "\n" not in message
+
+
+def test_open_regular_streams_a_regular_file_and_refuses_to_read_past_its_limit(tmp_path: Path):
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"x" * 100)
+    with storage.open_regular(str(path), max_bytes=100) as stream:
+        assert stream.read() == b"x" * 100
+    too_large = pytest.raises(DataError, match="at least 100 bytes, more than the 99")
+    with storage.open_regular(str(path), max_bytes=99) as stream, too_large:
+        stream.read()
+    memory = "memory://wt21/f.txt"
+    storage.write_atomic(memory, b"y" * 10)
+    with storage.open_regular(memory, max_bytes=10) as stream:
+        assert stream.read() == b"y" * 10
+    with pytest.raises(StorageError, match="cannot read"), storage.open_regular(str(tmp_path / "missing")):
+        pass

@@ -15,7 +15,7 @@ import re
 import stat
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import numpy as np
@@ -39,6 +39,8 @@ CHUNK = 65536
 
 TRAINING, VALIDATION, TESTING = "training", "validation", "testing"
 SPLITS = (TRAINING, VALIDATION, TESTING)
+#: Where an image's split came from (:attr:`ImageSet.origin`).
+HASH_OF_PATH, HASH_OF_GROUP, SPLIT_COLUMN = "hash of the path", "hash of the group", "split column"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class ImageSet:
         split_index: ``int8 [N]`` index into :data:`SPLITS`.
         stamps: ``large_string [N]`` ``"<size>:<mtime>"`` as listed, null when the filesystem gives
             no mtime.
+        origin: where the labels and splits came from (``labels``: "class folders" or the labels
+            file's URL; ``splits``: images per source of their split), for the run summary.
     """
 
     image_dir: str
@@ -79,6 +83,7 @@ class ImageSet:
     label_index: np.ndarray
     split_index: np.ndarray
     stamps: pa.Array
+    origin: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def files(self) -> ImageFiles:
@@ -227,7 +232,7 @@ def _walk_local(root: str, path: str) -> Iterator[tuple[str, Mapping[str, Any]]]
                 log.warning("Skipped %s: not a regular file (a FIFO, device or socket)", entry.path)
 
 
-def _list_class(fs: Any, root: str, path: str) -> tuple[pa.Array, pa.Array]:
+def list_images(fs: Any, root: str, path: str) -> tuple[pa.Array, pa.Array]:
     """The images under the class folder ``path``: relative paths (sorted) and stamps, as arrays."""
     rel: list[pa.Array] = []
     stamps: list[pa.Array] = []
@@ -284,7 +289,7 @@ def scan(
     seen_labels: dict[str, str] = {}
     for folder, path in folders:
         label = label_for(folder)
-        relpaths, stamps = _list_class(fs, root, path)
+        relpaths, stamps = list_images(fs, root, path)
         if not len(relpaths):
             log.warning("No images found in %s: skipped", folder)
             continue
@@ -322,4 +327,5 @@ def scan(
         np.concatenate([np.full(len(r), i, np.int32) for i, (r, _) in enumerate(classes)]),
         np.array(splits, np.int8),
         pa.concat_arrays([t for _, t in classes]),
+        {"labels": "class folders", "splits": {HASH_OF_PATH: len(splits)}},
     )

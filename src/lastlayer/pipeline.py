@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from lastlayer import storage
 from lastlayer.bottlenecks.extraction import Progress, Source, extract, wait_for_shards
 from lastlayer.bottlenecks.needs import Bottlenecks
-from lastlayer.dataset import ImageSet, scan
+from lastlayer.dataset import ImageSet
 from lastlayer.demo import demo_image_dir
 from lastlayer.engines import make_engine
 from lastlayer.errors import UsageError
+from lastlayer.labels import image_set
 from lastlayer.model.export import write_model
 from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig, flat
 from lastlayer.summary import RunSummary, ShardResult
@@ -373,8 +374,8 @@ def exported_network(
 def scan_images(
     image_dir: str, training: TrainingConfig, storage_options: Mapping[str, Any] | None
 ) -> ImageSet:
-    """The images of ``image_dir``, their labels and retrain.py's split."""
-    images = scan(image_dir, training.testing_percentage, training.validation_percentage, storage_options)
+    """The images of ``image_dir``, their labels (class folders, or ``--labels_file``) and splits."""
+    images = image_set(image_dir, training, storage_options)
     log.info(
         "Found %d images in %d classes: %s", len(images.files), len(images.labels), ", ".join(images.labels)
     )

@@ -11,6 +11,7 @@ guarantee on HDFS).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
@@ -220,15 +221,77 @@ def read_head(fs: AbstractFileSystem, path: str, url: str, size: int) -> bytes:
         raise describe(exc, url, "read") from exc
 
 
-def _read_local(path: str, url: str, max_bytes: int, what: str, head: bool = False) -> bytes:
+@contextmanager
+def open_regular(
+    url: str,
+    storage_options: StorageOptions | None = None,
+    max_bytes: int = MAX_READ_BYTES,
+    what: str = "the file",
+) -> Iterator[io.BufferedReader]:
+    """A binary stream of the regular file ``url`` read a piece at a time under :func:`read_regular`'s
+    rules (a FIFO, device, socket or folder refused unopened); reading past ``max_bytes`` raises.
+
+    Raises:
+        DataError: not a regular file, or (while read) larger than ``max_bytes``.
+        StorageError: it cannot be opened or read (missing, permission, storage down).
+    """
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            stream: Any = _open_local(path, url, what)
+        else:
+            info = fs.info(path)
+            if info.get("type") != "file":
+                raise not_regular(url, str(info.get("type")), what)
+            if (info.get("size") or 0) > max_bytes:
+                raise too_large(url, int(info["size"]), max_bytes, what)
+            stream = fs.open(path, "rb")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise describe(exc, url, "read") from exc
+    with stream:
+        yield io.BufferedReader(_Bounded(stream, url, max_bytes, what), _CHUNK)
+
+
+class _Bounded(io.RawIOBase):
+    """A stream that refuses to give more than ``max_bytes`` and turns backend errors into
+    :class:`StorageError` (see :func:`open_regular`)."""
+
+    def __init__(self, stream: Any, url: str, max_bytes: int, what: str) -> None:
+        self.stream, self.url, self.max_bytes, self.what, self.total = stream, url, max_bytes, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self.stream.read(min(len(buffer), self.max_bytes + 1 - self.total))
+        except Exception as exc:
+            raise describe(exc, self.url, "read") from exc
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            raise too_large(self.url, self.total, self.max_bytes, self.what)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _open_local(path: str, url: str, what: str) -> io.BufferedReader:
+    """The local regular file ``path``, opened non-blocking; anything else refused."""
     kind = _kind(os.stat(path).st_mode)  # refused before opening (a device is never opened) ...
     if kind:
         raise not_regular(url, kind, what)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as stream:
-        kind = _kind(os.fstat(fd).st_mode)  # ... and checked again on what was opened
-        if kind:
-            raise not_regular(url, kind, what)
+    stream = os.fdopen(fd, "rb")
+    kind = _kind(os.fstat(fd).st_mode)  # ... and checked again on what was opened
+    if kind:
+        stream.close()
+        raise not_regular(url, kind, what)
+    return stream
+
+
+def _read_local(path: str, url: str, max_bytes: int, what: str, head: bool = False) -> bytes:
+    with _open_local(path, url, what) as stream:
         chunks, total = [], 0
         while total <= max_bytes and (chunk := stream.read(min(_CHUNK, max_bytes + 1 - total))):
             chunks.append(chunk)

@@ -168,6 +168,8 @@ class RunSummary:
         misclassified: the worst test mistakes (lowest ``true_score`` first), at most
             :data:`MAX_MISCLASSIFIED`; the confusion matrix counts them all.
         trust: calibration and the other findings of :mod:`lastlayer.trust`.
+        label_source: where the labels came from (``labels``: "class folders" or the labels file) and
+            how many images took their split from each source (``splits``).
     """
 
     lastlayer_version: str
@@ -190,6 +192,7 @@ class RunSummary:
     learning_curve: LearningCurve = field(default_factory=LearningCurve)
     misclassified: list[Misclassified] = field(default_factory=list)
     trust: Trust = field(default_factory=Trust)
+    label_source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -275,6 +278,7 @@ class RunSummary:
             learning_curve=learning_curve(history),
             misclassified=misclassified(scores, data, images),
             trust=trust or Trust(),
+            label_source=dict(images.origin),
         )
 
     def write(self, storage_options: Mapping[str, Any] | None) -> None:

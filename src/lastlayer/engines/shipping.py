@@ -14,8 +14,6 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lastlayer
-
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -25,7 +23,7 @@ ZIP_NAME = "lastlayer-driver.zip"
 def package_zip(folder: Path) -> Path:
     """``folder/lastlayer-driver.zip``: every ``.py`` file of the running ``lastlayer`` package, under
     ``lastlayer/``; its path."""
-    root = Path(lastlayer.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # this module is lastlayer/engines/shipping.py
     target = folder / ZIP_NAME
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(root.rglob("*.py")):

@@ -84,6 +84,15 @@ class RetrainOptions:
 
             spark.require()
 
+    def cross_problems(self) -> Iterator[tuple[str, Any, str]]:
+        """A labels file needs the folder its paths are relative to."""
+        if self.training.labels_file and not self.image_dir:
+            yield (
+                "labels_file",
+                self.training.labels_file,
+                "needs --image_dir, the folder its paths are under",
+            )
+
     @classmethod
     def parser(cls, prog: str = "retrain", description: str = "") -> argparse.ArgumentParser:
         """An argument parser with every retrain flag (for job adapters such as the walkthrough's)."""

@@ -59,6 +59,19 @@ class TrainingConfig(fields.Checked):
         below=100,
         rule="must be in [0, 100)",
     )
+    labels_file: str = option(
+        "",
+        "A table of the images' labels instead of class folders: CSV with a header, or JSON lines, with "
+        "columns path (relative to --image_dir, or a URL under it), label, and optionally split "
+        "(training, validation or testing) and group (its images share one split); local or a URL.",
+    )
+    bad_label_rows: str = option(
+        "skip",
+        "What to do with --labels_file rows that name no image, no label or an unknown split: skip "
+        "them with a warning, or refuse the file.",
+        choices=("skip", "refuse"),
+        upper_choices=False,
+    )
     eval_step_interval: int = option(
         10, "How often (in steps) to evaluate the training results.", minimum=1, rule=_AT_LEAST_1
     )
