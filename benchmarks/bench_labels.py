@@ -2,6 +2,7 @@
 
     python benchmarks/bench_labels.py same [--images DIR]   # labels file vs class folders, same model
     python benchmarks/bench_labels.py rows [--rows N]       # peak RSS reading a labels file of N rows
+    python benchmarks/bench_labels.py multi [--folds K]     # --multi_label: mAP, micro-F1 by K folds
 
 same: retrains on the flower sample twice with one seed and one cache: from its class folders, then
 from a labels file that lists the same images with their folders' labels and no split column (so
@@ -12,6 +13,13 @@ rows: writes a CSV of N rows (the sample's images, then rows naming images that 
 are counted as bad rows and skipped) and reads it with read_labels in a fresh process, for N/10 and N
 rows, and a process that only imports lastlayer; prints the peak RSS of each and the bytes per row
 the reading adds.
+
+multi: a multi-label set from the sample: every photo once (its class), plus one collage per two photos
+(two photos of different classes, each resized to 224 x 224, side by side; labels = both classes),
+written with a labels file under the working folder. The images are dealt into K seeded folds; fold f
+is the test split, fold f+1 the validation split (thresholds), the rest training; each fold is one
+``--multi_label`` run on the same feature cache (computed by the first). Prints each fold's mAP,
+micro-F1, macro-F1 and exact-match ratio on its test split, and their means and standard deviations.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np
 import onnx
 from bench import DEFAULT_IMAGES
 from onnx import numpy_helper
+from PIL import Image
 
 import lastlayer
 from lastlayer.dataset import scan
@@ -116,15 +125,86 @@ def rows(images: str, work: Path, n: int) -> None:
         )
 
 
+def collages(images: str, folder: Path, seed: int) -> list[tuple[str, list[str]]]:
+    """Copy every photo of ``images`` under ``folder/single`` and write one collage per two photos
+    under ``folder/collage``; returns each image's relative path and labels."""
+    found = scan(images, 10, 10)
+    files = list(found.files)
+    rows: list[tuple[str, list[str]]] = []
+    for image in files:
+        target = folder / "single" / image.relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(image.url).read_bytes())
+        rows.append((f"single/{image.relpath}", [found.labels[image.label_index]]))
+    rng = np.random.default_rng(seed)
+    (folder / "collage").mkdir(parents=True, exist_ok=True)
+    for i in range(len(files) // 2):
+        a, b = rng.choice(len(files), 2, replace=False)
+        while files[a].label_index == files[b].label_index:
+            b = int(rng.integers(len(files)))
+        canvas = Image.new("RGB", (448, 224))
+        for x, j in ((0, a), (224, b)):
+            with Image.open(files[j].url) as photo:
+                canvas.paste(photo.convert("RGB").resize((224, 224)), (x, 0))
+        canvas.save(folder / "collage" / f"c_{i:04d}.jpg", quality=90)
+        labels = [found.labels[files[a].label_index], found.labels[files[b].label_index]]
+        rows.append((f"collage/c_{i:04d}.jpg", labels))
+    return rows
+
+
+def multi(images: str, work: Path, model_dir: str, steps: int, k: int) -> None:
+    rows = collages(images, work / "images", seed=5)
+    fold = np.random.default_rng(6).permutation(len(rows)) % k
+    print(
+        f"{len(rows)} images: {sum(len(x) == 1 for _, x in rows)} photos, "
+        f"{sum(len(x) == 2 for _, x in rows)} collages"
+    )
+    scores = []
+    for f in range(k):
+        split = np.where(fold == f, "testing", np.where(fold == (f + 1) % k, "validation", "training"))
+        labels_file = work / f"fold_{f}.jsonl"
+        lines = [
+            json.dumps({"path": p, "labels": x, "split": str(s)})
+            for (p, x), s in zip(rows, split, strict=True)
+        ]
+        labels_file.write_text("\n".join(lines) + "\n")
+        out = work / f"fold_{f}"
+        started = time.perf_counter()
+        summary = lastlayer.retrain(
+            str(work / "images"),
+            training=TrainingConfig(
+                how_many_training_steps=steps, random_seed=11, labels_file=str(labels_file), multi_label=True
+            ),
+            cache=CacheConfig(model_dir=model_dir, bottleneck_dir=str(work / "bottleneck")),
+            outputs=OutputConfig(
+                output_graph=str(out / "g.onnx"),
+                output_labels=str(out / "l.txt"),
+                summaries_dir=str(out / "s"),
+            ),
+        )
+        m = summary.multi_label or {}
+        scores.append([m["mean_average_precision"], m["micro_f1"], m["macro_f1"], m["exact_match"]])
+        print(
+            f"fold {f}: mAP {scores[-1][0]:.4f}, micro-F1 {scores[-1][1]:.4f}, macro-F1 {scores[-1][2]:.4f}, "
+            f"exact match {scores[-1][3]:.4f} (n={m['test_n']}), {time.perf_counter() - started:.1f} s"
+        )
+    mean, std = np.mean(scores, axis=0), np.std(scores, axis=0)
+    names = ("mAP", "micro-F1", "macro-F1", "exact match")
+    print(
+        f"{k} folds: " + ", ".join(f"{n} {a:.4f} ± {b:.4f}" for n, a, b in zip(names, mean, std, strict=True))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("same", "rows"))
+    parser.add_argument("what", choices=("same", "rows", "multi"))
     parser.add_argument("--images", default=str(DEFAULT_IMAGES))
     parser.add_argument("--model-dir", default="/tmp/lastlayer-bench-models")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--work", default="", help="working folder (default: a temporary one)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         if args.what == "same":
             same(args.images, work, args.model_dir, args.steps)
+        elif args.what == "multi":
+            multi(args.images, work, args.model_dir, args.steps, args.folds)
         else:
             rows(args.images, work, args.rows)
     print(f"(this process's peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")

@@ -213,7 +213,9 @@ def test_the_whole_run_returns_a_summary_with_the_summary_file_s_keys(tmp_path, 
         "lastlayer_version", "architecture", "architecture_requested", "model_key", "seed", "image_dir",
         "labels", "image_counts", "images", "skipped", "metrics", "confusion_matrix", "per_class", "cache",
         "timings", "outputs", "options", "learning_curve", "misclassified", "trust", "label_source",
+        "multi_label",
     ]  # fmt: skip
+    assert written["multi_label"] is None
     assert written["label_source"] == {"labels": "class folders", "splits": {"hash of the path": 90}}
     assert list(written["timings"]) == [
         "model_s",

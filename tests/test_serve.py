@@ -121,6 +121,36 @@ def test_classify_returns_the_top_labels(url, client):
     assert two["answer"] == "green stripes" and two["unknown"] is False and two["ood_score"] > 0
 
 
+def test_a_multi_label_model_answers_the_labels_over_their_thresholds(
+    tmp_path, shapes_dir, model_dir, client
+):
+    rows = [
+        f"{d.name}/{p.name},{d.name}{';curvy' * (d.name != 'blue_squares')}"
+        for d in sorted(shapes_dir.iterdir())
+        for p in sorted(d.iterdir())
+    ]
+    (tmp_path / "l.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    pipeline.retrain(
+        str(shapes_dir),
+        training=TrainingConfig(
+            how_many_training_steps=200, random_seed=2, labels_file=str(tmp_path / "l.csv"), multi_label=True
+        ),
+        cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "bottlenecks")),
+        outputs=OutputConfig(
+            output_graph=str(tmp_path / "multi.onnx"),
+            output_labels=str(tmp_path / "labels.txt"),
+            summaries_dir=str(tmp_path / "summaries"),
+            report=False,
+        ),
+    )
+    with running(serve.load_models([str(tmp_path / "multi.onnx")], 0, None)) as base:
+        circle = client.post(f"{base}/v1/models/multi:classify", content=shape_jpeg("circle")).json()
+        square = client.post(f"{base}/v1/models/multi:classify", content=shape_jpeg("square")).json()
+    assert sorted(circle["answer"]) == ["curvy", "red circles"], circle
+    assert [x["label"] for x in circle["labels"]] == circle["answer"]
+    assert square["answer"] == ["blue squares"], square
+
+
 def _checkerboard() -> bytes:
     """A JPEG of none of the shapes' classes."""
     board = np.kron((np.indices((8, 8)).sum(axis=0) % 2) * 255, np.ones((28, 28))).astype(np.uint8)

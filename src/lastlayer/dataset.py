@@ -75,6 +75,7 @@ class ImageSet:
             no mtime.
         origin: where the labels and splits came from (``labels``: "class folders" or the labels
             file's URL; ``splits``: images per source of their split), for the run summary.
+        multi_hot: ``bool [N, L]`` every label of each image (``--multi_label``), else ``None``.
     """
 
     image_dir: str
@@ -84,11 +85,18 @@ class ImageSet:
     split_index: np.ndarray
     stamps: pa.Array
     origin: Mapping[str, Any] = field(default_factory=dict)
+    multi_hot: np.ndarray | None = None
 
     @property
     def files(self) -> ImageFiles:
         """The images as a sequence of :class:`ImageFile`."""
         return ImageFiles(self)
+
+    def hot(self) -> np.ndarray:
+        """``bool [N, L]``: :attr:`multi_hot`, or each image's one label as a one-hot row."""
+        if self.multi_hot is not None:
+            return self.multi_hot
+        return np.eye(len(self.labels), dtype=bool)[self.label_index]
 
     def indices(self, split: str) -> np.ndarray:
         """``int64 [N_split]`` positions in :attr:`files` of the images in ``split``."""

@@ -37,6 +37,7 @@ from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.training.data import load, plan_variants
 from lastlayer.training.evaluate import evaluate
 from lastlayer.training.fit import OnEvaluation, cross_validate, fit
+from lastlayer.training.multilabel import fit_and_score
 from lastlayer.training.train import Evaluation
 from lastlayer.trust import stage as trust
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_backbones, load_feature_model
@@ -226,9 +227,9 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         if t.cross_validation:
             folded, out_of_fold = cross_validate(data, images.labels, t, seed)
             run.lap("cross_validation_s")
-        classifier, _ = fit(
-            data, model, images.labels, t, run.outputs, run.storage_options, seed, run.on_evaluation
-        )
+        multi = fit_and_score(data, images, t, seed, run.on_evaluation) if t.multi_label else None
+        single = (data, model, images.labels, t, run.outputs, run.storage_options, seed, run.on_evaluation)
+        classifier = multi.classifier if multi else fit(*single)[0]
         run.lap("training_s")
         settings = trust.Settings.of(t, run.outputs, seed)
         trusted = trust.analyse(
@@ -241,7 +242,8 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
             out_of_fold,
         )
         run.lap("trust_s")
-        scores = evaluate(trusted.classifier, data, images, t.test_batch_size, seed, run.outputs)
+        scored = (trusted.classifier, data, images, t.test_batch_size, seed, run.outputs)
+        scores = multi.scores if multi else evaluate(*scored)
     write_model(
         model,
         trusted.classifier,
@@ -251,6 +253,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         run.storage_options,
         network,
         trusted.unknown,
+        multi.thresholds if multi else None,
     )
     run.lap("export_s")
     run.total()
@@ -269,6 +272,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         outputs=run.outputs,
         options=run.options(),
         trust=trusted.summary,
+        multi_label=multi.multi if multi else None,
     )
     summary.write(run.storage_options)
     return summary

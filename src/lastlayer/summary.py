@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from lastlayer.settings.run import OutputConfig
     from lastlayer.training.data import TrainingData
     from lastlayer.training.evaluate import CrossValidation, Scores
+    from lastlayer.training.multilabel import MultiLabelScores
     from lastlayer.training.train import Evaluation
     from lastlayer.zoo import Backbones
 
@@ -170,6 +171,9 @@ class RunSummary:
         trust: calibration and the other findings of :mod:`lastlayer.trust`.
         label_source: where the labels came from (``labels``: "class folders" or the labels file) and
             how many images took their split from each source (``splits``).
+        multi_label: with ``--multi_label``, the test split's mAP, micro/macro-F1, exact-match ratio and
+            per-label scores and thresholds (then ``metrics``' accuracies are exact-match ratios and the
+            confusion matrix compares each image's highest-scoring label with its first label).
     """
 
     lastlayer_version: str
@@ -193,6 +197,7 @@ class RunSummary:
     misclassified: list[Misclassified] = field(default_factory=list)
     trust: Trust = field(default_factory=Trust)
     label_source: dict[str, Any] = field(default_factory=dict)
+    multi_label: dict[str, Any] | None = None
 
     @classmethod
     def of(
@@ -212,6 +217,7 @@ class RunSummary:
         outputs: OutputConfig,
         options: Mapping[str, Any],
         trust: Trust | None = None,
+        multi_label: MultiLabelScores | None = None,
     ) -> RunSummary:
         """The run summary: what was found, used, skipped and scored, and where it went.
 
@@ -222,6 +228,7 @@ class RunSummary:
             timings: seconds per stage.
             options: every setting by flag name.
             trust: the trust stage's findings (calibration, "unknown", suspected labels, duplicates).
+            multi_label: a ``--multi_label`` run's scores (mAP, F1s, per label, exact match).
         """
         last = history[-1] if history else None
         precision, recall = per_class_scores(scores.confusion)
@@ -278,6 +285,7 @@ class RunSummary:
             learning_curve=learning_curve(history),
             misclassified=misclassified(scores, data, images),
             trust=trust or Trust(),
+            multi_label=multi_label.to_dict() if multi_label else None,
             label_source=dict(images.origin),
         )
 

@@ -98,7 +98,7 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
                     {
                         "image": p.image,
                         "labels": [{"label": lb, "score": s} for lb, s in p.top],
-                        "answer": p.unknown or (p.top[0][0] if p.top else None),
+                        "answer": p.answer,
                         "unknown": p.unknown is not None,
                         "ood_score": p.ood_score,
                         "error": p.error,
@@ -111,6 +111,8 @@ def label(ns: argparse.Namespace, hadoop: HadoopLogin | None) -> int:
                 print(f"{p.image}:")
             if p.unknown is not None:
                 print(f"{p.unknown} (none of the classes: ood score = {p.ood_score:.5g}); scores:")
+            if p.multi_label and not p.top:
+                print("(no label at or above its threshold)")
             for label, score in p.top:
                 print(f"{label} (score = {score:.5f})")
     return 1 if any(p.error for p in predictions) else 0

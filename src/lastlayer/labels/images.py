@@ -29,7 +29,7 @@ from lastlayer.dataset import (
     which_set,
 )
 from lastlayer.errors import DataError
-from lastlayer.labels.rows import SHOWN, BadRows, Rows, read_rows
+from lastlayer.labels.rows import SEPARATOR, SHOWN, BadRows, Rows, read_rows
 from lastlayer.settings.run import TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,14 @@ def image_set(
     percentages = (training.testing_percentage, training.validation_percentage)
     if not training.labels_file:
         return scan(image_dir, *percentages, storage_options)
-    return read_labels(image_dir, training.labels_file, percentages, training.bad_label_rows, storage_options)
+    return read_labels(
+        image_dir,
+        training.labels_file,
+        percentages,
+        training.bad_label_rows,
+        storage_options,
+        training.multi_label,
+    )
 
 
 def read_labels(
@@ -57,12 +64,15 @@ def read_labels(
     percentages: tuple[float, float],
     bad_rows: str = SKIP,
     storage_options: Mapping[str, Any] | None = None,
+    multi: bool = False,
 ) -> ImageSet:
     """The images that the labels file ``labels_file`` names under ``image_dir``.
 
     Args:
         percentages: ``(testing, validation)`` percentages for the images its rows give no split.
         bad_rows: :data:`SKIP` (warn, with line numbers) or :data:`REFUSE` (raise).
+        multi: every label of the ``labels`` column counts (:attr:`ImageSet.multi_hot`), not only
+            each image's first.
 
     Raises:
         DataError: no folder at ``image_dir``, bad rows with :data:`REFUSE`, a group given two splits,
@@ -91,9 +101,10 @@ def read_labels(
         rows.label.filter(keep),
         rows.split[keep],
         rows.group.filter(keep),
+        rows.labels.filter(keep),
     )
     at = found.filter(keep).to_numpy(zero_copy_only=False).astype(np.int64)
-    return _image_set(image_dir, labels_file, rows, listed.take(at), stamps.take(at), percentages)
+    return _image_set(image_dir, labels_file, rows, listed.take(at), stamps.take(at), percentages, multi)
 
 
 def _relative(rows: Rows, image_dir: str, root: str, fs: Any, bad: BadRows) -> pa.Array:
@@ -163,10 +174,12 @@ def _image_set(
     relpaths: pa.Array,
     stamps: pa.Array,
     percentages: tuple[float, float],
+    multi: bool = False,
 ) -> ImageSet:
     """The kept rows as an ImageSet: labels sorted, images by label then path (as the folder scan
-    orders them)."""
-    labels = pc.unique(rows.label).sort().to_pylist()
+    orders them); with ``multi``, every label of the ``labels`` column and the multi-hot matrix."""
+    each = pc.split_pattern(rows.labels, SEPARATOR)
+    labels = pc.unique(pc.list_flatten(each) if multi else rows.label).sort().to_pylist()
     if len(labels) < 2:
         raise DataError(
             f"{labels_file} gives {len(labels)} label{'s' * (len(labels) != 1)} to the images it names: "
@@ -192,7 +205,17 @@ def _image_set(
         split[order],
         stamps.take(order),
         {"labels": labels_file, "splits": sources},
+        _multi_hot(each, labels)[order] if multi else None,
     )
+
+
+def _multi_hot(each: pa.Array, labels: list[str]) -> np.ndarray:
+    """``bool [N, L]``: whether row ``i`` (a list array of label names) has label ``j``."""
+    flat = pc.list_flatten(each)
+    column = pc.index_in(flat, value_set=pa.array(labels, pa.large_string())).to_numpy()
+    out = np.zeros((len(each), len(labels)), bool)
+    out[pc.list_parent_indices(each).to_numpy(), column] = True
+    return out
 
 
 def _splits(

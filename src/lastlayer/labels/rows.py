@@ -1,6 +1,7 @@
 """The rows of a labels file (CSV with a header, or JSON lines), read a line at a time.
 
-Columns: ``path`` and ``label`` (required), ``split`` and ``group`` (optional); others are ignored.
+Columns: ``path`` and ``label`` or ``labels`` (several: ``;``-separated, or a JSON list in JSON lines;
+the first is the image's ``label``), ``split`` and ``group`` (optional); others are ignored.
 Rows come back as Arrow columns gathered :data:`~lastlayer.dataset.CHUNK` rows at a time, so a file of
 millions of rows holds no Python object per row. Written with the standard ``csv`` and ``json``
 modules rather than ``pyarrow.csv`` because every bad row is reported by its line number.
@@ -29,7 +30,9 @@ MAX_LABELS_BYTES = 4 << 30
 MAX_LINE_CHARS = 65536
 #: Bad rows shown in a message (the rest are counted).
 SHOWN = 5
-COLUMNS = ("path", "label", "split", "group")
+COLUMNS = ("path", "label", "split", "group", "labels")
+#: Separates the labels of a CSV ``labels`` value (and of :attr:`Rows.labels`).
+SEPARATOR = ";"
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Rows:
         label: ``large_string [N]`` the label (:func:`~lastlayer.dataset.label_for` of the value).
         split: ``int8 [N]`` index into :data:`~lastlayer.dataset.SPLITS`, -1 where none is given.
         group: ``large_string [N]`` the group, null where none is given.
+        labels: ``large_string [N]`` all its labels, normalized, :data:`SEPARATOR`-joined (the
+            ``label`` alone where no ``labels`` value is given).
     """
 
     line: np.ndarray
@@ -69,6 +74,7 @@ class Rows:
     label: pa.Array
     split: np.ndarray
     group: pa.Array
+    labels: pa.Array
 
 
 class _Columns:
@@ -79,8 +85,8 @@ class _Columns:
         self.arrays: dict[str, list[Any]] = {name: [] for name in self.lists}
         self.appends = [values.append for values in self.lists.values()]
 
-    def add(self, line: int, path: str, label: str, split: int, group: str | None) -> None:
-        for append, value in zip(self.appends, (line, path, label, split, group), strict=True):
+    def add(self, line: int, path: str, label: str, split: int, group: str | None, labels: str) -> None:
+        for append, value in zip(self.appends, (line, path, label, split, group, labels), strict=True):
             append(value)
         if len(self.lists["line"]) >= CHUNK:
             self.flush()
@@ -100,6 +106,7 @@ class _Columns:
             pa.concat_arrays(a["label"]),
             np.concatenate(a["split"]),
             pa.concat_arrays(a["group"]),
+            pa.concat_arrays(a["labels"]),
         )
 
 
@@ -148,6 +155,8 @@ def _csv_records(header_line: str, lines: Iterator[str], url: str) -> Iterator[t
     """``(line, {column: value})`` per CSV record (the header on line 1), or ``(line, why)``."""
     header = [name.strip().lower() for name in next(csv.reader([header_line]), [])]
     missing = [name for name in ("path", "label") if name not in header]
+    if "labels" in header and missing == ["label"]:
+        missing = []
     if missing:
         raise DataError(
             f"{url}: the labels file's header {header_line.strip()[:200]!r} has no {' or '.join(missing)} "
@@ -201,12 +210,18 @@ def _add(columns: _Columns, bad: BadRows, line: int, record: Any) -> None:
         bad.add(line, record)
         return
     values = {name: record.get(name) for name in COLUMNS}
+    many = values.pop("labels")
     wrong = [name for name, v in values.items() if v is not None and not isinstance(v, str | int)]
     if wrong:
         bad.add(line, f"{wrong[0]} is not a string")
         return
+    names = _labels(many)
+    if names is None:
+        bad.add(line, "labels is not a list of strings or a ';'-separated string")
+        return
     path = str(values["path"] or "").strip()
-    label = _label(str(values["label"] or ""))
+    label = _label(str(values["label"] or "")) or (names[0] if names else "")
+    names = list(dict.fromkeys([label, *names])) if label else names
     split = str(values["split"] or "").strip().lower()
     group = str(values["group"]).strip() if values["group"] not in (None, "") else None
     if not path:
@@ -216,4 +231,18 @@ def _add(columns: _Columns, bad: BadRows, line: int, record: Any) -> None:
     elif split and split not in SPLITS:
         bad.add(line, f"unknown split {split!r} (training, validation or testing, or empty)")
     else:
-        columns.add(line, path, label, SPLITS.index(split) if split else -1, group or None)
+        columns.add(
+            line, path, label, SPLITS.index(split) if split else -1, group or None, SEPARATOR.join(names)
+        )
+
+
+def _labels(value: Any) -> list[str] | None:
+    """The normalized labels of a ``labels`` value (a ``;``-separated string or a list of strings),
+    empty ones dropped; ``None`` for a value of another type."""
+    if value is None:
+        return []
+    if isinstance(value, str | int):
+        value = str(value).split(SEPARATOR)
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        return None
+    return [name for v in value if (name := _label(str(v)))]

@@ -45,6 +45,11 @@ def read_info(proto: onnx.ModelProto, source: str) -> contract.ModelInfo:
         ) from None
     for name, prep in ((contract.IMAGE, info.preprocessing), *info.inputs):
         _check_preprocessing(prep, name, source)
+    if info.thresholds is not None and len(info.thresholds) != len(info.labels):
+        raise ModelError(
+            f"{source}: {contract.meta_key(contract.THRESHOLDS)} metadata has {len(info.thresholds)} "
+            f"thresholds for {len(info.labels)} labels; re-export the model"
+        )
     return info
 
 

@@ -37,6 +37,8 @@ KEY = "key"
 BUILDER_VERSION = "builder_version"
 GRAPH_SHA256 = "graph_sha256"
 UNKNOWN = "unknown"
+#: ``--multi_label`` models: JSON list of per-label thresholds (the output is per-label sigmoids).
+THRESHOLDS = "thresholds"
 
 
 def meta_key(name: str) -> str:
@@ -84,6 +86,8 @@ class ModelInfo:
         output_name: the name of its probabilities output.
         inputs: ``(input name, preprocessing)`` of each image input, in order.
         unknown: its "none of the above" score, or ``None``.
+        thresholds: a multi-label model's per-label thresholds (its output: per-label
+            probabilities, each label answered at or above its threshold), else ``None``.
     """
 
     labels: tuple[str, ...]
@@ -92,6 +96,7 @@ class ModelInfo:
     output_name: str
     inputs: tuple[tuple[str, Preprocessing], ...] = ()
     unknown: Unknown | None = None
+    thresholds: tuple[float, ...] | None = None
 
 
 def _inputs(
@@ -134,7 +139,26 @@ def read_info(proto: onnx.ModelProto, source: str) -> ModelInfo:
         output_name=meta.get(FINAL_TENSOR_NAME, proto.graph.output[0].name),
         inputs=_inputs(meta, preprocessing, source),
         unknown=_unknown(meta, source),
+        thresholds=_thresholds(meta, source),
     )
+
+
+def _thresholds(meta: dict[str, str], source: str) -> tuple[float, ...] | None:
+    """The :data:`THRESHOLDS` metadata, or ``None`` for a single-label model."""
+    if THRESHOLDS not in meta:
+        return None
+    try:
+        values = json.loads(meta[THRESHOLDS])
+    except (ValueError, RecursionError):
+        values = None
+    if not isinstance(values, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in values
+    ):
+        raise ModelError(
+            f"{source}: {meta_key(THRESHOLDS)} metadata must be a JSON list of numbers in [0, 1]; "
+            "re-export the model"
+        )
+    return tuple(float(v) for v in values)
 
 
 def _unknown(meta: dict[str, str], source: str) -> Unknown | None:

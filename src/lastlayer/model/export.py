@@ -99,9 +99,11 @@ def build_classifier(
     final_tensor_name: str = "final_result",
     extra_metadata: Mapping[str, str] | None = None,
     unknown: ExportedDistance | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> bytes:
-    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)``, and with
-    ``unknown`` its score as a second output."""
+    """Serialized ONNX model: ``model``'s feature extractors, then ``softmax(x W + b)`` (with
+    ``thresholds``, a multi-label model: ``sigmoid(x W + b)`` and the thresholds in its metadata), and
+    with ``unknown`` its score as a second output."""
     proto = _branches(model)
     graph = proto.graph
     graph.initializer.extend(
@@ -113,7 +115,9 @@ def build_classifier(
     graph.node.extend(
         [
             helper.make_node("Gemm", [FEATURES, "final_weights", "final_biases"], ["final_logits"]),
-            helper.make_node("Softmax", ["final_logits"], [final_tensor_name], axis=-1),
+            helper.make_node("Sigmoid", ["final_logits"], [final_tensor_name])
+            if thresholds is not None
+            else helper.make_node("Softmax", ["final_logits"], [final_tensor_name], axis=-1),
         ]
     )
     del graph.output[:]
@@ -144,6 +148,7 @@ def build_classifier(
         contract.VERSION: __version__,
         **(extra_metadata or {}),
         **({contract.UNKNOWN: json.dumps(dataclasses.asdict(unknown.meta))} if unknown else {}),
+        **({} if thresholds is None else {contract.THRESHOLDS: json.dumps([float(t) for t in thresholds])}),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -165,6 +170,7 @@ def write_model(
     storage_options: Mapping[str, Any] | None,
     network: Backbones | None = None,
     unknown: ExportedDistance | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> None:
     """Write the retrained model (carrying its labels and preprocessing) and the labels file.
 
@@ -172,9 +178,12 @@ def write_model(
         model: the network(s) whose features trained ``clf`` (their key goes into the metadata).
         network: the network(s) the model carries, when not ``model`` (``--quantize_output_graph``).
         unknown: its "none of the above" score, when on.
+        thresholds: a multi-label model's per-label thresholds (``--multi_label``).
     """
     extra = {contract.MODEL_KEY: model.key, contract.SEED: str(seed)}
-    model_bytes = build_classifier(network or model, clf, labels, outputs.final_tensor_name, extra, unknown)
+    model_bytes = build_classifier(
+        network or model, clf, labels, outputs.final_tensor_name, extra, unknown, thresholds
+    )
     storage.write_atomic(outputs.output_graph, model_bytes, storage_options)
     log.info("Save final result to : %s", outputs.output_graph)
     storage.write_atomic(outputs.output_labels, ("\n".join(labels) + "\n").encode(), storage_options)

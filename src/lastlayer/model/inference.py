@@ -43,6 +43,7 @@ class Prediction:
         error: why the image was skipped, or ``None``.
         unknown: the model's word for "none of its classes" when the image is that, else ``None``.
         ood_score: its distance to the classes (``None`` for a model without one).
+        multi_label: ``top`` is a multi-label model's set: every label at or above its threshold.
     """
 
     image: str
@@ -50,6 +51,14 @@ class Prediction:
     error: str | None = None
     unknown: str | None = None
     ood_score: float | None = None
+    multi_label: bool = False
+
+    @property
+    def answer(self) -> str | list[str] | None:
+        """The unknown word, the best label, or a multi-label model's set of labels."""
+        if self.multi_label:
+            return [label for label, _ in self.top]
+        return self.unknown or (self.top[0][0] if self.top else None)
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,14 @@ class RetrainedModel:
         best = np.argsort(-probs, kind="stable")[:k]
         return tuple((self.labels[j], float(probs[j])) for j in best)
 
+    def chosen(self, probs: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+        """:meth:`top`, or for a multi-label model every ``(label, probability)`` at or above the
+        label's threshold, most probable first."""
+        if self.info.thresholds is None:
+            return self.top(probs, k)
+        over = np.flatnonzero(probs >= np.asarray(self.info.thresholds, np.float32))
+        return tuple((self.labels[j], float(probs[j])) for j in over[np.argsort(-probs[over], kind="stable")])
+
 
 def label(
     graph: str,
@@ -234,7 +251,12 @@ def label(
             answers = model.answers([x for _, x in ready])
             for (i, _), a in zip(ready, answers, strict=True):
                 results[i] = Prediction(
-                    images[i], model.top(a.probabilities, top_k), None, a.unknown, a.ood_score
+                    images[i],
+                    model.chosen(a.probabilities, top_k),
+                    None,
+                    a.unknown,
+                    a.ood_score,
+                    model.info.thresholds is not None,
                 )
             ready.clear()
 

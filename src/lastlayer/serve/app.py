@@ -214,12 +214,13 @@ class Service:
                 with served.batcher.announced():
                     image = await self.prepare(served, data)
                 (answer,) = await self.answers(served, [image])
-        top = served.model.top(answer.probabilities, top_k)
+        top = served.model.chosen(answer.probabilities, top_k)
+        multi = served.model.info.thresholds is not None  # the answer: the labels over their thresholds
         return JSONResponse(
             {
                 "model_name": served.name,
                 "labels": [{"label": label, "score": score} for label, score in top],
-                "answer": answer.unknown or top[0][0],
+                "answer": [label for label, _ in top] if multi else answer.unknown or top[0][0],
                 "unknown": answer.unknown is not None,
                 "ood_score": answer.ood_score,
             }

@@ -65,6 +65,11 @@ class TrainingConfig(fields.Checked):
         "columns path (relative to --image_dir, or a URL under it), label, and optionally split "
         "(training, validation or testing) and group (its images share one split); local or a URL.",
     )
+    multi_label: bool = option(
+        False,
+        "Several labels per image (a labels file's labels column, ';'-separated or a JSON list): one "
+        "sigmoid per label, per-label thresholds chosen on the validation split, mAP and F1 scores.",
+    )
     bad_label_rows: str = option(
         "skip",
         "What to do with --labels_file rows that name no image, no label or an unknown split: skip "
@@ -174,6 +179,13 @@ class TrainingConfig(fields.Checked):
             )
         if not self.unknown_label.strip():
             yield "unknown_label", self.unknown_label, "must not be empty"
+        if self.multi_label and self.cross_validation:
+            yield (
+                "cross_validation",
+                self.cross_validation,
+                "is single-label: leave it out with --multi_label (benchmarks/bench_labels.py multi "
+                "cross-validates multi-label runs)",
+            )
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,8 @@ class TrainingData:
         labels = {split: images.label_index[idx].astype(np.int64) for split, idx in index.items()}
         data = cls(index, labels, bottlenecks, len(images.labels))
         present = set(data.labels[TRAINING].tolist())
+        if images.multi_hot is not None:  # a label may be no image's first
+            present = set(np.flatnonzero(images.multi_hot[index[TRAINING]].any(axis=0)).tolist())
         missing = [label for i, label in enumerate(images.labels) if i not in present]
         if missing:
             raise DataError(
@@ -294,12 +296,11 @@ class TrainingData:
     ) -> Classifier:
         """:func:`~lastlayer.training.train.train` for ``fit``, on the rows :meth:`prepare` gathered,
         standardized with its training images' statistics."""
-        self.prepare([fit])
-        standardizer, store = self._prepared[fit.key]
+        standardizer, train_x, val_x = self.feeds(fit)
         return train(
-            self._sampler(fit, store),
+            train_x,
             fit.labels,
-            lambda positions: store.get(fit.val_positions[positions]),
+            val_x,
             fit.val_labels,
             self.bottlenecks.dim,
             self.classes,
@@ -308,6 +309,19 @@ class TrainingData:
             on_checkpoint,
             standardizer,
         )
+
+    def feeds(
+        self, fit: Fit
+    ) -> tuple[
+        Standardizer,
+        Callable[[np.ndarray, np.random.Generator], np.ndarray],
+        Callable[[np.ndarray], np.ndarray],
+    ]:
+        """What training ``fit`` reads, once :meth:`prepare` d: its standardizer, the features of
+        training positions ``[B]`` (a variant each with distortions on) and of validation positions."""
+        self.prepare([fit])
+        standardizer, store = self._prepared[fit.key]
+        return standardizer, self._sampler(fit, store), lambda pos: store.get(fit.val_positions[pos])
 
     def _sampler(self, fit: Fit, store: RowStore) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
         """Features of training positions ``[B]`` → ``float32 [B, D]``: with distortions on, one of

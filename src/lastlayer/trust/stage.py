@@ -73,8 +73,11 @@ class Settings:
 
     @classmethod
     def of(cls, training: TrainingConfig, outputs: OutputConfig, seed: int) -> Settings:
-        """The settings of a run's flags (without ``--cross_validation``, :data:`LABEL_FOLDS` folds)."""
+        """The settings of a run's flags (without ``--cross_validation``, :data:`LABEL_FOLDS` folds);
+        all off with ``--multi_label`` (each analysis is single-label), one log line for each."""
         t = training
+        if t.multi_label:
+            return _multi_label_off(t)
         return cls(
             t.calibrate,
             t.unknown_recall,
@@ -90,6 +93,19 @@ class Settings:
     def any(self) -> bool:
         """Whether any analysis is on."""
         return self.calibrate or self.unknown_recall > 0 or self.label_issues or self.duplicates
+
+
+def _multi_label_off(t: TrainingConfig) -> Settings:
+    """No analysis: log each one the flags ask for as off."""
+    asked = {
+        "calibration (--calibrate)": t.calibrate,
+        "the unknown score (--unknown_recall)": t.unknown_recall > 0,
+        "label issues (--find_label_issues)": t.find_label_issues,
+        "duplicates (--find_duplicates)": t.find_duplicates,
+    }
+    for name in (name for name, on in asked.items() if on):
+        log.info("With --multi_label, %s is off: it assumes one label per image", name)
+    return Settings(False, 0.0, t.unknown_label, "", False, LABEL_FOLDS, 0, False)
 
 
 @dataclass(frozen=True)
