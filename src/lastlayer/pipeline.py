@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from threadpoolctl import threadpool_limits
+
 from lastlayer import storage
 from lastlayer.bottlenecks.extraction import Progress, Source, extract, wait_for_shards
 from lastlayer.bottlenecks.needs import Bottlenecks
@@ -219,7 +221,11 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
     bottlenecks = wait_for_shards(
         images, model, engine, source, bottlenecks, run.engine.shard_wait_seconds, draws
     )
-    with load(images, model, engine, source, bottlenecks, draws, t, seed) as data:
+    # BLAS on one thread for training's small products: its spinning threads made them 40x slower under load
+    with (
+        load(images, model, engine, source, bottlenecks, draws, t, seed) as data,
+        threadpool_limits(1, "blas"),
+    ):
         run.lap("bottlenecks_s")
         folded = out_of_fold = None
         if t.cross_validation:
