@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pyarrow.parquet as pq
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from helpers import FakeEngine, make_dataset
 from lastlayer import pipeline
@@ -228,6 +229,28 @@ def test_the_whole_run_returns_a_summary_with_the_summary_file_s_keys(tmp_path, 
     ]
     assert written["confusion_matrix"]["rows"] == "true label" and written["options"]["random_seed"] == 1
     assert written["outputs"]["summary_json"] == str(out / "g.summary.json")
+
+
+def test_training_runs_on_one_blas_thread_and_the_caller_s_setting_comes_back(
+    tmp_path, shapes_dir, model_dir
+):
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    with threadpool_limits(2, "blas"):
+        pipeline.retrain(
+            str(shapes_dir),
+            training=TrainingConfig(how_many_training_steps=20, random_seed=1),
+            cache=CacheConfig(model_dir=str(model_dir), bottleneck_dir=str(tmp_path / "b")),
+            outputs=OutputConfig(
+                output_graph=str(tmp_path / "g.onnx"), output_labels=str(tmp_path / "l.txt")
+            ),
+            on_evaluation=lambda *_: seen.append(blas_threads()),
+        )
+        after = blas_threads()
+    assert seen and all(threads and set(threads) == {1} for threads in seen)
+    assert after and set(after) == {2}
 
 
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):

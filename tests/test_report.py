@@ -95,6 +95,17 @@ def test_every_run_writes_a_self_contained_escaped_report_beside_the_summary(rep
     assert html.count('src="data:image/jpeg;base64,') == len(summary.misclassified) + len(suspects.listed)
 
 
+def test_the_charts_write_their_labels_as_svg_text_not_glyph_outlines(reported):
+    tmp, _, _ = reported
+    html = (tmp / "out" / "model.report.html").read_text()
+    charts = [
+        base64.b64decode(uri).decode() for uri in re.findall(r"data:image/svg\+xml;base64,([^\"']+)", html)
+    ]
+    assert len(charts) == 4
+    assert all("<text" in svg and 'id="DejaVuSans-' not in svg for svg in charts)
+    assert ">images</text>" in charts[0] and ">step</text>" in charts[1]  # the axes' names, as text
+
+
 def test_the_summary_holds_the_learning_curve_and_the_worst_mistakes_first(reported):
     _, _, summary = reported
     curve = summary.learning_curve

@@ -5,7 +5,7 @@ summary, as named stages.
 :func:`load_model` (→ :func:`exported_network`) → :func:`scan_images` →
 :func:`~lastlayer.training.data.plan_variants` → :func:`~lastlayer.bottlenecks.extraction.extract` →
 :func:`~lastlayer.bottlenecks.extraction.wait_for_shards` → :func:`~lastlayer.training.data.load` →
-(:func:`~lastlayer.training.fit.cross_validate` →) :func:`~lastlayer.training.fit.fit` →
+(:func:`~lastlayer.training.fit.cross_validate` →) :func:`~lastlayer.training.fit.fit_final` →
 :func:`~lastlayer.trust.stage.analyse` → :func:`~lastlayer.training.evaluate.evaluate` →
 :func:`~lastlayer.model.export.write_model` →
 :meth:`RunSummary.of <lastlayer.summary.RunSummary.of>` → :meth:`~lastlayer.summary.RunSummary.write`.
@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from threadpoolctl import threadpool_limits
+
 from lastlayer import storage
 from lastlayer.bottlenecks.extraction import Progress, Source, extract, wait_for_shards
 from lastlayer.bottlenecks.needs import Bottlenecks
@@ -36,8 +38,7 @@ from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, Trai
 from lastlayer.summary import RunSummary, ShardResult
 from lastlayer.training.data import load, plan_variants
 from lastlayer.training.evaluate import evaluate
-from lastlayer.training.fit import OnEvaluation, cross_validate, fit
-from lastlayer.training.multilabel import fit_and_score
+from lastlayer.training.fit import OnEvaluation, cross_validate, fit_final
 from lastlayer.training.train import Evaluation
 from lastlayer.trust import stage as trust
 from lastlayer.zoo import DEFAULT_ARCHITECTURE, Backbones, load_backbones, load_feature_model
@@ -221,29 +222,28 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
     bottlenecks = wait_for_shards(
         images, model, engine, source, bottlenecks, run.engine.shard_wait_seconds, draws
     )
-    with load(images, model, engine, source, bottlenecks, draws, t, seed) as data:
+    # BLAS on one thread for training's small products: its spinning threads made them 40x slower under load
+    with (
+        load(images, model, engine, source, bottlenecks, draws, t, seed) as data,
+        threadpool_limits(1, "blas"),
+    ):
         run.lap("bottlenecks_s")
         folded = out_of_fold = None
         if t.cross_validation:
             folded, out_of_fold = cross_validate(data, images.labels, t, seed)
             run.lap("cross_validation_s")
-        multi = fit_and_score(data, images, t, seed, run.on_evaluation) if t.multi_label else None
-        single = (data, model, images.labels, t, run.outputs, run.storage_options, seed, run.on_evaluation)
-        classifier = multi.classifier if multi else fit(*single)[0]
+        classifier, multi = fit_final(
+            data, model, images, t, run.outputs, run.storage_options, seed, run.on_evaluation
+        )
         run.lap("training_s")
         settings = trust.Settings.of(t, run.outputs, seed)
-        trusted = trust.analyse(
-            data.bottlenecks,
-            data.index,
-            data.labels,
-            classifier,
-            settings,
-            trust.Names.of(images),
-            out_of_fold,
-        )
+        trusted = trust.analyse(data, classifier, settings, trust.Names.of(images), out_of_fold)
         run.lap("trust_s")
-        scored = (trusted.classifier, data, images, t.test_batch_size, seed, run.outputs)
-        scores = multi.scores if multi else evaluate(*scored)
+        scores = (
+            multi.scores
+            if multi
+            else evaluate(trusted.classifier, data, images, t.test_batch_size, seed, run.outputs)
+        )
     write_model(
         model,
         trusted.classifier,

@@ -288,7 +288,7 @@ def predict(
     confidence, true_probability = np.zeros(len(ids), np.float32), np.zeros(len(ids), np.float32)
     for start in range(0, len(ids), chunk):
         sel = order[start : start + chunk]
-        logits = _logits(bottlenecks, ids[sel], classifiers, which[sel])
+        logits = class_logits(bottlenecks, ids[sel], classifiers, which[sel])
         probs, _ = softmax_cross_entropy(logits, truth[sel])
         predicted[sel] = logits.argmax(axis=1)
         confidence[sel] = probs[np.arange(len(sel)), predicted[sel]]
@@ -296,7 +296,7 @@ def predict(
     return Predictions(predicted, confidence, true_probability)
 
 
-def _logits(
+def class_logits(
     bottlenecks: Bottlenecks, ids: np.ndarray, classifiers: Sequence[Classifier], which: np.ndarray
 ) -> np.ndarray:
     """``float32 [n, C]``: each row's logits by its classifier, every network adding its share."""

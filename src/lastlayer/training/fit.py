@@ -15,11 +15,13 @@ from lastlayer.errors import DataError
 from lastlayer.model.export import build_classifier
 from lastlayer.training.data import TrainingData, final_fit, fold_fits
 from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
+from lastlayer.training.multilabel import MultiLabel, fit_and_score
 from lastlayer.training.tensorboard import SummaryWriter
 from lastlayer.training.train import Classifier, Evaluation
 from lastlayer.trust.stage import OutOfFold
 
 if TYPE_CHECKING:
+    from lastlayer.dataset import ImageSet
     from lastlayer.settings.run import OutputConfig, TrainingConfig
     from lastlayer.zoo import Backbones
 
@@ -109,3 +111,21 @@ def cross_validate(
         100 * result.largest_class_share,
     )
     return result, OutOfFold(positions, truth, fold_of, classifiers)
+
+
+def fit_final(
+    data: TrainingData,
+    model: Backbones,
+    images: ImageSet,
+    training: TrainingConfig,
+    outputs: OutputConfig,
+    storage_options: Mapping[str, Any] | None,
+    seed: int,
+    on_evaluation: OnEvaluation | None = None,
+) -> tuple[Classifier, MultiLabel | None]:
+    """The final fit: the softmax layer (:func:`fit`), or with ``--multi_label`` the sigmoids with
+    their thresholds and test scores (:func:`~lastlayer.training.multilabel.fit_and_score`)."""
+    if training.multi_label:
+        multi = fit_and_score(data, images, training, seed, on_evaluation)
+        return multi.classifier, multi
+    return fit(data, model, images.labels, training, outputs, storage_options, seed, on_evaluation)[0], None

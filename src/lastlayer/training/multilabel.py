@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastlayer.bottlenecks.passes import LOGITS_BYTES, Predictions
-from lastlayer.bottlenecks.passes import _logits as passes_logits
+from lastlayer.bottlenecks.passes import LOGITS_BYTES, Predictions, class_logits
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.errors import DataError
 from lastlayer.training.data import final_fit
@@ -34,10 +33,10 @@ from lastlayer.training.evaluate import Scores, confusion_matrix
 from lastlayer.training.train import (
     Classifier,
     Evaluation,
-    _evaluates,
-    _positions,
-    _truncated_normal,
-    _validation_positions,
+    batch_positions,
+    evaluates,
+    truncated_normal,
+    validation_positions,
 )
 
 if TYPE_CHECKING:
@@ -123,10 +122,10 @@ def train_sigmoid(
     rng = np.random.default_rng(config.seed)
     n_labels = hot.shape[1]
     clf = Classifier(
-        _truncated_normal(rng, 0.001, (data.bottlenecks.dim, n_labels)), np.zeros(n_labels, np.float32)
+        truncated_normal(rng, 0.001, (data.bottlenecks.dim, n_labels)), np.zeros(n_labels, np.float32)
     )
-    next_batch = _positions(fit.labels, data.classes, config)
-    next_val = _validation_positions(fit.val_labels, data.classes, config)
+    next_batch = batch_positions(fit.labels, data.classes, config)
+    next_val = validation_positions(fit.val_labels, data.classes, config)
     train_hot, val_hot = hot[fit.positions].astype(np.float32), hot[fit.val_positions]
     lr = np.float32(config.learning_rate)
     for step in range(config.steps):
@@ -135,7 +134,7 @@ def train_sigmoid(
         grad = (sigmoid(scaler.fold(clf, np.float32).logits(x)) - y) / len(y)
         clf.weights -= lr * scaler.gradient(x, grad)
         clf.biases -= lr * grad.sum(axis=0)
-        if _evaluates(step, config):
+        if evaluates(step, config):
             folded = scaler.fold(clf, np.float32)
             val = None
             if len(val_hot):
@@ -179,7 +178,7 @@ def probabilities(bottlenecks: Bottlenecks, positions: np.ndarray, clf: Classifi
     for start in range(0, len(ids), chunk):
         at = ids[start : start + chunk]
         out[start : start + chunk] = sigmoid(
-            passes_logits(bottlenecks, at, [clf], np.zeros(len(at), np.int64))
+            class_logits(bottlenecks, at, [clf], np.zeros(len(at), np.int64))
         )
     return out
 

@@ -147,7 +147,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[np.nd
     return probs, float(-log_likelihood.mean())
 
 
-def _truncated_normal(rng: np.random.Generator, std: float, shape: tuple[int, int]) -> np.ndarray:
+def truncated_normal(rng: np.random.Generator, std: float, shape: tuple[int, int]) -> np.ndarray:
     """Normal values with draws beyond two standard deviations drawn again (TF's truncated_normal)."""
     out = rng.normal(0.0, std, shape)
     while (bad := np.abs(out) > 2 * std).any():
@@ -178,14 +178,14 @@ class Sampler:
         return self.order[self.starts[classes] + within]
 
 
-def _positions(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> Callable[[], np.ndarray]:
+def batch_positions(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> Callable[[], np.ndarray]:
     """The training batches' positions, one call per step, from their own seeded stream."""
     sampler = Sampler(train_y, n_classes, config.balance_classes)
     rng = np.random.default_rng([config.seed, POSITION_STREAM])
     return lambda: sampler(config.train_batch_size, rng)
 
 
-def _validation_positions(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> Callable[[], np.ndarray]:
+def validation_positions(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> Callable[[], np.ndarray]:
     """The validation batches' positions, one call per evaluation point, from their own seeded
     stream."""
     sampler = Sampler(val_y, n_classes, config.balance_classes)
@@ -193,7 +193,7 @@ def _validation_positions(val_y: np.ndarray, n_classes: int, config: TrainConfig
     return lambda: sampler(config.validation_batch_size, rng)
 
 
-def _evaluates(step: int, config: TrainConfig) -> bool:
+def evaluates(step: int, config: TrainConfig) -> bool:
     """Whether training evaluates at ``step`` (every ``eval_step_interval`` steps and the last)."""
     return step % config.eval_step_interval == 0 or step + 1 == config.steps
 
@@ -203,15 +203,15 @@ def validation_draws(val_y: np.ndarray, n_classes: int, config: TrainConfig) -> 
     evaluation point's batch one after the other (replayed without training)."""
     if not len(val_y):
         return np.zeros(0, np.int64)
-    next_batch = _validation_positions(val_y, n_classes, config)
-    batches = [next_batch() for s in range(config.steps) if _evaluates(s, config)]
+    next_batch = validation_positions(val_y, n_classes, config)
+    batches = [next_batch() for s in range(config.steps) if evaluates(s, config)]
     return np.concatenate(batches) if batches else np.zeros(0, np.int64)
 
 
 def draw_counts(train_y: np.ndarray, n_classes: int, config: TrainConfig) -> np.ndarray:
     """``int64 [N_train]``: how often :func:`train` with ``config`` will draw each training image
     (replayed without training, so that only the distorted variants it draws need computing)."""
-    next_batch = _positions(train_y, n_classes, config)
+    next_batch = batch_positions(train_y, n_classes, config)
     counts = np.zeros(len(train_y), np.int64)
     drawn: list[np.ndarray] = []
     pending = 0
@@ -257,8 +257,8 @@ def train(
     """
     rng = np.random.default_rng(config.seed)
     scaler = standardizer or Standardizer(np.zeros(dim, np.float32), np.ones(dim, np.float32))
-    clf = Classifier(_truncated_normal(rng, 0.001, (dim, n_classes)), np.zeros(n_classes, np.float32))
-    next_batch = _positions(train_y, n_classes, config)
+    clf = Classifier(truncated_normal(rng, 0.001, (dim, n_classes)), np.zeros(n_classes, np.float32))
+    next_batch = batch_positions(train_y, n_classes, config)
     validation = _Validation(val_x, val_y, n_classes, config)
     lr = np.float32(config.learning_rate)
     for step in range(config.steps):
@@ -271,7 +271,7 @@ def train(
         grad /= len(y)
         clf.weights -= lr * scaler.gradient(x, grad)
         clf.biases -= lr * grad.sum(axis=0)
-        if _evaluates(step, config):
+        if evaluates(step, config):
             folded = scaler.fold(clf, np.float32)
             evaluation = _evaluate(folded, x, y, validation, step, config)
             if on_eval is not None:
@@ -293,7 +293,7 @@ class _Validation:
         config: TrainConfig,
     ) -> None:
         self.features, self.labels = features, labels
-        self.next_positions = _validation_positions(labels, n_classes, config)
+        self.next_positions = validation_positions(labels, n_classes, config)
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next batch's features ``[V, D]`` and labels ``[V]``."""

@@ -32,6 +32,7 @@ from lastlayer.trust.summary import (
 if TYPE_CHECKING:
     from lastlayer.dataset import ImageSet
     from lastlayer.settings.run import OutputConfig, TrainingConfig
+    from lastlayer.training.data import TrainingData
 
 log = logging.getLogger("lastlayer.retrain")
 
@@ -168,20 +169,19 @@ def gather(bottlenecks: Bottlenecks, index: dict[str, np.ndarray], labels: dict[
 
 
 def analyse(
-    bottlenecks: Bottlenecks,
-    index: dict[str, np.ndarray],
-    labels: dict[str, np.ndarray],
+    data: TrainingData,
     classifier: Classifier,
     settings: Settings,
     names: Names,
     out_of_fold: OutOfFold | None = None,
 ) -> Findings:
-    """The trust stage: the classifier to export (calibrated), its "none of the above" score and
-    what was found.
+    """The trust stage on a run's training data (its usable images of each split, in the cache): the
+    classifier to export (calibrated), its "none of the above" score and what was found.
 
     Raises:
         DamagedCache: a part file is damaged or gone.
     """
+    bottlenecks, index, labels = data.bottlenecks, data.index, data.labels
     if not settings.any:
         return Findings(classifier, None, Trust())
     size = sum(len(p) for p in index.values()) * bottlenecks.dim * 4
