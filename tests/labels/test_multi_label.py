@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from browser import broken_images, chrome, console_errors
 from helpers import make_dataset
 from lastlayer.cli import main
 from lastlayer.dataset import SPLITS, label_for
@@ -177,3 +178,28 @@ def test_a_model_whose_thresholds_do_not_match_its_labels_is_refused_at_load(tmp
         onnx.save(proto, str(tmp_path / "bad.onnx"))
         with pytest.raises(ModelError, match=why):
             RetrainedModel.load(str(tmp_path / "bad.onnx"))
+
+
+@pytest.mark.browser
+def test_the_report_of_a_multi_label_run_shows_each_label_s_scores_in_a_real_browser(
+    data, tmp_path, model_dir
+):
+    out = tmp_path / "out"
+    argv = [
+        "retrain", f"--image_dir={data}", f"--labels_file={write_csv(tmp_path / 'l.csv', table(data))}",
+        "--multi_label", "--how_many_training_steps=100", f"--model_dir={model_dir}",
+        f"--bottleneck_dir={tmp_path / 'c'}", f"--output_graph={out / 'g.onnx'}",
+        f"--output_labels={out / 'l.txt'}", f"--summaries_dir={out / 's'}", "--random_seed=7",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    with chrome() as driver:
+        driver.get((out / "g.report.html").as_uri())
+        scores = driver.find_element("id", "confusion")
+        assert "Per label (test split)" in scores.text and "mean average precision" in scores.text
+        assert "Confusion matrix (test split)" not in driver.page_source
+        rows = driver.find_elements("css selector", "#per-class tbody tr")
+        assert sorted(r.find_element("tag name", "td").text for r in rows) == sorted(ALL)
+        assert "threshold" in driver.find_element("css selector", "#per-class thead").text
+        chart = driver.find_element("css selector", "#confusion img.chart")
+        assert driver.execute_script("return arguments[0].naturalWidth", chart) > 300
+        assert not broken_images(driver) and not console_errors(driver)

@@ -157,6 +157,7 @@ def _page(
         "curve": _chart(_curves, curve) if curve.get("step") else None,
         "confusion": _chart(_confusion, labels, matrix) if sum(map(sum, matrix)) else None,
         "per_class": _capped(_class_rows(summary["per_class"])),
+        "multi_label": _multi_label(summary.get("multi_label")),
         "misclassified": {
             "shown": _thumbnails(
                 summary.get("image_dir", ""),
@@ -211,6 +212,26 @@ def _headline(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Skipped", str(images.get("skipped", 0))),
         ("Run time", "—" if total is None else f"{total:.1f} s"),
     ]
+
+
+def _multi_label(multi: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A ``--multi_label`` run's scores: its headline, one row per label and their bars (in place of
+    the confusion matrix and the per-class table, which compare single labels)."""
+    if not multi:
+        return None
+    per_label = multi["per_label"]
+    shares = ("precision", "recall", "f1", "average_precision")
+    rows = [
+        (label, *(_share(s.get(k)) for k in shares), str(s.get("support", 0)), f"{s.get('threshold', 0):.3f}")
+        for label, s in per_label.items()
+    ]
+    names = ("mean average precision", "micro-F1", "macro-F1", "exact match")
+    keys = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match")
+    return {
+        "headline": [(n, _share(multi.get(k))) for n, k in zip(names, keys, strict=True)],
+        "rows": _capped(rows),
+        "chart": _chart(_per_label, per_label),
+    }
 
 
 def _share(x: float | None) -> str:
@@ -372,6 +393,29 @@ def _line(ax: Axes, steps: Sequence[int], values: Sequence[float | None], name: 
     if points:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, color=colour, label=name, linewidth=1.4)
+
+
+def _per_label(fig: Figure, per_label: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Horizontal bars per label: its precision, recall and average precision on the test split."""
+    import numpy as np
+    from matplotlib.ticker import PercentFormatter
+
+    labels = list(per_label)
+    if not labels or len(labels) > MAX_CHART_CLASSES:
+        return False
+    fig.set_size_inches(7.5, 1.4 + 0.5 * len(labels))
+    ax = fig.subplots()
+    at = np.arange(len(labels))
+    kinds = (("precision", "#4c72b0"), ("recall", "#dd8452"), ("average_precision", "#55a868"))
+    for i, (key, colour) in enumerate(kinds):
+        values = [per_label[lb].get(key) or 0.0 for lb in labels]
+        ax.barh(at + (i - 1) * 0.27, values, height=0.27, color=colour, label=key.replace("_", " "))
+    ax.set_yticks(at, [_short(lb) for lb in labels], parse_math=False)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(fontsize="small", loc="lower right")
+    return True
 
 
 def _confusion(fig: Figure, labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> bool:
