@@ -184,14 +184,7 @@ def test_a_model_whose_thresholds_do_not_match_its_labels_is_refused_at_load(tmp
 def test_the_report_of_a_multi_label_run_shows_each_label_s_scores_in_a_real_browser(
     data, tmp_path, model_dir
 ):
-    out = tmp_path / "out"
-    argv = [
-        "retrain", f"--image_dir={data}", f"--labels_file={write_csv(tmp_path / 'l.csv', table(data))}",
-        "--multi_label", "--how_many_training_steps=100", f"--model_dir={model_dir}",
-        f"--bottleneck_dir={tmp_path / 'c'}", f"--output_graph={out / 'g.onnx'}",
-        f"--output_labels={out / 'l.txt'}", f"--summaries_dir={out / 's'}", "--random_seed=7",
-    ]  # fmt: skip
-    assert main(argv) == 0
+    out = multi_label_run(tmp_path, data, model_dir, "--how_many_training_steps=100")
     with chrome() as driver:
         driver.get((out / "g.report.html").as_uri())
         scores = driver.find_element("id", "confusion")
@@ -203,3 +196,30 @@ def test_the_report_of_a_multi_label_run_shows_each_label_s_scores_in_a_real_bro
         chart = driver.find_element("css selector", "#confusion img.chart")
         assert driver.execute_script("return arguments[0].naturalWidth", chart) > 300
         assert not broken_images(driver) and not console_errors(driver)
+
+
+def multi_label_run(tmp: Path, data: Path, model_dir: Path, *extra: str) -> Path:
+    """A ``--multi_label`` run through the labels file of :func:`table` (cache in ``tmp/c``); its
+    output folder."""
+    out = tmp / "out"
+    tmp.mkdir(exist_ok=True)
+    argv = [
+        "retrain", f"--image_dir={data}", f"--labels_file={write_csv(tmp / 'l.csv', table(data))}",
+        "--multi_label", f"--model_dir={model_dir}", f"--bottleneck_dir={tmp / 'c'}",
+        f"--output_graph={out / 'g.onnx'}", f"--output_labels={out / 'l.txt'}",
+        f"--summaries_dir={out / 's'}", "--random_seed=7", *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_the_spark_engine_trains_the_same_multi_label_model(spark_session, data, tmp_path, model_dir):
+    local = multi_label_run(tmp_path / "local", data, model_dir, "--how_many_training_steps=40")
+    spark = multi_label_run(
+        tmp_path / "spark", data, model_dir, "--how_many_training_steps=40", "--engine=spark"
+    )
+    summaries = [json.loads((out / "g.summary.json").read_text()) for out in (local, spark)]
+    assert summaries[1]["options"]["engine"] == "spark"
+    assert summaries[1]["cache"]["computed"] == summaries[0]["cache"]["computed"] == len(table(data))
+    assert summaries[1]["multi_label"] == summaries[0]["multi_label"]
+    assert (local / "g.onnx").read_bytes() == (spark / "g.onnx").read_bytes()
