@@ -141,6 +141,8 @@ def test_a_multi_label_run_exports_sigmoids_and_thresholds_and_label_answers_a_s
     assert multi["mean_average_precision"] >= 0.9, multi  # the shapes are easy to tell apart
     assert summary["metrics"]["test_accuracy"] == multi["exact_match"]
     assert summary["trust"]["calibration"] is None
+    for split in ("train", "validation"):  # TensorBoard's event files, as for one label per image
+        assert list((out / "s" / split).glob("events.out.tfevents.*")), split
 
     proto = onnx.load(str(out / "g.onnx"))
     assert proto.graph.node[-1].op_type == "Sigmoid"

@@ -4,7 +4,8 @@ of a cross-validation, each scored on the fold it held out."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,18 +32,13 @@ log = logging.getLogger("lastlayer.retrain")
 OnEvaluation = Callable[[Evaluation], None]
 
 
-def fit(
-    data: TrainingData,
-    model: Backbones,
-    labels: tuple[str, ...],
-    training: TrainingConfig,
-    outputs: OutputConfig,
-    storage_options: Mapping[str, Any] | None,
-    seed: int,
-    on_evaluation: OnEvaluation | None = None,
-) -> tuple[Classifier, Evaluation | None]:
-    """Train the softmax layer, writing TensorBoard summaries and intermediate models as it goes;
-    return it and its last evaluation point."""
+@contextmanager
+def evaluation_summaries(
+    outputs: OutputConfig, storage_options: Mapping[str, Any] | None, on_evaluation: OnEvaluation | None
+) -> Iterator[tuple[OnEvaluation, list[Evaluation]]]:
+    """TensorBoard's ``train/`` and ``validation/`` event files below ``--summaries_dir``: yields the
+    callback that writes each evaluation point (``accuracy``, ``cross_entropy``) and hands it on to
+    ``on_evaluation``, and the list holding the last point seen."""
     train_writer = SummaryWriter(storage.join(outputs.summaries_dir, "train"), storage_options)
     validation_writer = SummaryWriter(storage.join(outputs.summaries_dir, "validation"), storage_options)
     last: list[Evaluation] = []
@@ -57,6 +53,23 @@ def fit(
             validation_writer.scalar("accuracy", ev.validation_accuracy, ev.step)
             validation_writer.scalar("cross_entropy", ev.validation_cross_entropy, ev.step)
 
+    with train_writer, validation_writer:
+        yield on_eval, last
+
+
+def fit(
+    data: TrainingData,
+    model: Backbones,
+    labels: tuple[str, ...],
+    training: TrainingConfig,
+    outputs: OutputConfig,
+    storage_options: Mapping[str, Any] | None,
+    seed: int,
+    on_evaluation: OnEvaluation | None = None,
+) -> tuple[Classifier, Evaluation | None]:
+    """Train the softmax layer, writing TensorBoard summaries and intermediate models as it goes;
+    return it and its last evaluation point."""
+
     def on_checkpoint(step: int, clf: Classifier) -> None:
         freq = outputs.intermediate_store_frequency
         if freq > 0 and step > 0 and step % freq == 0:
@@ -67,7 +80,7 @@ def fit(
 
     if not len(data.labels[VALIDATION]):
         log.warning("The validation set is empty: no validation accuracy (raise --validation_percentage)")
-    with train_writer, validation_writer:
+    with evaluation_summaries(outputs, storage_options, on_evaluation) as (on_eval, last):
         saving = on_checkpoint if outputs.intermediate_store_frequency > 0 else None
         with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported just below
             clf = data.train(final_fit(data, training, seed), on_eval, saving)
@@ -126,6 +139,7 @@ def fit_final(
     """The final fit: the softmax layer (:func:`fit`), or with ``--multi_label`` the sigmoids with
     their thresholds and test scores (:func:`~lastlayer.training.multilabel.fit_and_score`)."""
     if training.multi_label:
-        multi = fit_and_score(data, images, training, seed, on_evaluation)
+        with evaluation_summaries(outputs, storage_options, on_evaluation) as (on_eval, _):
+            multi = fit_and_score(data, images, training, seed, on_eval)
         return multi.classifier, multi
     return fit(data, model, images.labels, training, outputs, storage_options, seed, on_evaluation)[0], None
