@@ -225,3 +225,16 @@ def test_the_spark_engine_trains_the_same_multi_label_model(spark_session, data,
     assert summaries[1]["cache"]["computed"] == summaries[0]["cache"]["computed"] == len(table(data))
     assert summaries[1]["multi_label"] == summaries[0]["multi_label"]
     assert (local / "g.onnx").read_bytes() == (spark / "g.onnx").read_bytes()
+
+
+def test_flags_a_multi_label_run_cannot_honour_are_named(data, tmp_path, model_dir, caplog):
+    flags = (
+        "--how_many_training_steps=20",
+        "--intermediate_store_frequency=10",
+        "--print_misclassified_test_images",
+    )
+    with caplog.at_level(logging.WARNING):
+        out = multi_label_run(tmp_path, data, model_dir, *flags)
+    for flag in ("--intermediate_store_frequency", "--print_misclassified_test_images"):
+        assert f"{flag} is ignored with --multi_label" in caplog.text
+    assert (out / "g.onnx").is_file()

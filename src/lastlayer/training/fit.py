@@ -139,6 +139,12 @@ def fit_final(
     """The final fit: the softmax layer (:func:`fit`), or with ``--multi_label`` the sigmoids with
     their thresholds and test scores (:func:`~lastlayer.training.multilabel.fit_and_score`)."""
     if training.multi_label:
+        ignored = {
+            "intermediate_store_frequency": outputs.intermediate_store_frequency > 0,
+            "print_misclassified_test_images": outputs.print_misclassified_test_images,
+        }
+        for flag in (name for name, given in ignored.items() if given):
+            log.warning("--%s is ignored with --multi_label (only the final model has thresholds)", flag)
         with evaluation_summaries(outputs, storage_options, on_evaluation) as (on_eval, _):
             multi = fit_and_score(data, images, training, seed, on_eval)
         return multi.classifier, multi
