@@ -120,16 +120,8 @@ def test_multi_label_refuses_cross_validation():
 def test_a_multi_label_run_exports_sigmoids_and_thresholds_and_label_answers_a_set(
     data, tmp_path, model_dir, caplog, capsys
 ):
-    out = tmp_path / "out"
-    labels = write_csv(tmp_path / "l.csv", table(data))
-    argv = [
-        "retrain", f"--image_dir={data}", f"--labels_file={labels}", "--multi_label",
-        "--how_many_training_steps=200", f"--model_dir={model_dir}", f"--bottleneck_dir={tmp_path / 'c'}",
-        f"--output_graph={out / 'g.onnx'}", f"--output_labels={out / 'l.txt'}",
-        f"--summaries_dir={out / 's'}", "--random_seed=7",
-    ]  # fmt: skip
     with caplog.at_level(logging.INFO):
-        assert main(argv) == 0
+        out = multi_label_run(tmp_path, data, model_dir, "--how_many_training_steps=200")
     text = caplog.text
     assert "With --multi_label, calibration (--calibrate) is off" in text
     assert "With --multi_label, duplicates (--find_duplicates) is off" in text
@@ -163,15 +155,7 @@ def test_a_multi_label_run_exports_sigmoids_and_thresholds_and_label_answers_a_s
 
 
 def test_a_model_whose_thresholds_do_not_match_its_labels_is_refused_at_load(tmp_path, model_dir, data):
-    out = tmp_path / "out"
-    labels = write_csv(tmp_path / "l.csv", table(data))
-    argv = [
-        "retrain", f"--image_dir={data}", f"--labels_file={labels}", "--multi_label",
-        "--how_many_training_steps=10", f"--model_dir={model_dir}", f"--bottleneck_dir={tmp_path / 'c'}",
-        f"--output_graph={out / 'g.onnx'}", f"--output_labels={out / 'l.txt'}",
-        f"--summaries_dir={out / 's'}", "--random_seed=7",
-    ]  # fmt: skip
-    assert main(argv) == 0
+    out = multi_label_run(tmp_path, data, model_dir, "--how_many_training_steps=10")
     proto = onnx.load(str(out / "g.onnx"))
     for bad, why in (("[0.5]", "1 thresholds for 4 labels"), ('["x"]', "numbers in \\[0, 1\\]")):
         for p in proto.metadata_props:
