@@ -70,6 +70,7 @@ OWNED = (
     "control.token",
     "state.json",
     "target",
+    "bin",
 )
 
 JAVA_OPENS = (
@@ -527,6 +528,61 @@ def _launch_java(
         err.close()
 
 
+#: ``yarn logs -applicationId A -containerId C -log_files F`` of the stand-in: the file from the
+#: NodeManagers' log folders, framed as Hadoop's ``yarn logs`` frames an aggregated log.
+_YARN_LOGS = """\
+  logs) shift; app= c= f=
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        -applicationId) app=$2; shift ;;
+        -containerId) c=$2; shift ;;
+        -log_files) f=$2; shift ;;
+      esac
+      shift
+    done
+    found=$(find "$ROOT/target" -path "*/yarn-logDir-nm-*/$app/$c/$f" -type f 2>/dev/null | head -n 1)
+    if [ -z "$found" ]; then
+      echo "Can not find the logs for the application: $app container: $c file: $f" >&2; exit 1
+    fi
+    echo "Container: $c"
+    echo "LogAggregationType: LOCAL (the harness's stand-in: the NodeManagers' log folder)"
+    echo "LogType:$f"
+    echo "LogLength:$(wc -c < "$found")"
+    echo "LogContents:"
+    cat "$found"
+    echo "End of LogType:$f"
+    exit 0 ;;
+"""
+
+
+def _write_yarn_command(root: Path) -> Path:
+    """``DIR/bin/yarn``: a stand-in for Hadoop's ``yarn`` command, answering what YARN clients here
+    run: ``yarn classpath [--glob]`` (skein's driver: ``DIR/conf`` and the harness's jars) and ``yarn
+    logs -applicationId A -containerId C -log_files F``. Hadoop's own ``yarn logs`` reads the logs
+    the NodeManagers aggregate, which they cannot do here (a secure NodeManager reads container logs
+    through SecureIOUtils, which needs the native libhadoop), so the stand-in prints the file from the
+    NodeManagers' log folders of this machine. On a real cluster the real ``yarn`` is used."""
+    jars = [str(HARNESS_JAR), *sorted(str(p) for p in HARNESS_LIB.glob("*.jar"))]
+    classpath = ":".join([str(root / "conf"), *jars])
+    script = (
+        "#!/bin/sh\n"
+        "# Written by harness/securehdfs.py: `yarn classpath` and `yarn logs` for its cluster.\n"
+        f"CP='{classpath}'\n"
+        f"ROOT='{root}'\n"
+        'case "$1" in\n'
+        '  classpath) echo "$CP"; exit 0 ;;\n'
+        f"{_YARN_LOGS}"
+        "esac\n"
+        "echo 'this yarn stand-in only answers: yarn classpath, yarn logs' >&2\n"
+        "exit 64\n"
+    )
+    path = root / "bin" / "yarn"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
+
+
 def _wait_ready(root: Path, proc: subprocess.Popen, name: str, deadline: float, timeout: float) -> dict:
     """The JSON line after ``Ready!`` in ``logs/NAME.out``; HarnessError with the log's tail when the
     process fails, exits or is not ready by deadline."""
@@ -791,7 +847,13 @@ class SecureHdfs:
             _terminate(proc.pid, YARN_CLASS, 20, proc)
             raise
         self.state["yarn"] = info
+        _write_yarn_command(self.root)
         _write_private(self.root / "state.json", json.dumps(self.state, indent=2) + "\n")
+
+    @property
+    def bin_dir(self) -> Path:
+        """``DIR/bin``, holding the ``yarn`` stand-in of :func:`_write_yarn_command` (put it on PATH)."""
+        return self.root / "bin"
 
     @property
     def yarn_running(self) -> bool:

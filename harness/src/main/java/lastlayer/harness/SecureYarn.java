@@ -42,8 +42,12 @@ import org.apache.hadoop.yarn.server.resourcemanager.scheduler.fifo.FifoSchedule
 final class SecureYarn {
 
   static final int NODE_MANAGERS = 2;
-  /** Memory (MiB) and vcores each NodeManager offers. */
-  static final int NM_MEMORY_MB = 3072;
+  /**
+   * Memory (MiB) and vcores each NodeManager offers: bookkeeping only (no memory checks), sized so
+   * that a job-service task of the walkthrough's {@code worker.mem} 4096 fits beside an application
+   * master.
+   */
+  static final int NM_MEMORY_MB = 8192;
   static final int NM_VCORES = 4;
 
   private final Path dir;
@@ -103,6 +107,8 @@ final class SecureYarn {
     c.setBoolean(YarnConfiguration.NM_VMEM_CHECK_ENABLED, false);
     c.setBoolean("yarn.nodemanager.disk-health-checker.enable", false);
     c.setInt(YarnConfiguration.NM_PMEM_MB, NM_MEMORY_MB);
+    // MiniYARNCluster gives each NodeManager this one (default 4096), not NM_PMEM_MB.
+    c.setInt(YarnConfiguration.YARN_MINICLUSTER_NM_PMEM_MB, NM_MEMORY_MB);
     c.setInt(YarnConfiguration.NM_VCORES, NM_VCORES);
     c.setInt(YarnConfiguration.RM_SCHEDULER_MINIMUM_ALLOCATION_MB, 128);
     c.setInt(YarnConfiguration.RM_SCHEDULER_MAXIMUM_ALLOCATION_MB, NM_MEMORY_MB);
@@ -112,6 +118,9 @@ final class SecureYarn {
     String local = dir.resolve("target").toAbsolutePath().toUri().toString();
     c.set("yarn.node-attribute.fs-store.root-dir", local + "node-attributes");
     c.set("yarn.node-labels.fs-store.root-dir", local + "node-labels");
+    // No log aggregation: in secure mode a NodeManager reads the containers' logs through
+    // SecureIOUtils, which needs Hadoop's native library (libhadoop), absent here ("Secure IO is not
+    // possible without native code extensions"). The logs stay in the NodeManagers' log folders.
     // Keep finished containers' folders a while, so tests can inspect what was localized.
     c.setInt(YarnConfiguration.DEBUG_NM_DELETE_DELAY_SEC, 3600);
     c.setBoolean(YarnConfiguration.TIMELINE_SERVICE_ENABLED, false);
@@ -161,6 +170,10 @@ final class SecureYarn {
     yarn.set(YarnConfiguration.RM_SCHEDULER_MINIMUM_ALLOCATION_MB, "128");
     yarn.set(YarnConfiguration.RM_SCHEDULER_MAXIMUM_ALLOCATION_MB, String.valueOf(NM_MEMORY_MB));
     yarn.set(YarnConfiguration.TIMELINE_SERVICE_ENABLED, "false");
+    // What applications' containers put on their class path (skein's application master): there is
+    // no Hadoop installation (HADOOP_*_HOME) here, so this JVM's own class path (the client
+    // configuration folder, the harness jar and its lib/ of Hadoop jars) stands in for it.
+    yarn.set(YarnConfiguration.YARN_APPLICATION_CLASSPATH, System.getProperty("java.class.path"));
     SecureHdfs.writeXml(yarn, dir.resolve("conf").resolve("yarn-site.xml"));
   }
 
