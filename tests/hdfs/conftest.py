@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from helpers import serve_folder
 
 HARNESS = Path(__file__).resolve().parents[2] / "harness" / "securehdfs.py"
 START_TIMEOUT_S = float(os.environ.get("LASTLAYER_HDFS_START_TIMEOUT", "180"))
@@ -66,6 +69,19 @@ def secure_yarn(secure_hdfs) -> object:
     except Exception as exc:
         pytest.fail(f"the secure YARN harness could not start: {exc}", pytrace=False)
     return secure_hdfs
+
+
+@pytest.fixture(scope="module")
+def endpoint(secure_hdfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A job's hdfs.config_uri: the harness's core-site.xml and hdfs-site.xml (nameservice `default`
+    included) served over HTTP on 127.0.0.1, as DC/OS serves its HDFS endpoints."""
+    www = tmp_path_factory.mktemp("www")
+    served = www / "v1" / "endpoints"
+    served.mkdir(parents=True)
+    for name in ("core-site.xml", "hdfs-site.xml"):
+        shutil.copy(secure_hdfs.conf_dir / name, served)
+    with serve_folder(www) as base:
+        yield f"{base}/v1/endpoints"
 
 
 @pytest.fixture

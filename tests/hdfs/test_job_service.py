@@ -17,25 +17,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from helpers import ENV_KEYS, as_superuser, lastlayer_as, make_dataset, serve_folder
+from helpers import ENV_KEYS, as_superuser, lastlayer_as, make_dataset
 from lastlayer.cli import main
 from lastlayer.jobs import secret_store
 from lastlayer.jobs.plan import ERROR, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def endpoint(secure_hdfs, tmp_path_factory):
-    """hdfs.config_uri: the harness's core-site.xml and hdfs-site.xml (nameservice `default` included)
-    served over HTTP on 127.0.0.1, as DC/OS serves its HDFS endpoints."""
-    www = tmp_path_factory.mktemp("www")
-    served = www / "v1" / "endpoints"
-    served.mkdir(parents=True)
-    for name in ("core-site.xml", "hdfs-site.xml"):
-        shutil.copy(secure_hdfs.conf_dir / name, served)
-    with serve_folder(www) as base:
-        yield f"{base}/v1/endpoints"
 
 
 @pytest.fixture(scope="module")

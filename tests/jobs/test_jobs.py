@@ -426,7 +426,7 @@ def test_tasks_asking_for_gpus_need_a_gpu(tmp_path, capsys, monkeypatch):
         (["plan", "show", "--detach"], "--detach"),
         (["plan", "show", "--timeout=5"], "--timeout"),
         (["plan", "restart", "--completed"], "--completed"),
-        (["tasks", "--secrets_dir=/tmp"], "--secrets_dir"),
+        (["tasks", "--scheduler=yarn"], "--scheduler"),
         (["log", "worker-0", "--detach"], "--detach"),
         (["stop", "--root=x"], "--root"),
         (["uninstall", "--timeout=1"], "--timeout"),

@@ -40,10 +40,11 @@ def _flags(name: str, *names: str) -> type:
 
 
 _RUN = ("detach", "timeout", "secrets_dir")  # what runs the tasks: deploy, plan restart
-DeployFlags = _flags("DeployFlags", "state_dir", *_RUN)
-WatchFlags = _flags("WatchFlags", "name", "state_dir")  # plan show, tasks, stop, uninstall
+DeployFlags = _flags("DeployFlags", "state_dir", *_RUN, "scheduler", "yarn_env")
+# plan show, tasks, stop, uninstall (the secret store: a YARN job logs in again to ask YARN)
+WatchFlags = _flags("WatchFlags", "name", "state_dir", "secrets_dir")
 RestartFlags = _flags("RestartFlags", "name", "state_dir", *_RUN)
-LogFlags = _flags("LogFlags", "name", "state_dir", "completed")
+LogFlags = _flags("LogFlags", "name", "state_dir", "secrets_dir", "completed")
 PackageFlags = _flags("PackageFlags", "root")
 SecretFlags = _flags("SecretFlags", "secrets_dir")
 
@@ -75,13 +76,16 @@ def _shown() -> Callable[[Plan], None]:
 
 
 def _print_plan(plan: Plan, name: str, state_dir: str) -> None:
-    """The plan as DC/OS draws it, then one line per failed step saying why, then TensorBoard's URL
-    while it runs."""
+    """The plan as DC/OS draws it, then one line per failed step saying why, then the YARN application
+    or TensorBoard's URL while it runs."""
     from lastlayer.jobs import api
 
     print(plan.render())
     for reason in plan.reasons():
         print(reason)
+    app = api.yarn_application(name, state_dir or None)
+    if app is not None:
+        print(f"yarn: {app}")
     board = api.tensorboard_task(name, state_dir or None)
     if board is not None:
         print(f"tensorboard: {board.message}")
@@ -100,6 +104,8 @@ def deploy(ns: argparse.Namespace, hadoop: Any) -> int:
         detach=opts.detach,
         timeout=opts.timeout or None,
         on_change=_shown(),
+        scheduler=opts.scheduler,
+        yarn_env=opts.yarn_env,
     )
     if opts.detach:
         name = job.name
@@ -113,7 +119,8 @@ def plan_show(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
 
     opts = _options(ns)
-    _print_plan(api.plan(opts.name, opts.state_dir or None), opts.name, opts.state_dir)
+    shown = api.plan(opts.name, opts.state_dir or None, opts.secrets_dir or None)
+    _print_plan(shown, opts.name, opts.state_dir)
     return 0
 
 
@@ -145,7 +152,8 @@ def tasks(ns: argparse.Namespace, hadoop: Any) -> int:
 
     opts = _options(ns)
     board = api.tensorboard_task(opts.name, opts.state_dir or None)
-    for t in api.tasks(opts.name, opts.state_dir or None) + ([board] if board else []):
+    listed = api.tasks(opts.name, opts.state_dir or None, opts.secrets_dir or None)
+    for t in listed + ([board] if board else []):
         detail = f"  {t.message}" if t.message else ""
         code = "-" if t.exit_code is None else t.exit_code
         print(f"{t.name:<12} {t.status:<9} pid={t.pid or '-'} exit={code}{detail}")
@@ -158,7 +166,12 @@ def log(ns: argparse.Namespace, hadoop: Any) -> int:
     opts = _options(ns)
     _need("log", "a task name", ns.task)
     text = api.task_log(
-        opts.name, ns.task, ns.stream, completed=opts.completed, state_dir=opts.state_dir or None
+        opts.name,
+        ns.task,
+        ns.stream,
+        completed=opts.completed,
+        state_dir=opts.state_dir or None,
+        secrets_dir=opts.secrets_dir or None,
     )
     sys.stdout.write(text)
     return 0
@@ -168,7 +181,7 @@ def stop(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
 
     opts = _options(ns)
-    print(api.stop(opts.name, opts.state_dir or None).render())
+    print(api.stop(opts.name, opts.state_dir or None, opts.secrets_dir or None).render())
     return 0
 
 
@@ -176,7 +189,7 @@ def uninstall(ns: argparse.Namespace, hadoop: Any) -> int:
     from lastlayer.jobs import api
 
     opts = _options(ns)
-    api.uninstall(opts.name, opts.state_dir or None)
+    api.uninstall(opts.name, opts.state_dir or None, opts.secrets_dir or None)
     print(f"uninstalled {opts.name}")
     return 0
 

@@ -39,6 +39,8 @@ def deploy(
     detach: bool = False,
     timeout: float | None = None,
     on_change: Callable[[Plan], None] | None = None,
+    scheduler: str = "local",
+    yarn_env: str = "",
 ) -> tuple[Job, Plan]:
     """Deploy the job described by the options file at ``options`` (a path or URL).
 
@@ -52,6 +54,9 @@ def deploy(
         timeout: stop the job this many seconds after the call started, downloads included
             (``None``: no limit).
         on_change: called with the plan after every status change (foreground only).
+        scheduler: ``local`` (processes on this machine) or ``yarn`` (:mod:`lastlayer.jobs.yarn`,
+            in the foreground only).
+        yarn_env: with ``yarn``, the URL of the tasks' packed Python.
 
     Raises:
         UsageError: bad options or user, a bad state folder, or the job is deployed or runs already.
@@ -60,6 +65,8 @@ def deploy(
     spec, warnings = JobSpec.load(options, seconds=remaining(deadline))
     for warning in warnings:
         log.warning("%s", warning)
+    if scheduler == "yarn":
+        return _deploy_yarn(spec, state_dir, yarn_env, secrets_dir, detach, deadline, on_change)
     capacity.check(spec, capacity.memory_mib())
     job = Job.named(spec.service.name, state_dir, setting="service.name")
     account = run_as(spec.service.user)
@@ -88,6 +95,35 @@ def deploy(
         lock.close()
 
 
+def _deploy_yarn(
+    spec: JobSpec,
+    state_dir: StateDir,
+    yarn_env: str,
+    secrets_dir: str | None,
+    detach: bool,
+    deadline: float | None,
+    on_change: Callable[[Plan], None] | None,
+) -> tuple[Job, Plan]:
+    """:func:`deploy` with ``scheduler="yarn"``: YARN places and sizes the tasks (no check of this
+    machine's memory), this process follows them."""
+    from lastlayer.jobs import yarn
+
+    if detach:
+        raise UsageError("--detach is not available with --scheduler=yarn: deploy in the foreground")
+    yarn.check(spec, yarn_env)
+    job = Job.named(spec.service.name, state_dir, setting="service.name")
+    lock = job.lock()
+    try:
+        job.create()
+        job.save_spec(spec)
+        new_plan({group: getattr(spec, group).count for _, group, _ in PHASES}).save(job.plan_path)
+        return job, yarn.run(
+            job, spec, yarn_env, deadline=deadline, on_change=on_change, secrets_dir=secrets_dir
+        )
+    finally:
+        lock.close()
+
+
 def restart(
     name: str,
     state_dir: StateDir = None,
@@ -105,6 +141,11 @@ def restart(
     """
     deadline = _deadline(timeout)
     job = Job.named(name, state_dir)
+    if _on_yarn(job):
+        raise UsageError(
+            f"job {name!r} ran on YARN, whose steps cannot be restarted one by one yet: deploy it again "
+            "with `lastlayer job deploy OPTIONS --scheduler=yarn` (the bottleneck cache makes it resume)"
+        )
     plan = job.plan()
     spec = job.spec()
     try:
@@ -138,9 +179,30 @@ def _deadline(timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
-def plan(name: str, state_dir: StateDir = None) -> Plan:
-    """The job's deploy plan with its live statuses."""
-    return Job.named(name, state_dir).plan()
+def plan(name: str, state_dir: StateDir = None, secrets_dir: str | None = None) -> Plan:
+    """The job's deploy plan with its live statuses; a YARN job's as YARN sees it now (logged in
+    from the keytab secret in ``secrets_dir``)."""
+    job = Job.named(name, state_dir)
+    if _on_yarn(job):
+        from lastlayer.jobs import yarn
+
+        return yarn.refresh(job, secrets_dir)
+    return job.plan()
+
+
+def _on_yarn(job: Job) -> bool:
+    """Whether the job was deployed with ``--scheduler=yarn`` (it has a YARN application)."""
+    from lastlayer.jobs.yarn import AppRecord
+
+    return AppRecord.load(job) is not None
+
+
+def yarn_application(name: str, state_dir: StateDir = None) -> str | None:
+    """The YARN application id of a job deployed with ``--scheduler=yarn``, else ``None``."""
+    from lastlayer.jobs.yarn import AppRecord
+
+    record = AppRecord.load(Job.named(name, state_dir))
+    return None if record is None else record.app_id
 
 
 @dataclass(frozen=True)
@@ -154,9 +216,10 @@ class TaskInfo:
     message: str | None
 
 
-def tasks(name: str, state_dir: StateDir = None) -> list[TaskInfo]:
-    """The job's tasks with their statuses."""
-    return [TaskInfo(s.name, s.status, s.pid, s.exit_code, s.message) for s in plan(name, state_dir).steps]
+def tasks(name: str, state_dir: StateDir = None, secrets_dir: str | None = None) -> list[TaskInfo]:
+    """The job's tasks with their statuses (a YARN job's: their containers, as YARN sees them now)."""
+    steps = plan(name, state_dir, secrets_dir).steps
+    return [TaskInfo(s.name, s.status, s.pid, s.exit_code, s.message) for s in steps]
 
 
 def tensorboard_task(name: str, state_dir: StateDir = None) -> TaskInfo | None:
@@ -172,9 +235,11 @@ def task_log(
     *,
     completed: bool = False,
     state_dir: StateDir = None,
+    secrets_dir: str | None = None,
 ) -> str:
     """A task's stdout or stderr (its last :data:`MAX_LOG_BYTES`). A finished task's log needs
-    ``completed``, as ``dcos task log``.
+    ``completed``, as ``dcos task log``. A YARN task's log is its container's (stdout and stderr
+    together), which YARN gives once the application has ended.
 
     Raises:
         UsageError: no such task or stream, a finished task without ``completed``, or no log: the
@@ -190,6 +255,10 @@ def task_log(
         ) from None
     if stream not in ("stdout", "stderr"):
         raise UsageError(f"stream must be stdout or stderr, not {stream!r}")
+    if _on_yarn(job):
+        from lastlayer.jobs import yarn
+
+        return yarn.task_log(job, task, secrets_dir)[-MAX_LOG_BYTES:]
     path = job.task_dir(task) / stream
     if not path.exists():
         if step.status == ERROR:
@@ -215,14 +284,18 @@ def _tail(path: Path) -> str:
     return head + data.decode(errors="replace")
 
 
-def stop(name: str, state_dir: StateDir = None) -> Plan:
-    """Stop a running job: its supervisor, tasks and TensorBoard; unfinished steps end in ERROR
-    (stopped)."""
+def stop(name: str, state_dir: StateDir = None, secrets_dir: str | None = None) -> Plan:
+    """Stop a running job: its supervisor, tasks and TensorBoard (a YARN job: the deploy following
+    it and its YARN application); unfinished steps end in ERROR (stopped)."""
     job = Job.named(name, state_dir)
     job.plan()
     supervisor = job.supervisor_pid()
     if supervisor is not None:
         end_process(supervisor)
+    if _on_yarn(job):
+        from lastlayer.jobs import yarn
+
+        return yarn.stop(job, secrets_dir)
     tensorboard.stop(job)
     steps = job.plan()
     for step in steps.steps:
@@ -235,11 +308,11 @@ def stop(name: str, state_dir: StateDir = None) -> Plan:
     return steps
 
 
-def uninstall(name: str, state_dir: StateDir = None) -> None:
-    """Stop the job if it runs and remove its state folder (logs and local outputs included); nothing
-    outside the state folder is removed."""
+def uninstall(name: str, state_dir: StateDir = None, secrets_dir: str | None = None) -> None:
+    """Stop the job if it runs (a YARN job: its application) and remove its state folder (logs and
+    local outputs included); nothing outside the state folder is removed."""
     job = Job.named(name, state_dir)
-    stop(name, state_dir)  # a job that does not exist ends here
+    stop(name, state_dir, secrets_dir)  # a job that does not exist ends here
     lock = _lock_after_stop(job)
     try:
         job.remove()

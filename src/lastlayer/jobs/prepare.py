@@ -1,7 +1,7 @@
 """Everything before a job's tasks start, in the job's state folder.
 
 Checks the machine (a GPU for tasks asking for one, free disk for the groups' ``disk``), downloads
-the Hadoop configuration and logs in to Kerberos from the keytab secret (:func:`_cluster_login`),
+the Hadoop configuration and logs in to Kerberos from the keytab secret (:func:`cluster_login`),
 fetches and extracts the job archive, and asks the job module how its workers run
 (:func:`_executors`). Kerberos tracing (``kerberos.debug``) goes to each task's stderr.
 
@@ -126,21 +126,21 @@ def prepare(
     _check_disk(job, spec)
     if "shared_filesystem" in masked_urls(spec.service):
         raise _not_kept("service.shared_filesystem", spec.service.shared_filesystem)
-    private = _private(job.folder / "private")
-    with _cluster_login(spec, private, secrets_dir, deadline) as env:
+    private = private_dir(job.folder / "private")
+    with cluster_login(spec, private, secrets_dir, deadline) as env:
         if spec.service.security.kerberos.debug:
             env["KRB5_TRACE"] = "/dev/stderr"  # MIT Kerberos traces into each task's stderr file
-        module_dir = _extract_job(job, spec, deadline)
+        module_dir = extract_job(job, spec, deadline)
         log_dir = spec.service.shared_filesystem or str(job.folder / "persist")
         if not spec.service.shared_filesystem:
-            _private(job.folder / "persist")
+            private_dir(job.folder / "persist")
         mirror = None
         if account is not None:
             _hand_over(job, account)
             mirror = Mirror(private, job.folder / "task-private", account)
         shares: dict[str, int] = {}
         if _executors(job, spec, module_dir, mirror.env(env) if mirror else env, deadline) == "spark":
-            conf = _private(private / "spark-conf")
+            conf = private_dir(private / "spark-conf")
             storage.write_private(conf / "spark-defaults.conf", spark_defaults(spec).encode())
             env["SPARK_CONF_DIR"] = str(conf)
             shares["worker-0"] = spec.worker.count
@@ -185,7 +185,7 @@ def _check_disk(job: Job, spec: JobSpec) -> None:
         )
 
 
-def _private(folder: Path) -> Path:
+def private_dir(folder: Path) -> Path:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
     return folder
@@ -202,7 +202,7 @@ def krb5_conf(spec: JobSpec) -> str:
 
 
 @contextmanager
-def _cluster_login(
+def cluster_login(
     spec: JobSpec, private: Path, secrets_dir: str | None, deadline: float | None
 ) -> Iterator[dict[str, str]]:
     """The job's :class:`~lastlayer.hadoop.HadoopLogin`: as ``primary@realm`` from the keytab secret
@@ -240,7 +240,7 @@ def _hadoop_conf(spec: JobSpec, private: Path, deadline: float | None) -> Path:
     folder = private / "hadoop-config"
     if masked_urls(hdfs):
         return _earlier(folder, "service.hdfs.config_uri", hdfs.config_uri)
-    _private(folder)
+    private_dir(folder)
     bounds = limits(
         hdfs.config_max_bytes,
         hdfs.config_timeout,
@@ -266,7 +266,7 @@ def _earlier(path: Path, option: str, url: str) -> Path:
     return path
 
 
-def _extract_job(job: Job, spec: JobSpec, deadline: float | None) -> Path:
+def extract_job(job: Job, spec: JobSpec, deadline: float | None) -> Path:
     """Fetch and extract the job archive into ``job/`` (owner-only); returns the job module's folder."""
     service = spec.service
     extracted = job.folder / "job"

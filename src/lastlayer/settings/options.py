@@ -342,6 +342,15 @@ class JobOptions:
         rule="must be 0 (no limit) or positive",
     )
     completed: bool = option(False, "log: read the log of a finished task.")
+    scheduler: str = option(
+        "local",
+        "deploy: where the tasks run: local (processes here) or yarn (a YARN container each, via skein).",
+        choices=("local", "yarn"),
+        upper_choices=False,
+    )
+    yarn_env: str = option(
+        "", "deploy --scheduler=yarn: URL of the tasks' packed Python (yarn_archives.py --job)."
+    )
     root: str = option(
         "",
         "package: folder to put the job under inside the zip (e.g. the walkthrough's "
