@@ -157,9 +157,12 @@ def a_container(service: str, instance: int, state: str, message: str = "") -> S
 
 def test_container_states_become_step_statuses_and_the_record_keeps_each_task_s_container(tmp_path):
     watch = watch_of(tmp_path, {"worker": 2})
-    assert watch.update(a_container("worker", 0, "RUNNING"))
-    assert not watch.update(a_container("worker", 0, "RUNNING"))  # nothing changed
-    assert watch.update(a_container("worker", 1, "FAILED", "Container exited with a non-zero exit code 3"))
+    assert watch.update(a_container("worker", 0, "RUNNING"), started=False)
+    assert watch.plan.step("worker-0").status == "STARTING"  # YARN started it: it is localizing
+    assert watch.update(a_container("worker", 0, "RUNNING"), started=True)  # its task published
+    assert not watch.update(a_container("worker", 0, "RUNNING"), started=True)  # nothing changed
+    failed = a_container("worker", 1, "FAILED", "Container exited with a non-zero exit code 3")
+    assert watch.update(failed, started=True)
     w0, w1 = watch.plan.step("worker-0"), watch.plan.step("worker-1")
     assert (w0.status, w0.message) == ("RUNNING", "container_1_0001_01_000002 on localhost:8042")
     assert (w1.status, w1.message) == ("ERROR", "Container exited with a non-zero exit code 3")
@@ -171,10 +174,10 @@ def test_container_states_become_step_statuses_and_the_record_keeps_each_task_s_
 
 def test_parameter_servers_are_stopped_once_the_workers_are_done(tmp_path):
     watch = watch_of(tmp_path, {"worker": 1, "parameter_server": 1})
-    watch.update(a_container("ps", 0, "RUNNING"))
-    watch.update(a_container("worker", 0, "RUNNING"))
+    watch.update(a_container("ps", 0, "RUNNING"), started=True)
+    watch.update(a_container("worker", 0, "RUNNING"), started=True)
     assert not watch.workers_done()
-    watch.update(a_container("worker", 0, "SUCCEEDED"))
+    watch.update(a_container("worker", 0, "SUCCEEDED"), started=True)
     assert watch.workers_done()
     watch.finish("SUCCEEDED", "the workers finished")
     ps = watch.plan.step("ps-0")
@@ -184,8 +187,8 @@ def test_parameter_servers_are_stopped_once_the_workers_are_done(tmp_path):
 
 def test_a_failed_application_fails_the_steps_it_did_not_end_saying_why(tmp_path):
     watch = watch_of(tmp_path, {"worker": 2})
-    watch.update(a_container("worker", 0, "SUCCEEDED"))
-    watch.update(a_container("worker", 1, "RUNNING"))
+    watch.update(a_container("worker", 0, "SUCCEEDED"), started=True)
+    watch.update(a_container("worker", 1, "RUNNING"), started=True)
     watch.finish("FAILED", "Failure in service worker, see logs for more information.")
     assert watch.plan.step("worker-0").status == "COMPLETE"
     failed = watch.plan.step("worker-1")

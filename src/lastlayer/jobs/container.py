@@ -21,14 +21,12 @@ import time
 from collections.abc import Callable, Mapping
 
 from lastlayer.jobs.task import TASK_ENV, TaskDescription
-from lastlayer.jobs.yarn_spec import INDEX_ENV, PEERS_ENV, TEMPLATE_ENV, decode
+from lastlayer.jobs.yarn_spec import ADDRESS_PREFIX, INDEX_ENV, PEERS_ENV, TEMPLATE_ENV, decode
 
 #: Longest wait for the other tasks' addresses, seconds.
 PEERS_TIMEOUT_S = 600.0
 #: How often the key-value store is read while waiting, seconds.
 PEERS_POLL_S = 0.5
-#: The key-value store's keys of the tasks' addresses start with this.
-ADDRESS_PREFIX = "address/"
 #: Exit code of a task whose peers did not all start in time.
 EXIT_NO_PEERS = 3
 

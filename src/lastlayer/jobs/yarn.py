@@ -35,7 +35,7 @@ from lastlayer.jobs.plan import COMPLETE, ERROR, PENDING, RUNNING, STARTING, Pla
 from lastlayer.jobs.prepare import cluster_login, extract_job, private_dir, remaining
 from lastlayer.jobs.spec import JobSpec
 from lastlayer.jobs.state import Job
-from lastlayer.jobs.yarn_spec import YarnInputs, application_spec
+from lastlayer.jobs.yarn_spec import ADDRESS_PREFIX, YarnInputs, application_spec
 
 if TYPE_CHECKING:
     import skein
@@ -326,20 +326,27 @@ class _Watch:
             if self.app is None:
                 self.app = self.yarn.connect(self.record.app_id, wait=False)
             containers = self.app.get_containers(states=list(STATUS_OF))
+            published = set(self.app.kv.get_prefix(ADDRESS_PREFIX))
         except skein.exceptions.ConnectionError:
             return False  # the application master is not up, or has just ended: its report will say
-        changed = [self.update(c) for c in containers]
+        changed = [
+            self.update(c, f"{ADDRESS_PREFIX}{c.service_name}-{c.instance}" in published) for c in containers
+        ]
         if self.workers_done():
             self.app.shutdown("SUCCEEDED", "the workers finished")
         return any(changed)
 
-    def update(self, container: skein.Container) -> bool:
-        """Fold one container's state into its step; whether the step changed."""
+    def update(self, container: skein.Container, started: bool) -> bool:
+        """Fold one container's state into its step (RUNNING once its task has ``started``: it
+        published its address; STARTING while YARN localizes and starts it); whether the step
+        changed."""
         name = f"{container.service_name}-{container.instance}"
         step = self.plan.step(name)
         status = STATUS_OF[str(container.state)]
         message = None
-        if status == RUNNING:
+        if status == RUNNING and not started:
+            status, message = STARTING, f"{container.yarn_container_id} on {container.yarn_node_http_address}"
+        elif status == RUNNING:
             message = f"{container.yarn_container_id} on {container.yarn_node_http_address}"
         elif status == ERROR:
             message = container.exit_message or f"container {str(container.state).lower()}"

@@ -33,6 +33,8 @@ TEMPLATE_ENV = "LASTLAYER_YARN_TASK"
 PEERS_ENV = "LASTLAYER_YARN_PEERS"
 #: Environment of a restarted container: the index of the task it stands in for.
 INDEX_ENV = "LASTLAYER_YARN_INDEX"
+#: The key-value store's keys of the tasks' addresses start with this (``address/worker-0``).
+ADDRESS_PREFIX = "address/"
 #: Where a container finds what is localized, relative to its working folder.
 ENV_DIR, JOB_DIR, CODE_ZIP, CONF_DIR = "env", "job", "lastlayer.zip", "hadoop-conf"
 #: The application master's (skein's own) memory, MiB, and vcores.
