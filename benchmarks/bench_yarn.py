@@ -16,6 +16,14 @@ state), then the local engine again (the reference is the mean of its two runs).
 
 On this machine YARN's containers share the cores of the local engine's process (2 cores here), so
 the ratios say what the cluster machinery costs, not what more machines would gain.
+
+    python benchmarks/bench_yarn.py --job [--rounds 3]
+
+measures the job service instead: seconds from ``lastlayer job deploy`` to its first task running,
+with ``--scheduler=yarn`` (the tasks' packed Python built and uploaded once, outside the timings; the
+deploy's login, archive, skein's driver, the submission, the application master's and the task's
+containers and their localization inside) and with the local scheduler, side by side in each round,
+on a job of one worker whose module returns at once (its options: :func:`job_options`).
 """
 
 from __future__ import annotations
@@ -152,6 +160,96 @@ def prepare(cluster, args: argparse.Namespace, work: Path) -> float:
     return seconds
 
 
+JOB_MODULE = "def main(server, log_dir, context):\n    print('running', server.task_name)\n"
+
+
+def job_options(cluster, work: Path) -> Path:
+    """An options file of one worker running :data:`JOB_MODULE`, logged in as tensorflow; its secret
+    store in ``work/secrets``."""
+    import zipfile
+
+    from lastlayer.jobs import secret_store
+
+    with zipfile.ZipFile(work / "job.zip", "w") as archive:
+        archive.writestr("bench/quick.py", JOB_MODULE)
+    keytab = cluster.keytab("tensorflow").read_bytes()
+    secret_store.write_secret("tensorflow_keytab", keytab, str(work / "secrets"))
+    kerberos = {"enabled": True, "kdc": {"hostname": "127.0.0.1", "port": cluster.kdc_port}}
+    kerberos |= {"primary": "tensorflow", "realm": "LOCAL", "keytab_secret": "tensorflow_keytab"}
+    spec = {
+        "service": {
+            "name": "bench",
+            "job_url": str(work / "job.zip"),
+            "job_path": "bench",
+            "job_name": "quick",
+            "security": {"kerberos": kerberos},
+        },
+        "worker": {"count": 1, "cpus": 1, "mem": 512},
+    }
+    path = work / "bench.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def first_running(argv: list[str], env: dict[str, str]) -> float:
+    """Seconds from starting ``argv`` (a ``job deploy``, which prints its plan as it changes) to the
+    first plan showing a task RUNNING; the deploy is then waited for (it must succeed)."""
+    tick = time.perf_counter()
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        seconds = None
+        for line in proc.stderr:
+            if seconds is None and ":[node] (RUNNING)" in line:
+                seconds = time.perf_counter() - tick
+        proc.wait(timeout=CHILD_TIMEOUT_S)
+    if proc.returncode != 0 or seconds is None:
+        raise SystemExit(f"{' '.join(argv)} failed (exit {proc.returncode}) or no task ran")
+    return seconds
+
+
+def measure_job(cluster, work: Path, rounds: int) -> None:
+    """The job service's deploy to first running task, YARN and local side by side, ``rounds`` times."""
+    tick = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "yarn_archives.py"), str(work), "--job"],
+        check=True,
+        timeout=900,
+    )
+    as_hdfs(
+        cluster,
+        "for d in ('/apps/lastlayer', '/user/tensorflow'):\n"
+        "    fs.makedirs(d, exist_ok=True)\n"
+        "fs.client.set_owner('/user/tensorflow', 'tensorflow', 'tensorflow')\n"
+        f"fs.put('{work}/lastlayer-job-env.tar.gz', '/apps/lastlayer/lastlayer-job-env.tar.gz')\n"
+        "fs.client.set_permission('/apps/lastlayer/lastlayer-job-env.tar.gz', 0o644)\n",
+    )
+    print(f"job env built and uploaded in {time.perf_counter() - tick:.1f} s", flush=True)
+    options = job_options(cluster, work)
+    env = {**os.environ, "PATH": f"{cluster.bin_dir}:{os.environ['PATH']}"}
+    deploy = [
+        sys.executable,
+        "-m",
+        "lastlayer",
+        "job",
+        "deploy",
+        str(options),
+        f"--secrets_dir={work / 'secrets'}",
+    ]
+    yarn_env = "--yarn_env=hdfs:///apps/lastlayer/lastlayer-job-env.tar.gz"
+    ratios = []
+    for r in range(rounds):
+        on_yarn = first_running([*deploy, f"--state_dir={work / f'y{r}'}", "--scheduler=yarn", yarn_env], env)
+        local = first_running([*deploy, f"--state_dir={work / f'l{r}'}"], env)
+        ratios.append(on_yarn / local)
+        print(
+            f"round {r + 1}: job deploy to first task running: YARN {on_yarn:.1f} s, local {local:.1f} s",
+            flush=True,
+        )
+    print(
+        f"job deploy to first task running, YARN / local: {', '.join(f'{x:.1f}' for x in ratios)} (per round)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,12 +261,18 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--executors", type=int, default=2)
+    parser.add_argument("--job", action="store_true", help="the job service: deploy to first task running")
     parser.add_argument("--child", choices=("local", "yarn"), help=argparse.SUPPRESS)
     parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, str(args.state), str(args.model_dir), args.work)))
+        return 0
+    if args.job:
+        with tempfile.TemporaryDirectory() as tmp, harness().running(Path(tmp) / "state") as cluster:
+            cluster.start_yarn()
+            measure_job(cluster, Path(tmp), args.rounds)
         return 0
     if not args.images.is_dir():
         print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
