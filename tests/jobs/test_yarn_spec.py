@@ -22,6 +22,7 @@ from lastlayer.jobs.yarn_spec import (
     YarnInputs,
     application_spec,
     decode,
+    encode,
     task_template,
 )
 
@@ -99,7 +100,18 @@ def test_the_yarn_scheduler_needs_the_packed_python_and_no_service_user():
 def test_a_container_s_task_is_its_skein_name_or_the_index_it_stands_in_for():
     assert container.task_name({"SKEIN_CONTAINER_ID": "worker_1"}) == ("worker", 1)
     assert container.task_name({"SKEIN_CONTAINER_ID": "ps_0"}) == ("ps", 0)
-    assert container.task_name({"SKEIN_CONTAINER_ID": "worker_3", container.INDEX_ENV: "1"}) == ("worker", 1)
+    restart = {container.INDEXES_ENV: encode({"worker": [1, 3]})}
+    assert container.task_name({"SKEIN_CONTAINER_ID": "worker_1", **restart}) == ("worker", 3)
+
+
+def test_a_restart_runs_only_the_tasks_it_names_in_a_container_each():
+    spec = poets(worker={"count": 4, "cpus": 1, "mem": 1024}, parameter_server={"count": 1})
+    app = application_spec(spec, INPUTS, {"worker": [1, 3]})
+    assert set(app.services) == {"worker"} and app.services["worker"].instances == 2
+    worker = app.services["worker"]
+    assert decode(worker.env[PEERS_ENV]) == {"worker": 4, "ps": 1, "gpuworker": 0}  # it waits for all
+    assert decode(worker.env[container.INDEXES_ENV]) == {"worker": [1, 3]}
+    assert container.INDEXES_ENV not in application_spec(spec, INPUTS).services["worker"].env
 
 
 def test_the_cluster_is_complete_only_once_every_peer_published_its_address():
@@ -141,7 +153,9 @@ def watch_of(tmp_path: Path, counts: dict[str, int]) -> yarn._Watch:
 
     job = Job(tmp_path / "job")
     job.folder.mkdir()
-    return yarn._Watch(None, yarn.AppRecord("application_1_0001", 0.0), job, new_plan(counts), None)
+    return yarn._Watch(
+        None, yarn.AppRecord("application_1_0001", 0.0, "hdfs:///env.tar.gz"), job, new_plan(counts), None
+    )
 
 
 def a_container(service: str, instance: int, state: str, message: str = "") -> SimpleNamespace:
@@ -170,6 +184,14 @@ def test_container_states_become_step_statuses_and_the_record_keeps_each_task_s_
         "worker-0": "container_1_0001_01_000002",
         "worker-1": "container_1_0001_01_000003",
     }
+
+
+def test_a_restart_s_containers_run_the_tasks_it_names(tmp_path):
+    watch = watch_of(tmp_path, {"worker": 4})
+    watch.record.indexes = {"worker": [1, 3]}
+    watch.update(a_container("worker", 1, "RUNNING"), started=True)
+    assert watch.plan.step("worker-3").status == "RUNNING" and watch.plan.step("worker-1").status == "PENDING"
+    assert set(watch.record.containers) == {"worker-3"}
 
 
 def test_parameter_servers_are_stopped_once_the_workers_are_done(tmp_path):

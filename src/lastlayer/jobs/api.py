@@ -142,10 +142,7 @@ def restart(
     deadline = _deadline(timeout)
     job = Job.named(name, state_dir)
     if _on_yarn(job):
-        raise UsageError(
-            f"job {name!r} ran on YARN, whose steps cannot be restarted one by one yet: deploy it again "
-            "with `lastlayer job deploy OPTIONS --scheduler=yarn` (the bottleneck cache makes it resume)"
-        )
+        return _restart_yarn(job, step, secrets_dir, detach, deadline, on_change)
     plan = job.plan()
     spec = job.spec()
     try:
@@ -166,6 +163,31 @@ def restart(
             spawn(job, spec, lock, deadline=deadline, secrets_dir=secrets_dir)
             return plan
         return supervise(job, spec, deadline=deadline, on_change=on_change, secrets_dir=secrets_dir)
+    finally:
+        lock.close()
+
+
+def _restart_yarn(
+    job: Job,
+    step: str | None,
+    secrets_dir: str | None,
+    detach: bool,
+    deadline: float | None,
+    on_change: Callable[[Plan], None] | None,
+) -> Plan:
+    """:func:`restart` of a job deployed with ``--scheduler=yarn``: a new application of the steps."""
+    from lastlayer.jobs import yarn
+
+    if detach:
+        raise UsageError("--detach is not available for a YARN job: restart it in the foreground")
+    try:
+        lock = job.lock()
+    except UsageError:
+        raise UsageError(
+            f"job {job.name!r} is still running: wait for it or `lastlayer job stop --name {job.name}`"
+        ) from None
+    try:
+        return yarn.restart(job, step, deadline=deadline, on_change=on_change, secrets_dir=secrets_dir)
     finally:
         lock.close()
 

@@ -1,8 +1,8 @@
 """A job's task in a YARN container: publish this task's address, wait for its peers', run the task.
 
 Run by each container of :mod:`lastlayer.jobs.yarn_spec` as ``python -m lastlayer.jobs.container``.
-Skein names the container ``<role>_<n>`` (``SKEIN_CONTAINER_ID``); a container started to stand in
-for a failed one carries the task's index in ``LASTLAYER_YARN_INDEX``. The task publishes
+Skein names the container ``<role>_<n>`` (``SKEIN_CONTAINER_ID``), and that is its task (a restart's
+container runs the ``n``-th index its role has in ``LASTLAYER_YARN_INDEXES``). The task publishes
 ``host:port`` (the NodeManager's host, a free port there) in the application's key-value store under
 ``address/<role>-<index>`` and waits up to :data:`PEERS_TIMEOUT_S` for every task the application
 has (``LASTLAYER_YARN_PEERS``); then it completes its task's description (``LASTLAYER_YARN_TASK``)
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from lastlayer.jobs.task import TASK_ENV, TaskDescription
-from lastlayer.jobs.yarn_spec import ADDRESS_PREFIX, INDEX_ENV, PEERS_ENV, TEMPLATE_ENV, decode
+from lastlayer.jobs.yarn_spec import ADDRESS_PREFIX, INDEXES_ENV, PEERS_ENV, TEMPLATE_ENV, decode
 
 #: Longest wait for the other tasks' addresses, seconds.
 PEERS_TIMEOUT_S = 600.0
@@ -32,9 +32,12 @@ EXIT_NO_PEERS = 3
 
 
 def task_name(env: Mapping[str, str]) -> tuple[str, int]:
-    """``(role, index)`` of this container's task from skein's ``<role>_<n>`` and the stand-in index."""
+    """``(role, index)`` of this container's task: skein's ``<role>_<n>``, or in a restart the
+    ``n``-th index of the role's tasks run again."""
     role, _, instance = env["SKEIN_CONTAINER_ID"].rpartition("_")
-    return role, int(env.get(INDEX_ENV) or instance)
+    if INDEXES_ENV in env:
+        return role, int(decode(env[INDEXES_ENV])[role][int(instance)])
+    return role, int(instance)
 
 
 def cluster_of(addresses: Mapping[str, str], peers: Mapping[str, int]) -> dict[str, list[str]] | None:

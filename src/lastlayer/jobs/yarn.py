@@ -5,8 +5,9 @@ code, the Hadoop client configuration), starts skein's driver logged in from the
 keytab stays in the job's private folder for the driver's life, as with the local scheduler; the
 containers get delegation tokens), submits the application of :mod:`lastlayer.jobs.yarn_spec` and
 follows its containers into ``plan.json`` until YARN ends it. ``yarn.json`` keeps the application's id
-and each task's container; :func:`refresh`, :func:`stop` and :func:`task_log` log in again from the
-secret and ask YARN (``plan show``, ``tasks``, ``stop``, ``uninstall``, ``log``).
+and each task's container and address; :func:`refresh`, :func:`stop` and :func:`task_log` log in again
+from the secret and ask YARN (``plan show``, ``tasks``, ``stop``, ``uninstall``, ``log``), and
+:func:`restart` runs steps again in a new application (``plan restart``).
 
 skein's driver runs ``yarn classpath --glob`` to find Hadoop's jars and configuration, and the logs
 of an ended application come from ``yarn logs``: Hadoop's ``yarn`` command must be on PATH (the test
@@ -79,12 +80,20 @@ class Login:
 
 @dataclass
 class AppRecord:
-    """``yarn.json``: the job's YARN application, when it was submitted (``time.time()``) and the
-    container of each task YARN has placed."""
+    """``yarn.json``: the job's YARN application, when it was submitted (``time.time()``), the packed
+    Python it localizes (``--yarn_env``), the container and the published address of each task, and,
+    for a restart, the indexes of the tasks it runs again, by role."""
 
     app_id: str
     submitted: float
+    yarn_env: str
     containers: dict[str, str] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    indexes: dict[str, list[int]] | None = None
+
+    def task_of(self, service: str, instance: int) -> str:
+        """The task skein's container ``<service>_<instance>`` runs."""
+        return f"{service}-{instance if self.indexes is None else self.indexes[service][instance]}"
 
     def save(self, job: Job) -> None:
         storage.write_private(job.folder / "yarn.json", json.dumps(dataclasses.asdict(self)).encode())
@@ -174,26 +183,74 @@ def run(
 ) -> Plan:
     """Run the job's tasks on YARN to the end; the final plan. A failure before the application
     runs makes every step ERROR with its one-line reason."""
+    plan = job.plan()
+    record = AppRecord("", 0.0, env_archive)
+    steps = [s.name for s in plan.steps]
+    return _launch(job, spec, plan, record, steps, deadline, on_change, secrets_dir)
+
+
+def restart(
+    job: Job,
+    step: str | None,
+    *,
+    deadline: float | None = None,
+    on_change: Callable[[Plan], None] | None = None,
+    secrets_dir: str | None = None,
+) -> Plan:
+    """Run ``step`` (``None``: every step not COMPLETE) again, in a new YARN application of just
+    those tasks; the other tasks' addresses, as they published them, go into its key-value store, so
+    ``server.cluster`` still names every task.
+
+    Raises:
+        UsageError: no such step.
+    """
+    before = AppRecord.load(job)
+    plan = job.plan()
+    names = [s.name for s in plan.steps]
+    if before is None or (step is not None and step not in names):
+        raise UsageError(f"no step {step!r} in the plan of {job.name!r}; steps: {', '.join(names)}")
+    chosen = [s.name for s in plan.steps if (step is None and s.status != COMPLETE) or s.name == step]
+    indexes: dict[str, list[int]] = {}
+    for name in chosen:
+        role, index = name.rsplit("-", 1)
+        indexes.setdefault(role, []).append(int(index))
+        plan.step(name).restarts += 1
+    kept = {task: address for task, address in before.addresses.items() if task not in chosen}
+    record = AppRecord("", 0.0, before.yarn_env, addresses=kept, indexes=indexes)
+    return _launch(job, job.spec(), plan, record, chosen, deadline, on_change, secrets_dir)
+
+
+def _launch(
+    job: Job,
+    spec: JobSpec,
+    plan: Plan,
+    record: AppRecord,
+    steps: list[str],
+    deadline: float | None,
+    on_change: Callable[[Plan], None] | None,
+    secrets_dir: str | None,
+) -> Plan:
+    """Submit the application of ``steps`` (all of the plan's, or a restart's) and follow it."""
     import skein
 
-    plan = job.plan()
     job.save_pid(os.getpid())
     try:
         with (
             _login(job, spec, secrets_dir, deadline) as login,
             client(login, job.folder / "yarn-driver.log") as yarn,
         ):
-            app_id = yarn.submit(application_spec(spec, _inputs(job, spec, env_archive, login, deadline)))
-            record = AppRecord(app_id, time.time())
+            inputs = _inputs(job, spec, record.yarn_env, login, deadline)
+            record.app_id = yarn.submit(application_spec(spec, inputs, record.indexes))
+            record.submitted = time.time()
             record.save(job)
-            log.info("Submitted %s to YARN", app_id)
+            log.info("Submitted %s to YARN", record.app_id)
             try:
-                return _Watch(yarn, record, job, plan, on_change).until_end(deadline)
+                return _Watch(yarn, record, job, plan, on_change).until_end(deadline, steps)
             except BaseException:
-                yarn.kill_application(app_id)
+                yarn.kill_application(record.app_id)
                 raise
     except (LastlayerError, skein.exceptions.SkeinError) as exc:
-        _Watch.mark(plan, " ".join(str(exc).split()), everything=True)
+        _Watch.mark(plan, " ".join(str(exc).split()), steps)
         plan.save(job.plan_path)
         return plan
     finally:
@@ -293,9 +350,10 @@ class _Watch:
         if self.on_change is not None:
             self.on_change(self.plan)
 
-    def until_end(self, deadline: float | None) -> Plan:
-        """Follow the application until it ends (or ``deadline``, when it is killed)."""
-        self.mark(self.plan, None, everything=True, status=STARTING)
+    def until_end(self, deadline: float | None, steps: list[str]) -> Plan:
+        """Follow the application running ``steps`` until it ends (or ``deadline``, when it is
+        killed)."""
+        self.mark(self.plan, None, steps, status=STARTING)
         self.save()
         while str(self.look().state) not in FINAL_STATES:
             left = remaining(deadline)
@@ -326,21 +384,35 @@ class _Watch:
             if self.app is None:
                 self.app = self.yarn.connect(self.record.app_id, wait=False)
             containers = self.app.get_containers(states=list(STATUS_OF))
-            published = set(self.app.kv.get_prefix(ADDRESS_PREFIX))
+            published = self.publish()
         except skein.exceptions.ConnectionError:
             return False  # the application master is not up, or has just ended: its report will say
         changed = [
-            self.update(c, f"{ADDRESS_PREFIX}{c.service_name}-{c.instance}" in published) for c in containers
+            self.update(c, self.record.task_of(c.service_name, c.instance) in published) for c in containers
         ]
         if self.workers_done():
             self.app.shutdown("SUCCEEDED", "the workers finished")
         return any(changed)
 
+    def publish(self) -> set[str]:
+        """The tasks whose address the application's key-value store holds, after putting there
+        those the record knows and it lacks (a restart's tasks not run again)."""
+        assert self.app is not None
+        found = {
+            k.removeprefix(ADDRESS_PREFIX): v.decode()
+            for k, v in self.app.kv.get_prefix(ADDRESS_PREFIX).items()
+        }
+        for task, address in self.record.addresses.items():
+            if task not in found:
+                self.app.kv[f"{ADDRESS_PREFIX}{task}"] = address.encode()
+        self.record.addresses.update(found)
+        return set(found)
+
     def update(self, container: skein.Container, started: bool) -> bool:
         """Fold one container's state into its step (RUNNING once its task has ``started``: it
         published its address; STARTING while YARN localizes and starts it); whether the step
         changed."""
-        name = f"{container.service_name}-{container.instance}"
+        name = self.record.task_of(container.service_name, container.instance)
         step = self.plan.step(name)
         status = STATUS_OF[str(container.state)]
         message = None
@@ -378,10 +450,10 @@ class _Watch:
         self.save()
 
     @staticmethod
-    def mark(plan: Plan, message: str | None, *, everything: bool = False, status: str = ERROR) -> None:
-        """Steps not ended (every step with ``everything``) take ``status`` and ``message``."""
+    def mark(plan: Plan, message: str | None, steps: list[str] | None = None, status: str = ERROR) -> None:
+        """The steps named (``None``: those not ended) take ``status`` and ``message``."""
         for step in plan.steps:
-            if everything or step.status not in (COMPLETE, ERROR):
+            if (step.name in steps) if steps is not None else step.status not in (COMPLETE, ERROR):
                 step.status, step.message, step.exit_code, step.pid = status, message, None, None
 
 

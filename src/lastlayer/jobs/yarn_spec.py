@@ -31,8 +31,9 @@ from lastlayer.jobs.task import TaskDescription
 TEMPLATE_ENV = "LASTLAYER_YARN_TASK"
 #: Environment of a container: the role counts its task waits for (``{"worker": 2, ...}``, encoded).
 PEERS_ENV = "LASTLAYER_YARN_PEERS"
-#: Environment of a restarted container: the index of the task it stands in for.
-INDEX_ENV = "LASTLAYER_YARN_INDEX"
+#: Environment of a restart's containers: role -> the indexes of its tasks run again (encoded); the
+#: container of skein's instance ``n`` runs the ``n``-th.
+INDEXES_ENV = "LASTLAYER_YARN_INDEXES"
 #: The key-value store's keys of the tasks' addresses start with this (``address/worker-0``).
 ADDRESS_PREFIX = "address/"
 #: Where a container finds what is localized, relative to its working folder.
@@ -131,19 +132,25 @@ def files(inputs: YarnInputs) -> dict[str, skein.File]:
     return found
 
 
-def application_spec(spec: JobSpec, inputs: YarnInputs) -> skein.ApplicationSpec:
-    """The skein application running every task of ``spec`` in a container of its own."""
+def application_spec(
+    spec: JobSpec, inputs: YarnInputs, indexes: dict[str, list[int]] | None = None
+) -> skein.ApplicationSpec:
+    """The skein application running every task of ``spec`` in a container of its own; with
+    ``indexes`` (a restart), only those tasks of each role."""
     peers = encode(counts(spec))
     services = {}
     for _, group, prefix in PHASES:
-        count = getattr(spec, group).count
+        count = getattr(spec, group).count if indexes is None else len(indexes.get(prefix, []))
         if count == 0:
             continue
+        env = {TEMPLATE_ENV: encode(dataclasses.asdict(task_template(spec, prefix))), PEERS_ENV: peers}
+        if indexes is not None:
+            env[INDEXES_ENV] = encode(indexes)
         services[prefix] = skein.Service(
             instances=count,
             resources=resources(spec, group),
             files=files(inputs),
-            env={TEMPLATE_ENV: encode(dataclasses.asdict(task_template(spec, prefix))), PEERS_ENV: peers},
+            env=env,
             script=SCRIPT,
             max_restarts=0,
         )
