@@ -84,23 +84,29 @@ class TopNet:
 
     def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The trained head's features of cached rows ``x``: ``[n, D]`` (pooled head output, then the
-        block features), with the activations ``[n·P, C_in]`` and pre-activations ``[n·P, C_out]``."""
+        block features), with the activations ``[n·P, C_in]`` and where ReLU6 passes gradients
+        (``bool [n·P, C_out]``: 0 ≤ pre-activation ≤ 6)."""
         acts, blocks = self.split(x)
-        z = acts @ self.weight.T + self.bias
-        pooled = np.clip(z, 0, 6).reshape(len(x), self.head.positions, -1).mean(axis=1)
-        return np.hstack([pooled, blocks]), acts, z
+        z = acts @ self.weight.T
+        z += self.bias
+        h = np.clip(z, 0, 6)
+        pooled = h.reshape(len(x), self.head.positions, -1).mean(axis=1)
+        passes = np.equal(h, z, out=np.empty(z.shape, bool))  # 0 <= z <= 6, in one pass
+        return np.hstack([pooled, blocks]), acts, passes
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean cross-entropy of rows ``x`` with classes ``y`` ``[n]``, and its gradient with respect
         to each parameter (by name: ``weight``, ``bias``, ``softmax_weight``, ``softmax_bias``)."""
-        g, acts, z = self.features(x)
+        g, acts, passes = self.features(x)
         s = self.scaler(g)
         probs, loss = softmax_cross_entropy(s @ self.softmax_weight + self.softmax_bias, y)
         probs[np.arange(len(y)), y] -= 1.0
         dlogits = probs / len(y)
         c_out = self.weight.shape[0]
         dpooled = (dlogits @ self.softmax_weight.T)[:, :c_out] * self.scaler.scale[:c_out]
-        dz = np.repeat(dpooled / self.head.positions, self.head.positions, axis=0) * ((z > 0) & (z < 6))
+        per_position = (dpooled / self.head.positions)[:, None, :]
+        dz = np.multiply(passes.reshape(len(x), self.head.positions, -1), per_position, dtype=dpooled.dtype)
+        dz = dz.reshape(len(x) * self.head.positions, -1)
         grads = {
             "weight": dz.T @ acts,
             "bias": dz.sum(axis=0),
