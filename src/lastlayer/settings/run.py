@@ -115,8 +115,9 @@ class TrainingConfig(fields.Checked):
     train_top: str = option(
         "none",
         "head: also train the network's head convolution (1x1, 320->1280, from its ImageNet weights) with "
-        "the last layer, in numpy, on cached activations: 31 KB per image in a cache of its own (8 KB for "
-        "features) and about 12 GFLOP per step of 100 images (a minute for 500 steps on 2 cores); one "
+        "the last layer, in numpy on cached activations (a cache of its own: about 32 KB per image, the "
+        "features' 8 KB), then fit the last layer on its features; the model carries the trained head. "
+        "About 8 GFLOP per step of 100 images: minutes for 500 steps on 2 cores (docs/benchmarks.md). One "
         "float zoo network; not with --cross_validation, --multi_label or --quantize_output_graph.",
         choices=("none", "head"),
         upper_choices=False,

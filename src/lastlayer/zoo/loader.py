@@ -54,8 +54,8 @@ class FeatureModel:
     feature_size: int
     key: str
     warning: str | None = None
-    head: HeadConv | None = field(default=None, repr=False)
-    whole: FeatureModel | None = field(default=None, repr=False)
+    head: HeadConv | None = field(default=None, repr=False, compare=False)
+    whole: FeatureModel | None = field(default=None, repr=False, compare=False)
 
     def session(self, threads: int = 0, device: str = runtime.CPU) -> ort.InferenceSession:
         """An onnxruntime session of this network (see :func:`lastlayer.runtime.session`)."""

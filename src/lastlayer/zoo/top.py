@@ -29,7 +29,7 @@ TOPS = (NONE, HEAD)
 POOLED = "pooled"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (arrays: compared by identity)
 class HeadConv:
     """A network's 1x1 head convolution (batch norm folded), as the top graph leaves it out.
 
