@@ -3,6 +3,7 @@ end-to-end extraction rate of each architecture.
 
     python benchmarks/bench_quality.py accuracy --images DIR [--images DIR ...] [--folds 5] [--repeats 3]
     python benchmarks/bench_quality.py throughput [--images DIR] [--rounds 3]
+    python benchmarks/bench_quality.py cold --train_top none head [--images DIR] [--rounds 3]
 
 ``accuracy`` extracts (or reuses, from ``--bottleneck-dir``) each network's features once, then refits
 the last layer K times per repeat on the cached features (no network pass) and prints, per data set,
@@ -12,6 +13,15 @@ accuracy and macro-F1, and the paired difference in accuracy to the first row (s
 - ``retrain.py``: raw features, class-uniform batches (lastlayer before issue 10);
 - ``standardized, balanced``: ``--balance_classes``;
 - ``standardized`` (the default now): uniform batches.
+
+``--train_top none head`` adds, per architecture, the rows of ``--train_top=head``: the cached
+activations before the head convolution, and in each fold the head trained with a softmax on the
+fold's training images (:func:`lastlayer.training.top.train_top`), then the head above fitted on the
+trained head's features, as a run does.
+
+``cold`` times whole cold jobs (empty bottleneck cache, networks already built, report on, 500 steps)
+of each ``--train_top`` value side by side, interleaved over rounds, and prints the median seconds,
+the median over rounds of each one's time relative to the first one's, and the cache's bytes per image.
 
 ``throughput`` times a cold run (empty cache) of each network on the images, interleaved over rounds
 so that the machine's drift hits every network alike, and prints images/s end-to-end (files on disk
@@ -41,6 +51,7 @@ from lastlayer.engines.local import LocalEngine
 from lastlayer.settings.run import CacheConfig, EngineConfig, OutputConfig, TrainingConfig
 from lastlayer.training.data import TrainingData, folds
 from lastlayer.training.evaluate import CrossValidation, confusion_matrix, largest_share
+from lastlayer.training.top import HEAD_LR_SCALE, features_of, train_top
 from lastlayer.training.train import Standardizer, TrainConfig, train
 from lastlayer.zoo import ZOO, load_backbones
 
@@ -96,13 +107,34 @@ def head(standardize: bool, balance: bool, steps: int, seed: int) -> Fit:
     return fit
 
 
+def trained_top(fit: Fit, balance: bool, steps: int, seed: int, models, lr_scale: float) -> Fit:
+    """``--train_top=head``: train the head with a softmax on the fold's training rows (cached
+    activations), then ``fit`` on the trained head's features."""
+    (model,) = models
+
+    def fit_top(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, n_classes: int) -> np.ndarray:
+        config = TrainConfig(steps=steps, seed=seed, balance_classes=balance, log_steps=False)
+        scaler = Standardizer.of(x)
+        net = train_top(model.head, lambda pos, _rng: x[pos], y, n_classes, config, scaler, lr_scale)
+        return fit(features_of(net, x), y, features_of(net, test_x), n_classes)
+
+    return fit_top
+
+
+def fitter(top: str, standardize: bool, balance: bool, seed: int, models, args: argparse.Namespace) -> Fit:
+    """The fit of one row of the table: the head alone, or after training the top."""
+    fit = head(standardize, balance, args.steps, seed)
+    return fit if top == "none" else trained_top(fit, balance, args.steps, seed, models, args.head_lr_scale)
+
+
 def features(
-    images_dir: Path, architecture: str, bottleneck_dir: str, model_dir: str, blocks: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
+    images_dir: Path, architecture: str, bottleneck_dir: str, model_dir: str, blocks: bool, top: str = "none"
+) -> tuple[np.ndarray, np.ndarray, int, object]:
     """The cached (else computed) features of every usable image (``float32 [n, D]``, read at once:
-    the sets here are small), their classes, and the number of classes."""
+    the sets here are small; with ``top="head"`` the activations before the head), their classes, the
+    number of classes and the networks."""
     images = scan(str(images_dir), 10, 10)
-    models = load_backbones(architecture, model_dir, block_features=blocks)
+    models = load_backbones(architecture, model_dir, block_features=blocks, train_top=top)
     run = pipeline.Run(
         str(images_dir),
         architecture,
@@ -117,26 +149,33 @@ def features(
     data = TrainingData.of(images, bottlenecks)
     positions = np.concatenate([data.index[s] for s in (TRAINING, VALIDATION, TESTING)])
     truth = np.concatenate([data.labels[s] for s in (TRAINING, VALIDATION, TESTING)])
-    return bottlenecks.read(positions), truth, len(images.labels)
+    return bottlenecks.read(positions), truth, len(images.labels), models
 
 
 def accuracy(args: argparse.Namespace) -> None:
     for images_dir in args.images:
         print(f"\n## {images_dir} ({args.folds}-fold x {args.repeats}, {args.steps} steps)")
-        print("| architecture | head | accuracy | balanced accuracy | macro-F1 | vs first row |")
-        print("|---|---|---|---|---|---|")
+        print("| architecture | train_top | head | accuracy | balanced accuracy | macro-F1 | vs first row |")
+        print("|---|---|---|---|---|---|---|")
         base: np.ndarray | None = None
-        for architecture in args.architectures:
-            x, truth, n_classes = features(
-                images_dir, architecture, args.bottleneck_dir, args.model_dir, args.block_features
+        for architecture, top in ((a, t) for a in args.architectures for t in args.train_top):
+            x, truth, n_classes, models = features(
+                images_dir, architecture, args.bottleneck_dir, args.model_dir, args.block_features, top
             )
             for name in args.heads:
                 standardize, balance = HEADS[name]
+
+                started = time.perf_counter()
                 confusions = [
                     c
                     for r in range(args.repeats)
                     for c in fold_confusions(
-                        x, truth, n_classes, args.folds, r, head(standardize, balance, args.steps, r)
+                        x,
+                        truth,
+                        n_classes,
+                        args.folds,
+                        r,
+                        fitter(top, standardize, balance, r, models, args),
                     )
                 ]
                 acc = np.array([np.trace(c) / c.sum() for c in confusions])
@@ -149,7 +188,12 @@ def accuracy(args: argparse.Namespace) -> None:
                 ]
                 paired = f"{d.mean():+.1f} (se {d.std() / np.sqrt(len(d)):.1f})"
                 shown = architecture + (" (block features)" if args.block_features else "")
-                print(f"| {shown} | {name} | {' | '.join(cells)} | {paired} |", flush=True)
+                label = f"head (lr x{args.head_lr_scale:g})" if top == "head" else top
+                seconds = time.perf_counter() - started
+                print(
+                    f"| {shown} | {label} | {name} | {' | '.join(cells)} | {paired} | ({seconds:.0f} s)",
+                    flush=True,
+                )
         print(f"largest class share: {100 * cv.largest_class_share:.1f}%")
 
 
@@ -175,14 +219,44 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"| {architecture} | {spread} | {np.median(np.array(values) / first):.2f} |")
 
 
+def cold(args: argparse.Namespace) -> None:
+    seconds: dict[str, list[float]] = {t: [] for t in args.train_top}
+    per_image: dict[str, float] = {}
+    architecture = args.architectures[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for top in args.train_top:
+                work = Path(tmp) / f"{top}-{r}"
+                flags = (f"--architecture={architecture}", f"--train_top={top}")
+                wall, summary = timed_retrain(options(args.images[0], work, Path(args.model_dir), *flags))
+                seconds[top].append(wall)
+                cached = sum(f.stat().st_size for f in (work / "bottlenecks").rglob("part-*.parquet"))
+                per_image[top] = cached / max(1, summary["cache"]["computed"])
+                print(
+                    f"round {r + 1}: --train_top={top} {wall:.1f} s, timings {summary['timings']}", flush=True
+                )
+    first = np.array(seconds[args.train_top[0]])
+    print(
+        f"\n| {architecture} --train_top | cold job s: median (range) | "
+        f"relative to {args.train_top[0]} | cache per image |"
+    )
+    print("|---|---|---|---|")
+    for top, values in seconds.items():
+        spread = f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+        ratio = np.median(np.array(values) / first)
+        print(f"| {top} | {spread} | {ratio:.2f} | {per_image[top] / 1024:.1f} KiB |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("accuracy", "throughput"))
+    parser.add_argument("what", choices=("accuracy", "throughput", "cold"))
     parser.add_argument("--images", type=Path, action="append", help="a folder of class folders (repeat)")
     parser.add_argument("--architectures", nargs="+", default=None)
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--train_top", nargs="+", default=["none"], choices=("none", "head"))
+    parser.add_argument("--head-lr-scale", type=float, default=HEAD_LR_SCALE, help="--train_top's")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=500)
@@ -195,6 +269,8 @@ def main() -> int:
     args.architectures = args.architectures or (
         [*SINGLES, *ENSEMBLES] if args.what == "accuracy" else list(SINGLES)
     )
+    if "head" in args.train_top and args.what != "throughput":
+        args.architectures = [a for a in args.architectures if "+" not in a]  # one network's top
     unknown = [a for a in args.architectures for n in a.split("+") if n not in ZOO]
     missing = [d for d in args.images if not d.is_dir()]
     if unknown or missing:
@@ -204,6 +280,8 @@ def main() -> int:
     started = time.perf_counter()
     if args.what == "accuracy":
         accuracy(args)
+    elif args.what == "cold":
+        cold(args)
     else:
         throughput(args)
     print(f"\n({time.perf_counter() - started:.0f} s)")

@@ -81,7 +81,7 @@ def flower_features(images: str, bottleneck_dir: str, model_dir: str) -> stage.F
         images, DEFAULT_ARCHITECTURE, training, CacheConfig(model_dir, bottleneck_dir), OutputConfig(),
         EngineConfig(), {},
     )  # fmt: skip
-    model = pipeline.load_model(run.architecture, model_dir, {}, training.block_features)
+    model = pipeline.load_model(run.architecture, model_dir, {}, training)
     found = pipeline.scan_images(images, training, {})
     with make_engine(run.engine, {}, None) as engine:
         bottlenecks = pipeline.extract(found, model, run, engine, None)

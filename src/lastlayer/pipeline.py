@@ -251,7 +251,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         run.outputs,
         seed,
         run.storage_options,
-        network,
+        data.exported(network),
         trusted.unknown,
         multi.thresholds if multi else None,
     )
@@ -284,9 +284,7 @@ def _prologue(run: Run) -> tuple[str, int, Backbones]:
     image_dir = run.image_dir or _demo()
     seed = run.training.random_seed if run.training.random_seed is not None else secrets.randbits(32)
     log.info("Random seed: %d", seed)
-    model = load_model(
-        run.architecture, run.cache.model_dir, run.storage_options, run.training.block_features
-    )
+    model = load_model(run.architecture, run.cache.model_dir, run.storage_options, run.training)
     return image_dir, seed, model
 
 
@@ -327,10 +325,12 @@ def load_model(
     architecture: str,
     model_dir: str,
     storage_options: Mapping[str, Any] | None,
-    block_features: bool,
+    training: TrainingConfig,
 ) -> Backbones:
-    """The feature network(s) of ``architecture`` (each built and cached in ``model_dir`` on first use)."""
-    models = load_backbones(architecture, model_dir, storage_options, block_features)
+    """The feature network(s) of ``architecture`` (built and cached in ``model_dir``; ``--train_top``)."""
+    models = load_backbones(
+        architecture, model_dir, storage_options, training.block_features, training.train_top
+    )
     for model in models:
         if model.warning:
             log.warning("%s", model.warning)

@@ -55,6 +55,27 @@ def test_flush_rows_bounds_memory_and_compaction_merges(tmp_path: Path):
     assert len(FeatureStore(str(tmp_path), 4)) == 10 * (COMPACT_ABOVE + 2)
 
 
+def test_float16_rows_are_kept_as_float16_and_merge_with_parts_of_errors_alone(tmp_path: Path):
+    store = FeatureStore(str(tmp_path), 4, flush_rows=10)
+    for k in range(COMPACT_ABOVE + 1):
+        store.add(
+            [Row(r.content, 0, r.path, r.stamp, r.feature.astype(np.float16), None) for r in rows(10, 10 * k)]
+        )
+    store.add([Row("f" * 64, 0, "c/bad.jpg", "1:1", None, "cannot decode: truncated")])
+    store.flush()  # a part of one error row: float32, as before --train_top
+    assert {pq.read_schema(p).field("feature").type.value_type for p in parts(tmp_path)} == {
+        pa.float16(),
+        pa.float32(),
+    }
+    store.compact()
+    (merged,) = parts(tmp_path)
+    assert pq.read_schema(merged) == part_schema(4, half=True)
+    again = FeatureStore(str(tmp_path), 4)
+    assert len(again) == 10 * (COMPACT_ABOVE + 1) + 1 and again.error("f" * 64) is not None
+    features = again.source().rows(np.array([again.location(f"{37:064x}")]))
+    assert features.dtype == np.float32 and np.array_equal(features[0], np.full(4, 37, np.float32))
+
+
 def test_damaged_files_are_detected_removed_and_not_trusted(tmp_path: Path, caplog):
     store = FeatureStore(str(tmp_path), 4, flush_rows=5)
     store.add(rows(5))

@@ -40,7 +40,8 @@ class Row:
         variant: 0 for plain features, else the distorted variant number.
         path: the image's path relative to image_dir when it was computed.
         stamp: ``"<size>:<mtime>"`` when it was computed, or ``None``.
-        feature: ``float32 [D]``, or ``None`` when the image could not be decoded.
+        feature: ``float32 [D]`` (``float16`` for a network's activations, ``--train_top``), or ``None``
+            when the image could not be decoded.
         error: why the image could not be decoded, or ``None``.
 
     A row with neither feature nor error only records that ``path`` with ``stamp`` holds
@@ -56,24 +57,32 @@ class Row:
 
 
 # -- part files --------------------------------------------------------------------------------
-def part_schema(dim: int, legacy: bool = False) -> pa.Schema:
+def part_schema(dim: int, legacy: bool = False, half: bool = False) -> pa.Schema:
     """The columns of a part file with feature size ``dim`` (``legacy``: of the files written before
-    the ``has_feature`` column)."""
+    the ``has_feature`` column; ``half``: float16 features, a network's cached activations)."""
     fields = [
         ("content", pa.string()),
         ("variant", pa.int32()),
         ("path", pa.string()),
         ("stamp", pa.string()),
-        ("feature", pa.list_(pa.float32(), dim)),
+        ("feature", pa.list_(pa.float16() if half else pa.float32(), dim)),
         ("error", pa.string()),
     ]
     return pa.schema(fields if legacy else [*fields, ("has_feature", pa.bool_())])
 
 
+def part_schemas(dim: int) -> tuple[pa.Schema, ...]:
+    """Every schema a part file of feature size ``dim`` may have."""
+    return part_schema(dim), part_schema(dim, legacy=True), part_schema(dim, half=True)
+
+
 def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
-    """``rows`` as the bytes of one part file, and the file's content-addressed name."""
+    """``rows`` as the bytes of one part file, and the file's content-addressed name; its features are
+    float16 when the rows' are (a network's activations), else float32."""
+    half = any(r.feature is not None and r.feature.dtype == np.float16 for r in rows)
+    dtype = np.float16 if half else np.float32
     features = np.stack(
-        [np.zeros(dim, np.float32) if r.feature is None else r.feature.astype(np.float32) for r in rows]
+        [np.zeros(dim, dtype) if r.feature is None else r.feature.astype(dtype) for r in rows]
     )
     present = np.array([r.feature is not None for r in rows], bool)
     table = pa.table(
@@ -88,7 +97,7 @@ def encode_rows(rows: Sequence[Row], dim: int) -> tuple[str, bytes]:
             "error": [r.error for r in rows],
             "has_feature": pa.array(present),
         },
-        schema=part_schema(dim),
+        schema=part_schema(dim, half=half),
     )
     return encode_table(table)
 
@@ -115,7 +124,7 @@ def parse(data: bytes, dim: int, columns: Sequence[str] | None = None) -> pa.Tab
         # one thread: Arrow's reader threads can outlive the interpreter and abort the process at
         # exit (apache/arrow#34314: 8 of 30 short runs of a cache writer died with SIGABRT)
         parquet = pq.ParquetFile(io.BytesIO(data), page_checksum_verification=True, pre_buffer=False)
-        if parquet.schema_arrow not in (part_schema(dim), part_schema(dim, legacy=True)):
+        if parquet.schema_arrow not in part_schemas(dim):
             return None
         if columns is not None and "has_feature" in parquet.schema_arrow.names:
             return parquet.read(columns=list(columns), use_threads=False)

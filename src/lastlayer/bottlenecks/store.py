@@ -79,6 +79,7 @@ from lastlayer.bottlenecks.parts import (
     encode_table,
     pack,
     parse,
+    part_schema,
     remove_damaged,
     unpack,
 )
@@ -411,7 +412,7 @@ class FeatureStore:
     def _merge_group(self, fs: Any, root: str, group: list[tuple[str, pa.Table]]) -> int:
         """Write the tables of ``group`` as one file (path records, and the first row of each key),
         point the keys that were in them at it, then remove their files; the number of files merged."""
-        table = pa.concat_tables([t for _, t in group])
+        table = pa.concat_tables(_one_precision([t for _, t in group], self.dim))
         digests = key_digests(table.column("content").to_pylist(), table.column("variant").to_numpy())
         has_feature = table.column("has_feature").fill_null(False).to_numpy(zero_copy_only=False)
         record = ~has_feature & np.asarray(table.column("error").is_null())
@@ -433,6 +434,15 @@ class FeatureStore:
             with contextlib.suppress(FileNotFoundError):  # another process merged and removed it
                 fs.rm_file(posixpath.join(root, name_old))
         return len(group)
+
+
+def _one_precision(tables: list[pa.Table], dim: int) -> list[pa.Table]:
+    """``tables`` in one schema: float16 when any has float16 features (a folder of activations
+    holds float32 parts of decode errors alone), else as they are."""
+    half = part_schema(dim, half=True)
+    if not any(t.schema == half for t in tables):
+        return tables
+    return [t.cast(half) for t in tables]
 
 
 def _column_ranges(metadata: pq.FileMetaData, columns: Sequence[str]) -> list[tuple[int, int]]:

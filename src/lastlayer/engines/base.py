@@ -76,8 +76,9 @@ class Result:
     Attributes:
         task: the task.
         content: SHA-256 hex of the image bytes.
-        plain: ``float32 [D]`` plain features, when they were needed and the image decoded.
-        variants: distorted variant number to ``float32 [D]``.
+        plain: ``float32 [D]`` plain features (``float16`` activations with ``--train_top``), when they
+            were needed and the image decoded.
+        variants: distorted variant number to ``float32 [D]`` (or ``float16``).
         error: why the image could not be decoded, or ``None``.
         stored: feature vectors (plain and variants) the engine computed and wrote to the cache
             itself (:attr:`Engine.writes_cache`); such a result carries no features.

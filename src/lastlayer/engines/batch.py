@@ -102,10 +102,10 @@ def run_network(session: ort.InferenceSession, prepared: list[Prepared], batch_s
         batch = np.stack(inputs[start : start + batch_size])
         (features,) = session.run([FEATURES], {IMAGE: batch})
         for (result, slot), vec in zip(slots[start : start + batch_size], features, strict=True):
-            if slot is None:
-                result.plain = np.array(vec, np.float32)
+            if slot is None:  # a copy, in the network's type (float16 activations, --train_top)
+                result.plain = np.array(vec)
             else:
-                result.variants[slot] = np.array(vec, np.float32)
+                result.variants[slot] = np.array(vec)
     return [p.result for p in prepared]
 
 

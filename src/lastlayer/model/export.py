@@ -32,6 +32,7 @@ from lastlayer.training.train import Classifier
 from lastlayer.trust.ood import ExportedDistance, onnx_nodes
 from lastlayer.version import __version__
 from lastlayer.zoo import Backbones, FeatureModel
+from lastlayer.zoo.graph import prune
 
 if TYPE_CHECKING:
     from lastlayer.settings.run import OutputConfig
@@ -40,30 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("lastlayer.retrain")
 
 
-def _prune(graph: onnx.GraphProto, keep: str) -> None:
-    """Keep only the output ``keep`` and the nodes and initializers it depends on."""
-    needed = {keep}
-    nodes = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(i for i in node.input if i)
-    kept_outputs = [o for o in graph.output if o.name == keep]
-    kept_inits = [t for t in graph.initializer if t.name in needed]
-    del graph.node[:]
-    graph.node.extend(reversed(nodes))
-    del graph.output[:]
-    graph.output.extend(kept_outputs)
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-
-
 def _features_graph(model: FeatureModel) -> onnx.ModelProto:
     """``model``'s graph reduced to ``image -> features``."""
     proto = onnx.load_from_string(model.onnx_bytes)
     if FEATURES not in {o.name for o in proto.graph.output}:
         raise ModelError(f"the feature model of {model.architecture} has no {FEATURES!r} output")
-    _prune(proto.graph, FEATURES)
+    prune(proto.graph, FEATURES)
     return proto
 
 

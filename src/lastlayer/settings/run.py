@@ -112,6 +112,16 @@ class TrainingConfig(fields.Checked):
         "same network pass; +0.8 to +1.4 points by cross-validation on three data sets); "
         "--block_features=false for the last block's features alone.",
     )
+    train_top: str = option(
+        "none",
+        "head: also train the network's head convolution (1x1, 320->1280, from its ImageNet weights) with "
+        "the last layer, in numpy on cached activations (a cache of its own: about 32 KB per image, the "
+        "features' 8 KB), then fit the last layer on its features; the model carries the trained head. "
+        "About 8 GFLOP per step of 100 images: minutes for 500 steps on 2 cores (docs/benchmarks.md). One "
+        "float zoo network; not with --cross_validation, --multi_label or --quantize_output_graph.",
+        choices=("none", "head"),
+        upper_choices=False,
+    )
     flip_left_right: bool = option(False, "Randomly flip half of the training images horizontally.")
     random_crop: float = option(
         0,
@@ -179,6 +189,13 @@ class TrainingConfig(fields.Checked):
             )
         if not self.unknown_label.strip():
             yield "unknown_label", self.unknown_label, "must not be empty"
+        if self.train_top != "none" and (self.cross_validation or self.multi_label):
+            yield (
+                "train_top",
+                self.train_top,
+                "trains the top once on the training split, single-label: leave out --cross_validation "
+                "and --multi_label (benchmarks/bench_quality.py accuracy --train_top head cross-validates)",
+            )
         if self.multi_label and self.cross_validation:
             yield (
                 "cross_validation",

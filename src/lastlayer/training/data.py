@@ -4,6 +4,8 @@ a cross-validation), and the pass over the cache that prepares them."""
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ from lastlayer.bottlenecks.passes import DamagedCache, Predictions, RowStore
 from lastlayer.bottlenecks.store import LOAD_ATTEMPTS
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION, ImageSet
 from lastlayer.errors import DataError
+from lastlayer.training.top import TopNet, derive, exported, train_top
 from lastlayer.training.train import (
     Classifier,
     Evaluation,
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from lastlayer.engines.base import Engine
     from lastlayer.settings.run import TrainingConfig
     from lastlayer.zoo import Backbones
+    from lastlayer.zoo.top import HeadConv
 
 log = logging.getLogger("lastlayer.retrain")
 
@@ -106,7 +110,31 @@ def load(
         damaged += bottlenecks.damaged_files
     found = len(images.files) - len(bottlenecks.skipped) - bottlenecks.pending
     cache = replace(bottlenecks, computed=computed, reused=found - computed, damaged_files=damaged)
-    return replace(data, bottlenecks=cache)
+    head = model.models[0].head
+    return (
+        replace(data, bottlenecks=cache)
+        if head is None
+        else _with_top(replace(data, bottlenecks=cache), head, training, seed)
+    )
+
+
+def _with_top(data: TrainingData, head: HeadConv, training: TrainingConfig, seed: int) -> TrainingData:
+    """``--train_top=head``: train the head convolution on the cached activations of ``data``
+    (:func:`~lastlayer.training.top.train_top`), and the training data of its features instead
+    (written to a temporary folder, removed by :meth:`TrainingData.close`), prepared as :func:`load`'s."""
+    fit = final_fit(data, training, seed)
+    with data:
+        standardizer, train_x, _ = data.feeds(fit)
+        net = train_top(head, train_x, fit.labels, data.classes, fit.config, standardizer)
+        folder = tempfile.mkdtemp(prefix="lastlayer-top-")
+        try:
+            derived = derive(data.bottlenecks, net, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    out = TrainingData(data.index, data.labels, derived, data.classes, top_net=net, scratch=folder)
+    out.prepare([final_fit(out, training, seed), *fold_fits(out, training, seed)[0]])
+    return out
 
 
 def _forget(exc: DamagedCache, source: Source, attempts: int) -> int:
@@ -219,12 +247,16 @@ class TrainingData:
         index: split to ``int64 [N_split]`` positions in :attr:`ImageSet.files`.
         labels: split to ``int64 [N_split]`` class indices.
         classes: the number of classes C.
+        top_net: with ``--train_top=head``, the trained top whose features these are, else None.
+        scratch: the temporary folder of those features, removed by :meth:`close`.
     """
 
     index: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     bottlenecks: Bottlenecks
     classes: int
+    top_net: TopNet | None = field(default=None, compare=False, repr=False)
+    scratch: str | None = None
     _prepared: dict[tuple[str, TrainConfig], tuple[Standardizer, RowStore]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -349,9 +381,16 @@ class TrainingData:
         return passes.predict(self.bottlenecks, ids, classifiers, which, truth)
 
     def close(self) -> None:
-        """Remove the gathered rows' temporary files."""
+        """Remove the gathered rows' temporary files (and the trained top's features)."""
         for _, store in self._prepared.values():
             store.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def exported(self, network: Backbones) -> Backbones:
+        """The network(s) the exported model carries: ``network``, with the trained head's weights in
+        place when there is a trained top (:func:`~lastlayer.training.top.exported`)."""
+        return network if self.top_net is None else exported(network, self.top_net)
 
     def __enter__(self) -> TrainingData:
         return self

@@ -14,6 +14,7 @@ from typing import Any
 from lastlayer.errors import UsageError
 from lastlayer.zoo.catalog import is_user_model
 from lastlayer.zoo.loader import FeatureModel, load_feature_model
+from lastlayer.zoo.top import NONE
 
 #: Joins the names of the networks of an ensemble in ``--architecture``.
 SEPARATOR = "+"
@@ -78,17 +79,23 @@ def load_backbones(
     model_dir: str,
     storage_options: Mapping[str, Any] | None = None,
     block_features: bool = False,
+    train_top: str = NONE,
 ) -> Backbones:
     """The networks of ``--architecture`` (see :func:`split_architecture`), each loaded with
-    :func:`~lastlayer.zoo.load_feature_model` (``block_features`` passed on).
+    :func:`~lastlayer.zoo.load_feature_model` (``block_features`` and ``train_top`` passed on).
 
     Raises:
-        UsageError: a bad list, or an unknown name.
+        UsageError: a bad list, an unknown name, or an ensemble with ``--train_top=head``.
         ModelError, StorageError: as :func:`~lastlayer.zoo.load_feature_model`.
     """
+    names = split_architecture(architecture)
+    if train_top != NONE and len(names) > 1:
+        raise UsageError(
+            f"--train_top={train_top} trains one network's top: name one network in --architecture, "
+            "or leave --train_top out for an ensemble"
+        )
     return Backbones(
         tuple(
-            load_feature_model(name, model_dir, storage_options, block_features)
-            for name in split_architecture(architecture)
+            load_feature_model(name, model_dir, storage_options, block_features, train_top) for name in names
         )
     )

@@ -182,3 +182,21 @@ def attach_preprocessing(core: onnx.ModelProto, prep: Preprocessing, layout: str
     del graph.input[:]
     graph.input.extend(inputs)
     return model
+
+
+def prune(graph: onnx.GraphProto, keep: str) -> None:
+    """Keep only the output ``keep`` and the nodes and initializers it depends on."""
+    needed = {keep}
+    nodes = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(i for i in node.input if i)
+    kept_outputs = [o for o in graph.output if o.name == keep]
+    kept_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)

