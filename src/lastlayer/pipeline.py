@@ -237,7 +237,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         )
         run.lap("training_s")
         settings = trust.Settings.of(t, run.outputs, seed)
-        trusted = trust.analyse(data, classifier, settings, trust.Names.of(images), out_of_fold)
+        trusted = trust.analyse(data, classifier, settings, trust.Names.of(images), out_of_fold, source)
         run.lap("trust_s")
         scores = (
             multi.scores
