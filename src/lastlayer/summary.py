@@ -17,6 +17,7 @@ from lastlayer import storage
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.errors import DataError
 from lastlayer.training.evaluate import per_class_scores
+from lastlayer.trust.memo import Memo
 from lastlayer.trust.summary import Trust
 from lastlayer.version import __version__
 
@@ -355,7 +356,8 @@ def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None)
         log.warning("No report written: %s", missing)
         return
     try:
-        report.write(summary.to_dict(), summary.outputs.report, storage_options)
+        memo = Memo.below(summary.options["bottleneck_dir"], storage_options)
+        report.write(summary.to_dict(), summary.outputs.report, storage_options, memo=memo)
     except DataError as exc:
         log.warning("No report written: %s", exc)
         return
