@@ -237,7 +237,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         )
         run.lap("training_s")
         settings = trust.Settings.of(t, run.outputs, seed)
-        trusted = trust.analyse(data, classifier, settings, trust.Names.of(images), out_of_fold, source)
+        trusted = trust.analyse(data, classifier, settings, trust.Names.of(images), out_of_fold)
         run.lap("trust_s")
         scores = (
             multi.scores
@@ -274,7 +274,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         trust=trusted.summary,
         multi_label=multi.multi if multi else None,
     )
-    summary.write(run.storage_options)
+    summary.write(run.storage_options, trust.memo.Memo.of(data.bottlenecks))
     return summary
 
 

@@ -1,12 +1,14 @@
 """A content-addressed memo of results derived from the bottleneck cache (the trust stage's findings,
 the report's charts), so that a warm re-run with the same inputs reads them instead of computing them.
 
-Each entry is one file ``<bottleneck_dir>/results/<kind>-<key>`` written atomically (the storage of the
-cache, local or ``hdfs://``). Its key is the SHA-256 of everything the result depends on, passed by the
-caller, plus lastlayer's version and the source of the code that computes it (:func:`key`): an entry
-is never stale, since any change of input or code gives another key. An entry that cannot be read
-(absent, too large, the storage down) is computed again; one that cannot be written is logged and
-skipped (a read-only cache still works).
+Each entry is one file ``<bottleneck_dir>/<network>/results/<kind>-<key>``, in the cache folder of
+the run's (first) feature network, written atomically (the cache's storage, local or ``hdfs://``).
+Its key is the SHA-256 of everything the result depends on, passed by the caller, plus lastlayer's
+version and the source of the code that computes it (:func:`key`): an entry is never stale, since
+any change of input or code gives another key. An entry that cannot be read (absent, too large, the
+storage down) is computed again; one that cannot be written is logged and skipped (a read-only cache
+still works). Entries are never removed: each distinct result adds one (tens of KB for a chart, the
+classifier and the distance's matrices for the trust stage), like the cache's own files.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,9 +28,12 @@ from lastlayer import storage
 from lastlayer.errors import LastlayerError
 from lastlayer.version import __version__
 
+if TYPE_CHECKING:
+    from lastlayer.bottlenecks.needs import Bottlenecks
+
 log = logging.getLogger("lastlayer.retrain")
 
-#: The folder of the memo below ``--bottleneck_dir``, and the largest entry read back.
+#: The memo's folder in a network's cache folder, and the largest entry read back.
 FOLDER = "results"
 MAX_ENTRY_BYTES = 256 << 20
 
@@ -66,9 +71,10 @@ class Memo:
     storage_options: Mapping[str, Any] | None = None
 
     @classmethod
-    def below(cls, bottleneck_dir: str, storage_options: Mapping[str, Any] | None) -> Memo:
-        """The memo kept in the bottleneck cache at ``bottleneck_dir``."""
-        return cls(storage.join(bottleneck_dir, FOLDER), storage_options)
+    def of(cls, bottlenecks: Bottlenecks) -> Memo:
+        """The memo kept in the cache folder of the first feature network of ``bottlenecks``."""
+        network = bottlenecks.sources[0]
+        return cls(storage.join(network.url, FOLDER), network.storage_options)
 
     def url(self, kind: str, entry: str) -> str:
         """Where the entry ``entry`` (a :func:`key`) of ``kind`` is kept."""

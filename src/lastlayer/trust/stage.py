@@ -31,7 +31,6 @@ from lastlayer.trust.summary import (
 )
 
 if TYPE_CHECKING:
-    from lastlayer.bottlenecks.extraction import Source
     from lastlayer.dataset import ImageSet
     from lastlayer.settings.run import OutputConfig, TrainingConfig
     from lastlayer.training.data import TrainingData
@@ -178,12 +177,11 @@ def analyse(
     settings: Settings,
     names: Names,
     out_of_fold: OutOfFold | None = None,
-    source: Source | None = None,
 ) -> Findings:
     """The trust stage on a run's training data (its usable images of each split, in the cache): the
     classifier to export (calibrated), its "none of the above" score and what was found; read from
-    the memo of the cache of ``source`` when it holds the findings of the same inputs
-    (:func:`memo_key`), else kept there (no memo without ``source``).
+    the memo of the run's cache (:meth:`Memo.of <lastlayer.trust.memo.Memo.of>`) when it holds the
+    findings of the same inputs (:func:`memo_key`), else kept there.
 
     Raises:
         DamagedCache: a part file is damaged or gone.
@@ -200,13 +198,12 @@ def analyse(
         )
         return Findings(classifier, None, Trust())
     features = gather(bottlenecks, index, labels)
-    results = None if source is None else memo.Memo.below(source.bottleneck_dir, source.storage_options)
+    results = memo.Memo.of(bottlenecks)
     entry = memo_key(features, classifier, settings, names, out_of_fold)
-    if results is not None and (kept := _recall(results, entry)) is not None:
-        return kept
+    if (recalled := _recall(results, entry)) is not None:
+        return recalled
     found = _analyse(features, classifier, settings, names, out_of_fold)
-    if results is not None:
-        results.put(MEMO_KIND, entry, stored.encode(found.classifier, found.unknown, found.summary))
+    results.put(MEMO_KIND, entry, stored.encode(found.classifier, found.unknown, found.summary))
     return found
 
 
