@@ -74,7 +74,7 @@ def load_models(
         if name in models:
             raise UsageError(f"two models are named {name!r}: name them apart with --graph=NAME=URL")
         # no spin-waiting between network calls: the request's decoders need those cores meanwhile
-        # (spinning threads made 16 clients 40-80% slower on 2 cores; docs/benchmarks.md)
+        # (16 clients on 2 busy cores: 25 img/s with spinning, 41 without; docs/benchmarks.md)
         models[name] = RetrainedModel.load(url, threads=threads, storage_options=storage_options, spin=False)
     return models
 
