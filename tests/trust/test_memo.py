@@ -98,3 +98,16 @@ def test_the_key_covers_the_seed_features_classifier_paths_and_folds():
         stage.memo_key(features, classifier, settings, names, oof),
     ]
     assert len({base, *changed}) == len(changed) + 1
+
+
+def test_an_entry_with_a_flipped_byte_is_refused_by_its_checksums(images, tmp_path, model_dir, caplog):
+    caplog.set_level(logging.INFO, "lastlayer.retrain")
+    cold = retrain_summary(images, tmp_path, model_dir, "cold", 40)
+    (entry,) = _entries(tmp_path, stage.MEMO_KIND)
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside an array's bytes
+    entry.write_bytes(bytes(data))
+    caplog.clear()
+    again = retrain_summary(images, tmp_path, model_dir, "again", 40)
+    assert "damaged" in caplog.text and REUSED not in caplog.text
+    assert again["trust"] == cold["trust"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -200,7 +201,7 @@ def analyse(
     features = gather(bottlenecks, index, labels)
     results = memo.Memo.of(bottlenecks)
     entry = memo_key(features, classifier, settings, names, out_of_fold)
-    if (recalled := _recall(results, entry)) is not None:
+    if (recalled := _recall(results, entry, classifier)) is not None:
         return recalled
     found = _analyse(features, classifier, settings, names, out_of_fold)
     results.put(MEMO_KIND, entry, stored.encode(found.classifier, found.unknown, found.summary))
@@ -237,14 +238,17 @@ def memo_key(
     )
 
 
-def _recall(kept: memo.Memo, entry: str) -> Findings | None:
-    """The findings kept under ``entry``, or ``None`` when there are none (or unreadable ones)."""
+def _recall(kept: memo.Memo, entry: str, trained: Classifier) -> Findings | None:
+    """The findings kept under ``entry`` (their classifier shaped as ``trained``), or ``None`` when
+    there are none or they are damaged (the zip's checksums, the shapes)."""
     data = kept.get(MEMO_KIND, entry)
     if data is None:
         return None
     try:
         found = Findings(*stored.decode(data))
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+        if found.classifier.weights.shape != trained.weights.shape:
+            raise ValueError(f"a classifier of shape {found.classifier.weights.shape}")
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         log.warning(
             "The trust findings kept at %s are damaged (%s): computing them again",
             kept.url(MEMO_KIND, entry),

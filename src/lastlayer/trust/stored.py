@@ -41,7 +41,8 @@ def decode(data: bytes) -> tuple[Classifier, ood.ExportedDistance | None, Trust]
     """What :func:`encode` wrote.
 
     Raises:
-        ValueError, KeyError, TypeError, OSError: not an entry as :func:`encode` writes it.
+        ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile: not an entry as
+            :func:`encode` writes it (or damaged: each array's CRC is checked).
     """
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         head = json.loads(str(npz["head"]))
