@@ -217,13 +217,13 @@ def memo_key(
 ) -> str:
     """The memo key of the stage's findings: everything they depend on (the features, classes, splits
     and paths of the usable images, the classifier, the cross-validation's folds and classifiers, the
-    settings and seed) and the code of :mod:`lastlayer.trust`."""
+    settings and seed) and the code of :mod:`lastlayer.trust` and :mod:`lastlayer.training`."""
     folds: list[np.ndarray] = []
     if out_of_fold is not None:
         folds = [out_of_fold.positions, out_of_fold.truth, out_of_fold.fold_of]
         folds += [a for clf in out_of_fold.classifiers for a in (clf.weights, clf.biases)]
     return memo.key(
-        memo.code_digest("lastlayer.trust"),
+        memo.code_digest("lastlayer.trust", "lastlayer.training"),  # training: the classifier's code
         dataclasses.asdict(settings),
         list(names.labels),
         names.paths(features.positions),
