@@ -1,13 +1,14 @@
 """Load test of `lastlayer serve` on 127.0.0.1: throughput and latency at 1, 4 and 16 clients.
 
     python benchmarks/bench_serve.py [--graph MODEL] [--images DIR] [--requests N] [--seconds S]
-                                     [--rounds R] [--max_wait_ms MS] [--max_batch B]
+                                     [--rounds R] [--max_wait_ms MS] [--max_batch B] [--compare_src DIR]
 
 Starts `lastlayer serve` in a child process on 127.0.0.1 (a free port), then for each number of
-concurrent clients (threads, one HTTP connection each) posts JPEG files to /v1/models/NAME:classify,
-at most ``--requests`` requests or ``--seconds`` seconds per level, whichever ends first. Prints
-images/s, p50 and p99 latency and the mean batch size the server formed, next to two bounds
-measured in this process on the same images and model:
+concurrent clients (keep-alive connections of one asyncio loop in this process, each request
+encoded beforehand, so that the load generator costs little CPU: it prints its own) posts JPEG
+files to /v1/models/NAME:classify, at most ``--requests`` requests or ``--seconds`` seconds per
+level, whichever ends first. Prints images/s, p50 and p99 latency and the mean batch size the
+server formed, next to two bounds measured in this process on the same images and model:
 
 - network alone: onnxruntime on already prepared inputs, best batch size (what no server can beat);
 - decode + network: 1 / (1/decode + 1/network), decoding measured alone on the same files;
@@ -15,17 +16,21 @@ measured in this process on the same images and model:
   latency, with the HTTP floor added).
 
 and the HTTP floor: the round trip of GET /v2/health/live with one client. Without --graph, a model
-is first trained on the images (50 steps). Default images: ../shared/datasets/flower_photos_sample,
-else the bundled demo set.
+is first trained on the images (50 steps). With ``--compare_src DIR`` a second server runs lastlayer
+from the sources in DIR (for example main's, unpacked by ``git archive main src``) and the two take
+turns at each level, so that before and after are measured side by side. Default images:
+../shared/datasets/flower_photos_sample, else the bundled demo set.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -48,6 +54,8 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
 CLIENTS = (1, 4, 16)
 MAX_FILES = 64
 START_S = 120
+#: Throughput at the most clients over the network alone that the server should reach.
+TARGET = 0.8
 
 
 def image_files(folder: Path) -> list[bytes]:
@@ -84,26 +92,36 @@ def rate_of(work, n: int, rounds: int = 3) -> float:
 
 
 def bounds(graph: Path, files: list[bytes]) -> dict[str, float]:
-    """Network alone (best batch) and decode + network, images/s, in this process."""
-    model = RetrainedModel.load(str(graph))
-    inputs = [model.prepare(f) for f in files]
-    rates = {}
-    for batch in (1, 4, 8, 16, 32):
-        chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
-        model.probabilities(chunks[0])  # warm
-        rates[batch] = rate_of(lambda chunks=chunks: [model.probabilities(c) for c in chunks], len(inputs))
+    """Network alone (best batch, threads spin-waiting between calls or not, as onnxruntime does by
+    default and as the server does) and decode + network, images/s, in this process."""
+    rates: dict[tuple[int, bool], float] = {}
+    for spin in (True, False):
+        model = RetrainedModel.load(str(graph), spin=spin)
+        inputs = [model.prepare(f) for f in files]
+        for batch in (1, 4, 8, 16, 32):
+            chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+            model.probabilities(chunks[0])  # warm
+            rates[batch, spin] = rate_of(partial(_run_all, model, chunks), len(inputs))
     network = max(rates.values())
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         decode = rate_of(lambda: list(pool.map(model.prepare, files)), len(files))
-    one = 1000 / rates[1] + 1000 / rate_of(lambda: [model.prepare(f) for f in files], len(files))
+    alone = rate_of(lambda: [model.prepare(f) for f in files], len(files))
+    one = 1000 / max(rates[1, True], rates[1, False]) + 1000 / alone
     return {"network": network, "decode": decode, "limit": 1 / (1 / decode + 1 / network), "one_ms": one}
 
 
+def _run_all(model: RetrainedModel, chunks: list[list]) -> None:
+    for chunk in chunks:
+        model.probabilities(chunk)
+
+
 @contextlib.contextmanager
-def server(graph: Path, extra: list[str]) -> Iterator[str]:
-    """`lastlayer serve` in a child process on 127.0.0.1; yields its base URL."""
+def server(graph: Path, extra: list[str], src: str | None = None) -> Iterator[str]:
+    """`lastlayer serve` in a child process on 127.0.0.1 (lastlayer from ``src`` when given, else
+    this process's); yields its base URL."""
     argv = [sys.executable, "-m", "lastlayer", "serve", f"--graph=bench={graph}", "--port=0", *extra]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": src} if src else None
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     found: list[str] = []
     ready = threading.Event()
 
@@ -137,35 +155,64 @@ def server(graph: Path, extra: list[str]) -> Iterator[str]:
             process.wait(30)
 
 
-def load(base: str, files: list[bytes], clients: int, requests: int, seconds: float) -> dict[str, float]:
-    """``clients`` threads posting ``files`` in turn until ``requests`` are done or ``seconds`` pass."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    deadline = time.monotonic() + seconds
+def request(base: str, path: str, body: bytes) -> bytes:
+    """A whole HTTP/1.1 POST of ``body`` to ``base`` + ``path``, encoded once (keep-alive)."""
+    host = base.removeprefix("http://")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _client(
+    base: str, requests: list[bytes], turns: Iterator[int], deadline: float, took: list[float]
+) -> int:
+    """One keep-alive connection sending ``requests`` in turn (the next of ``turns`` each time) until
+    ``turns`` ends or ``deadline`` (monotonic) passes; appends each 200's seconds to ``took`` and
+    returns the number of other replies."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     errors = 0
+    try:
+        for i in turns:
+            if time.monotonic() > deadline:
+                break
+            start = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            if head.startswith(b"HTTP/1.1 200"):
+                took.append(time.perf_counter() - start)
+            else:
+                errors += 1
+    finally:
+        writer.close()
+    return errors
 
-    def client(k: int) -> None:
-        nonlocal errors
-        with httpx.Client(timeout=60) as http:
-            for i in counter:
-                if time.monotonic() > deadline:
-                    return
-                start = time.perf_counter()
-                reply = http.post(f"{base}/v1/models/bench:classify", content=files[(i + k) % len(files)])
-                took = time.perf_counter() - start
-                with lock:
-                    if reply.status_code == 200:
-                        latencies.append(took)
-                    else:
-                        errors += 1
 
+async def _clients(
+    base: str, requests: list[bytes], clients: int, count: int, seconds: float, took: list[float]
+) -> int:
+    turns = iter(range(count))  # shared: one event loop, so no lock
+    deadline = time.monotonic() + seconds
+    tasks = [_client(base, requests[k:] + requests[:k], turns, deadline, took) for k in range(clients)]
+    return sum(await asyncio.gather(*tasks))
+
+
+def load(base: str, files: list[bytes], clients: int, requests: int, seconds: float) -> dict[str, float]:
+    """``clients`` keep-alive connections of one asyncio loop in this process posting ``files`` in
+    turn (requests encoded beforehand) until ``requests`` are done or ``seconds`` pass; ``client_cpu``
+    is this process's CPU seconds per wall second meanwhile (the load generator's own cost)."""
+    encoded = [request(base, "/v1/models/bench:classify", f) for f in files]
+    latencies: list[float] = []
     with httpx.Client(timeout=10) as http:
         before = http.get(f"{base}/v2/models/bench/stats").json()["model_stats"][0]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    errors = asyncio.run(_clients(base, encoded, clients, requests, seconds, latencies))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     with httpx.Client(timeout=10) as http:
         after = http.get(f"{base}/v2/models/bench/stats").json()["model_stats"][0]
     images = after["inference_count"] - before["inference_count"]
@@ -178,6 +225,7 @@ def load(base: str, files: list[bytes], clients: int, requests: int, seconds: fl
         "p50": 1000 * latencies[len(latencies) // 2],
         "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "batch": images / batches,
+        "client_cpu": cpu / wall,
     }
 
 
@@ -203,6 +251,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the client levels")
     parser.add_argument("--max_wait_ms", type=float, help="passed to lastlayer serve")
     parser.add_argument("--max_batch", type=int, help="passed to lastlayer serve")
+    parser.add_argument(
+        "--compare_src",
+        help="also serve from this source tree (the src folder of another checkout) and measure both "
+        "side by side, taking turns",
+    )
     args = parser.parse_args()
     folder = args.images or (DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else Path(demo_image_dir()))
     files = image_files(folder)
@@ -218,29 +271,45 @@ def main() -> None:
             f"decode + network limit {limits['limit']:.1f} img/s; one image alone (decode, then the "
             f"network at batch 1) {limits['one_ms']:.1f} ms"
         )
-        results: dict[int, list[dict[str, float]]] = {c: [] for c in CLIENTS}
-        with server(graph, extra) as base:
-            print(f"HTTP floor (GET /v2/health/live, 1 client): {http_floor(base):.2f} ms")
-            load(base, files, 4, 40, 30)  # warm the server's threads and sessions
-            for r in range(args.rounds):
+        sources = {
+            "this checkout": None,
+            **({f"--compare_src={args.compare_src}": args.compare_src} if args.compare_src else {}),
+        }
+        results = {name: {c: [] for c in CLIENTS} for name in sources}
+        with contextlib.ExitStack() as stack:
+            bases = {name: stack.enter_context(server(graph, extra, src)) for name, src in sources.items()}
+            for name, base in bases.items():
+                print(f"{name}: HTTP floor (GET /v2/health/live, 1 client): {http_floor(base):.2f} ms")
+                load(base, files, 4, 40, 30)  # warm the server's threads and sessions
+            for r in range(args.rounds):  # the servers take turns, so that the machine's drift hits both
                 for clients in CLIENTS:
-                    m = load(base, files, clients, args.requests, args.seconds)
-                    results[clients].append(m)
-                    print(
-                        f"round {r + 1}, {clients:2d} clients: {m['rate']:6.1f} img/s, "
-                        f"p50 {m['p50']:6.1f} ms, p99 {m['p99']:6.1f} ms, mean batch {m['batch']:4.1f}, "
-                        f"n={m['n']}, errors={m['errors']}"
-                    )
-        print("\nmedian over rounds (throughput / network alone, / decode + network limit):")
-        for clients in CLIENTS:
-            rates = [m["rate"] for m in results[clients]]
-            rate = statistics.median(rates)
-            print(
-                f"{clients:2d} clients: {rate:6.1f} img/s (rounds {min(rates):.1f}-{max(rates):.1f}), "
-                f"p50 {statistics.median(m['p50'] for m in results[clients]):6.1f} ms, "
-                f"p99 {statistics.median(m['p99'] for m in results[clients]):6.1f} ms; "
-                f"{rate / limits['network']:.2f} of network alone, {rate / limits['limit']:.2f} of the limit"
-            )
+                    for name, base in bases.items():
+                        m = load(base, files, clients, args.requests, args.seconds)
+                        results[name][clients].append(m)
+                        print(
+                            f"round {r + 1}, {name}, {clients:2d} clients: {m['rate']:6.1f} img/s, "
+                            f"p50 {m['p50']:6.1f} ms, p99 {m['p99']:6.1f} ms, mean batch {m['batch']:4.1f}, "
+                            f"n={m['n']}, errors={m['errors']}, load generator CPU {m['client_cpu']:.2f} core"
+                        )
+        for name in sources:
+            summarize(name, results[name], limits)
+
+
+def summarize(name: str, results: dict[int, list[dict[str, float]]], limits: dict[str, float]) -> None:
+    """The medians over rounds of one server, and its ratio at the most clients against the target."""
+    print(f"\n{name}: median over rounds (throughput / network alone, / decode + network limit):")
+    for clients in CLIENTS:
+        rates = [m["rate"] for m in results[clients]]
+        rate = statistics.median(rates)
+        print(
+            f"{clients:2d} clients: {rate:6.1f} img/s (rounds {min(rates):.1f}-{max(rates):.1f}), "
+            f"p50 {statistics.median(m['p50'] for m in results[clients]):6.1f} ms, "
+            f"p99 {statistics.median(m['p99'] for m in results[clients]):6.1f} ms; "
+            f"{rate / limits['network']:.2f} of network alone, {rate / limits['limit']:.2f} of the limit"
+        )
+    top = statistics.median(m["rate"] for m in results[CLIENTS[-1]]) / limits["network"]
+    verdict = "ok" if top >= TARGET else "MISSED"
+    print(f"{name}: {CLIENTS[-1]} clients / network alone: {top:.2f}  [target >= {TARGET}] {verdict}")
 
 
 if __name__ == "__main__":

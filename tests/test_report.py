@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 
 from browser import broken_images, chrome, console_errors, full_page_screenshot
-from helpers import make_dataset
+from helpers import make_dataset, retrain_summary
 from lastlayer import pipeline
 from lastlayer.cli import main
 from lastlayer.errors import DataError
 from lastlayer.report import input as report_input
 from lastlayer.report import page as report
 from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
+from lastlayer.trust.memo import Memo
 
 HOSTILE_FOLDER = "noise <b>&\"'"
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.jpg"
@@ -239,3 +240,36 @@ def test_a_run_whose_report_path_holds_another_file_keeps_it_and_warns(tmp_path,
     assert "No report written" in caplog.text and "not a lastlayer report" in caplog.text
     assert notes.read_text() == "my notes, not a report"
     assert (tmp_path / "out" / "model.onnx").is_file() and summary.outputs.report == str(notes)
+
+
+def test_a_chart_of_the_same_data_is_read_from_the_memo_and_a_damaged_one_drawn_again(tmp_path):
+    drawn = []
+
+    def bars(fig, values: list[int]) -> bool:
+        drawn.append(values)
+        fig.subplots().bar(range(len(values)), values)
+        return True
+
+    charts = report.Charts(Memo(str(tmp_path / "memo")))
+    first = charts(bars, [1, 2, 3])
+    assert first.startswith("data:image/svg+xml;base64,") and drawn == [[1, 2, 3]]
+    assert report.Charts(Memo(str(tmp_path / "memo")))(bars, [1, 2, 3]) == first and len(drawn) == 1
+    assert charts(bars, [1, 2, 4]) != first and len(drawn) == 2
+    for entry in (tmp_path / "memo").iterdir():
+        entry.write_bytes(b"data:image/svg+xml;base64,<script>")
+    redrawn = charts(bars, [1, 2, 3])
+    assert redrawn.startswith("data:image/svg+xml;base64,") and "<" not in redrawn and len(drawn) == 3
+
+
+def test_a_run_keeps_its_charts_in_the_cache_s_memo_and_the_re_run_reads_them(
+    tmp_path, model_dir, shapes_dir
+):
+    retrain_summary(shapes_dir, tmp_path, model_dir, "cold", 20)
+    kept = sorted((tmp_path / "b").glob("*/results/chart-*"))
+    assert len(kept) >= 4
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    retrain_summary(shapes_dir, tmp_path, model_dir, "warm", 20)
+    assert sorted((tmp_path / "b").glob("*/results/chart-*")) == kept
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
+    cold, warm = ((tmp_path / n / "g.report.html").read_text() for n in ("cold", "warm"))
+    assert re.findall(r"data:image/svg[^\"]+", cold) == re.findall(r"data:image/svg[^\"]+", warm)

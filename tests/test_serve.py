@@ -25,7 +25,7 @@ from browser import WAIT_S, chrome, console_errors, full_page_screenshot
 from helpers import jpeg_bytes, serving, shape_image
 from lastlayer import pipeline, serve
 from lastlayer.cli import main
-from lastlayer.model.inference import Answer
+from lastlayer.model.inference import Answer, RetrainedModel
 from lastlayer.settings.options import ServeOptions
 from lastlayer.settings.run import CacheConfig, OutputConfig, TrainingConfig
 
@@ -469,3 +469,16 @@ def test_a_batch_waits_only_for_images_on_their_way():
         await batcher.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), REQUEST_S))
+
+
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def test_served_models_do_not_spin_wait_between_network_calls(models, graph):
+    (served,) = models.values()
+    assert served.session.get_session_options().get_session_config_entry(SPINNING) == "0"
+    default = RetrainedModel.load(
+        str(graph)
+    ).session.get_session_options()  # lastlayer label's: onnxruntime's
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_config_entry(SPINNING)

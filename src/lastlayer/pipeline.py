@@ -274,7 +274,7 @@ def _stages(run: Run, engine: Engine, progress: Progress | None) -> RunSummary:
         trust=trusted.summary,
         multi_label=multi.multi if multi else None,
     )
-    summary.write(run.storage_options)
+    summary.write(run.storage_options, trust.memo.Memo.of(data.bottlenecks))
     return summary
 
 

@@ -17,6 +17,7 @@ from lastlayer import storage
 from lastlayer.dataset import TESTING, TRAINING, VALIDATION
 from lastlayer.errors import DataError
 from lastlayer.training.evaluate import per_class_scores
+from lastlayer.trust.memo import Memo
 from lastlayer.trust.summary import Trust
 from lastlayer.version import __version__
 
@@ -289,11 +290,12 @@ class RunSummary:
             label_source=dict(images.origin),
         )
 
-    def write(self, storage_options: Mapping[str, Any] | None) -> None:
-        """Write the run summary file (atomically), then the HTML report when the run asked for one."""
+    def write(self, storage_options: Mapping[str, Any] | None, memo: Memo | None = None) -> None:
+        """Write the run summary file (atomically), then the HTML report when the run asked for one
+        (its charts read from and kept in ``memo``, when given)."""
         storage.write_atomic(self.outputs.summary_json, self.to_json().encode(), storage_options)
         if self.outputs.report:
-            write_report(self, storage_options)
+            write_report(self, storage_options, memo)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data, keys in the summary file's order."""
@@ -345,7 +347,9 @@ def misclassified(scores: Scores, data: TrainingData, images: ImageSet) -> list[
     ]
 
 
-def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None) -> None:
+def write_report(
+    summary: RunSummary, storage_options: Mapping[str, Any] | None, memo: Memo | None = None
+) -> None:
     """Write the run's HTML report to ``summary.outputs.report``, or warn when the report's
     libraries are not installed or the report refuses the run (more classes than a report shows,
     a file that is not a report at its path): the model and the summary are written already."""
@@ -355,7 +359,7 @@ def write_report(summary: RunSummary, storage_options: Mapping[str, Any] | None)
         log.warning("No report written: %s", missing)
         return
     try:
-        report.write(summary.to_dict(), summary.outputs.report, storage_options)
+        report.write(summary.to_dict(), summary.outputs.report, storage_options, memo=memo)
     except DataError as exc:
         log.warning("No report written: %s", exc)
         return

@@ -117,12 +117,14 @@ class RetrainedModel:
         threads: int = 0,
         output_layer: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        spin: bool = True,
     ) -> RetrainedModel:
         """Read the model at ``graph`` (any URL).
 
         Args:
             labels: a labels file to use instead of the labels stored in the model.
             threads: onnxruntime threads (0: one per core).
+            spin: whether its idle threads spin-wait for the next run (see :func:`runtime.session`).
             output_layer: the output to read (default: the model's final tensor).
 
         Raises:
@@ -145,7 +147,7 @@ class RetrainedModel:
                 f"{labels} has {len(names)} labels but {graph} has {len(info.labels)} classes: "
                 "pass the labels file written with this model"
             )
-        session = runtime.session(data, graph, threads or available_cores())
+        session = runtime.session(data, graph, threads or available_cores(), spin=spin)
         output = output_layer or info.output_name
         if output not in {o.name for o in session.get_outputs()}:
             raise ModelError(

@@ -76,7 +76,9 @@ def resolve_device(device: str) -> str:
     return CPU
 
 
-def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -> ort.InferenceSession:
+def session(
+    onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU, spin: bool = True
+) -> ort.InferenceSession:
     """An onnxruntime session on ``onnx_bytes``: ``threads`` intra-op threads (0: onnxruntime's
     default), one inter-op thread, sequential execution; on ``device``, :data:`CPU` or :data:`CUDA`
     (onnxruntime's CUDA execution provider on GPU 0 of those visible, the CPU for any operator
@@ -84,6 +86,8 @@ def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -
 
     Args:
         what: how messages name the model (an architecture or a URL).
+        spin: whether idle intra-op threads spin-wait for the next run (onnxruntime's default); off
+            where other threads need the cores between runs (a server's image decoders).
 
     Raises:
         UsageError: negative ``threads``, another ``device``, or :data:`CUDA` where onnxruntime
@@ -101,6 +105,8 @@ def session(onnx_bytes: bytes, what: str, threads: int = 0, device: str = CPU) -
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # TF32 would round the convolutions' inputs to 10 bits of mantissa: features would differ from the CPU's
     cuda = (_CUDA_PROVIDER, {"device_id": "0", "use_tf32": "0"})
     providers = [_CPU_PROVIDER] if device == CPU else [cuda, _CPU_PROVIDER]

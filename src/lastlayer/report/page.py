@@ -17,6 +17,7 @@ import base64
 import importlib.util
 import io
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from lastlayer.errors import DataError, LastlayerError
 from lastlayer.preprocess import Preprocessing, open_image
 from lastlayer.report import input as report_input
 from lastlayer.trust import view as trust_view
+from lastlayer.trust.memo import Memo, code_digest
+from lastlayer.trust.memo import key as memo_key
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -57,6 +60,9 @@ MAX_ANNOTATED_CLASSES = 25
 #: The most rows of a table of classes, settings or outputs (the summary file lists them all).
 MAX_TABLE_ROWS = 500
 _READERS = 8
+#: The kind of the report's entries in the memo, and what one must be (a base64 SVG ``data:`` URI).
+CHART_KIND = "chart"
+_SVG_URI = re.compile(rb"data:image/svg\+xml;base64,[A-Za-z0-9+/]*={0,2}")
 _THUMBNAIL_PREP = Preprocessing(THUMBNAIL_PX, 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
@@ -86,9 +92,11 @@ def write(
     storage_options: Mapping[str, Any] | None = None,
     *,
     fetch_images: bool = False,
+    memo: Memo | None = None,
 ) -> None:
     """Build the report of ``summary`` and write it to ``url`` atomically; an existing file there
-    must be a lastlayer report.
+    must be a lastlayer report. Its charts are read from ``memo`` when it holds them (same data, same
+    code), else drawn and kept there.
 
     Images of the misclassified thumbnails are read from below ``summary["image_dir"]`` with
     ``storage_options``, when it is local or on ``url``'s filesystem (anywhere with ``fetch_images``);
@@ -98,7 +106,7 @@ def write(
         DataError: ``url`` is a file that is not a report, or ``summary`` is malformed.
     """
     report_input.check_replaceable(url, storage_options)
-    html = build(summary, storage_options, report_url=url, fetch_images=fetch_images)
+    html = build(summary, storage_options, report_url=url, fetch_images=fetch_images, memo=memo)
     storage.write_atomic(url, html.encode(), storage_options)
 
 
@@ -108,8 +116,10 @@ def build(
     *,
     report_url: str = "",
     fetch_images: bool = False,
+    memo: Memo | None = None,
 ) -> str:
-    """The report's HTML text (thumbnails read as :func:`write` says, for a report at ``report_url``).
+    """The report's HTML text (thumbnails read as :func:`write` says, for a report at ``report_url``;
+    charts from ``memo`` as it says).
 
     Raises:
         DataError: ``summary`` is not shaped as a run summary.
@@ -125,7 +135,7 @@ def build(
     )
     try:
         clean = report_input.checked(summary, "the run summary")
-        page = _page(clean, storage_options, report_url, fetch_images)
+        page = _page(clean, storage_options, report_url, fetch_images, Charts(memo))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise DataError(
             f"the run summary is not as lastlayer writes it ({exc.__class__.__name__}: {exc}): pass the "
@@ -136,7 +146,11 @@ def build(
 
 # -- the page's content --------------------------------------------------------------------------
 def _page(
-    summary: Mapping[str, Any], storage_options: Mapping[str, Any] | None, report_url: str, fetch_images: bool
+    summary: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None,
+    report_url: str,
+    fetch_images: bool,
+    chart: Charts,
 ) -> dict[str, Any]:
     labels: list[str] = list(summary["labels"])
     metrics = summary["metrics"]
@@ -148,16 +162,16 @@ def _page(
         "headline": _headline(summary),
         "dataset": {
             "rows": _count_rows(labels, summary["image_counts"]),
-            "chart": _chart(_dataset, labels, summary["image_counts"]),
+            "chart": chart(_dataset, labels, summary["image_counts"]),
         },
         "skipped": {
             "rows": summary.get("skipped", [])[:MAX_SKIPPED_ROWS],
             "total": len(summary.get("skipped", [])),
         },
-        "curve": _chart(_curves, curve) if curve.get("step") else None,
-        "confusion": _chart(_confusion, labels, matrix) if sum(map(sum, matrix)) else None,
+        "curve": chart(_curves, curve) if curve.get("step") else None,
+        "confusion": chart(_confusion, labels, matrix) if sum(map(sum, matrix)) else None,
         "per_class": _capped(_class_rows(summary["per_class"])),
-        "multi_label": _multi_label(summary.get("multi_label")),
+        "multi_label": _multi_label(summary.get("multi_label"), chart),
         "misclassified": {
             "shown": _thumbnails(
                 summary.get("image_dir", ""),
@@ -180,7 +194,7 @@ def _page(
         "accuracies": [(k, _share(v) if "accuracy" in k else _shown(v)) for k, v in metrics.items()],
         "trust": trust_view.page(
             summary.get("trust"),
-            _chart,
+            chart,
             lambda items: _thumbnails(
                 summary.get("image_dir", ""), items, storage_options, report_url, fetch_images
             ),
@@ -214,7 +228,7 @@ def _headline(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def _multi_label(multi: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _multi_label(multi: Mapping[str, Any] | None, chart: Charts) -> dict[str, Any] | None:
     """A ``--multi_label`` run's scores: its headline, one row per label and their bars (in place of
     the confusion matrix and the per-class table, which compare single labels)."""
     if not multi:
@@ -230,7 +244,7 @@ def _multi_label(multi: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {
         "headline": [(n, _share(multi.get(k))) for n, k in zip(names, keys, strict=True)],
         "rows": _capped(rows),
-        "chart": _chart(_per_label, per_label),
+        "chart": chart(_per_label, per_label),
     }
 
 
@@ -329,6 +343,29 @@ def _thumbnail_uri(url: str, storage_options: Mapping[str, Any] | None) -> str:
 
 
 # -- charts --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Charts:
+    """Draws the report's charts (:func:`_chart`), each read from ``memo`` when it holds the same
+    chart of the same data drawn by the same code and matplotlib, else drawn and kept there."""
+
+    memo: Memo | None = None
+
+    def __call__(self, draw: Callable[..., bool], *args: Any) -> str | None:
+        """``draw``'s chart of ``args`` (JSON data of the run summary), as :func:`_chart` returns it."""
+        if self.memo is None:
+            return _chart(draw, *args)
+        import matplotlib
+
+        code = code_digest("lastlayer.report", "lastlayer.trust")
+        entry = memo_key(code, matplotlib.__version__, draw.__module__, draw.__qualname__, list(args))
+        kept = self.memo.get(CHART_KIND, entry)
+        if kept is not None and (kept == b"" or _SVG_URI.fullmatch(kept)):
+            return kept.decode("ascii") or None
+        uri = _chart(draw, *args)
+        self.memo.put(CHART_KIND, entry, (uri or "").encode("ascii"))
+        return uri
+
+
 def _chart(draw: Callable[..., bool], *args: Any) -> str | None:
     """``draw(figure, *args)`` on a new matplotlib Figure (no pyplot state), as an SVG ``data:`` URI;
     ``None`` when ``draw`` returns False (too many classes to draw)."""

@@ -73,7 +73,9 @@ def load_models(
         name, url = model_name(graph)
         if name in models:
             raise UsageError(f"two models are named {name!r}: name them apart with --graph=NAME=URL")
-        models[name] = RetrainedModel.load(url, threads=threads, storage_options=storage_options)
+        # no spin-waiting between network calls: the request's decoders need those cores meanwhile
+        # (16 clients on 2 busy cores: 25 img/s with spinning, 41 without; docs/benchmarks.md)
+        models[name] = RetrainedModel.load(url, threads=threads, storage_options=storage_options, spin=False)
     return models
 
 

@@ -3,7 +3,9 @@ pass), then calibration; the exported classifier comes back with the temperature
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +17,7 @@ from lastlayer.bottlenecks.needs import Bottlenecks
 from lastlayer.dataset import SPLITS, TESTING, TRAINING, VALIDATION
 from lastlayer.model import contract
 from lastlayer.training.train import Classifier
-from lastlayer.trust import calibration, duplicates, labels, ood
+from lastlayer.trust import calibration, duplicates, labels, memo, ood, stored
 from lastlayer.trust.summary import (
     MAX_GROUPS,
     MAX_SUSPECTS,
@@ -41,6 +43,8 @@ log = logging.getLogger("lastlayer.retrain")
 MAX_FEATURE_BYTES = 4 << 30
 #: Folds of the label check without ``--cross_validation``.
 LABEL_FOLDS = 5
+#: The kind of the stage's entries in the memo.
+MEMO_KIND = "trust"
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,9 @@ def analyse(
     out_of_fold: OutOfFold | None = None,
 ) -> Findings:
     """The trust stage on a run's training data (its usable images of each split, in the cache): the
-    classifier to export (calibrated), its "none of the above" score and what was found.
+    classifier to export (calibrated), its "none of the above" score and what was found; read from
+    the memo of the run's cache (:meth:`Memo.of <lastlayer.trust.memo.Memo.of>`) when it holds the
+    findings of the same inputs (:func:`memo_key`), else kept there.
 
     Raises:
         DamagedCache: a part file is damaged or gone.
@@ -193,6 +199,83 @@ def analyse(
         )
         return Findings(classifier, None, Trust())
     features = gather(bottlenecks, index, labels)
+    results = memo.Memo.of(bottlenecks)
+    entry = memo_key(features, classifier, settings, names, out_of_fold)
+    if (recalled := _recall(results, entry, classifier)) is not None:
+        return recalled
+    found = _analyse(features, classifier, settings, names, out_of_fold)
+    results.put(MEMO_KIND, entry, stored.encode(found.classifier, found.unknown, found.summary))
+    return found
+
+
+def memo_key(
+    features: Features,
+    classifier: Classifier,
+    settings: Settings,
+    names: Names,
+    out_of_fold: OutOfFold | None,
+) -> str:
+    """The memo key of the stage's findings: everything they depend on (the features, classes, splits
+    and paths of the usable images, the classifier, the cross-validation's folds and classifiers, the
+    settings and seed) and the code of :mod:`lastlayer.trust` and :mod:`lastlayer.training`."""
+    folds: list[np.ndarray] = []
+    if out_of_fold is not None:
+        folds = [out_of_fold.positions, out_of_fold.truth, out_of_fold.fold_of]
+        folds += [a for clf in out_of_fold.classifiers for a in (clf.weights, clf.biases)]
+    return memo.key(
+        memo.code_digest("lastlayer.trust", "lastlayer.training"),  # training: the classifier's code
+        dataclasses.asdict(settings),
+        list(names.labels),
+        names.paths(features.positions),
+        features.positions,
+        features.x,
+        features.labels,
+        features.split,
+        classifier.weights,
+        classifier.biases,
+        out_of_fold is not None,
+        *folds,
+    )
+
+
+def _recall(kept: memo.Memo, entry: str, trained: Classifier) -> Findings | None:
+    """The findings kept under ``entry`` (their classifier shaped as ``trained``), or ``None`` when
+    there are none or they are damaged (the zip's checksums, the shapes)."""
+    data = kept.get(MEMO_KIND, entry)
+    if data is None:
+        return None
+    try:
+        found = Findings(*stored.decode(data))
+        if found.classifier.weights.shape != trained.weights.shape:
+            raise ValueError(f"a classifier of shape {found.classifier.weights.shape}")
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning(
+            "The trust findings kept at %s are damaged (%s): computing them again",
+            kept.url(MEMO_KIND, entry),
+            exc,
+        )
+        return None
+    t = found.summary
+    log.info(
+        "Trust findings reused from %s (same features, classifier, folds and flags): temperature %s, "
+        "unknown above %s, %s suspected wrong labels, %s groups of near-duplicates",
+        kept.root,
+        "—" if t.calibration is None else f"{t.calibration.temperature:.3f}",
+        "—" if t.unknown is None else f"{t.unknown.threshold:.4g}",
+        "—" if t.label_issues is None else t.label_issues.suspected,
+        "—" if t.duplicates is None else t.duplicates.groups,
+    )
+    return found
+
+
+def _analyse(
+    features: Features,
+    classifier: Classifier,
+    settings: Settings,
+    names: Names,
+    out_of_fold: OutOfFold | None,
+) -> Findings:
+    """Every analysis that ``settings`` turns on."""
     fitted = None
     if settings.calibrate:
         classifier, fitted = calibrate(features, classifier, out_of_fold)
