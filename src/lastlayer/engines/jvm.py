@@ -4,15 +4,17 @@ sharing archive of the classes Spark loads.
 A local master's JVM only schedules tasks (the executors' work is Python), so its start-up is most of
 its cost: loading and verifying Spark's classes. The JDK's dynamic class-data sharing (JDK 13+) keeps
 them, parsed and verified, in an archive that later JVMs map: measured on 2 cores, the session starts
-and runs its first job ~2 s sooner. The first JVM without an archive writes it when it exits
-(``-XX:ArchiveClassesAtExit``, about 100 MB, in :func:`archive_folder`); later ones map it
-(``-XX:SharedArchiveFile``). The archive is named after what it holds (the Java executable, Spark's
-jars, the extra class path): another JDK or Spark gets its own.
+and runs its first job ~2 s sooner. A JVM started while there is no archive dumps its classes when it
+exits (``-XX:ArchiveClassesAtExit``, about 100 MB) to a file of its own; the next start renames a
+finished dump to the archive (:func:`settle`), and JVMs from then on map it
+(``-XX:SharedArchiveFile``). The archive lives in :func:`archive_folder`, named after what it holds
+(the Java executable, Spark's jars, the driver's extra class path): another JDK or Spark gets its own.
 
-Concurrent JVMs cannot spoil it: the JVM unlinks the old file before writing a new one and writes the
-header last, so a reader sees a complete archive or one that it refuses (and then starts without it,
-silently). An archive still without its header :data:`DEAD_DUMP_S` after it was last written is a
-dump that died with its JVM, and is written again.
+Why a dump of its own, then a rename: the archive's name then only ever holds a whole archive, and
+JVMs that map it are never disturbed, whatever JVMs start or exit meanwhile and however the JDK writes
+its dumps (undocumented). A dump is finished when its header is there (the JVM writes it last,
+:func:`complete`); one still unfinished :data:`DEAD_DUMP_S` after it was last written died with its
+JVM, and is removed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 #: The quick compiler alone and the serial collector: the JVM starts about 2 s sooner on 2 cores.
@@ -68,20 +71,41 @@ def archive_name(extra_class_path: str = "") -> str | None:
     return f"spark-{digest.hexdigest()[:16]}.jsa"
 
 
-def sharing_options(archive: Path, now: float | None = None) -> str:
-    """The class-data sharing options for ``archive``: map it when it is complete, write it at exit when
-    it is missing or a dead dump, neither while another JVM is writing it (or it cannot be read)."""
+def complete(archive: Path) -> bool:
+    """Whether ``archive`` holds a whole archive: the JVM writes its header, :data:`MAGIC` first, last."""
     try:
         with open(archive, "rb") as file:
-            complete = file.read(len(MAGIC)) == MAGIC
-        age = (time.time() if now is None else now) - archive.stat().st_mtime
-    except FileNotFoundError:
-        return f"-XX:ArchiveClassesAtExit={archive} {QUIET}"
+            return file.read(len(MAGIC)) == MAGIC
     except OSError:
-        return ""
-    if complete:
+        return False
+
+
+def settle(dump: Path, archive: Path, now: float) -> None:
+    """A finished ``dump`` becomes ``archive`` (renamed, when there is none yet) or goes; an unfinished
+    one goes once it is :data:`DEAD_DUMP_S` old. Another process settling the same dump meanwhile is
+    harmless (the loser's rename or removal finds nothing)."""
+    try:
+        if complete(dump):
+            if complete(archive):
+                dump.unlink()
+            else:
+                os.replace(dump, archive)
+        elif now - dump.stat().st_mtime > DEAD_DUMP_S:
+            dump.unlink()
+    except OSError:
+        pass
+
+
+def sharing_options(folder: Path, name: str, now: float | None = None) -> str:
+    """The class-data sharing options for the archive ``folder/name``, once the finished dumps of
+    earlier JVMs are settled (:func:`settle`): map it when it is complete, else have this JVM dump its
+    classes at exit to a name of its own (``name.<random>.tmp``), which a later start settles."""
+    archive = folder / name
+    for dump in folder.glob(f"{name}.*.tmp"):
+        settle(dump, archive, time.time() if now is None else now)
+    if complete(archive):
         return f"-XX:SharedArchiveFile={archive} {QUIET}"
-    return f"-XX:ArchiveClassesAtExit={archive} {QUIET}" if age > DEAD_DUMP_S else ""
+    return f"-XX:ArchiveClassesAtExit={folder / f'{name}.{uuid.uuid4().hex}.tmp'} {QUIET}"
 
 
 def local_java_options(extra_class_path: str = "", folder: Path | None = None) -> str:
@@ -95,4 +119,4 @@ def local_java_options(extra_class_path: str = "", folder: Path | None = None) -
         return LOCAL_JVM_OPTIONS
     if name is None or not os.access(folder, os.W_OK):
         return LOCAL_JVM_OPTIONS
-    return f"{LOCAL_JVM_OPTIONS} {sharing_options(folder / name)}".strip()
+    return f"{LOCAL_JVM_OPTIONS} {sharing_options(folder, name)}"
