@@ -5,8 +5,9 @@
 The images are ``--images`` copied ``--copies`` times, each copy made distinct (bench.py's
 ``repeated_copy``: 3,655 images for the flower sample). Each round runs, each in a fresh process and
 on an empty cache: the local engine (files on disk to the Parquet cache), then the Spark engine with
-Spark's start-up included (JVM, session, Python workers, the model broadcast), then, in that same
-Spark session, a second extraction on another empty cache (the steady state a long job sees), then
+Spark's start-up included (JVM, session, Python workers, the model broadcast; printed: whether the
+JVM mapped the class-data sharing archive of Spark's classes that a first run writes), then, in that
+same Spark session, a second extraction on another empty cache (the steady state a long job sees), then
 the local engine again (the reference is the mean of its two runs). Prints images/s and the ratios
 
     Spark images/s, steady state / local images/s              [target >= 0.95]
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from bench import repeated_copy
@@ -82,6 +84,9 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
         session = engine.spark()
         session.sparkContext.setLogLevel("ERROR")
         out["start_s"] = time.perf_counter() - tick
+        out["archive"] = archive_state(
+            session.sparkContext.getConf().get("spark.driver.defaultJavaOptions", "")
+        )
         for name in ("first", "steady"):
             tick, cpu = time.perf_counter(), tree_cpu_s(os.getpid())
             done = compute_bottlenecks(image_set, model, os.path.join(work, name), engine)
@@ -90,6 +95,13 @@ def child(engine: str, images: str, model_dir: str, master: str, work: str) -> d
         out["cores"] = session.sparkContext.defaultParallelism
         out["process_s"] = time.perf_counter() - start
     return out
+
+
+def archive_state(java_options: str) -> str:
+    """What the JVM did with the class-data sharing archive of Spark's classes (engines/jvm.py)."""
+    if "-XX:SharedArchiveFile=" in java_options:
+        return "mapped"
+    return "written at exit" if "-XX:ArchiveClassesAtExit=" in java_options else "none"
 
 
 def run_child(engine: str, args: argparse.Namespace, work: Path) -> dict:
@@ -155,7 +167,7 @@ def main() -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, r: int) -> dict[str, float]:
+def measure(args: argparse.Namespace, r: int) -> dict[str, Any]:
     """One round's seconds: the local engine ``before`` and ``after`` the Spark engine's ``start``,
     ``first`` and ``steady`` extractions (so that the machine's drift weighs on both sides)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,8 +177,10 @@ def measure(args: argparse.Namespace, r: int) -> dict[str, float]:
     n = before["computed"]
     times = {"before": before["extract_s"], "after": after["extract_s"], "start": remote["start_s"]}
     times |= {"first": remote["first_s"], "steady": remote["steady_s"], "cores": remote["cores"], "images": n}
+    times |= {"archive": remote["archive"]}
     times |= {"local_cpu": (before["cpu_s"] + after["cpu_s"]) / 2, "spark_cpu": remote["cpu_s"]}
-    spark_s = f"{times['start']:.2f} s + first extraction {times['first']:.2f} s"
+    spark_s = f"{times['start']:.2f} s (class-data archive: {times['archive']})"
+    spark_s += f" + first extraction {times['first']:.2f} s"
     print(
         f"round {r + 1}: {n} images; local engine {times['before']:.2f} s before, {times['after']:.2f} s "
         f"after = {2 * n / (times['before'] + times['after']):.0f} img/s; Spark start-up {spark_s} = "
