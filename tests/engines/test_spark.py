@@ -299,6 +299,10 @@ def test_a_session_that_does_not_start_says_what_failed():
     line = spark.start_problem(gateway, "spark://h:7077", "/usr/bin/java")
     assert "launcher exited before starting a session for master spark://h:7077" in line
     assert "Java 17+" in spark.start_problem(gateway, "local[2]", None)
+    local = spark.start_problem(Exception("java.net.BindException: Cannot assign address"), "local[2]", "/j")
+    assert local.startswith(
+        "Spark could not start a session on this machine (local[2]): java.net.BindException"
+    )
 
 
 def test_without_java_the_session_fails_in_one_line_naming_java(tmp_path):

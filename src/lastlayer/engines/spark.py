@@ -6,10 +6,10 @@ the part files the tasks wrote:
 
 * **Each task** (:func:`lastlayer.engines.executor.extract`) reads its images, decodes them and runs
   the network exactly as the local engine does
-  (:func:`~lastlayer.engines.local.read_task`, :func:`~lastlayer.engines.local.prepare`,
-  :func:`~lastlayer.engines.local.run_network`: same hashing, decoding, preprocessing, distorted
+  (:func:`~lastlayer.engines.batch.read_task`, :func:`~lastlayer.engines.batch.prepare`,
+  :func:`~lastlayer.engines.batch.run_network`: same hashing, decoding, preprocessing, distorted
   variants and network, hence the same features and the same skipped images), with a thread that
-  reads and decodes the next images while the network runs (:func:`~lastlayer.engines.local.prefetch`).
+  reads and decodes the next images while the network runs (:func:`~lastlayer.engines.batch.prefetch`).
 * **The model** is broadcast once (its bytes, name, key and preprocessing: a
   :class:`~lastlayer.engines.executor.Network`): Spark ships a broadcast to each executor once, and
   each Python worker builds its onnxruntime session on first use and keeps it for its next tasks.
@@ -180,7 +180,10 @@ def start_problem(exc: BaseException, master: str, java: str | None) -> str:
             f"{java} is Java 17+"
         )
     if master.startswith("local"):
-        return f"Spark could not start a session on this machine ({master}): {reason}"
+        return (
+            f"Spark could not start a session on this machine ({master}): {reason} (Spark's log lines above "
+            "say more; check the spark.* settings in spark-defaults.conf and PYSPARK_SUBMIT_ARGS)"
+        )
     return (
         f"Spark could not start a session on the cluster of master {master}: {reason} (check that the "
         "cluster answers and accepts the application: its address, the Hadoop/YARN configuration, the login)"
