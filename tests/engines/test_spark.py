@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from lastlayer.bottlenecks.staging import CacheFolders
 from lastlayer.bottlenecks.store import FeatureStore
 from lastlayer.cli import main
 from lastlayer.dataset import scan
-from lastlayer.engines import spark
+from lastlayer.engines import executor, jvm, spark
 from lastlayer.engines.base import Task, available_cores
 from lastlayer.engines.local import LocalEngine
 from lastlayer.errors import EngineError, UsageError
@@ -145,7 +148,7 @@ def test_a_damaged_file_the_executors_wrote_is_detected_and_recomputed(engines, 
 
 
 def failing_first_attempt(real, marker: Path):
-    """``_extract`` that, on each partition's first attempt, takes its images in reverse order (so its
+    """``executor.extract`` that, on each partition's first attempt, takes its images in reverse order (so its
     part files differ from the retry's), writes them, records their names and dies."""
 
     def flaky(tasks, **kwargs):
@@ -167,7 +170,7 @@ def test_a_retried_task_adds_no_duplicate_rows(engines, model, tmp_path, monkeyp
     data = make_dataset(tmp_path / "data", per_class=12)
     marker = tmp_path / "markers"
     marker.mkdir()
-    monkeypatch.setattr(spark, "_extract", failing_first_attempt(spark._extract, marker))
+    monkeypatch.setattr(executor, "extract", failing_first_attempt(executor.extract, marker))
     images = scan(str(data), 10, 10)
     b = compute_bottlenecks(
         images, model, str(tmp_path / "cache"), engines["spark"], distortions=DISTORT, variants=2
@@ -193,7 +196,7 @@ def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(engines, mode
     images = scan(str(data), 10, 10)
     monkeypatch.setattr(spark, "WAVE_MIN", 12)
     monkeypatch.setattr(spark, "WAVE_PER_CORE", 1)
-    real = spark._extract
+    real = executor.extract
 
     def broken_after_the_first_wave(tasks, **kwargs):
         for outcome in real(tasks, **kwargs):
@@ -201,10 +204,10 @@ def test_a_failed_job_keeps_its_finished_waves_and_a_rerun_resumes(engines, mode
                 raise OSError("disk full (test)")
             yield outcome
 
-    monkeypatch.setattr(spark, "_extract", broken_after_the_first_wave)
+    monkeypatch.setattr(executor, "extract", broken_after_the_first_wave)
     with pytest.raises(EngineError, match="disk full"):
         compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
-    monkeypatch.setattr(spark, "_extract", real)
+    monkeypatch.setattr(executor, "extract", real)
     rerun = compute_bottlenecks(images, model, str(tmp_path / "cache"), engines["spark"])
     assert rerun.reused == 12 and rerun.computed == 24
 
@@ -277,7 +280,35 @@ def test_settings_carry_the_keytab_login_to_spark(tmp_path):
     assert conf["spark.kerberos.principal"] == "tensorflow@LOCAL"
     assert conf["spark.kerberos.keytab"] == "/k/tensorflow.keytab"
     assert conf["spark.driver.extraJavaOptions"] == f"-Djava.security.krb5.conf={tmp_path / 'krb5.conf'}"
-    assert conf["spark.driver.defaultJavaOptions"] == spark.LOCAL_JVM_OPTIONS
+    assert conf["spark.driver.defaultJavaOptions"].startswith(jvm.LOCAL_JVM_OPTIONS)
     assert conf["spark.driver.bindAddress"] == conf["spark.driver.host"] == "127.0.0.1"
     assert conf["spark.ui.enabled"] == "false"
     assert "spark.driver.host" not in spark.settings("yarn")
+
+
+def test_a_session_that_does_not_start_says_what_failed():
+    yarn = Exception(
+        "An error occurred while calling None.org.apache.spark.api.java.JavaSparkContext.\n"
+        ": org.apache.spark.SparkException: Application application_1_0001 failed 2 times due to AM "
+        "Container exited with exitCode: 1\n\tat org.apache.spark.deploy.yarn.Client.run(Client.scala:1)"
+    )
+    line = spark.start_problem(yarn, "yarn", "/usr/bin/java")
+    assert line.startswith("Spark could not start a session on the cluster of master yarn: ")
+    assert "SparkException: Application application_1_0001 failed 2 times" in line and "Java" not in line
+    gateway = Exception("[JAVA_GATEWAY_EXITED] Java gateway process exited before sending its port number.")
+    line = spark.start_problem(gateway, "spark://h:7077", "/usr/bin/java")
+    assert "launcher exited before starting a session for master spark://h:7077" in line
+    assert "Java 17+" in spark.start_problem(gateway, "local[2]", None)
+    local = spark.start_problem(Exception("java.net.BindException: Cannot assign address"), "local[2]", "/j")
+    assert local.startswith(
+        "Spark could not start a session on this machine (local[2]): java.net.BindException"
+    )
+
+
+def test_without_java_the_session_fails_in_one_line_naming_java(tmp_path):
+    code = (
+        "from lastlayer.engines import spark\ntry: spark.start('local[1]')\nexcept Exception as e: print(e)"
+    )
+    env = {**os.environ, "JAVA_HOME": str(tmp_path / "no-java")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("Spark could not start: it needs Java 17+, none was found"), done.stdout

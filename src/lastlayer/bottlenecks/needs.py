@@ -26,7 +26,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 
@@ -39,7 +39,9 @@ from lastlayer.dataset import SPLITS, TRAINING, ImageFile, ImageSet
 from lastlayer.engines import batch
 from lastlayer.engines.base import Engine, Need, Result, Task
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
-from lastlayer.zoo import FeatureModel
+
+if TYPE_CHECKING:  # (Spark's workers unpickle a CacheNeed: the zoo and onnx would cost them ~1 s)
+    from lastlayer.zoo import FeatureModel
 
 #: The logger name its lines always had (``lastlayer.features``), whatever the module's name.
 log = logging.getLogger("lastlayer.features")

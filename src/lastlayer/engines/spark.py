@@ -4,13 +4,15 @@ The driver (this process) keeps the cache bookkeeping; Spark runs one job per *w
 receives from it only what each image was found to be (content key, decode error) and the names of
 the part files the tasks wrote:
 
-* **Each task** reads its images, decodes them and runs the network exactly as the local engine does
-  (:func:`~lastlayer.engines.local.read_task`, :func:`~lastlayer.engines.local.prepare`,
-  :func:`~lastlayer.engines.local.run_network`: same hashing, decoding, preprocessing, distorted
+* **Each task** (:func:`lastlayer.engines.executor.extract`) reads its images, decodes them and runs
+  the network exactly as the local engine does
+  (:func:`~lastlayer.engines.batch.read_task`, :func:`~lastlayer.engines.batch.prepare`,
+  :func:`~lastlayer.engines.batch.run_network`: same hashing, decoding, preprocessing, distorted
   variants and network, hence the same features and the same skipped images), with a thread that
-  reads and decodes the next images while the network runs (:func:`~lastlayer.engines.local.prefetch`).
-* **The model** is broadcast once: Spark ships a broadcast to each executor once, and each Python
-  worker builds its onnxruntime session on first use and keeps it for its next tasks.
+  reads and decodes the next images while the network runs (:func:`~lastlayer.engines.batch.prefetch`).
+* **The model** is broadcast once (its bytes, name, key and preprocessing: a
+  :class:`~lastlayer.engines.executor.Network`): Spark ships a broadcast to each executor once, and
+  each Python worker builds its onnxruntime session on first use and keeps it for its next tasks.
 * **The cache.** Each task writes its rows as part files into the staging folder of its wave
   (:func:`~lastlayer.bottlenecks.staging.stage_part`); when the wave's job has succeeded, the driver
   moves the files of the one successful attempt of each task into the cache folder and removes the
@@ -33,27 +35,24 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import onnxruntime as ort
-
-from lastlayer.engines import shipping
-from lastlayer.engines.base import Engine, NeedFn, NeedTest, Result, Task, available_cores
-from lastlayer.engines.batch import Prepared, chunks, prefetch, prepare, read_task, run_network
+from lastlayer.engines import executor, jvm, shipping
+from lastlayer.engines.base import Engine, NeedTest, Result, Task, available_cores
+from lastlayer.engines.batch import chunks
+from lastlayer.engines.executor import Network, Outcome
 from lastlayer.errors import EngineError, UsageError
 from lastlayer.preprocess import NO_DISTORTIONS, Distortions
-from lastlayer.zoo import FeatureModel
 
 if TYPE_CHECKING:
-    from pyspark import Broadcast
     from pyspark.sql import SparkSession
 
-    from lastlayer.bottlenecks.parts import Row
     from lastlayer.bottlenecks.staging import CacheFolders
     from lastlayer.settings.run import EngineConfig
+    from lastlayer.zoo import FeatureModel
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +65,12 @@ WAVE_PER_CORE = 2048
 #: per 1,000 images.
 PARTITIONS_PER_CORE = 2
 MIN_TASK_IMAGES = 64
-#: Network batches a task's reading and decoding thread may run ahead of its network.
-PREFETCH_BATCHES = 2
 #: Staging folders of runs older than this are removed when a run starts (a killed driver's).
 STALE_STAGING_S = 7 * 24 * 3600.0
 #: Storage options of the ``hdfs``/``viewfs`` groups that name the driver's own login and files.
 DRIVER_LOGIN = frozenset({"kerberos_principal", "kerberos_keytab", "kerberos_cache", "hadoop_conf_dir"})
-#: JVM options of a local master's JVM, which only schedules tasks (the executors' work is Python): the
-#: quick compiler alone and the serial collector start it about 2 s sooner on 2 cores.
-LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 #: Storage that lives inside one process, which executors cannot reach.
 PROCESS_LOCAL = ("memory://",)
-
-# One onnxruntime session per model in each Python worker, kept between tasks (workers are reused).
-_sessions: dict[str, ort.InferenceSession] = {}
 
 
 def available() -> bool:
@@ -121,22 +112,25 @@ def settings(master: str, cluster: Mapping[str, str] | None = None) -> dict[str,
     """The settings lastlayer gives a Spark session it starts for ``master``.
 
     Local masters listen on 127.0.0.1 only, without the web UI, and their JVM starts with
-    :data:`LOCAL_JVM_OPTIONS` (as ``spark.driver.defaultJavaOptions``, which Spark puts before any
-    ``spark.driver.extraJavaOptions``). ``cluster`` adds the login's settings
+    :func:`lastlayer.engines.jvm.local_java_options` (as ``spark.driver.defaultJavaOptions``, which
+    Spark puts before any ``spark.driver.extraJavaOptions``). ``cluster`` adds the login's settings
     (:meth:`lastlayer.hadoop.HadoopLogin.spark_conf`: Spark logs in from the same keytab, the JVMs use
     the same krb5.conf and Hadoop configuration).
     """
     conf = {"spark.master": master, "spark.app.name": "lastlayer", "spark.ui.showConsoleProgress": "false"}
+    cluster = cluster or {}
     if master.startswith("local"):
         conf.update(
             {
                 "spark.driver.host": "127.0.0.1",
                 "spark.driver.bindAddress": "127.0.0.1",
                 "spark.ui.enabled": "false",
-                "spark.driver.defaultJavaOptions": LOCAL_JVM_OPTIONS,
+                "spark.driver.defaultJavaOptions": jvm.local_java_options(
+                    cluster.get("spark.driver.extraClassPath", "")
+                ),
             }
         )
-    conf.update(cluster or {})
+    conf.update(cluster)
     return conf
 
 
@@ -157,11 +151,7 @@ def start(master: str = "", cluster: Mapping[str, str] | None = None) -> SparkSe
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # pyspark raises its own exception types, Java's come through py4j
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise EngineError(
-            f"Spark could not start with master {chosen}: {first} (check that Java 17+ is installed: "
-            "java on PATH or JAVA_HOME)"
-        ) from exc
+        raise EngineError(start_problem(exc, chosen, jvm.java_executable())) from exc
     if chosen.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         spark.sparkContext.pythonExec = sys.executable  # local executors run this Python, which has lastlayer
     shipping.ship(spark)  # on a cluster, the executors run the driver's lastlayer
@@ -169,6 +159,35 @@ def start(master: str = "", cluster: Mapping[str, str] | None = None) -> SparkSe
         "Spark %s started: master %s, %d cores", spark.version, chosen, spark.sparkContext.defaultParallelism
     )
     return spark
+
+
+def start_problem(exc: BaseException, master: str, java: str | None) -> str:
+    """Why a session for ``master`` did not start (``exc``), and what to check, in one line: Java when
+    there is none (``java``: :func:`lastlayer.engines.jvm.java_executable`); Spark's launcher when it
+    exited before its JVM answered (it printed why); else what the JVM said (a YARN submission, a bad
+    master URL, a standalone master that does not answer ...)."""
+    lines = [ln.strip().lstrip(": ") for ln in str(exc).splitlines() if ln.strip()]
+    java_error = [ln for ln in lines if re.match(r"^[\w.$]+(Exception|Error): ", ln)]
+    reason = (java_error or lines or [exc.__class__.__name__])[0][:500]
+    if java is None:
+        return (
+            f"Spark could not start: it needs Java 17+, none was found (java on PATH or JAVA_HOME): {reason}"
+        )
+    if "JAVA_GATEWAY_EXITED" in reason:
+        return (
+            f"Spark's launcher exited before starting a session for master {master} (its reason is printed "
+            "above): check the master, Spark's settings (spark-defaults.conf, --conf) and that "
+            f"{java} is Java 17+"
+        )
+    if master.startswith("local"):
+        return (
+            f"Spark could not start a session on this machine ({master}): {reason} (Spark's log lines above "
+            "say more; check the spark.* settings in spark-defaults.conf and PYSPARK_SUBMIT_ARGS)"
+        )
+    return (
+        f"Spark could not start a session on the cluster of master {master}: {reason} (check that the "
+        "cluster answers and accepts the application: its address, the Hadoop/YARN configuration, the login)"
+    )
 
 
 @contextmanager
@@ -237,106 +256,6 @@ def executor_options(
     return options
 
 
-# -- what runs on the executors ---------------------------------------------------------------
-class Outcome(NamedTuple):
-    """What a task reports to the driver: one per image, and one per part file it wrote.
-
-    Attributes:
-        index: the image's :attr:`Task.index`, or -1 for a part file.
-        content: the image's content key ("" when it vanished).
-        error: why it could not be used, or ``None``.
-        stored: feature vectors computed and written for it.
-        part: the name of a part file written to the staging folder, or ``None``.
-        distorted: whether that part file goes to the distorted variants' folder.
-    """
-
-    index: int
-    content: str
-    error: str | None
-    stored: int
-    part: str | None = None
-    distorted: bool = False
-
-
-def _session_for(model: FeatureModel, threads: int) -> ort.InferenceSession:
-    key = f"{model.key}:{threads}"
-    if key not in _sessions:
-        _sessions[key] = model.session(threads)
-    return _sessions[key]
-
-
-def _network_batches(prepared: Iterable[Prepared], batch_size: int) -> Iterator[list[Prepared]]:
-    """``prepared`` grouped into lists of at least ``batch_size`` network inputs (the last: fewer)."""
-    chunk: list[Prepared] = []
-    for item in prepared:
-        chunk.append(item)
-        if sum(len(p.inputs) for p in chunk) >= batch_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-class _Staging:
-    """A task's rows on their way to the cache: a part file per folder per
-    :data:`~lastlayer.bottlenecks.store.FLUSH_ROWS` rows, and at the end of the task, in the staging folder of
-    ``run``."""
-
-    def __init__(self, folders: CacheFolders, run: str) -> None:
-        self.folders, self.run = folders, run
-        self.rows: tuple[list[Row], list[Row]] = ([], [])
-
-    def add(self, result: Result) -> Iterator[Outcome]:
-        """Keep the rows of ``result``; yield the part files written."""
-        from lastlayer.bottlenecks.store import FLUSH_ROWS  # (cache imports: see Result.rows)
-
-        for rows, more in zip(self.rows, result.rows(), strict=True):
-            rows.extend(more)
-        if max(len(rows) for rows in self.rows) >= FLUSH_ROWS:
-            yield from self.close()
-
-    def close(self) -> Iterator[Outcome]:
-        """Write what is kept; yield the part files written."""
-        from lastlayer.bottlenecks.staging import stage_part
-
-        for distorted, rows in enumerate(self.rows):
-            folder = self.folders.distorted if distorted else self.folders.plain
-            if rows and folder is not None:
-                name = stage_part(folder, self.run, rows, self.folders.dim, self.folders.storage_options)
-                yield Outcome(-1, "", None, 0, name, bool(distorted))
-            rows.clear()
-
-
-def _extract(
-    tasks: Iterable[Task],
-    model_bc: Broadcast[FeatureModel],
-    need_bc: Broadcast[NeedFn],
-    folders: CacheFolders,
-    run: str,
-    distortions: Distortions,
-    batch_size: int,
-) -> Iterator[Outcome]:
-    """One partition: read, decode and prepare its images in one thread, run the network in this one,
-    stage the rows; an outcome per image and per part file."""
-    from pyspark import TaskContext
-
-    context = TaskContext.get()
-    model, need = model_bc.value, need_bc.value
-    prepared = (
-        prepare(t, read_task(t, folders.storage_options), need, model.preprocessing, distortions)
-        for t in tasks
-    )
-    staging = _Staging(folders, run)
-    with prefetch(_network_batches(prepared, batch_size), PREFETCH_BATCHES) as ready:
-        network = _session_for(model, int(context.cpus()) if context is not None else 1)  # while it decodes
-        for chunk in ready:
-            for result in run_network(network, chunk, batch_size):
-                stored = int(result.plain is not None) + len(result.variants)
-                yield Outcome(result.task.index, result.content, result.error, stored)
-                yield from staging.add(result)
-    yield from staging.close()
-
-
 # -- the driver -------------------------------------------------------------------------------
 def _reason(exc: BaseException) -> str:
     """The most telling line of a Spark failure (the Python exception of a failed task, if any)."""
@@ -360,7 +279,7 @@ def _run_wave(
     sc = spark.sparkContext
     slices = min(len(wave) // MIN_TASK_IMAGES, PARTITIONS_PER_CORE * sc.defaultParallelism)
     job = sc.parallelize(wave, max(1, slices)).mapPartitions(
-        functools.partial(_extract, folders=remote, run=run, **kwargs)
+        functools.partial(executor.extract, folders=remote, run=run, **kwargs)
     )
     places = [
         (folder, d) for d, folder in enumerate((folders.plain, folders.distorted)) if folder is not None
@@ -472,7 +391,7 @@ class SparkEngine(Engine):
         for folder in (folders.plain, folders.distorted):
             if folder is not None:
                 discard_stale(folder, STALE_STAGING_S, folders.storage_options)
-        model_bc, need_bc = sc.broadcast(model), sc.broadcast(need.portable())
+        model_bc, need_bc = sc.broadcast(Network.of(model)), sc.broadcast(need.portable())
         wave_size = max(WAVE_MIN, WAVE_PER_CORE * sc.defaultParallelism)
         run, done = new_run(), 0
         try:

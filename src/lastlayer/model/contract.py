@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
-import onnx
+from typing import TYPE_CHECKING
 
 from lastlayer.errors import ModelError
 from lastlayer.preprocess import Preprocessing
+
+if TYPE_CHECKING:  # (onnx takes ~0.7 s to import: Spark's Python workers only need the names below)
+    import onnx
 
 IMAGE = "image"
 FEATURES = "features"

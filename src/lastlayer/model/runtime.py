@@ -8,7 +8,6 @@ import logging
 import warnings
 
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from lastlayer.errors import ModelError, UsageError
 from lastlayer.settings.run import AUTO, CPU, CUDA, DEVICES
@@ -29,6 +28,8 @@ _NO_CUDA_BUILD = (
 def gpu_problem() -> str | None:
     """Why onnxruntime cannot run a network on a GPU here, or ``None`` when it can (found by starting
     a session of a one-node model on the CUDA provider; asked once per process)."""
+    from onnx import TensorProto, helper  # here: onnx takes ~0.7 s to import, which Spark's workers skip
+
     if _CUDA_PROVIDER not in ort.get_available_providers():
         return _NO_CUDA_BUILD
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
