@@ -168,7 +168,8 @@ def test_executors_of_a_standalone_cluster_write_the_cache_with_a_delegation_tok
     # from the keytab, moved them into place
     reads = audit(secure_hdfs, f"cmd=open\tsrc={INPUT}/")
     cache = audit(secure_hdfs, f"{BASE}/bottlenecks/")
-    staged = [line for line in cache if "cmd=create" in line]
+    # (the driver's own memo of derived results, <network>/results/, is written with its login)
+    staged = [line for line in cache if "cmd=create" in line and "/results/" not in line]
     moved = [line for line in cache if COMMIT.search(line)]
     assert len({re.search(r"src=([^\t]+)", line).group(1) for line in reads}) == 36
     assert all("ugi=tensorflow@LOCAL (auth:TOKEN)" in line for line in reads)

@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from helpers import ENV_KEYS, make_dataset, principal_flags, upload_for_tensorflow
+from helpers import ENV_KEYS, as_superuser, make_dataset, principal_flags, upload_for_tensorflow
 from lastlayer.cli import main
 
 INPUT = "/tensorflow_input_data/shapes"
@@ -49,6 +49,8 @@ def hdfs_fs(secure_hdfs, user: str | None, monkeypatch):
 def walkthrough_input(secure_hdfs, tmp_path_factory):
     """As the `hdfs` superuser: the photos in /tensorflow_input_data, /tensorflow owned by tensorflow."""
     photos = make_dataset(tmp_path_factory.mktemp("photos") / "shapes", per_class=12)
+    # the job tests' poets.json writes to the walkthrough's run folder too: start from none
+    as_superuser(secure_hdfs, f"fs.rm('{RUN}', recursive=True) if fs.exists('{RUN}') else None\n")
     done = upload_for_tensorflow(secure_hdfs, photos, INPUT)
     assert json.loads(done.stdout)["copied"] == 36
     return photos

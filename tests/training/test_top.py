@@ -163,7 +163,7 @@ def test_a_run_on_the_demo_set_trains_the_head_caches_float16_and_scores_well(mo
 @pytest.mark.slow
 @pytest.mark.skipif(not FLOWERS.is_dir(), reason="the flower sample is not on this machine")
 def test_the_flower_sample_with_a_trained_head(model_dir, tmp_path):
-    summary = retrain_summary(FLOWERS, tmp_path, model_dir, "head", 500, report=False, train_top="head")
+    summary = retrain_summary(FLOWERS, tmp_path, model_dir, "head", 100, report=False, train_top="head")
     assert summary["metrics"]["validation_and_test_accuracy"] >= 0.85
 
 
