@@ -21,10 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import ENV_KEYS, as_superuser, lastlayer_as, make_dataset
+from helpers import ENV_KEYS, as_superuser, make_dataset, upload_for_tensorflow
 from lastlayer.cli import main
 from lastlayer.jobs import secret_store
-from lastlayer.jobs.plan import RUNNING, Plan, new_plan
+from lastlayer.jobs.plan import RUNNING, STARTING, Plan, Step, new_plan
 
 pytestmark = [pytest.mark.yarn, pytest.mark.slow]
 
@@ -93,8 +93,7 @@ def yarn_job(secure_yarn, job_env, endpoint, tmp_path_factory) -> SimpleNamespac
         "for d in ('/tensorflow/test_run', '/tensorflow_input_data/flower_photos'):\n"
         "    fs.rm(d, recursive=True) if fs.exists(d) else None\n",
     )
-    done = lastlayer_as(secure_yarn, "hdfs", "upload", str(photos), f"hdfs://{PHOTOS}")
-    assert done.returncode == 0, done.stderr
+    upload_for_tensorflow(secure_yarn, photos, PHOTOS)
     zip_path = tmp / "poets.zip"
     root = "--root=dcos-tensorflow-demos-master/poets"
     assert main(["job", "package", str(ROOT / "examples" / "poets"), str(zip_path), root]) == 0
@@ -228,6 +227,11 @@ def test_plan_restart_runs_a_step_again_in_a_new_application(secure_yarn, yarn_j
     assert cluster == {"worker": [w0, w1]}
 
 
+def placed(step: Step) -> bool:
+    """Whether YARN has given the step's task a container (it may still be localizing)."""
+    return step.status == RUNNING or (step.status == STARTING and "container_" in (step.message or ""))
+
+
 SLEEPS = "import time\n\ndef main(server, log_dir, context):\n    time.sleep(600)\n"
 
 
@@ -257,7 +261,8 @@ def test_stop_kills_the_application_and_uninstall_removes_the_job(secure_yarn, j
     ) as deploying:
         plan_path = tmp_path / "state" / "sleeps" / "plan.json"
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-        while not (plan_path.exists() and Plan.load(plan_path).step("worker-0").status == RUNNING):
+        # stopped once YARN runs the task's container (STARTING "container_… on NODE": localizing)
+        while not (plan_path.exists() and placed(Plan.load(plan_path).step("worker-0"))):
             assert deploying.poll() is None and time.monotonic() < deadline, deploying.stderr.read()[-3000:]
             time.sleep(0.5)
         stopped = job(secure_yarn, "stop", *flags, timeout=300)
