@@ -147,6 +147,22 @@ def retrain_py_way(images: Path, model, steps: int, batch: int = 100) -> float:
     return time.perf_counter() - start
 
 
+def machine() -> str:
+    """The line's start every benchmark prints: processor, cores and Python version."""
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
+
+
+def missing_images(images: Path) -> bool:
+    """Whether ``images`` is not a folder (then said on stderr, with what to pass)."""
+    if images.is_dir():
+        return False
+    print(f"no images at {images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    return True
+
+
 def repeated_copy(images: Path, dest: Path, times: int) -> Path:
     """``images`` repeated ``times`` times, each copy with distinct bytes (a trailing byte after the
     JPEG end marker, which decoders ignore), so the content-addressed cache cannot share them."""
@@ -197,17 +213,13 @@ def main() -> int:
         "--parts", default="abcd", help="the ratios to measure: abcd, or ac for (a) and (c), c for (c) alone"
     )
     args = parser.parse_args()
-    if not args.images.is_dir():
-        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    if missing_images(args.images):
         return 2
     logging.basicConfig(level=logging.WARNING)
     model = load_feature_model(DEFAULT_ARCHITECTURE, str(args.model_dir))
     files = sorted(p for p in args.images.rglob("*") if p.is_file())
     datas = [p.read_bytes() for p in files]
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"python {platform.python_version()}; images: {len(files)} from {args.images}"
-    )
+    print(f"{machine()}; images: {len(files)} from {args.images}")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

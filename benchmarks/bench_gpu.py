@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench import missing_images
 
 from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.dataset import scan
@@ -87,8 +88,7 @@ def main() -> int:
     if problem is not None:
         print(f"no GPU for onnxruntime here: {problem}", file=sys.stderr)
         return 2
-    if not args.images.is_dir():
-        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    if missing_images(args.images):
         return 2
     model = load_feature_model(args.architecture, str(args.model_dir))
     images = scan(str(args.images), 10, 10)

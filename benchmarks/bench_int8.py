@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench import machine, missing_images
 
 from lastlayer.bottlenecks.needs import compute_bottlenecks
 from lastlayer.dataset import scan
@@ -124,17 +124,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="cross-validations, each with other folds")
     parser.add_argument("--inputs", type=int, default=256, help="decoded images for the network-alone rate")
     args = parser.parse_args()
-    if not args.images.is_dir():
-        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    if missing_images(args.images):
         return 2
     logging.basicConfig(level=logging.WARNING)
     names = args.architectures.split(",")
     images = scan(str(args.images), 10, 10)
     labels = np.array([f.label_index for f in images.files])
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}; {len(images.files)} images from {args.images}"
-    )
+    print(f"{machine()}; {len(images.files)} images from {args.images}")
     models = {}
     for name in names:
         for variant in (name, name + INT8_SUFFIX):

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from bench import machine
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -203,11 +203,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4000, help="training steps (retrain.py's default)")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes + ([LARGEST] if args.largest else [])))
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}; sizes {sizes}, engines {args.engines}, {args.dim} features, "
-        f"{args.steps} steps"
-    )
+    print(f"{machine()}; sizes {sizes}, engines {args.engines}, {args.dim} features, {args.steps} steps")
     pool = args.work / "pool"
     started = time.perf_counter()
     make_pool(pool, max(sizes))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench import repeated_copy
+from bench import machine, missing_images, repeated_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
@@ -147,16 +146,12 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child, str(args.images), str(args.model_dir), args.master, args.work)))
         return 0
-    if not args.images.is_dir():
-        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    if missing_images(args.images):
         return 2
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
     load_feature_model(DEFAULT_ARCHITECTURE, str(args.model_dir))  # built once, outside the timings
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}; images: {args.images} x {args.copies}; Spark master {args.master}"
-    )
+    print(f"{machine()}; images: {args.images} x {args.copies}; Spark master {args.master}")
     with tempfile.TemporaryDirectory() as copies:
         if args.copies > 1:
             args.images = repeated_copy(args.images, Path(copies), args.copies)

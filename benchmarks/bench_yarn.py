@@ -32,7 +32,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from bench import repeated_copy
+from bench import machine, missing_images, repeated_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos_sample"
@@ -274,15 +273,13 @@ def main() -> int:
             cluster.start_yarn()
             measure_job(cluster, Path(tmp), args.rounds)
         return 0
-    if not args.images.is_dir():
-        print(f"no images at {args.images}: pass --images DIR (a folder of class folders)", file=sys.stderr)
+    if missing_images(args.images):
         return 2
     from lastlayer.zoo import DEFAULT_ARCHITECTURE, load_feature_model
 
     load_feature_model(DEFAULT_ARCHITECTURE, str(args.model_dir))  # built once, outside the timings
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}; images: {args.images} x {args.copies}; YARN: 2 NodeManagers, "
+        f"{machine()}; images: {args.images} x {args.copies}; YARN: 2 NodeManagers, "
         f"{args.executors} executors of 1 core"
     )
     with tempfile.TemporaryDirectory() as tmp:
